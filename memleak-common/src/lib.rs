@@ -1,0 +1,178 @@
+//! The contract between the BPF program and userspace: map value layouts, counter indexes and
+//! the names of the globals userspace sets before load. Both sides compile this file, so a
+//! layout change is a compile-time change on both.
+#![no_std]
+
+/// Entry points the probes hook; also the `kind` of an in-flight call and of a trace event.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AllocKind {
+    Malloc = 0,
+    Calloc = 1,
+    Realloc = 2,
+    Reallocarray = 3,
+    PosixMemalign = 4,
+    AlignedAlloc = 5,
+    Memalign = 6,
+    Valloc = 7,
+    Pvalloc = 8,
+    Mmap = 9,
+    Mremap = 10,
+    Free = 11,
+    Munmap = 12,
+}
+
+impl AllocKind {
+    pub const ALL: [AllocKind; 13] = [
+        AllocKind::Malloc,
+        AllocKind::Calloc,
+        AllocKind::Realloc,
+        AllocKind::Reallocarray,
+        AllocKind::PosixMemalign,
+        AllocKind::AlignedAlloc,
+        AllocKind::Memalign,
+        AllocKind::Valloc,
+        AllocKind::Pvalloc,
+        AllocKind::Mmap,
+        AllocKind::Mremap,
+        AllocKind::Free,
+        AllocKind::Munmap,
+    ];
+
+    pub fn from_u32(v: u32) -> Option<AllocKind> {
+        Self::ALL.get(v as usize).copied()
+    }
+
+    /// The C symbol, without any `--symbols-prefix`.
+    pub fn symbol(self) -> &'static str {
+        match self {
+            AllocKind::Malloc => "malloc",
+            AllocKind::Calloc => "calloc",
+            AllocKind::Realloc => "realloc",
+            AllocKind::Reallocarray => "reallocarray",
+            AllocKind::PosixMemalign => "posix_memalign",
+            AllocKind::AlignedAlloc => "aligned_alloc",
+            AllocKind::Memalign => "memalign",
+            AllocKind::Valloc => "valloc",
+            AllocKind::Pvalloc => "pvalloc",
+            AllocKind::Mmap => "mmap",
+            AllocKind::Mremap => "mremap",
+            AllocKind::Free => "free",
+            AllocKind::Munmap => "munmap",
+        }
+    }
+
+    /// mmap-family calls are system calls, not allocator calls: no `--symbols-prefix`, and
+    /// they are looked up in libc even when `-O` names another allocator.
+    pub fn is_syscall_wrapper(self) -> bool {
+        matches!(self, AllocKind::Mmap | AllocKind::Mremap | AllocKind::Munmap)
+    }
+}
+
+/// One outstanding allocation, keyed by its address in `ALLOCS` (heap) or `MMAPS`
+/// (anonymous mappings, kept apart so munmap can find the mapping that contains an address).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct AllocInfo {
+    pub size: u64,
+    pub timestamp_ns: u64,
+    /// Id in the stack map; negative: the stack walk failed (−errno), counted in `STACK_LOST`.
+    pub stack_id: i64,
+    pub kind: u32,
+    pub _pad: u32,
+}
+
+/// Per-stack running totals, kept in BPF for `--combined-only`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CombinedAlloc {
+    pub total_size: u64,
+    pub number_of_allocs: u64,
+}
+
+/// A call between its entry and return probe, keyed by pid_tgid. `sp` is the stack pointer at
+/// entry: a call made while another is in flight on the thread (glibc's malloc calling mmap,
+/// realloc calling malloc) has a lower `sp` and is ignored, so the outer call owns the memory.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct InFlight {
+    pub size: u64,
+    /// realloc/mremap: the old address; posix_memalign: the out-pointer.
+    pub arg: u64,
+    pub sp: u64,
+    pub kind: u32,
+    /// 0: sampled out or outside the size filter; the call still owns its nested calls.
+    pub record: u32,
+}
+
+/// An event for `--trace`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TraceEvent {
+    pub timestamp_ns: u64,
+    pub addr: u64,
+    pub size: u64,
+    /// realloc/mremap: the old address.
+    pub old_addr: u64,
+    pub stack_id: i64,
+    pub tid: u32,
+    pub kind: u32,
+}
+
+/// Indexes into the per-CPU `COUNTERS` array. Everything lost is counted here, never dropped
+/// silently; userspace prints the non-zero ones with every table.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// An allocation not recorded because `ALLOCS` or `MMAPS` was full.
+    AllocsFull = 0,
+    /// A stack walk that failed (stack map full or hash collision).
+    StackLost = 1,
+    /// An allocation not recorded because `INFLIGHT` was full.
+    InflightFull = 2,
+    /// `--combined-only` totals not updated because `COMBINED` was full.
+    CombinedFull = 3,
+    /// A `--trace` event dropped because the ring buffer was full.
+    EventsLost = 4,
+    /// An entry probe whose return never came (the thread longjmp'd out or was killed).
+    StaleInflight = 5,
+    /// A munmap that cut a tracked mapping in two but the second half could not be stored.
+    MunmapSplitLost = 6,
+    /// Allocations recorded (for `--verbose` and the tests).
+    Recorded = 7,
+    /// Frees and munmaps that matched a tracked allocation.
+    Released = 8,
+}
+
+pub const COUNTER_COUNT: u32 = 9;
+
+/// mmap(2) constants (x86-64 Linux).
+pub const MAP_ANONYMOUS: u64 = 0x20;
+pub const MAP_FAILED: u64 = u64::MAX;
+
+/// Default map sizes: together under 64 MiB of locked memory.
+pub const DEFAULT_MAX_ALLOCS: u32 = 1 << 18;
+pub const DEFAULT_MAX_MMAPS: u32 = 1 << 14;
+pub const DEFAULT_MAX_STACKS: u32 = 1 << 14;
+pub const DEFAULT_MAX_INFLIGHT: u32 = 1 << 13;
+pub const DEFAULT_MAX_COMBINED: u32 = 1 << 14;
+
+/// Globals in the BPF object that userspace sets before load.
+pub mod globals {
+    pub const MIN_SIZE: &str = "MIN_SIZE";
+    pub const MAX_SIZE: &str = "MAX_SIZE";
+    pub const SAMPLE_RATE: &str = "SAMPLE_RATE";
+    pub const TRACE: &str = "TRACE";
+    pub const COMBINED_ONLY: &str = "COMBINED_ONLY";
+    pub const WA_MISSING_FREE: &str = "WA_MISSING_FREE";
+    pub const PAGE_SIZE: &str = "PAGE_SIZE";
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    unsafe impl aya::Pod for AllocInfo {}
+    unsafe impl aya::Pod for CombinedAlloc {}
+    unsafe impl aya::Pod for InFlight {}
+    unsafe impl aya::Pod for TraceEvent {}
+}

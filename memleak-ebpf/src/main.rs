@@ -1,0 +1,482 @@
+//! Kernel side of memleak: uprobes on the allocator entry points of one process.
+//!
+//! Entry probes park the call's arguments in `INFLIGHT` (keyed by thread); one return probe,
+//! shared by every allocating function, turns the result into an `ALLOCS`/`MMAPS` entry with
+//! the caller's stack. Frees and munmaps are entry-only. Everything lost is counted.
+#![no_std]
+#![no_main]
+// The BPF target has no AtomicU64; the intrinsic lowers to the BPF atomic add.
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
+
+use core::{ffi::c_void, ptr::read_volatile};
+
+use aya_ebpf::{
+    bindings::BPF_F_USER_STACK,
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
+        generated::bpf_for_each_map_elem,
+    },
+    macros::{map, uprobe, uretprobe},
+    maps::{HashMap, PerCpuArray, RingBuf, StackTrace},
+    programs::{ProbeContext, RetProbeContext, tracing::StackIdContext},
+};
+use memleak_common::{
+    AllocInfo, AllocKind, COUNTER_COUNT, CombinedAlloc, Counter, DEFAULT_MAX_ALLOCS,
+    DEFAULT_MAX_COMBINED, DEFAULT_MAX_INFLIGHT, DEFAULT_MAX_MMAPS, DEFAULT_MAX_STACKS, InFlight,
+    MAP_ANONYMOUS, MAP_FAILED, TraceEvent,
+};
+
+// Globals set by userspace before load (names in `memleak_common::globals`).
+#[unsafe(no_mangle)]
+static MIN_SIZE: u64 = 0;
+#[unsafe(no_mangle)]
+static MAX_SIZE: u64 = u64::MAX;
+#[unsafe(no_mangle)]
+static SAMPLE_RATE: u64 = 1;
+#[unsafe(no_mangle)]
+static TRACE: u8 = 0;
+#[unsafe(no_mangle)]
+static COMBINED_ONLY: u8 = 0;
+#[unsafe(no_mangle)]
+static PAGE_SIZE: u64 = 4096;
+
+#[map]
+static ALLOCS: HashMap<u64, AllocInfo> = HashMap::with_max_entries(DEFAULT_MAX_ALLOCS, 0);
+#[map]
+static MMAPS: HashMap<u64, AllocInfo> = HashMap::with_max_entries(DEFAULT_MAX_MMAPS, 0);
+#[map]
+static COMBINED: HashMap<i64, CombinedAlloc> =
+    HashMap::with_max_entries(DEFAULT_MAX_COMBINED, 0);
+#[map]
+static INFLIGHT: HashMap<u64, InFlight> = HashMap::with_max_entries(DEFAULT_MAX_INFLIGHT, 0);
+#[map]
+static STACKS: StackTrace = StackTrace::with_max_entries(DEFAULT_MAX_STACKS, 0);
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
+
+#[inline(always)]
+fn global<T: Copy>(g: &T) -> T {
+    // Userspace rewrites .rodata before load; volatile keeps the compiler from folding the
+    // defaults in.
+    unsafe { read_volatile(g) }
+}
+
+#[inline(always)]
+fn count(c: Counter) {
+    if let Some(p) = COUNTERS.get_ptr_mut(c as u32) {
+        unsafe { *p += 1 }
+    }
+}
+
+#[inline(always)]
+fn sp_of(regs: *const aya_ebpf::bindings::pt_regs) -> u64 {
+    unsafe { (*regs).rsp }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Entry probes
+
+/// Parks an allocating call until its return. Calls nested inside an in-flight call on the
+/// same thread (a lower stack pointer) are ignored: the outer call owns the memory.
+#[inline(always)]
+fn enter(ctx: &ProbeContext, kind: AllocKind, size: Option<u64>, arg: u64) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    let sp = sp_of(ctx.regs);
+    if let Some(cur) = unsafe { INFLIGHT.get(&id) } {
+        if sp < cur.sp {
+            return 0;
+        }
+        // A call at the same depth or shallower cannot be nested: the old entry's return
+        // never came.
+        count(Counter::StaleInflight);
+    }
+    // `None`: the size overflowed (calloc), so the call fails; keep owning nested calls.
+    let wanted = match size {
+        Some(s) => {
+            let rate = global(&SAMPLE_RATE);
+            let sampled = rate <= 1 || unsafe { bpf_ktime_get_ns() } % rate == 0;
+            sampled && s >= global(&MIN_SIZE) && s <= global(&MAX_SIZE)
+        }
+        None => false,
+    };
+    let call = InFlight {
+        size: size.unwrap_or(0),
+        arg,
+        sp,
+        kind: kind as u32,
+        record: wanted as u32,
+    };
+    if INFLIGHT.insert(&id, &call, 0).is_err() {
+        count(Counter::InflightFull);
+    }
+    0
+}
+
+#[inline(always)]
+fn arg(ctx: &ProbeContext, n: usize) -> u64 {
+    ctx.arg::<u64>(n).unwrap_or(0)
+}
+
+/// nmemb × size, `None` on overflow (the call then fails). Done in 32-bit halves: LLVM turns
+/// any plain overflow check into a 128-bit multiply, which BPF lacks.
+#[inline(always)]
+fn mul(a: u64, b: u64) -> Option<u64> {
+    let (big, small) = if a >> 32 != 0 { (a, b) } else { (b, a) };
+    if small >> 32 != 0 {
+        return None;
+    }
+    let cross = (big >> 32) * small;
+    if cross >> 32 != 0 {
+        return None;
+    }
+    ((big & 0xffff_ffff) * small).checked_add(cross << 32)
+}
+
+#[uprobe]
+pub fn malloc_enter(ctx: ProbeContext) -> u32 {
+    enter(&ctx, AllocKind::Malloc, Some(arg(&ctx, 0)), 0)
+}
+
+#[uprobe]
+pub fn calloc_enter(ctx: ProbeContext) -> u32 {
+    let size = mul(arg(&ctx, 0), arg(&ctx, 1));
+    enter(&ctx, AllocKind::Calloc, size, 0)
+}
+
+#[uprobe]
+pub fn realloc_enter(ctx: ProbeContext) -> u32 {
+    enter(&ctx, AllocKind::Realloc, Some(arg(&ctx, 1)), arg(&ctx, 0))
+}
+
+#[uprobe]
+pub fn reallocarray_enter(ctx: ProbeContext) -> u32 {
+    let size = mul(arg(&ctx, 1), arg(&ctx, 2));
+    enter(&ctx, AllocKind::Reallocarray, size, arg(&ctx, 0))
+}
+
+#[uprobe]
+pub fn posix_memalign_enter(ctx: ProbeContext) -> u32 {
+    enter(&ctx, AllocKind::PosixMemalign, Some(arg(&ctx, 2)), arg(&ctx, 0))
+}
+
+#[uprobe]
+pub fn aligned_alloc_enter(ctx: ProbeContext) -> u32 {
+    enter(&ctx, AllocKind::AlignedAlloc, Some(arg(&ctx, 1)), 0)
+}
+
+#[uprobe]
+pub fn memalign_enter(ctx: ProbeContext) -> u32 {
+    enter(&ctx, AllocKind::Memalign, Some(arg(&ctx, 1)), 0)
+}
+
+#[uprobe]
+pub fn valloc_enter(ctx: ProbeContext) -> u32 {
+    enter(&ctx, AllocKind::Valloc, Some(arg(&ctx, 0)), 0)
+}
+
+#[uprobe]
+pub fn pvalloc_enter(ctx: ProbeContext) -> u32 {
+    enter(&ctx, AllocKind::Pvalloc, Some(arg(&ctx, 0)), 0)
+}
+
+/// Only anonymous mappings are heap; a file mapping is not a leak. A file mmap still enters
+/// (unrecorded) so that it owns whatever it calls.
+#[uprobe]
+pub fn mmap_enter(ctx: ProbeContext) -> u32 {
+    let anonymous = arg(&ctx, 3) & MAP_ANONYMOUS != 0;
+    let size = if anonymous { Some(arg(&ctx, 1)) } else { None };
+    enter(&ctx, AllocKind::Mmap, size, 0)
+}
+
+#[uprobe]
+pub fn mremap_enter(ctx: ProbeContext) -> u32 {
+    enter(&ctx, AllocKind::Mremap, Some(arg(&ctx, 2)), arg(&ctx, 0))
+}
+
+#[uprobe]
+pub fn free_enter(ctx: ProbeContext) -> u32 {
+    let addr = arg(&ctx, 0);
+    if addr != 0 {
+        release(&ALLOCS, addr, AllocKind::Free);
+    }
+    0
+}
+
+#[uprobe]
+pub fn munmap_enter(ctx: ProbeContext) -> u32 {
+    let addr = arg(&ctx, 0);
+    let len = page_align(arg(&ctx, 1));
+    if addr != 0 && len != 0 {
+        unmap(addr, len);
+    }
+    0
+}
+
+// ---------------------------------------------------------------------------------------------
+// Return probe, shared by every allocating function
+
+#[uretprobe]
+pub fn alloc_return(ctx: RetProbeContext) -> u32 {
+    let id = bpf_get_current_pid_tgid();
+    let Some(call) = (unsafe { INFLIGHT.get(&id) }).copied() else {
+        return 0;
+    };
+    // A nested call returns with the stack pointer at or below the outer call's entry.
+    if sp_of(ctx.regs) <= call.sp {
+        return 0;
+    }
+    let _ = INFLIGHT.remove(&id);
+    let ret: u64 = ctx.ret();
+    let Some(kind) = AllocKind::from_u32(call.kind) else {
+        return 0;
+    };
+    match kind {
+        AllocKind::Realloc | AllocKind::Reallocarray => {
+            if ret == 0 {
+                // realloc(p, 0) frees p; any other NULL is a failure that keeps the old block.
+                if call.size == 0 && call.arg != 0 {
+                    release(&ALLOCS, call.arg, kind);
+                }
+                return 0;
+            }
+            if call.arg != 0 {
+                release(&ALLOCS, call.arg, kind);
+            }
+            record(&ctx, &ALLOCS, &call, kind, ret);
+        }
+        AllocKind::PosixMemalign => {
+            if ret != 0 {
+                return 0;
+            }
+            if let Ok(addr) = unsafe { bpf_probe_read_user(call.arg as *const u64) } {
+                record(&ctx, &ALLOCS, &call, kind, addr);
+            }
+        }
+        AllocKind::Mmap => {
+            if ret != MAP_FAILED {
+                record(&ctx, &MMAPS, &call, kind, ret);
+            }
+        }
+        AllocKind::Mremap => {
+            // Only mappings we track move; an untracked one may be a file mapping.
+            if ret != MAP_FAILED && unsafe { MMAPS.get(&call.arg) }.is_some() {
+                release(&MMAPS, call.arg, kind);
+                record(&ctx, &MMAPS, &call, kind, ret);
+            }
+        }
+        _ => {
+            if ret != 0 {
+                record(&ctx, &ALLOCS, &call, kind, ret);
+            }
+        }
+    }
+    0
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bookkeeping
+
+fn record(
+    ctx: &RetProbeContext,
+    map: &HashMap<u64, AllocInfo>,
+    call: &InFlight,
+    kind: AllocKind,
+    addr: u64,
+) {
+    if call.record == 0 {
+        return;
+    }
+    let stack_id = match ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64) {
+        Ok(id) => id,
+        Err(e) => {
+            count(Counter::StackLost);
+            e as i64
+        }
+    };
+    let info = AllocInfo {
+        size: call.size,
+        timestamp_ns: unsafe { bpf_ktime_get_ns() },
+        stack_id,
+        kind: kind as u32,
+        _pad: 0,
+    };
+    let combined = global(&COMBINED_ONLY) != 0;
+    if combined {
+        // A block at the same address whose free we never saw is gone: take it out first.
+        if let Some(old) = unsafe { map.get(&addr) }.copied() {
+            combined_sub(&old);
+        }
+    }
+    if map.insert(&addr, &info, 0).is_err() {
+        count(Counter::AllocsFull);
+        return;
+    }
+    count(Counter::Recorded);
+    if combined {
+        combined_add(stack_id, call.size);
+    }
+    trace(kind, addr, call.size, call.arg, stack_id);
+}
+
+/// Forgets the allocation at `addr`, if it is tracked.
+#[inline(always)]
+fn release(map: &HashMap<u64, AllocInfo>, addr: u64, kind: AllocKind) {
+    let Some(info) = (unsafe { map.get(&addr) }).copied() else {
+        return;
+    };
+    if map.remove(&addr).is_err() {
+        // Another CPU freed it first (a double free in the target).
+        return;
+    }
+    count(Counter::Released);
+    if global(&COMBINED_ONLY) != 0 {
+        combined_sub(&info);
+    }
+    trace(kind, addr, info.size, 0, info.stack_id);
+}
+
+fn combined_add(stack_id: i64, size: u64) {
+    if let Some(c) = COMBINED.get_ptr_mut(&stack_id) {
+        unsafe {
+            atomic_add(&raw mut (*c).total_size, size);
+            atomic_add(&raw mut (*c).number_of_allocs, 1);
+        }
+        return;
+    }
+    let c = CombinedAlloc {
+        total_size: size,
+        number_of_allocs: 1,
+    };
+    if COMBINED.insert(&stack_id, &c, 0).is_err() {
+        count(Counter::CombinedFull);
+    }
+}
+
+fn combined_sub(info: &AllocInfo) {
+    if let Some(c) = COMBINED.get_ptr_mut(&info.stack_id) {
+        unsafe {
+            atomic_add(&raw mut (*c).total_size, info.size.wrapping_neg());
+            atomic_add(&raw mut (*c).number_of_allocs, u64::MAX);
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn atomic_add(p: *mut u64, v: u64) {
+    use core::intrinsics::{AtomicOrdering, atomic_xadd};
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(p, v) };
+}
+
+fn trace(kind: AllocKind, addr: u64, size: u64, old_addr: u64, stack_id: i64) {
+    if global(&TRACE) == 0 {
+        return;
+    }
+    let ev = TraceEvent {
+        timestamp_ns: unsafe { bpf_ktime_get_ns() },
+        addr,
+        size,
+        old_addr,
+        stack_id,
+        tid: bpf_get_current_pid_tgid() as u32,
+        kind: kind as u32,
+    };
+    if EVENTS.output::<TraceEvent>(&ev, 0).is_err() {
+        count(Counter::EventsLost);
+    }
+}
+
+#[inline(always)]
+fn page_align(len: u64) -> u64 {
+    let page = global(&PAGE_SIZE);
+    (len + page - 1) & !(page - 1)
+}
+
+// ---------------------------------------------------------------------------------------------
+// munmap: a range may cover a whole tracked mapping, its head, its tail or its middle.
+
+/// What the scan over `MMAPS` found: the tracked mapping that overlaps [lo, hi).
+#[repr(C)]
+struct Overlap {
+    lo: u64,
+    hi: u64,
+    start: u64,
+    found: u64,
+}
+
+fn unmap(addr: u64, len: u64) {
+    let hi = addr + len;
+    // Fast path: the range starts where a tracked mapping starts (the common whole munmap).
+    if let Some(info) = unsafe { MMAPS.get(&addr) }.copied() {
+        trim(addr, info, addr, hi);
+        return;
+    }
+    // Otherwise look for the mapping that contains `addr` (a tail or middle cut).
+    let mut o = Overlap {
+        lo: addr,
+        hi,
+        start: 0,
+        found: 0,
+    };
+    unsafe {
+        bpf_for_each_map_elem(
+            &raw const MMAPS as *mut c_void,
+            find_overlap as *mut c_void,
+            &raw mut o as *mut c_void,
+            0,
+        );
+    }
+    if o.found != 0 {
+        if let Some(info) = unsafe { MMAPS.get(&o.start) }.copied() {
+            trim(o.start, info, addr, hi);
+        }
+    }
+}
+
+extern "C" fn find_overlap(_map: *mut c_void, key: *const u64, val: *const AllocInfo, ctx: *mut Overlap) -> u64 {
+    unsafe {
+        let start = *key;
+        let end = start + (*val).size;
+        if start < (*ctx).hi && (*ctx).lo < end {
+            (*ctx).start = start;
+            (*ctx).found = 1;
+            return 1;
+        }
+    }
+    0
+}
+
+/// Removes [lo, hi) from the tracked mapping [start, start + size).
+fn trim(start: u64, info: AllocInfo, lo: u64, hi: u64) {
+    let end = start + info.size;
+    let _ = MMAPS.remove(&start);
+    count(Counter::Released);
+    trace(AllocKind::Munmap, lo, hi - lo, 0, info.stack_id);
+    if global(&COMBINED_ONLY) != 0 {
+        combined_sub(&info);
+    }
+    let keep = |from: u64, to: u64| {
+        if from >= to {
+            return;
+        }
+        let part = AllocInfo {
+            size: to - from,
+            ..info
+        };
+        if MMAPS.insert(&from, &part, 0).is_err() {
+            count(Counter::MunmapSplitLost);
+        } else if global(&COMBINED_ONLY) != 0 {
+            combined_add(info.stack_id, to - from);
+        }
+    };
+    keep(start, lo.max(start).min(end));
+    keep(hi.max(start).min(end), end);
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

@@ -1,0 +1,5 @@
+mod model;
+mod procmaps;
+mod symbolize;
+
+fn main() {}

@@ -1,0 +1,88 @@
+//! The data model that collecting produces and every report format consumes. Nothing here
+//! knows about BPF maps or about output formats.
+
+use serde::Serialize;
+
+/// One frame of a symbolized stack, innermost first. An inlined function is its own frame
+/// (`inlined: true`) placed before the frame of the function it was inlined into.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Frame {
+    /// The address in the target's address space (for a return address: as recorded).
+    pub addr: u64,
+    /// Basename of the object file (`libc.so.6`, `leaker`); `None`: no mapping covers `addr`.
+    pub module: Option<String>,
+    /// `addr` relative to the object file's load bias (the ELF virtual address).
+    pub module_offset: u64,
+    /// Demangled function name; `None`: the address could not be named.
+    pub function: Option<String>,
+    /// `addr` minus the function's start.
+    pub function_offset: u64,
+    pub file: Option<String>,
+    pub line: Option<u32>,
+    pub inlined: bool,
+    pub kind: FrameKind,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FrameKind {
+    #[default]
+    Native,
+    Python,
+}
+
+/// Outstanding memory attributed to one stack at one instant.
+#[derive(Clone, Debug, Serialize)]
+pub struct StackUsage {
+    /// The stack's id in the tracer (stable for the whole run); negative: the walk failed.
+    pub stack_id: i64,
+    pub bytes: u64,
+    pub count: u64,
+    pub frames: Vec<Frame>,
+    /// Outstanding allocations of this stack, filled with `--show-allocs` only.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub allocations: Vec<Allocation>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Allocation {
+    pub addr: u64,
+    pub size: u64,
+    /// Age at the snapshot, in milliseconds.
+    pub age_ms: u64,
+}
+
+/// What the tracer lost up to this snapshot. Every field is a running total.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Lost {
+    pub allocs_map_full: u64,
+    pub stack_walks_failed: u64,
+    pub inflight_map_full: u64,
+    pub combined_map_full: u64,
+    pub trace_events_lost: u64,
+    pub stale_inflight: u64,
+    pub munmap_splits_lost: u64,
+}
+
+impl Lost {
+    pub fn is_empty(&self) -> bool {
+        *self == Lost::default()
+    }
+}
+
+/// The state of the target at one instant: what is outstanding, per stack.
+#[derive(Clone, Debug, Serialize)]
+pub struct Snapshot {
+    /// Seconds since the Unix epoch.
+    pub unix_time: f64,
+    /// Seconds since tracing started.
+    pub elapsed_s: f64,
+    /// Sorted by the user's `--sort` key, largest first; all stacks, not only the top N.
+    pub stacks: Vec<StackUsage>,
+    pub total_bytes: u64,
+    pub total_count: u64,
+    pub lost: Lost,
+    /// Allocations recorded and releases matched since the start (running totals).
+    pub recorded: u64,
+    pub released: u64,
+}

@@ -1,0 +1,1 @@
+//! Helpers for the integration tests: build fixtures, run memleak, read its JSON.

@@ -1,0 +1,94 @@
+//! Project tasks: `setup` installs what the build needs (idempotent, fast when done), `demo`
+//! traces the bundled leaking program, `test` runs every test, `bench` measures overhead.
+
+mod setup;
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the nightly rust-src component and bpf-linker (skips what is already there).
+    Setup,
+    /// Set up, then build memleak (release).
+    Build,
+    /// Set up, build, start the bundled leaking demo and trace it for ~10 s.
+    Demo,
+    /// Set up, build, and run every test (unit and integration; needs root).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup::ensure(),
+        Task::Build => build().map(drop),
+        Task::Demo => demo(),
+        Task::Test { args } => test(&args),
+    }
+}
+
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+/// Builds the release binary and returns its path.
+fn build() -> Result<PathBuf> {
+    setup::ensure()?;
+    let root = workspace_root();
+    run(Command::new("cargo")
+        .current_dir(&root)
+        .args(["build", "--release", "--package", "memleak"]))?;
+    Ok(root.join("target/release/memleak"))
+}
+
+fn demo() -> Result<()> {
+    let memleak = build()?;
+    let root = workspace_root();
+    let out = root.join("target/demo");
+    std::fs::create_dir_all(&out)?;
+    let demo_bin = out.join("leaky-demo");
+    run(Command::new("cc")
+        .args(["-g", "-O0", "-fno-omit-frame-pointer", "-o"])
+        .arg(&demo_bin)
+        .arg(root.join("tests/fixtures/demo.c")))?;
+    println!("== memleak -c {} 2 5  (tracing ~10 s)", demo_bin.display());
+    run(Command::new(&memleak)
+        .arg("-c")
+        .arg(format!("{} 12", demo_bin.display()))
+        .args(["2", "5"]))
+}
+
+fn test(extra: &[String]) -> Result<()> {
+    let memleak = build()?;
+    let root = workspace_root();
+    run(Command::new("cargo")
+        .current_dir(&root)
+        .env("MEMLEAK_BIN", &memleak)
+        .args(["test", "--release", "--workspace"])
+        .args(extra))
+}

@@ -82,6 +82,35 @@ pub struct AllocInfo {
     pub _pad: u32,
 }
 
+/// Native frames kept per stack (the kernel's own limit, PERF_MAX_STACK_DEPTH).
+pub const MAX_NATIVE_FRAMES: usize = 127;
+/// Python frames kept per stack.
+pub const MAX_PYTHON_FRAMES: usize = 32;
+
+/// A Python frame as the BPF program sees it: the code object and where in it the frame is.
+/// Userspace turns it into file, function and line by reading the target's memory.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PyFrame {
+    pub code: u64,
+    /// 3.10: f_lasti; 3.11+: the byte offset of the instruction in co_code_adaptive.
+    pub instr: u64,
+}
+
+/// One distinct stack, stored once under the hash of its content (the `stack_id` of every
+/// allocation made from it). Frames are innermost first.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct StackRecord {
+    pub native_len: u32,
+    pub python_len: u32,
+    /// Frames the unwinder could not walk past (0: it reached the outermost frame).
+    pub truncated: u32,
+    pub _pad: u32,
+    pub native: [u64; MAX_NATIVE_FRAMES],
+    pub python: [PyFrame; MAX_PYTHON_FRAMES],
+}
+
 /// Per-stack running totals, kept in BPF for `--combined-only`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -175,4 +204,6 @@ mod pod {
     unsafe impl aya::Pod for CombinedAlloc {}
     unsafe impl aya::Pod for InFlight {}
     unsafe impl aya::Pod for TraceEvent {}
+    unsafe impl aya::Pod for PyFrame {}
+    unsafe impl aya::Pod for StackRecord {}
 }

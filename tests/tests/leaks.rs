@@ -56,33 +56,37 @@ fn command_leaks_match_ledger() -> Result<()> {
     Ok(())
 }
 
+/// Starts `leaks LEDGER attach`, attaches `memleak -p PID ARGS --json OUT`, waits for the
+/// ledger and `linger` more, then interrupts memleak: the ledger and the report.
+fn trace_attached(scratch: &Scratch, args: &[&str], linger: Duration) -> Result<(Ledger, Report)> {
+    let fixture = scratch.compile("leaks", &[])?;
+    let ledger = scratch.path("ledger.json");
+    let out = scratch.path("report.json");
+    let target = Running::start(
+        scratch,
+        "leaks",
+        &fixture,
+        &[ledger.to_str().unwrap(), "attach"],
+        None,
+    )?;
+    let pid = target.pid().to_string();
+    let mut all = vec!["-p", &pid, "--json", out.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let tracer = Running::memleak(scratch, &all, None)?;
+    wait_for_file(&ledger, Duration::from_secs(45))?;
+    std::thread::sleep(linger);
+    let run = tracer.interrupt(TIMEOUT)?;
+    expect_success(&run)?;
+    Ok((Ledger::read(&ledger)?, Report::read(&out)?))
+}
+
 #[test]
 fn attach_to_running_process_matches_ledger() -> Result<()> {
     if !can_trace("attach_to_running_process_matches_ledger") {
         return Ok(());
     }
     let scratch = Scratch::new("attach")?;
-    let fixture = scratch.compile("leaks", &[])?;
-    let ledger_path = scratch.path("ledger.json");
-    let out = scratch.path("report.json");
-    let target = Running::start(
-        &scratch,
-        "leaks",
-        &fixture,
-        &[ledger_path.to_str().unwrap(), "attach"],
-        None,
-    )?;
-    let pid = target.pid().to_string();
-    let tracer = Running::memleak(
-        &scratch,
-        &["-p", &pid, "-a", "--json", out.to_str().unwrap()],
-        None,
-    )?;
-    wait_for_file(&ledger_path, Duration::from_secs(45))?;
-    let run = tracer.interrupt(TIMEOUT)?;
-    expect_success(&run)?;
-    let ledger = Ledger::read(&ledger_path)?;
-    let report = Report::read(&out)?;
+    let (ledger, report) = trace_attached(&scratch, &["-a"], Duration::ZERO)?;
     let snapshot = report.final_snapshot();
     check_against_ledger(snapshot, &ledger, "leaks.c", |_| true)?;
     // -a: every stack lists its outstanding allocations, which add up to its totals.
@@ -99,6 +103,25 @@ fn attach_to_running_process_matches_ledger() -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[test]
+fn older_filter_hides_young_allocations_only() -> Result<()> {
+    if !can_trace("older_filter_hides_young_allocations_only") {
+        return Ok(());
+    }
+    // Everything the fixture leaked is under a minute old: -o 60000 shows none of it.
+    let scratch = Scratch::new("older-young")?;
+    let (ledger, report) = trace_attached(&scratch, &["-o", "60000"], Duration::ZERO)?;
+    let snapshot = report.final_snapshot();
+    for function in ledger.sites(|_| true).keys() {
+        let got = usage_of(snapshot, function);
+        ensure!(got.count == 0, "-o 60000 still shows {function}: {got:?}");
+    }
+    // And all of it is over 1.5 s old 2 s after the ledger: -o 1500 shows exactly the ledger.
+    let scratch = Scratch::new("older-old")?;
+    let (ledger, report) = trace_attached(&scratch, &["-o", "1500"], Duration::from_secs(2))?;
+    check_against_ledger(report.final_snapshot(), &ledger, "leaks.c", |_| true)
 }
 
 #[test]

@@ -65,27 +65,21 @@ impl Scratch {
         self.dir.join(name)
     }
 
-    /// Compiles `tests/fixtures/<name>.c` with gcc (`-O0 -g -fno-omit-frame-pointer` unless
-    /// `flags` says otherwise) into this directory.
-    pub fn compile(&self, name: &str, flags: &[&str]) -> Result<PathBuf> {
+    /// Compiles `tests/fixtures/<source>.c` with gcc into `<scratch>/<output>`:
+    /// `-O0 -g -fno-omit-frame-pointer -pthread`, then `extra` (which may override them).
+    pub fn compile(&self, source: &str, output: &str, extra: &[&str]) -> Result<PathBuf> {
         let fixtures = workspace_root().join("tests/fixtures");
-        let out = self.path(name);
-        let flags = if flags.is_empty() {
-            &["-O0", "-g", "-fno-omit-frame-pointer"][..]
-        } else {
-            flags
-        };
+        let out = self.path(output);
         let result = Command::new("gcc")
-            .args(flags)
-            .arg("-pthread")
-            .arg("-o")
+            .args(["-O0", "-g", "-fno-omit-frame-pointer", "-pthread", "-o"])
             .arg(&out)
-            .arg(fixtures.join(format!("{name}.c")))
+            .arg(fixtures.join(format!("{source}.c")))
+            .args(extra)
             .output()
             .context("running gcc")?;
         if !result.status.success() {
             bail!(
-                "gcc {name}.c failed:\n{}",
+                "gcc {source}.c failed:\n{}",
                 String::from_utf8_lossy(&result.stderr)
             );
         }

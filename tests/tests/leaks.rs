@@ -12,7 +12,7 @@ const TIMEOUT: Duration = Duration::from_secs(60);
 
 /// `memleak -c "leaks LEDGER run" ARGS --json OUT`: the ledger and the report.
 fn trace_command(scratch: &Scratch, args: &[&str]) -> Result<(Ledger, Report, String)> {
-    let fixture = scratch.compile("leaks", &[])?;
+    let fixture = scratch.compile("leaks", "leaks", &[])?;
     let ledger = scratch.path("ledger.json");
     let out = scratch.path("report.json");
     let command = format!("{} {} run", fixture.display(), ledger.display());
@@ -59,7 +59,7 @@ fn command_leaks_match_ledger() -> Result<()> {
 /// Starts `leaks LEDGER attach`, attaches `memleak -p PID ARGS --json OUT`, waits for the
 /// ledger and `linger` more, then interrupts memleak: the ledger and the report.
 fn trace_attached(scratch: &Scratch, args: &[&str], linger: Duration) -> Result<(Ledger, Report)> {
-    let fixture = scratch.compile("leaks", &[])?;
+    let fixture = scratch.compile("leaks", "leaks", &[])?;
     let ledger = scratch.path("ledger.json");
     let out = scratch.path("report.json");
     let target = Running::start(

@@ -16,7 +16,7 @@ fn target_exit_mid_trace_ends_with_final_report() -> Result<()> {
         return Ok(());
     }
     let scratch = Scratch::new("targetexit")?;
-    let fixture = scratch.compile("leaks", &[])?;
+    let fixture = scratch.compile("leaks", "leaks", &[])?;
     let ledger = scratch.path("ledger.json");
     let out = scratch.path("report.json");
     let target = Running::start(
@@ -62,7 +62,7 @@ fn command_stdio_and_exit_status_pass_through() -> Result<()> {
         return Ok(());
     }
     let scratch = Scratch::new("passthrough")?;
-    let fixture = scratch.compile("echo_exit", &[])?;
+    let fixture = scratch.compile("echo_exit", "echo_exit", &[])?;
     for status in [0, 7] {
         let command = format!("{} {status}", fixture.display());
         let run = run_memleak(

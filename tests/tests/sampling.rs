@@ -13,7 +13,7 @@ fn sample_rate_ten_records_a_tenth() -> Result<()> {
     const N: u64 = 20000;
     const RATE: u64 = 10;
     let scratch = Scratch::new("sampling")?;
-    let fixture = scratch.compile("sample", &[])?;
+    let fixture = scratch.compile("sample", "sample", &[])?;
     let ledger = scratch.path("ledger.json");
     let out = scratch.path("report.json");
     let command = format!("{} {} {N}", fixture.display(), ledger.display());

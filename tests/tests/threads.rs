@@ -15,7 +15,7 @@ fn threads_started_after_attach() -> Result<()> {
         return Ok(());
     }
     let scratch = Scratch::new("threads")?;
-    let fixture = scratch.compile("threads", &[])?;
+    let fixture = scratch.compile("threads", "threads", &[])?;
     let ledger = scratch.path("ledger.json");
     let out = scratch.path("report.json");
     let target = Running::start(

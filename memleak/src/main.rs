@@ -155,10 +155,17 @@ async fn run(args: Args) -> Result<()> {
 }
 
 fn setup(args: &Args, target: &Target) -> Result<aya::Ebpf> {
-    let libc = target.library("libc")?;
-    let alloc_lib = match &args.obj {
-        Some(obj) => target.library(obj)?,
-        None => libc.clone(),
+    let (alloc_lib, libc) = match &args.obj {
+        // A static binary holds its own mmap wrappers: use -O for those too.
+        Some(obj) => {
+            let alloc_lib = target.library(obj)?;
+            let libc = target.library("libc").unwrap_or_else(|_| alloc_lib.clone());
+            (alloc_lib, libc)
+        }
+        None => {
+            let libc = target.library("libc")?;
+            (libc.clone(), libc)
+        }
     };
     let mut ebpf = probes::load(args)?;
     let attached = probes::attach(

@@ -65,7 +65,10 @@ impl AllocKind {
     /// mmap-family calls are system calls, not allocator calls: no `--symbols-prefix`, and
     /// they are looked up in libc even when `-O` names another allocator.
     pub fn is_syscall_wrapper(self) -> bool {
-        matches!(self, AllocKind::Mmap | AllocKind::Mremap | AllocKind::Munmap)
+        matches!(
+            self,
+            AllocKind::Mmap | AllocKind::Mremap | AllocKind::Munmap
+        )
     }
 }
 

@@ -164,6 +164,23 @@ impl Running {
         self.child.id()
     }
 
+    /// Waits until the process maps an object whose path contains `name` (a `-p` target must
+    /// have its libc mapped before memleak can find the allocator in it).
+    pub fn wait_for_mapping(&self, name: &str, timeout: Duration) -> Result<()> {
+        let maps = format!("/proc/{}/maps", self.pid());
+        let start = Instant::now();
+        while !std::fs::read_to_string(&maps)
+            .unwrap_or_default()
+            .contains(name)
+        {
+            if start.elapsed() > timeout {
+                bail!("pid {} did not map {name} within {timeout:?}", self.pid());
+            }
+            sleep(Duration::from_millis(5));
+        }
+        Ok(())
+    }
+
     pub fn signal(&self, signal: i32) {
         unsafe { libc::kill(self.child.id() as i32, signal) };
     }

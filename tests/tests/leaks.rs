@@ -69,6 +69,7 @@ fn trace_attached(scratch: &Scratch, args: &[&str], linger: Duration) -> Result<
         &[ledger.to_str().unwrap(), "attach"],
         None,
     )?;
+    target.wait_for_mapping("libc.so", Duration::from_secs(10))?;
     let pid = target.pid().to_string();
     let mut all = vec!["-p", &pid, "--json", out.to_str().unwrap()];
     all.extend_from_slice(args);

@@ -1,5 +1,5 @@
-//! How memleak starts and ends: a target that exits mid-trace, `-c` passing stdio and the exit
-//! status through, and bad input failing with one clear line.
+//! How memleak starts and ends: a target that exits mid-trace, `-c` passing stdio through and
+//! reporting the exit status, and bad input failing with one clear line.
 
 use std::time::Duration;
 
@@ -26,6 +26,7 @@ fn target_exit_mid_trace_ends_with_final_report() -> Result<()> {
         &[ledger.to_str().unwrap(), "attach-exit"],
         None,
     )?;
+    target.wait_for_mapping("libc.so", Duration::from_secs(10))?;
     let pid = target.pid().to_string();
     // 1-second tables, far more of them than the target lives for.
     let tracer = Running::memleak(
@@ -56,9 +57,11 @@ fn target_exit_mid_trace_ends_with_final_report() -> Result<()> {
     )
 }
 
+/// memleak itself exits 0 when the command ends (it did its job); it says how the command
+/// ended.
 #[test]
-fn command_stdio_and_exit_status_pass_through() -> Result<()> {
-    if !can_trace("command_stdio_and_exit_status_pass_through") {
+fn command_stdio_passes_through_and_status_is_reported() -> Result<()> {
+    if !can_trace("command_stdio_passes_through_and_status_is_reported") {
         return Ok(());
     }
     let scratch = Scratch::new("passthrough")?;

@@ -25,6 +25,7 @@ fn threads_started_after_attach() -> Result<()> {
         &[ledger.to_str().unwrap(), "attach"],
         None,
     )?;
+    target.wait_for_mapping("libc.so", Duration::from_secs(10))?;
     let pid = target.pid().to_string();
     let tracer = Running::memleak(
         &scratch,

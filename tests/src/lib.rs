@@ -450,6 +450,19 @@ pub fn check_against_ledger(
     )
 }
 
+/// A fixture that neither overflows a map nor leaves a call unreturned loses nothing: every
+/// `lost` counter must be 0 (a false count makes the tables claim they are partial).
+pub fn expect_nothing_lost(snapshot: &Value) -> Result<()> {
+    let lost = snapshot["lost"]
+        .as_object()
+        .context("no \"lost\" in the snapshot")?;
+    let nonzero: Vec<_> = lost.iter().filter(|(_, v)| v.as_u64() != Some(0)).collect();
+    if !nonzero.is_empty() {
+        bail!("memleak counts losses on a fixture that loses nothing: {nonzero:?}");
+    }
+    Ok(())
+}
+
 /// Fails with the whole transcript when memleak did not exit 0.
 pub fn expect_success(run: &Finished) -> Result<()> {
     if run.status.code() != Some(0) {

@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use anyhow::{Result, ensure};
 use memleak_tests::{
-    Ledger, Report, Running, Scratch, can_trace, check_against_ledger, expect_success, run_memleak,
-    stacks, usage_of, wait_for_file,
+    Ledger, Report, Running, Scratch, can_trace, check_against_ledger, expect_nothing_lost,
+    expect_success, run_memleak, stacks, usage_of, wait_for_file,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -39,6 +39,7 @@ fn command_leaks_match_ledger() -> Result<()> {
     let scratch = Scratch::new("command")?;
     let (ledger, report, stdout) = trace_command(&scratch, &["-T", "1000"])?;
     check_against_ledger(report.final_snapshot(), &ledger, "leaks.c", |_| true)?;
+    expect_nothing_lost(report.final_snapshot())?;
     // The text table names every leak site with its file and line.
     for (function, site) in ledger.sites(|_| true) {
         ensure!(
@@ -87,7 +88,8 @@ fn attach_to_running_process_matches_ledger() -> Result<()> {
         return Ok(());
     }
     let scratch = Scratch::new("attach")?;
-    let (ledger, report) = trace_attached(&scratch, &["-a"], Duration::ZERO)?;
+    // -o 0: the final table after Ctrl-C otherwise hides the last 500 ms (BCC's default -o).
+    let (ledger, report) = trace_attached(&scratch, &["-a", "-o", "0"], Duration::ZERO)?;
     let snapshot = report.final_snapshot();
     check_against_ledger(snapshot, &ledger, "leaks.c", |_| true)?;
     // -a: every stack lists its outstanding allocations, which add up to its totals.

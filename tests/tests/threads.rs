@@ -29,7 +29,7 @@ fn threads_started_after_attach() -> Result<()> {
     let pid = target.pid().to_string();
     let tracer = Running::memleak(
         &scratch,
-        &["-p", &pid, "--json", out.to_str().unwrap()],
+        &["-p", &pid, "-o", "0", "--json", out.to_str().unwrap()],
         None,
     )?;
     wait_for_file(&ledger, Duration::from_secs(45))?;

@@ -212,7 +212,12 @@ impl Running {
 
     /// SIGINT, then wait as [`Running::wait`].
     pub fn interrupt(self, timeout: Duration) -> Result<Finished> {
-        self.signal(libc::SIGINT);
+        self.stop(libc::SIGINT, timeout)
+    }
+
+    /// `signal`, then wait as [`Running::wait`].
+    pub fn stop(self, signal: i32, timeout: Duration) -> Result<Finished> {
+        self.signal(signal);
         self.wait(timeout)
     }
 }

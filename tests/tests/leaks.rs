@@ -40,6 +40,7 @@ fn command_leaks_match_ledger() -> Result<()> {
     let (ledger, report, stdout) = trace_command(&scratch, &["-T", "1000"])?;
     check_against_ledger(report.final_snapshot(), &ledger, "leaks.c", |_| true)?;
     expect_nothing_lost(report.final_snapshot())?;
+    expect_sorted_by(report.final_snapshot(), "bytes")?;
     // The text table names every leak site with its file and line.
     for (function, site) in ledger.sites(|_| true) {
         ensure!(
@@ -51,6 +52,64 @@ fn command_leaks_match_ledger() -> Result<()> {
             ensure!(
                 stdout.contains(&at),
                 "{at} ({function}) missing from the text output:\n{stdout}"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The snapshot's stacks are in non-increasing order of `key`.
+fn expect_sorted_by(snapshot: &serde_json::Value, key: &str) -> Result<()> {
+    let values: Vec<u64> = stacks(snapshot)
+        .iter()
+        .map(|s| s[key].as_u64().unwrap_or(0))
+        .collect();
+    ensure!(
+        values.windows(2).all(|w| w[0] >= w[1]),
+        "stacks not sorted by {key}: {values:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn sort_by_count_and_top_n() -> Result<()> {
+    if !can_trace("sort_by_count_and_top_n") {
+        return Ok(());
+    }
+    let scratch = Scratch::new("sort")?;
+    let (ledger, report, stdout) = trace_command(&scratch, &["--sort", "count", "-T", "3"])?;
+    let snapshot = report.final_snapshot();
+    expect_sorted_by(snapshot, "count")?;
+    // The JSON keeps every stack; the table shows the top 3.
+    check_against_ledger(snapshot, &ledger, "leaks.c", |_| true)?;
+    let shown = stdout.matches("allocations from stack").count();
+    ensure!(shown == 3, "-T 3 showed {shown} stacks:\n{stdout}");
+    Ok(())
+}
+
+#[test]
+fn trace_mode_keeps_exact_accounting() -> Result<()> {
+    if !can_trace("trace_mode_keeps_exact_accounting") {
+        return Ok(());
+    }
+    let scratch = Scratch::new("trace")?;
+    let (ledger, report, stdout) = trace_command(&scratch, &["-t"])?;
+    let snapshot = report.final_snapshot();
+    check_against_ledger(snapshot, &ledger, "leaks.c", |_| true)?;
+    ensure!(
+        snapshot["lost"]["trace_events_lost"] == 0,
+        "trace events lost: {}",
+        snapshot["lost"]
+    );
+    // Every leaking call shows up as an event naming its function and line.
+    for (function, site) in ledger.sites(|_| true) {
+        for line in &site.lines {
+            let at = format!("leaks.c:{line}");
+            ensure!(
+                stdout
+                    .lines()
+                    .any(|l| l.contains(&function) && l.contains(&at)),
+                "no -t event from {function} at {at}:\n{stdout}"
             );
         }
     }

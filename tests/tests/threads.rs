@@ -33,7 +33,8 @@ fn threads_started_after_attach() -> Result<()> {
         None,
     )?;
     wait_for_file(&ledger, Duration::from_secs(45))?;
-    let run = tracer.interrupt(Duration::from_secs(60))?;
+    // SIGTERM ends memleak as cleanly as Ctrl-C (the other -p tests use SIGINT).
+    let run = tracer.stop(libc::SIGTERM, Duration::from_secs(60))?;
     expect_success(&run)?;
     let report = Report::read(&out)?;
     check_against_ledger(

@@ -15,9 +15,27 @@ use memleak_common::{AllocInfo, CombinedAlloc, Counter};
 
 use crate::{
     cli::SortKey,
+    kallsyms::Kallsyms,
     model::{Allocation, Frame, Lost, Snapshot, StackUsage},
     symbolize::Symbolizer,
 };
+
+/// What turns a stack's addresses into frames.
+pub enum Names {
+    /// A process's user stacks.
+    User(Symbolizer),
+    /// Kernel stacks (kernel mode).
+    Kernel(Kallsyms),
+}
+
+impl Names {
+    /// Re-reads the process's mappings (libraries loaded since); nothing in kernel mode.
+    pub fn refresh(&mut self) {
+        if let Names::User(s) = self {
+            s.refresh();
+        }
+    }
+}
 
 pub struct Collector {
     allocs: HashMap<MapData, u64, AllocInfo>,
@@ -25,7 +43,7 @@ pub struct Collector {
     combined: HashMap<MapData, i64, CombinedAlloc>,
     stacks: StackTraceMap<MapData>,
     counters: PerCpuArray<MapData, u64>,
-    pub symbolizer: Symbolizer,
+    pub names: Names,
     /// Symbolized stacks by id: ids are stable for the whole run.
     frames: StdHashMap<i64, Vec<Frame>>,
     started: Instant,
@@ -41,7 +59,11 @@ pub struct Query {
 }
 
 impl Collector {
-    pub fn new(ebpf: &mut Ebpf, pid: u32) -> Result<Collector> {
+    pub fn new(ebpf: &mut Ebpf, names: Names) -> Result<Collector> {
+        let stacks = match names {
+            Names::User(_) => "STACKS",
+            Names::Kernel(_) => "KSTACKS",
+        };
         let mut take = |name: &str| {
             ebpf.take_map(name)
                 .with_context(|| format!("BPF object lacks map {name}"))
@@ -50,9 +72,9 @@ impl Collector {
             allocs: HashMap::try_from(take("ALLOCS")?)?,
             mmaps: HashMap::try_from(take("MMAPS")?)?,
             combined: HashMap::try_from(take("COMBINED")?)?,
-            stacks: StackTraceMap::try_from(take("STACKS")?)?,
+            stacks: StackTraceMap::try_from(take(stacks)?)?,
             counters: PerCpuArray::try_from(take("COUNTERS")?)?,
-            symbolizer: Symbolizer::new(pid),
+            names,
             frames: StdHashMap::new(),
             started: Instant::now(),
         })
@@ -139,11 +161,11 @@ impl Collector {
             Ok(trace) => trace.frames().iter().map(|f| f.ip).collect(),
             Err(_) => return Vec::new(),
         };
-        // Stacks are taken at the allocator's return: every address is a return address.
-        let frames: Vec<Frame> = ips
-            .iter()
-            .flat_map(|&ip| self.symbolizer.symbolize(ip, true))
-            .collect();
+        let frames: Vec<Frame> = match &mut self.names {
+            // Stacks are taken at the allocator's return: every address is a return address.
+            Names::User(sym) => ips.iter().flat_map(|&ip| sym.symbolize(ip, true)).collect(),
+            Names::Kernel(k) => ips.iter().map(|&ip| k.frame(ip)).collect(),
+        };
         self.frames.insert(stack_id, frames.clone());
         frames
     }

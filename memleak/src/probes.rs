@@ -237,7 +237,7 @@ pub fn kernel_layout() -> Result<KernelLayout> {
     })
 }
 
-/// `field:const void * ptr;	offset:16;	size:8;` → 16 for `ptr`.
+/// `field:const void * ptr; offset:16; size:8;` (tab-separated) → 16 for `ptr`.
 fn format_offset(format: &str, field: &str) -> Option<u32> {
     format.lines().find_map(|line| {
         let decl = line.trim().strip_prefix("field:")?.split(';').next()?;

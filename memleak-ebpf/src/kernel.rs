@@ -2,6 +2,7 @@
 //! offsets come from userspace (`KERNEL_LAYOUT`), read from the tracepoints' format files.
 
 use aya_ebpf::{
+    helpers::bpf_get_current_pid_tgid,
     macros::{map, tracepoint},
     maps::StackTrace,
     programs::{TracePointContext, tracing::StackIdContext},
@@ -28,6 +29,10 @@ static KERNEL_LAYOUT: KernelLayout = KernelLayout {
     _pad: 0,
 };
 
+/// 0: every process; otherwise only allocations made by this process's threads.
+#[unsafe(no_mangle)]
+static KERNEL_TGID: u32 = 0;
+
 #[map]
 static KSTACKS: StackTrace = StackTrace::with_max_entries(DEFAULT_MAX_STACKS, 0);
 
@@ -46,7 +51,9 @@ fn allocated(ctx: &TracePointContext, kind: AllocKind, key: Option<u64>, size: O
     let (Some(key), Some(size)) = (key, size) else {
         return 0;
     };
-    if key == 0 || !wanted(size) {
+    let tgid = global(&KERNEL_TGID);
+    if key == 0 || (tgid != 0 && (bpf_get_current_pid_tgid() >> 32) as u32 != tgid) || !wanted(size)
+    {
         return 0;
     }
     let id = stack_id(ctx.get_stackid(&KSTACKS, 0));

@@ -71,7 +71,9 @@ async fn run(args: Args) -> Result<()> {
         (None, Some(cmd)) => Some(Target::spawn(cmd)?),
         (None, None) => None,
     };
-    let (mut ebpf, names) = match &target {
+    // In kernel mode a -p target only filters; its allocator is not hooked.
+    let user_target = target.as_ref().filter(|_| !args.kernel);
+    let (mut ebpf, names) = match user_target {
         Some(t) => match setup(&args, t) {
             Ok(ebpf) => (ebpf, Names::User(Symbolizer::new(t.pid))),
             Err(e) => {
@@ -105,7 +107,7 @@ async fn run(args: Args) -> Result<()> {
         // The kernel never exits.
         None => Box::pin(std::future::pending()),
     };
-    match &mut target {
+    match target.as_mut().filter(|_| !args.kernel) {
         Some(t) => {
             t.release()?;
             match &args.command {
@@ -114,6 +116,9 @@ async fn run(args: Args) -> Result<()> {
             }
         }
         None => println!("Attaching to kernel allocators, Ctrl+C to quit."),
+    }
+    if let (true, Some(t)) = (args.kernel, &target) {
+        println!("Kernel allocations made by pid {} only.", t.pid);
     }
     let pid = target.as_ref().map_or(0, |t| t.pid);
 

@@ -43,6 +43,7 @@ fn has_bpf_caps() -> bool {
 
 /// Loads the BPF object; `kernel` carries the tracepoint layout in kernel mode.
 pub fn load(args: &Args, kernel: Option<&KernelLayout>) -> Result<Ebpf> {
+    let kernel_tgid = args.pid.unwrap_or(0);
     let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64;
     let min_size = args.min_size.unwrap_or(0);
     let max_size = args.max_size.unwrap_or(u64::MAX);
@@ -51,6 +52,7 @@ pub fn load(args: &Args, kernel: Option<&KernelLayout>) -> Result<Ebpf> {
     let layout = kernel.copied().unwrap_or_default();
     EbpfLoader::new()
         .override_global(globals::KERNEL_LAYOUT, &layout, true)
+        .override_global(globals::KERNEL_TGID, &kernel_tgid, true)
         .override_global(globals::MIN_SIZE, &min_size, true)
         .override_global(globals::MAX_SIZE, &max_size, true)
         .override_global(globals::SAMPLE_RATE, &args.sample_rate, true)

@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use memleak_common::{AllocKind, DEFAULT_MAX_STACKS, KernelLayout, PAGE_KEY_TAG};
 
-use crate::{ALLOCS, PAGE_SIZE, global, release, stack_id, store, wanted};
+use crate::{ALLOCS, PAGE_SIZE, TARGET_TGID, global, release, stack_id, store, wanted};
 
 #[unsafe(no_mangle)]
 static KERNEL_LAYOUT: KernelLayout = KernelLayout {
@@ -29,10 +29,6 @@ static KERNEL_LAYOUT: KernelLayout = KernelLayout {
     _pad: 0,
 };
 
-/// 0: every process; otherwise only allocations made by this process's threads.
-#[unsafe(no_mangle)]
-static KERNEL_TGID: u32 = 0;
-
 #[map]
 static KSTACKS: StackTrace = StackTrace::with_max_entries(DEFAULT_MAX_STACKS, 0);
 
@@ -51,7 +47,7 @@ fn allocated(ctx: &TracePointContext, kind: AllocKind, key: Option<u64>, size: O
     let (Some(key), Some(size)) = (key, size) else {
         return 0;
     };
-    let tgid = global(&KERNEL_TGID);
+    let tgid = global(&TARGET_TGID);
     if key == 0 || (tgid != 0 && (bpf_get_current_pid_tgid() >> 32) as u32 != tgid) || !wanted(size)
     {
         return 0;

@@ -10,6 +10,7 @@
 #![feature(core_intrinsics)]
 
 mod kernel;
+mod process;
 
 use core::{ffi::c_void, ptr::read_volatile};
 
@@ -42,6 +43,9 @@ static TRACE: u8 = 0;
 static COMBINED_ONLY: u8 = 0;
 #[unsafe(no_mangle)]
 pub(crate) static PAGE_SIZE: u64 = 4096;
+/// The traced process (its tgid). Kernel mode: 0 for every process, or the -p filter.
+#[unsafe(no_mangle)]
+pub(crate) static TARGET_TGID: u32 = 0;
 
 #[map]
 pub(crate) static ALLOCS: HashMap<u64, AllocInfo> =

@@ -87,12 +87,13 @@ async fn run(args: Args) -> Result<()> {
         },
         None => {
             let layout = probes::kernel_layout()?;
-            let mut ebpf = probes::load(&args, Some(&layout))?;
+            let mut ebpf = probes::load(&args, args.pid, Some(&layout))?;
             probes::attach_kernel(&mut ebpf)?;
             (ebpf, Names::Kernel(Kallsyms::load()?))
         }
     };
-    let mut collector = Collector::new(&mut ebpf, names)?;
+    let traced_pid = user_target.map_or(0, |t| t.pid);
+    let mut collector = Collector::new(&mut ebpf, traced_pid, names)?;
     let mut events = if args.trace {
         Some(trace::Events::new(&mut ebpf)?)
     } else {
@@ -147,7 +148,13 @@ async fn run(args: Args) -> Result<()> {
                     break Stop::Count;
                 }
             }
-            _ = maps_tick.tick() => collector.names.refresh(),
+            _ = maps_tick.tick() => {
+                // (-c's own first exec drops nothing and goes unmentioned.)
+                if let Some(dropped) = collector.after_exec()?.filter(|&n| n > 0) {
+                    println!("memleak: the target exec'd a new program; dropped {dropped} allocations of the old one");
+                }
+                collector.names.refresh();
+            }
             _ = sigint.recv() => break Stop::Signal("interrupted"),
             _ = sigterm.recv() => break Stop::Signal("terminated"),
             how = &mut exited => break Stop::TargetExited(how),
@@ -196,7 +203,7 @@ fn setup(args: &Args, target: &Target) -> Result<aya::Ebpf> {
             (libc.clone(), libc)
         }
     };
-    let mut ebpf = probes::load(args, None)?;
+    let mut ebpf = probes::load(args, Some(target.pid), None)?;
     let attached = probes::attach(
         &mut ebpf,
         target.pid,

@@ -9,15 +9,33 @@ use std::{
 use anyhow::{Context, Result};
 use aya::{
     Ebpf,
-    maps::{HashMap, MapData, PerCpuArray, StackTraceMap},
+    maps::{Array, HashMap, MapData, PerCpuArray, StackTraceMap},
 };
 use memleak_common::{AllocInfo, CombinedAlloc, Counter};
 
 use crate::{
     cli::SortKey,
+    kallsyms::Kallsyms,
     model::{Allocation, Frame, Lost, Snapshot, StackUsage},
     symbolize::Symbolizer,
 };
+
+/// What turns a stack's addresses into frames.
+pub enum Names {
+    /// A process's user stacks.
+    User(Symbolizer),
+    /// Kernel stacks (kernel mode).
+    Kernel(Kallsyms),
+}
+
+impl Names {
+    /// Re-reads the process's mappings (libraries loaded since); nothing in kernel mode.
+    pub fn refresh(&mut self) {
+        if let Names::User(s) = self {
+            s.refresh();
+        }
+    }
+}
 
 pub struct Collector {
     allocs: HashMap<MapData, u64, AllocInfo>,
@@ -25,7 +43,12 @@ pub struct Collector {
     combined: HashMap<MapData, i64, CombinedAlloc>,
     stacks: StackTraceMap<MapData>,
     counters: PerCpuArray<MapData, u64>,
-    pub symbolizer: Symbolizer,
+    /// When the target last exec'd (kernel clock); `None` in kernel mode.
+    last_exec: Option<Array<MapData, u64>>,
+    exec_seen: u64,
+    /// The traced process (0 in kernel mode).
+    pid: u32,
+    pub names: Names,
     /// Symbolized stacks by id: ids are stable for the whole run.
     frames: StdHashMap<i64, Vec<Frame>>,
     started: Instant,
@@ -41,7 +64,11 @@ pub struct Query {
 }
 
 impl Collector {
-    pub fn new(ebpf: &mut Ebpf, pid: u32) -> Result<Collector> {
+    pub fn new(ebpf: &mut Ebpf, pid: u32, names: Names) -> Result<Collector> {
+        let stacks = match names {
+            Names::User(_) => "STACKS",
+            Names::Kernel(_) => "KSTACKS",
+        };
         let mut take = |name: &str| {
             ebpf.take_map(name)
                 .with_context(|| format!("BPF object lacks map {name}"))
@@ -50,9 +77,15 @@ impl Collector {
             allocs: HashMap::try_from(take("ALLOCS")?)?,
             mmaps: HashMap::try_from(take("MMAPS")?)?,
             combined: HashMap::try_from(take("COMBINED")?)?,
-            stacks: StackTraceMap::try_from(take("STACKS")?)?,
+            stacks: StackTraceMap::try_from(take(stacks)?)?,
             counters: PerCpuArray::try_from(take("COUNTERS")?)?,
-            symbolizer: Symbolizer::new(pid),
+            last_exec: match names {
+                Names::User(_) => Some(Array::try_from(take("LAST_EXEC")?)?),
+                Names::Kernel(_) => None,
+            },
+            exec_seen: 0,
+            pid,
+            names,
             frames: StdHashMap::new(),
             started: Instant::now(),
         })
@@ -127,6 +160,36 @@ impl Collector {
         })
     }
 
+    /// After the target exec'd: forgets what the old program held (exec freed it all) and
+    /// the old program's symbols. Returns how many allocations were dropped.
+    pub fn after_exec(&mut self) -> Result<Option<usize>> {
+        let Some(last_exec) = &self.last_exec else {
+            return Ok(None);
+        };
+        let when = last_exec.get(&0, 0)?;
+        if when <= self.exec_seen {
+            return Ok(None);
+        }
+        self.exec_seen = when;
+        let mut dropped = 0;
+        for map in [&mut self.allocs, &mut self.mmaps] {
+            let stale: Vec<u64> = map
+                .iter()
+                .filter_map(|item| item.ok())
+                .filter(|(_, info)| info.timestamp_ns < when)
+                .map(|(addr, _)| addr)
+                .collect();
+            for addr in stale {
+                dropped += map.remove(&addr).is_ok() as usize;
+            }
+        }
+        if let Names::User(_) = self.names {
+            self.names = Names::User(Symbolizer::new(self.pid));
+        }
+        self.frames.clear();
+        Ok(Some(dropped))
+    }
+
     /// The symbolized frames of a stack; a failed walk (negative id) has none.
     pub fn frames_of(&mut self, stack_id: i64) -> Vec<Frame> {
         if stack_id < 0 {
@@ -139,11 +202,11 @@ impl Collector {
             Ok(trace) => trace.frames().iter().map(|f| f.ip).collect(),
             Err(_) => return Vec::new(),
         };
-        // Stacks are taken at the allocator's return: every address is a return address.
-        let frames: Vec<Frame> = ips
-            .iter()
-            .flat_map(|&ip| self.symbolizer.symbolize(ip, true))
-            .collect();
+        let frames: Vec<Frame> = match &mut self.names {
+            // Stacks are taken at the allocator's return: every address is a return address.
+            Names::User(sym) => ips.iter().flat_map(|&ip| sym.symbolize(ip, true)).collect(),
+            Names::Kernel(k) => ips.iter().map(|&ip| k.frame(ip)).collect(),
+        };
         self.frames.insert(stack_id, frames.clone());
         frames
     }

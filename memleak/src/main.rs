@@ -5,6 +5,7 @@
 
 mod cli;
 mod collect;
+mod kallsyms;
 mod model;
 mod probes;
 mod procmaps;
@@ -24,8 +25,10 @@ use tokio::{
 
 use crate::{
     cli::Args,
-    collect::{Collector, Query},
+    collect::{Collector, Names, Query},
+    kallsyms::Kallsyms,
     model::Snapshot,
+    symbolize::Symbolizer,
     target::Target,
 };
 
@@ -64,34 +67,61 @@ enum Stop {
 async fn run(args: Args) -> Result<()> {
     probes::preflight()?;
     let mut target = match (&args.pid, &args.command) {
-        (Some(pid), _) => Target::existing(*pid)?,
-        (None, Some(cmd)) => Target::spawn(cmd)?,
-        (None, None) => unreachable!("validated"),
+        (Some(pid), _) => Some(Target::existing(*pid)?),
+        (None, Some(cmd)) => Some(Target::spawn(cmd)?),
+        (None, None) => None,
     };
-    let pid = target.pid;
-    // A started command must not run on untraced if we fail before releasing it.
-    let mut ebpf = match setup(&args, &target) {
-        Ok(ebpf) => ebpf,
-        Err(e) => {
-            if let Some(child) = &target.child {
-                child.kill();
-                child.wait();
+    // In kernel mode a -p target only filters; its allocator is not hooked.
+    let user_target = target.as_ref().filter(|_| !args.kernel);
+    let (mut ebpf, names) = match user_target {
+        Some(t) => match setup(&args, t) {
+            Ok(ebpf) => (ebpf, Names::User(Symbolizer::new(t.pid))),
+            Err(e) => {
+                // A started command must not run on untraced.
+                if let Some(child) = &t.child {
+                    child.kill();
+                    child.wait();
+                }
+                return Err(e);
             }
-            return Err(e);
+        },
+        None => {
+            let layout = probes::kernel_layout()?;
+            let mut ebpf = probes::load(&args, args.pid, Some(&layout))?;
+            probes::attach_kernel(&mut ebpf)?;
+            (ebpf, Names::Kernel(Kallsyms::load()?))
         }
     };
-    let mut collector = Collector::new(&mut ebpf, pid)?;
+    let traced_pid = user_target.map_or(0, |t| t.pid);
+    let mut collector = Collector::new(&mut ebpf, traced_pid, names)?;
     let mut events = if args.trace {
         Some(trace::Events::new(&mut ebpf)?)
     } else {
         None
     };
-    let mut exited = watch_exit(&mut target)?;
-    target.release()?;
-    match &args.command {
-        Some(cmd) => println!("Attaching to \"{cmd}\" (pid {pid}), Ctrl+C to quit."),
-        None => println!("Attaching to pid {pid}, Ctrl+C to quit."),
+    let mut exited: std::pin::Pin<Box<dyn std::future::Future<Output = String>>> = match &mut target
+    {
+        Some(t) => {
+            let rx = watch_exit(t)?;
+            Box::pin(async move { rx.await.unwrap_or_else(|_| "exited".into()) })
+        }
+        // The kernel never exits.
+        None => Box::pin(std::future::pending()),
+    };
+    match target.as_mut().filter(|_| !args.kernel) {
+        Some(t) => {
+            t.release()?;
+            match &args.command {
+                Some(cmd) => println!("Attaching to \"{cmd}\" (pid {}), Ctrl+C to quit.", t.pid),
+                None => println!("Attaching to pid {}, Ctrl+C to quit.", t.pid),
+            }
+        }
+        None => println!("Attaching to kernel allocators, Ctrl+C to quit."),
     }
+    if let (true, Some(t)) = (args.kernel, &target) {
+        println!("Kernel allocations made by pid {} only.", t.pid);
+    }
+    let pid = target.as_ref().map_or(0, |t| t.pid);
 
     let query = Query {
         older_ms: args.older,
@@ -118,10 +148,16 @@ async fn run(args: Args) -> Result<()> {
                     break Stop::Count;
                 }
             }
-            _ = maps_tick.tick() => collector.symbolizer.refresh(),
+            _ = maps_tick.tick() => {
+                // (-c's own first exec drops nothing and goes unmentioned.)
+                if let Some(dropped) = collector.after_exec()?.filter(|&n| n > 0) {
+                    println!("memleak: the target exec'd a new program; dropped {dropped} allocations of the old one");
+                }
+                collector.names.refresh();
+            }
             _ = sigint.recv() => break Stop::Signal("interrupted"),
             _ = sigterm.recv() => break Stop::Signal("terminated"),
-            status = &mut exited => break Stop::TargetExited(status.unwrap_or_else(|_| "exited".into())),
+            how = &mut exited => break Stop::TargetExited(how),
             Some(()) = async { match events.as_mut() { Some(e) => e.readable().await, None => std::future::pending().await } } => {
                 if let Some(e) = events.as_mut() {
                     e.print(&mut collector);
@@ -167,7 +203,7 @@ fn setup(args: &Args, target: &Target) -> Result<aya::Ebpf> {
             (libc.clone(), libc)
         }
     };
-    let mut ebpf = probes::load(args)?;
+    let mut ebpf = probes::load(args, Some(target.pid), None)?;
     let attached = probes::attach(
         &mut ebpf,
         target.pid,

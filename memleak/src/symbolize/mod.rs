@@ -1,22 +1,257 @@
-//! Addresses of the target → frames. (Skeleton: being written.)
+//! Addresses of the target → frames, in three cached steps (the blazesym pipeline):
+//! address → mapping of the target (a snapshot of `/proc/PID/maps`) → object file and ELF
+//! virtual address (through the file's PT_LOAD headers) → function, file and line from the
+//! object's symbol tables and DWARF ([`elf::ElfSource`]).
+//!
+//! Every executable file is opened when the maps are read, so the frames can still be named
+//! after the file was deleted or replaced on disk, and after the target exited (memleak's
+//! final table is printed then).
 
-use crate::model::Frame;
+mod debug_file;
+mod elf;
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::io::{Read, Seek};
+use std::os::unix::fs::{FileExt, MetadataExt};
+
+use crate::model::{Frame, FrameKind};
+use crate::procmaps::{self, Mapping};
+use elf::ElfSource;
 
 pub struct Symbolizer {
     pid: u32,
+    /// Executable mappings of the last successful read, sorted by start; `None`: not read yet.
+    maps: Option<Vec<Mapping>>,
+    /// The object behind each mapped file, by (device, inode) of the mapping.
+    objects: HashMap<(String, u64), Object>,
+    /// Parsed sources; shared by every file with the same build-id.
+    sources: Vec<ElfSource>,
+    by_build_id: HashMap<Vec<u8>, usize>,
+    /// Addresses outside every mapping even after re-reading the maps: not worth another read.
+    missed: HashSet<u64>,
+}
+
+enum Object {
+    /// Opened when the maps were read, parsed on first use. The path is the target's view,
+    /// where its separate debug file is searched.
+    Opened(File, Option<String>),
+    /// The vDSO has no file: its image is copied out of the target's memory.
+    Image(Vec<u8>),
+    Parsed(usize),
+    /// Could not be opened or is not ELF: its addresses get a module but no name.
+    Unusable,
 }
 
 impl Symbolizer {
-    pub fn new(pid: u32) -> Self {
-        Symbolizer { pid }
+    pub fn new(pid: u32) -> Symbolizer {
+        Symbolizer {
+            pid,
+            maps: None,
+            objects: HashMap::new(),
+            sources: Vec::new(),
+            by_build_id: HashMap::new(),
+            missed: HashSet::new(),
+        }
     }
 
-    /// One address → its frames, innermost (inlined) first.
-    pub fn symbolize(&mut self, addr: u64) -> Vec<Frame> {
-        let _ = self.pid;
-        vec![Frame {
+    /// One address → frames, innermost (inlined) first, then the outer function.
+    ///
+    /// `return_address`: the address is a return address (every frame of a stack taken at a
+    /// uretprobe; all but the first at an entry probe): function and line are looked up at
+    /// `addr - 1`, the call instruction, but `addr` is kept in `Frame.addr`.
+    pub fn symbolize(&mut self, addr: u64, return_address: bool) -> Vec<Frame> {
+        let unknown = Frame {
             addr,
+            kind: FrameKind::Native,
             ..Default::default()
-        }]
+        };
+        let Some(mapping) = self.mapping_of(addr) else {
+            return vec![unknown];
+        };
+        let module = mapping.file_name().map(str::to_string);
+        let key = (mapping.dev.clone(), mapping.inode);
+        let file_offset = addr - mapping.start + mapping.offset;
+        let Some(source) = self.source(&key) else {
+            return vec![Frame {
+                module,
+                module_offset: file_offset,
+                ..unknown
+            }];
+        };
+        let source = &mut self.sources[source];
+        let Some(vaddr) = source.vaddr_of_offset(file_offset) else {
+            return vec![Frame {
+                module,
+                module_offset: file_offset,
+                ..unknown
+            }];
+        };
+        let probe = if return_address { vaddr.saturating_sub(1) } else { vaddr };
+        let places = source.resolve(probe);
+        if places.is_empty() {
+            return vec![Frame {
+                module,
+                module_offset: vaddr,
+                ..unknown
+            }];
+        }
+        places
+            .iter()
+            .map(|p| Frame {
+                module: module.clone(),
+                module_offset: vaddr,
+                function: p.function.clone(),
+                function_offset: p.start.map_or(0, |start| vaddr.saturating_sub(start)),
+                file: p.file.clone(),
+                line: p.line,
+                inlined: p.inlined,
+                ..unknown.clone()
+            })
+            .collect()
+    }
+
+    /// Re-reads the maps and opens the files of new executable mappings. When the target is
+    /// gone the last snapshot stays, with its files still open.
+    pub fn refresh(&mut self) {
+        let Ok(mut maps) = procmaps::read(self.pid) else {
+            return;
+        };
+        maps.retain(|m| m.executable && (m.is_file() || m.path.as_deref() == Some("[vdso]")));
+        maps.sort_by_key(|m| m.start);
+        for m in &maps {
+            let key = (m.dev.clone(), m.inode);
+            if !self.objects.contains_key(&key) {
+                let object = self.open(m);
+                self.objects.insert(key, object);
+            }
+        }
+        if self.maps.as_ref() != Some(&maps) {
+            self.missed.clear();
+        }
+        self.maps = Some(maps);
+    }
+
+    /// The mapping holding `addr`; the maps are re-read once for an address outside all of
+    /// them (a library loaded after the last read).
+    fn mapping_of(&mut self, addr: u64) -> Option<Mapping> {
+        if self.maps.is_none() {
+            self.refresh();
+        }
+        let find = |maps: &Option<Vec<Mapping>>| {
+            let maps = maps.as_deref()?;
+            let i = maps.partition_point(|m| m.start <= addr).checked_sub(1)?;
+            Some(maps[i].clone()).filter(|m| m.contains(addr))
+        };
+        if let Some(m) = find(&self.maps) {
+            return Some(m);
+        }
+        if !self.missed.insert(addr) {
+            return None;
+        }
+        self.refresh();
+        find(&self.maps)
+    }
+
+    /// Opens the file behind `m`: through `map_files`, which reaches the very inode that is
+    /// mapped even when deleted or replaced; else by path inside the target's root, only if
+    /// it is still the same inode.
+    fn open(&self, m: &Mapping) -> Object {
+        if m.path.as_deref() == Some("[vdso]") {
+            return self.vdso_image(m).map_or(Object::Unusable, Object::Image);
+        }
+        let by_map_files = File::open(procmaps::map_file_path(self.pid, m)).ok();
+        let by_path = || {
+            let path = procmaps::host_path(self.pid, m.path.as_deref()?);
+            File::open(path)
+                .ok()
+                .filter(|f| f.metadata().is_ok_and(|md| md.ino() == m.inode))
+        };
+        match by_map_files.or_else(by_path) {
+            Some(file) => Object::Opened(file, m.path.clone()),
+            None => Object::Unusable,
+        }
+    }
+
+    fn vdso_image(&self, m: &Mapping) -> Option<Vec<u8>> {
+        let mem = File::open(format!("/proc/{}/mem", self.pid)).ok()?;
+        let mut image = vec![0; (m.end - m.start) as usize];
+        mem.read_exact_at(&mut image, m.start).ok()?;
+        Some(image)
+    }
+
+    /// The parsed source of a mapped file, parsing it on first use.
+    fn source(&mut self, key: &(String, u64)) -> Option<usize> {
+        let object = self.objects.get_mut(key)?;
+        let parsed = match std::mem::replace(object, Object::Unusable) {
+            Object::Parsed(i) => Some(i),
+            Object::Unusable => None,
+            Object::Image(data) => self.parse(&data, None),
+            Object::Opened(mut file, path) => {
+                let mut data = Vec::new();
+                file.rewind()
+                    .and_then(|_| file.read_to_end(&mut data))
+                    .ok()
+                    .and_then(|_| self.parse(&data, path.as_deref()))
+            }
+        };
+        self.objects.insert(
+            key.clone(),
+            parsed.map_or(Object::Unusable, Object::Parsed),
+        );
+        parsed
+    }
+
+    /// Parses an object file, or finds the source already parsed for its build-id.
+    fn parse(&mut self, data: &[u8], target_path: Option<&str>) -> Option<usize> {
+        use object::Object as _;
+        let build_id = object::File::parse(data)
+            .ok()?
+            .build_id()
+            .ok()
+            .flatten()
+            .map(<[u8]>::to_vec);
+        if let Some(&i) = build_id.as_ref().and_then(|id| self.by_build_id.get(id)) {
+            return Some(i);
+        }
+        let pid = self.pid;
+        let source = ElfSource::parse(data, |obj| debug_file::find(pid, target_path, obj)).ok()?;
+        self.sources.push(source);
+        let i = self.sources.len() - 1;
+        if let Some(id) = build_id {
+            self.by_build_id.insert(id, i);
+        }
+        Some(i)
     }
 }
+
+/// BCC-like text of one frame, without its address: `leak_one+0xf [leaker] leaker.c:12`,
+/// `[unknown] [libfoo.so+0x1234]`, `helper [leaker] leaker.c:7 (inlined)`.
+pub fn format_frame(f: &Frame) -> String {
+    let module = f.module.as_deref().unwrap_or("unknown");
+    let Some(function) = &f.function else {
+        return match &f.module {
+            Some(module) => format!("[unknown] [{module}+{:#x}]", f.module_offset),
+            None => "[unknown]".to_string(),
+        };
+    };
+    let mut text = if f.inlined {
+        format!("{function} [{module}]")
+    } else {
+        format!("{function}+{:#x} [{module}]", f.function_offset)
+    };
+    if let Some(file) = &f.file {
+        let base = file.rsplit('/').next().unwrap_or(file);
+        text += &format!(" {base}");
+        if let Some(line) = f.line {
+            text += &format!(":{line}");
+        }
+    }
+    if f.inlined {
+        text += " (inlined)";
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests;

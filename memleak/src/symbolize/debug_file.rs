@@ -44,7 +44,11 @@ fn candidates(
     if let (Some(link), Some(dir)) = (link, dir) {
         out.push(dir.join(link));
         out.push(dir.join(".debug").join(link));
-        out.push(Path::new("/usr/lib/debug").join(dir.strip_prefix("/").unwrap_or(dir)).join(link));
+        out.push(
+            Path::new("/usr/lib/debug")
+                .join(dir.strip_prefix("/").unwrap_or(dir))
+                .join(link),
+        );
     }
     out
 }
@@ -56,7 +60,9 @@ fn belongs(data: &[u8], build_id: Option<&[u8]>, crc: Option<u32>) -> bool {
     let Ok(debug) = object::File::parse(data) else {
         return false;
     };
-    let useful = debug.section_by_name(".debug_info").is_some_and(|s| s.size() > 0)
+    let useful = debug
+        .section_by_name(".debug_info")
+        .is_some_and(|s| s.size() > 0)
         || debug.symbols().next().is_some();
     let matches = match (build_id, crc) {
         (Some(id), _) => debug.build_id().ok().flatten() == Some(id),

@@ -6,8 +6,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use anyhow::{Context as _, Result};
-use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol, SectionKind, SymbolKind};
+use anyhow::Result;
+use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol, SectionFlags, SymbolKind};
 
 type Reader = gimli::EndianArcSlice<gimli::RunTimeEndian>;
 
@@ -24,7 +24,6 @@ pub struct Place {
 }
 
 pub struct ElfSource {
-    pub build_id: Option<Vec<u8>>,
     /// PT_LOAD segments: (p_offset, p_filesz, p_vaddr).
     loads: Vec<(u64, u64, u64)>,
     symbols: Symbols,
@@ -35,13 +34,12 @@ pub struct ElfSource {
 }
 
 impl ElfSource {
-    /// Parses `data`; `debug_file` supplies the separate debug file's bytes when the binary
-    /// itself has no DWARF or no `.symtab`.
-    pub fn parse(
-        data: &[u8],
+    /// Copies what is needed out of `obj`; `debug_file` supplies the separate debug file's
+    /// bytes when the binary itself has no DWARF or no `.symtab`.
+    pub fn new(
+        obj: &object::File,
         debug_file: impl FnOnce(&object::File) -> Option<Vec<u8>>,
-    ) -> Result<ElfSource> {
-        let obj = object::File::parse(data).context("not an ELF file")?;
+    ) -> ElfSource {
         let loads = obj
             .segments()
             .map(|s| {
@@ -49,26 +47,24 @@ impl ElfSource {
                 (offset, size, s.address())
             })
             .collect();
-        let mut symbols = Symbols::collect(&obj);
-        let mut dwarf = load_dwarf(&obj);
+        let mut symbols = Symbols::collect(obj);
+        let mut dwarf = load_dwarf(obj);
         let has_symtab = obj.section_by_name(".symtab").is_some();
-        if dwarf.is_none() || !has_symtab {
-            if let Some(debug_data) = debug_file(&obj) {
-                if let Ok(debug) = object::File::parse(&*debug_data) {
-                    if !has_symtab {
-                        symbols = Symbols::merge(symbols, Symbols::collect(&debug));
-                    }
-                    dwarf = dwarf.or_else(|| load_dwarf(&debug));
-                }
+        if (dwarf.is_none() || !has_symtab)
+            && let Some(debug_data) = debug_file(obj)
+            && let Ok(debug) = object::File::parse(&*debug_data)
+        {
+            if !has_symtab {
+                symbols = Symbols::merge(symbols, Symbols::collect(&debug));
             }
+            dwarf = dwarf.or_else(|| load_dwarf(&debug));
         }
-        Ok(ElfSource {
-            build_id: obj.build_id().ok().flatten().map(<[u8]>::to_vec),
+        ElfSource {
             loads,
             symbols,
             dwarf,
             cache: HashMap::new(),
-        })
+        }
     }
 
     /// The ELF virtual address of `file_offset`, through the PT_LOAD segment holding it.
@@ -131,7 +127,10 @@ fn dwarf_places(ctx: &addr2line::Context<Reader>, vaddr: u64) -> Result<Vec<Plac
                 .function
                 .and_then(|f| f.demangle().ok().map(|n| n.into_owned())),
             start: None,
-            file: frame.location.as_ref().and_then(|l| l.file.map(str::to_string)),
+            file: frame
+                .location
+                .as_ref()
+                .and_then(|l| l.file.map(str::to_string)),
             line: frame.location.as_ref().and_then(|l| l.line),
             inlined: true,
         });
@@ -156,7 +155,10 @@ fn function_start(
 
 /// DWARF sections copied out of the file (decompressed when needed).
 fn load_dwarf(obj: &object::File) -> Option<addr2line::Context<Reader>> {
-    if !obj.section_by_name(".debug_info").is_some_and(|s| s.size() > 0) {
+    if obj
+        .section_by_name(".debug_info")
+        .is_none_or(|s| s.size() == 0)
+    {
         return None;
     }
     let endian = if obj.is_little_endian() {
@@ -193,7 +195,11 @@ impl Symbols {
         let section_end = |sym: &object::Symbol| {
             sym.section_index()
                 .and_then(|i| obj.section_by_index(i).ok())
-                .filter(|s| s.kind() == SectionKind::Text)
+                // By flag, not kind: in a debug file the code sections are NOBITS.
+                .filter(|s| {
+                    matches!(s.flags(), SectionFlags::Elf { sh_flags }
+                        if sh_flags & u64::from(object::elf::SHF_EXECINSTR) != 0)
+                })
                 .map(|s| s.address() + s.size())
         };
         let symbols = obj
@@ -202,7 +208,10 @@ impl Symbols {
             .filter(|s| s.is_definition())
             .filter(|s| matches!(s.kind(), SymbolKind::Text | SymbolKind::Unknown))
             .filter_map(|s| {
-                let name = s.name().ok().filter(|n| !n.is_empty() && !n.starts_with('$'))?;
+                let name = s
+                    .name()
+                    .ok()
+                    .filter(|n| !n.is_empty() && !n.starts_with('$'))?;
                 Some(Symbol {
                     start: s.address(),
                     size: s.size(),
@@ -222,7 +231,9 @@ impl Symbols {
     /// By address, sized symbols before labels, then by rank; one entry per (address,
     /// name): `.symtab` and `.dynsym` repeat each other.
     fn sorted(mut symbols: Vec<Symbol>) -> Symbols {
-        symbols.sort_by(|a, b| (a.start, a.size == 0, a.rank()).cmp(&(b.start, b.size == 0, b.rank())));
+        symbols.sort_by(|a, b| {
+            (a.start, a.size == 0, a.rank()).cmp(&(b.start, b.size == 0, b.rank()))
+        });
         symbols.dedup_by(|b, a| a.start == b.start && a.name == b.name);
         Symbols(symbols)
     }
@@ -256,6 +267,9 @@ impl Symbols {
 impl Symbol {
     /// Among aliases, the public name first: `malloc` before `__libc_malloc`.
     fn rank(&self) -> (usize, &str) {
-        (self.name.len() - self.name.trim_start_matches('_').len(), &self.name)
+        (
+            self.name.len() - self.name.trim_start_matches('_').len(),
+            &self.name,
+        )
     }
 }

@@ -87,7 +87,11 @@ impl Symbolizer {
                 ..unknown
             }];
         };
-        let probe = if return_address { vaddr.saturating_sub(1) } else { vaddr };
+        let probe = if return_address {
+            vaddr.saturating_sub(1)
+        } else {
+            vaddr
+        };
         let places = source.resolve(probe);
         if places.is_empty() {
             return vec![Frame {
@@ -195,27 +199,21 @@ impl Symbolizer {
                     .and_then(|_| self.parse(&data, path.as_deref()))
             }
         };
-        self.objects.insert(
-            key.clone(),
-            parsed.map_or(Object::Unusable, Object::Parsed),
-        );
+        self.objects
+            .insert(key.clone(), parsed.map_or(Object::Unusable, Object::Parsed));
         parsed
     }
 
     /// Parses an object file, or finds the source already parsed for its build-id.
     fn parse(&mut self, data: &[u8], target_path: Option<&str>) -> Option<usize> {
         use object::Object as _;
-        let build_id = object::File::parse(data)
-            .ok()?
-            .build_id()
-            .ok()
-            .flatten()
-            .map(<[u8]>::to_vec);
+        let obj = object::File::parse(data).ok()?;
+        let build_id = obj.build_id().ok().flatten().map(<[u8]>::to_vec);
         if let Some(&i) = build_id.as_ref().and_then(|id| self.by_build_id.get(id)) {
             return Some(i);
         }
         let pid = self.pid;
-        let source = ElfSource::parse(data, |obj| debug_file::find(pid, target_path, obj)).ok()?;
+        let source = ElfSource::new(&obj, |obj| debug_file::find(pid, target_path, obj));
         self.sources.push(source);
         let i = self.sources.len() - 1;
         if let Some(id) = build_id {

@@ -226,17 +226,26 @@ impl Symbolizer {
 /// BCC-like text of one frame, without its address: `leak_one+0xf [leaker] leaker.c:12`,
 /// `[unknown] [libfoo.so+0x1234]`, `helper [leaker] leaker.c:7 (inlined)`.
 pub fn format_frame(f: &Frame) -> String {
-    let module = f.module.as_deref().unwrap_or("unknown");
+    // `[vdso]` is bracketed already.
+    let module = match f.module.as_deref() {
+        Some(m) if m.starts_with('[') => m.to_string(),
+        Some(m) => format!("[{m}]"),
+        None => "[unknown]".to_string(),
+    };
     let Some(function) = &f.function else {
         return match &f.module {
-            Some(module) => format!("[unknown] [{module}+{:#x}]", f.module_offset),
+            Some(m) => format!(
+                "[unknown] [{}+{:#x}]",
+                m.trim_matches(['[', ']']),
+                f.module_offset
+            ),
             None => "[unknown]".to_string(),
         };
     };
     let mut text = if f.inlined {
-        format!("{function} [{module}]")
+        format!("{function} {module}")
     } else {
-        format!("{function}+{:#x} [{module}]", f.function_offset)
+        format!("{function}+{:#x} {module}", f.function_offset)
     };
     if let Some(file) = &f.file {
         let base = file.rsplit('/').next().unwrap_or(file);

@@ -14,6 +14,7 @@ use super::*;
 /// label-like function without a size.
 const FIXTURE_C: &str = r#"
 #include <stdio.h>
+#include <stdlib.h>
 volatile int sink;
 static void *caller_ra, *inl_ra;
 static int caller_line, inl_line, inl_call_line;
@@ -56,6 +57,7 @@ void fixture_report(void) {
     printf("inl_ra %p %d %d\n", inl_ra, inl_line, inl_call_line);
     printf("sized_gap %p\n", (void *)((char *)sized_fn + 2));
     printf("nosize %p\n", (void *)((char *)nosize_fn + 1));
+    printf("malloc %p\n", (void *)malloc);
     fflush(stdout);
 }
 "#;
@@ -365,6 +367,45 @@ fn symbolize_stripped_binary_without_debug_info_is_unknown() {
     assert_eq!(frames[0].module_offset, addr - t.addr("base"));
 }
 
+/// libc is stripped; its symbols and DWARF come from the distribution's debug file under
+/// `/usr/lib/debug/.build-id/` (package libc6-dbg), when installed.
+#[test]
+fn symbolize_libc_through_build_id_debug_file() {
+    use object::Object as _;
+    let b = Build::new("libc");
+    b.gcc(&["main.c", "fixture.c", "-o", "prog"]);
+    let t = Target::start(&b.path("prog"), &[]);
+    let maps = procmaps::read(t.pid()).unwrap();
+    let libc = procmaps::find_library(&maps, "libc").expect("libc mapped");
+    let data = std::fs::read(procmaps::map_file_path(t.pid(), libc)).unwrap();
+    let build_id = object::File::parse(&*data)
+        .unwrap()
+        .build_id()
+        .unwrap()
+        .unwrap();
+    let hex: String = build_id.iter().map(|b| format!("{b:02x}")).collect();
+    let debug_file = format!("/usr/lib/debug/.build-id/{}/{}.debug", &hex[..2], &hex[2..]);
+    let has_debug_file = Path::new(&debug_file).exists();
+
+    let frames = Symbolizer::new(t.pid()).symbolize(t.addr("malloc"), false);
+    let outer = frames.last().unwrap();
+    assert_eq!(
+        (
+            outer.function.as_deref(),
+            outer.function_offset,
+            outer.module.as_deref()
+        ),
+        (Some("malloc"), 0, Some("libc.so.6")),
+        "{frames:?}"
+    );
+    if has_debug_file {
+        assert_eq!(base_name(&outer.file), Some("malloc.c"), "{frames:?}");
+        assert!(outer.line.is_some());
+    } else {
+        eprintln!("SKIPPED the DWARF part: no {debug_file} (install libc6-dbg)");
+    }
+}
+
 /// The binary is deleted and another file takes its path after the target started.
 #[test]
 fn symbolize_binary_replaced_on_disk() {
@@ -415,6 +456,43 @@ fn symbolize_repeated_stacks_from_cache() {
     eprintln!("300 stacks of 127 frames: {elapsed:?}");
     assert_eq!(sym.symbolize(stack[2], true), first);
     assert!(elapsed.as_millis() < 1000, "{elapsed:?}");
+}
+
+/// The vDSO has no file: its image is read from the target's memory. Here the target is
+/// this test process, and the expected address comes from the image's own `.dynsym`.
+#[test]
+fn symbolize_vdso() {
+    use object::{Object as _, ObjectSegment as _, ObjectSymbol as _};
+    let maps = procmaps::read(std::process::id()).unwrap();
+    let Some(vdso) = maps.iter().find(|m| m.path.as_deref() == Some("[vdso]")) else {
+        eprintln!("SKIPPED: this process has no [vdso] mapping");
+        return;
+    };
+    let mut image = vec![0; (vdso.end - vdso.start) as usize];
+    let mem = File::open("/proc/self/mem").unwrap();
+    mem.read_exact_at(&mut image, vdso.start).unwrap();
+    let obj = object::File::parse(&*image).unwrap();
+    let first_vaddr = obj.segments().next().unwrap().address();
+    let sym = obj
+        .dynamic_symbols()
+        .find(|s| s.name() == Ok("__vdso_clock_gettime"))
+        .expect("vDSO exports __vdso_clock_gettime");
+    let addr = vdso.start + sym.address() - first_vaddr + 4;
+
+    let frames = Symbolizer::new(std::process::id()).symbolize(addr, false);
+    assert_eq!(frames.len(), 1);
+    let f = &frames[0];
+    assert_eq!(f.module.as_deref(), Some("[vdso]"));
+    assert_eq!(f.function_offset, 4);
+    // `clock_gettime` is the public alias of `__vdso_clock_gettime`.
+    assert_eq!(f.function.as_deref(), Some("clock_gettime"), "{f:?}");
+    assert_eq!(format_frame(f), "clock_gettime+0x4 [vdso]");
+}
+
+#[test]
+fn symbolizer_can_move_to_another_thread() {
+    fn is_send<T: Send>() {}
+    is_send::<Symbolizer>();
 }
 
 #[test]

@@ -22,14 +22,32 @@ use elf::ElfSource;
 pub struct Symbolizer {
     pid: u32,
     /// Executable mappings of the last successful read, sorted by start; `None`: not read yet.
-    maps: Option<Vec<Mapping>>,
-    /// The object behind each mapped file, by (device, inode) of the mapping.
-    objects: HashMap<(String, u64), Object>,
+    regions: Option<Vec<Region>>,
+    /// Every file mapped since the start; `file_ids` finds one by (device, inode).
+    files: Vec<MappedFile>,
+    file_ids: HashMap<(String, u64), usize>,
     /// Parsed sources; shared by every file with the same build-id.
     sources: Vec<ElfSource>,
     by_build_id: HashMap<Vec<u8>, usize>,
     /// Addresses outside every mapping even after re-reading the maps: not worth another read.
     missed: HashSet<u64>,
+}
+
+/// One executable mapping, reduced to what turns an address into a file offset.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Region {
+    start: u64,
+    end: u64,
+    /// File offset of `start`.
+    offset: u64,
+    /// Index in `Symbolizer::files`.
+    file: usize,
+}
+
+struct MappedFile {
+    /// Basename, as frames show it.
+    module: String,
+    object: Object,
 }
 
 enum Object {
@@ -47,8 +65,9 @@ impl Symbolizer {
     pub fn new(pid: u32) -> Symbolizer {
         Symbolizer {
             pid,
-            maps: None,
-            objects: HashMap::new(),
+            regions: None,
+            files: Vec::new(),
+            file_ids: HashMap::new(),
             sources: Vec::new(),
             by_build_id: HashMap::new(),
             missed: HashSet::new(),
@@ -66,13 +85,12 @@ impl Symbolizer {
             kind: FrameKind::Native,
             ..Default::default()
         };
-        let Some(mapping) = self.mapping_of(addr) else {
+        let Some(region) = self.region_of(addr) else {
             return vec![unknown];
         };
-        let module = mapping.file_name().map(str::to_string);
-        let key = (mapping.dev.clone(), mapping.inode);
-        let file_offset = addr - mapping.start + mapping.offset;
-        let Some(source) = self.source(&key) else {
+        let module = Some(self.files[region.file].module.clone());
+        let file_offset = addr - region.start + region.offset;
+        let Some(source) = self.source(region.file) else {
             return vec![Frame {
                 module,
                 module_offset: file_offset,
@@ -123,38 +141,56 @@ impl Symbolizer {
         };
         maps.retain(|m| m.executable && (m.is_file() || m.path.as_deref() == Some("[vdso]")));
         maps.sort_by_key(|m| m.start);
-        for m in &maps {
-            let key = (m.dev.clone(), m.inode);
-            if !self.objects.contains_key(&key) {
-                let object = self.open(m);
-                self.objects.insert(key, object);
-            }
-        }
-        if self.maps.as_ref() != Some(&maps) {
+        let regions = maps
+            .iter()
+            .map(|m| Region {
+                start: m.start,
+                end: m.end,
+                offset: m.offset,
+                file: self.file_id(m),
+            })
+            .collect();
+        if self.regions.as_ref() != Some(&regions) {
             self.missed.clear();
         }
-        self.maps = Some(maps);
+        self.regions = Some(regions);
+    }
+
+    /// The index of the file behind `m`, opening it the first time it is seen.
+    fn file_id(&mut self, m: &Mapping) -> usize {
+        let key = (m.dev.clone(), m.inode);
+        if let Some(&id) = self.file_ids.get(&key) {
+            return id;
+        }
+        self.files.push(MappedFile {
+            module: m.file_name().unwrap_or_default().to_string(),
+            object: self.open(m),
+        });
+        self.file_ids.insert(key, self.files.len() - 1);
+        self.files.len() - 1
     }
 
     /// The mapping holding `addr`; the maps are re-read once for an address outside all of
     /// them (a library loaded after the last read).
-    fn mapping_of(&mut self, addr: u64) -> Option<Mapping> {
-        if self.maps.is_none() {
+    fn region_of(&mut self, addr: u64) -> Option<Region> {
+        if self.regions.is_none() {
             self.refresh();
         }
-        let find = |maps: &Option<Vec<Mapping>>| {
-            let maps = maps.as_deref()?;
-            let i = maps.partition_point(|m| m.start <= addr).checked_sub(1)?;
-            Some(maps[i].clone()).filter(|m| m.contains(addr))
+        let find = |regions: &Option<Vec<Region>>| {
+            let regions = regions.as_deref()?;
+            let i = regions
+                .partition_point(|r| r.start <= addr)
+                .checked_sub(1)?;
+            Some(regions[i]).filter(|r| addr < r.end)
         };
-        if let Some(m) = find(&self.maps) {
-            return Some(m);
+        if let Some(r) = find(&self.regions) {
+            return Some(r);
         }
         if !self.missed.insert(addr) {
             return None;
         }
         self.refresh();
-        find(&self.maps)
+        find(&self.regions)
     }
 
     /// Opens the file behind `m`: through `map_files`, which reaches the very inode that is
@@ -185,8 +221,8 @@ impl Symbolizer {
     }
 
     /// The parsed source of a mapped file, parsing it on first use.
-    fn source(&mut self, key: &(String, u64)) -> Option<usize> {
-        let object = self.objects.get_mut(key)?;
+    fn source(&mut self, file: usize) -> Option<usize> {
+        let object = &mut self.files[file].object;
         let parsed = match std::mem::replace(object, Object::Unusable) {
             Object::Parsed(i) => Some(i),
             Object::Unusable => None,
@@ -199,8 +235,7 @@ impl Symbolizer {
                     .and_then(|_| self.parse(&data, path.as_deref()))
             }
         };
-        self.objects
-            .insert(key.clone(), parsed.map_or(Object::Unusable, Object::Parsed));
+        self.files[file].object = parsed.map_or(Object::Unusable, Object::Parsed);
         parsed
     }
 

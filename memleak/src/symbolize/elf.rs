@@ -12,7 +12,7 @@ use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol, SectionFlags, S
 type Reader = gimli::EndianArcSlice<gimli::RunTimeEndian>;
 
 /// A named place in the code, before it is tied to one address of the target.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Place {
     pub function: Option<String>,
     /// ELF virtual address where the function starts (`None` for inlined frames, or when
@@ -71,8 +71,10 @@ impl ElfSource {
     pub fn vaddr_of_offset(&self, file_offset: u64) -> Option<u64> {
         self.loads
             .iter()
-            .find(|&&(offset, size, _)| offset <= file_offset && file_offset < offset + size)
-            .map(|&(offset, _, vaddr)| file_offset - offset + vaddr)
+            .find(|&&(offset, size, _)| {
+                offset <= file_offset && file_offset < offset.saturating_add(size)
+            })
+            .map(|&(offset, _, vaddr)| (file_offset - offset).wrapping_add(vaddr))
     }
 
     /// The places at `vaddr`, innermost (inlined) first; empty when nothing names it.
@@ -84,22 +86,15 @@ impl ElfSource {
                 .as_ref()
                 .and_then(|ctx| dwarf_places(ctx, vaddr).ok())
                 .unwrap_or_default();
-            match places.last_mut() {
-                // The symbol table names the outer function the way every tool does
-                // (demangled linkage name) and knows where it starts.
-                Some(outer) if symbol.is_some() => {
-                    let (name, start) = symbol.unwrap();
-                    outer.function = Some(demangle(name));
-                    outer.start = Some(start);
+            // The symbol table names the outer function the way every tool does (demangled
+            // linkage name) and knows where it starts.
+            if let Some((name, start)) = symbol {
+                if places.is_empty() {
+                    places.push(Place::default());
                 }
-                Some(_) => {}
-                None => places.extend(symbol.map(|(name, start)| Place {
-                    function: Some(demangle(name)),
-                    start: Some(start),
-                    file: None,
-                    line: None,
-                    inlined: false,
-                })),
+                let outer = places.last_mut().expect("just ensured");
+                outer.function = Some(demangle(name));
+                outer.start = Some(start);
             }
             // A line without any function name would print as a wrong-looking frame.
             if places.last().is_some_and(|p| p.function.is_none()) {
@@ -200,7 +195,7 @@ impl Symbols {
                     matches!(s.flags(), SectionFlags::Elf { sh_flags }
                         if sh_flags & u64::from(object::elf::SHF_EXECINSTR) != 0)
                 })
-                .map(|s| s.address() + s.size())
+                .map(|s| s.address().saturating_add(s.size()))
         };
         let symbols = obj
             .symbols()
@@ -250,7 +245,7 @@ impl Symbols {
             .iter()
             .rev()
             .take(NESTED)
-            .filter(|s| s.size > 0 && vaddr < s.start + s.size)
+            .filter(|s| s.size > 0 && vaddr < s.start.saturating_add(s.size))
             .min_by_key(|s| (std::cmp::Reverse(s.start), s.rank()));
         let found = sized.or_else(|| {
             // The best symbol at the nearest address; sized ones sort first, so a sized one

@@ -4,10 +4,14 @@
 //! parsed, so the source keeps working after the file or the target is gone.
 
 use std::collections::HashMap;
+use std::convert::Infallible;
+use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Result;
 use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol, SectionFlags, SymbolKind};
+
+use super::debug_file::Finder;
 
 type Reader = gimli::EndianArcSlice<gimli::RunTimeEndian>;
 
@@ -34,12 +38,10 @@ pub struct ElfSource {
 }
 
 impl ElfSource {
-    /// Copies what is needed out of `obj`; `debug_file` supplies the separate debug file's
-    /// bytes when the binary itself has no DWARF or no `.symtab`.
-    pub fn new(
-        obj: &object::File,
-        debug_file: impl FnOnce(&object::File) -> Option<Vec<u8>>,
-    ) -> ElfSource {
+    /// Copies what is needed out of `obj`, and out of its separate debug file when the
+    /// binary itself has no DWARF or no `.symtab`. `target_path`: the binary's path as the
+    /// target sees it.
+    pub fn new(obj: &object::File, target_path: Option<&Path>, finder: &Finder) -> ElfSource {
         let loads = obj
             .segments()
             .map(|s| {
@@ -48,16 +50,16 @@ impl ElfSource {
             })
             .collect();
         let mut symbols = Symbols::collect(obj);
-        let mut dwarf = load_dwarf(obj);
+        let mut dwarf = load_dwarf(obj, target_path, finder);
         let has_symtab = obj.section_by_name(".symtab").is_some();
         if (dwarf.is_none() || !has_symtab)
-            && let Some(debug_data) = debug_file(obj)
+            && let Some((debug_data, debug_path)) = finder.debug_file(target_path, obj)
             && let Ok(debug) = object::File::parse(&*debug_data)
         {
             if !has_symtab {
                 symbols = Symbols::merge(symbols, Symbols::collect(&debug));
             }
-            dwarf = dwarf.or_else(|| load_dwarf(&debug));
+            dwarf = dwarf.or_else(|| load_dwarf(&debug, Some(&debug_path), finder));
         }
         ElfSource {
             loads,
@@ -148,28 +150,40 @@ fn function_start(
     unit.attr_address(low_pc).ok()?
 }
 
-/// DWARF sections copied out of the file (decompressed when needed).
-fn load_dwarf(obj: &object::File) -> Option<addr2line::Context<Reader>> {
+/// DWARF sections copied out of the file at `path` (decompressed when needed), with the
+/// dwz supplementary file it links to.
+fn load_dwarf(
+    obj: &object::File,
+    path: Option<&Path>,
+    finder: &Finder,
+) -> Option<addr2line::Context<Reader>> {
     if obj
         .section_by_name(".debug_info")
         .is_none_or(|s| s.size() == 0)
     {
         return None;
     }
+    let Ok(mut dwarf) = gimli::Dwarf::load(|id| dwarf_section(obj, id));
+    if let Some(alt_data) = finder.alt_file(path, obj)
+        && let Ok(alt) = object::File::parse(&*alt_data)
+    {
+        let Ok(()) = dwarf.load_sup(|id| dwarf_section(&alt, id));
+    }
+    addr2line::Context::from_dwarf(dwarf).ok()
+}
+
+/// One DWARF section, empty when the file has none.
+fn dwarf_section(obj: &object::File, id: gimli::SectionId) -> Result<Reader, Infallible> {
     let endian = if obj.is_little_endian() {
         gimli::RunTimeEndian::Little
     } else {
         gimli::RunTimeEndian::Big
     };
-    let dwarf = gimli::Dwarf::load(|id| -> Result<Reader, gimli::Error> {
-        let data = obj
-            .section_by_name(id.name())
-            .and_then(|s| s.uncompressed_data().ok())
-            .unwrap_or_default();
-        Ok(Reader::new(Arc::from(&*data), endian))
-    })
-    .ok()?;
-    addr2line::Context::from_dwarf(dwarf).ok()
+    let data = obj
+        .section_by_name(id.name())
+        .and_then(|s| s.uncompressed_data().ok())
+        .unwrap_or_default();
+    Ok(Reader::new(Arc::from(&*data), endian))
 }
 
 /// Function symbols from `.symtab` and `.dynsym`, sorted by address.

@@ -14,6 +14,7 @@ use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{Read, Seek};
 use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::Path;
 
 use crate::model::{Frame, FrameKind};
 use crate::procmaps::{self, Mapping};
@@ -247,8 +248,8 @@ impl Symbolizer {
         if let Some(&i) = build_id.as_ref().and_then(|id| self.by_build_id.get(id)) {
             return Some(i);
         }
-        let pid = self.pid;
-        let source = ElfSource::new(&obj, |obj| debug_file::find(pid, target_path, obj));
+        let finder = debug_file::Finder { pid: self.pid };
+        let source = ElfSource::new(&obj, target_path.map(Path::new), &finder);
         self.sources.push(source);
         let i = self.sources.len() - 1;
         if let Some(id) = build_id {

@@ -353,6 +353,22 @@ fn symbolize_stripped_binary_with_debuglink() {
     check_fixture(&mut Symbolizer::new(t.pid()), &t, "prog", true);
 }
 
+/// dwz moved the DWARF both programs share (here the inlined function's DIE and most names)
+/// into `common.debug`, named by a relative `.gnu_debugaltlink`.
+#[test]
+fn symbolize_dwz_supplementary_file() {
+    let b = Build::new("dwz");
+    if Command::new("dwz").arg("--version").output().is_err() {
+        eprintln!("SKIPPED: dwz is not installed (apt-get install dwz)");
+        return;
+    }
+    b.gcc(&["main.c", "fixture.c", "-o", "prog"]);
+    b.gcc(&["-fno-pie", "-no-pie", "main.c", "fixture.c", "-o", "prog2"]);
+    b.run("dwz", &["-m", "common.debug", "prog", "prog2"]);
+    let t = Target::start(&b.path("prog"), &[]);
+    check_fixture(&mut Symbolizer::new(t.pid()), &t, "prog", true);
+}
+
 /// Without symbols or debug info an address is `[unknown]` with its module offset, never
 /// the name of some exported neighbour.
 #[test]

@@ -41,8 +41,9 @@ struct Region {
     end: u64,
     /// File offset of `start`.
     offset: u64,
-    /// Index in `Symbolizer::files`.
-    file: usize,
+    /// Index in `Symbolizer::files`; `None`: anonymous code (a JIT's), which has no names
+    /// but must not make every address in it re-read the maps.
+    file: Option<usize>,
 }
 
 struct MappedFile {
@@ -86,12 +87,12 @@ impl Symbolizer {
             kind: FrameKind::Native,
             ..Default::default()
         };
-        let Some(region) = self.region_of(addr) else {
+        let Some((region, file)) = self.region_of(addr).and_then(|r| Some((r, r.file?))) else {
             return vec![unknown];
         };
-        let module = Some(self.files[region.file].module.clone());
+        let module = Some(self.files[file].module.clone());
         let file_offset = addr - region.start + region.offset;
-        let Some(source) = self.source(region.file) else {
+        let Some(source) = self.source(file) else {
             return vec![Frame {
                 module,
                 module_offset: file_offset,
@@ -140,7 +141,7 @@ impl Symbolizer {
         let Ok(mut maps) = procmaps::read(self.pid) else {
             return;
         };
-        maps.retain(|m| m.executable && (m.is_file() || m.path.as_deref() == Some("[vdso]")));
+        maps.retain(|m| m.executable);
         maps.sort_by_key(|m| m.start);
         let regions = maps
             .iter()
@@ -148,7 +149,7 @@ impl Symbolizer {
                 start: m.start,
                 end: m.end,
                 offset: m.offset,
-                file: self.file_id(m),
+                file: (m.is_file() || m.path.as_deref() == Some("[vdso]")).then(|| self.file_id(m)),
             })
             .collect();
         if self.regions.as_ref() != Some(&regions) {

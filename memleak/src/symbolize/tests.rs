@@ -62,15 +62,18 @@ void fixture_report(void) {
 }
 "#;
 
-/// Reports and sleeps; with `dlopen LIB` it first waits for a line on stdin, then loads LIB
+/// Reports (also where it mapped anonymous code) and sleeps; with `dlopen LIB` it first waits for a line on stdin, then loads LIB
 /// and reports from there (a library loaded after the symbolizer read the maps).
 const MAIN_C: &str = r#"
 #include <dlfcn.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <unistd.h>
 void fixture_report(void);
 int main(int argc, char **argv) {
+    /* Anonymous code, as a JIT makes. */
+    printf("jit %p\n", mmap(0, 4096, PROT_READ | PROT_EXEC, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
     if (argc == 3 && strcmp(argv[1], "dlopen") == 0) {
         char line[16];
         printf("loading\n");
@@ -297,6 +300,26 @@ fn symbolize_pie_executable() {
     b.gcc(&["-fPIE", "-pie", "main.c", "fixture.c", "-o", "prog"]);
     let t = Target::start(&b.path("prog"), &[]);
     check_fixture(&mut Symbolizer::new(t.pid()), &t, "prog", true);
+}
+
+/// Anonymous code has no names; knowing its mapping, the symbolizer does not re-read the
+/// maps for it.
+#[test]
+fn symbolize_anonymous_code_without_rereading_maps() {
+    let b = Build::new("jit");
+    b.gcc(&["main.c", "fixture.c", "-o", "prog"]);
+    let t = Target::start(&b.path("prog"), &[]);
+    let mut sym = Symbolizer::new(t.pid());
+    let frames = sym.symbolize(t.addr("jit") + 16, false);
+    assert_eq!(frames.len(), 1);
+    assert_eq!(
+        (frames[0].module.as_deref(), frames[0].function.as_deref()),
+        (None, None)
+    );
+    assert!(
+        sym.missed.is_empty(),
+        "re-read the maps for a known mapping"
+    );
 }
 
 #[test]

@@ -24,9 +24,10 @@ pub struct Symbolizer {
     pid: u32,
     /// Executable mappings of the last successful read, sorted by start; `None`: not read yet.
     regions: Option<Vec<Region>>,
-    /// Every file mapped since the start; `file_ids` finds one by (device, inode).
+    /// Every file mapped since the start; `file_ids` finds one by (device, inode, path): a
+    /// library rebuilt and loaded again is a new file even if its inode number was reused.
     files: Vec<MappedFile>,
-    file_ids: HashMap<(String, u64), usize>,
+    file_ids: HashMap<(String, u64, Option<String>), usize>,
     /// Parsed sources; shared by every file with the same build-id.
     sources: Vec<ElfSource>,
     by_build_id: HashMap<Vec<u8>, usize>,
@@ -82,30 +83,31 @@ impl Symbolizer {
     /// uretprobe; all but the first at an entry probe): function and line are looked up at
     /// `addr - 1`, the call instruction, but `addr` is kept in `Frame.addr`.
     pub fn symbolize(&mut self, addr: u64, return_address: bool) -> Vec<Frame> {
-        let unknown = Frame {
+        // Filled in step by step; whatever is known when a step fails is returned.
+        let frame = Frame {
             addr,
             kind: FrameKind::Native,
             ..Default::default()
         };
         let Some((region, file)) = self.region_of(addr).and_then(|r| Some((r, r.file?))) else {
-            return vec![unknown];
+            return vec![frame];
         };
-        let module = Some(self.files[file].module.clone());
         let file_offset = addr - region.start + region.offset;
+        let frame = Frame {
+            module: Some(self.files[file].module.clone()),
+            module_offset: file_offset,
+            ..frame
+        };
         let Some(source) = self.source(file) else {
-            return vec![Frame {
-                module,
-                module_offset: file_offset,
-                ..unknown
-            }];
+            return vec![frame];
         };
         let source = &mut self.sources[source];
         let Some(vaddr) = source.vaddr_of_offset(file_offset) else {
-            return vec![Frame {
-                module,
-                module_offset: file_offset,
-                ..unknown
-            }];
+            return vec![frame];
+        };
+        let frame = Frame {
+            module_offset: vaddr,
+            ..frame
         };
         let probe = if return_address {
             vaddr.saturating_sub(1)
@@ -114,23 +116,17 @@ impl Symbolizer {
         };
         let places = source.resolve(probe);
         if places.is_empty() {
-            return vec![Frame {
-                module,
-                module_offset: vaddr,
-                ..unknown
-            }];
+            return vec![frame];
         }
         places
             .iter()
             .map(|p| Frame {
-                module: module.clone(),
-                module_offset: vaddr,
                 function: p.function.clone(),
                 function_offset: p.start.map_or(0, |start| vaddr.saturating_sub(start)),
                 file: p.file.clone(),
                 line: p.line,
                 inlined: p.inlined,
-                ..unknown.clone()
+                ..frame.clone()
             })
             .collect()
     }
@@ -160,7 +156,7 @@ impl Symbolizer {
 
     /// The index of the file behind `m`, opening it the first time it is seen.
     fn file_id(&mut self, m: &Mapping) -> usize {
-        let key = (m.dev.clone(), m.inode);
+        let key = (m.dev.clone(), m.inode, m.path.clone());
         if let Some(&id) = self.file_ids.get(&key) {
             return id;
         }

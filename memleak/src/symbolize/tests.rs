@@ -302,6 +302,40 @@ fn symbolize_pie_executable() {
     check_fixture(&mut Symbolizer::new(t.pid()), &t, "prog", true);
 }
 
+/// C++ names are demangled, with their namespace and parameters, as BCC prints them.
+#[test]
+fn symbolize_cpp_demangled() {
+    let b = Build::new("cpp");
+    std::fs::write(
+        b.path("shop.cc"),
+        r#"
+#include <cstdio>
+#include <unistd.h>
+namespace shop {
+template <typename T> __attribute__((noinline)) T total(T x) { return x * 2 + 1; }
+__attribute__((noinline)) int price(int x) { return x * 3; }
+}
+int main() {
+    std::printf("total %p\n", (void *)&shop::total<long>);
+    std::printf("price %p\n", (void *)&shop::price);
+    std::printf("ready\n");
+    std::fflush(stdout);
+    for (;;) pause();
+}
+"#,
+    )
+    .unwrap();
+    b.run("g++", &["-O2", "-g", "shop.cc", "-o", "shop"]);
+    let t = Target::start(&b.path("shop"), &[]);
+    let mut sym = Symbolizer::new(t.pid());
+    let mut name = |key| sym.symbolize(t.addr(key), false)[0].function.clone();
+    assert_eq!(
+        name("total").as_deref(),
+        Some("long shop::total<long>(long)")
+    );
+    assert_eq!(name("price").as_deref(), Some("shop::price(int)"));
+}
+
 /// Anonymous code has no names; knowing its mapping, the symbolizer does not re-read the
 /// maps for it.
 #[test]

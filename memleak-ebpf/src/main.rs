@@ -86,17 +86,18 @@ fn sp_of(regs: *const aya_ebpf::bindings::pt_regs) -> u64 {
 // Entry probes
 
 /// Parks an allocating call until its return. Calls nested inside an in-flight call on the
-/// same thread (a lower stack pointer) are ignored: the outer call owns the memory.
+/// same thread (a lower stack pointer) are ignored: the outer call owns the memory. So is a
+/// tail call (the same stack pointer: glibc's reallocarray jumps to realloc); the kernel then
+/// runs both return probes at the one return, and the first takes the call.
 #[inline(always)]
 fn enter(ctx: &ProbeContext, kind: AllocKind, size: Option<u64>, arg: u64) -> u32 {
     let id = bpf_get_current_pid_tgid();
     let sp = sp_of(ctx.regs);
     if let Some(cur) = unsafe { INFLIGHT.get(&id) } {
-        if sp < cur.sp {
+        if sp <= cur.sp {
             return 0;
         }
-        // A call at the same depth or shallower cannot be nested: the old entry's return
-        // never came.
+        // A call from a shallower frame cannot be nested: the old entry's return never came.
         count(Counter::StaleInflight);
     }
     // `None`: the size overflowed (calloc), so the call fails; keep owning nested calls.

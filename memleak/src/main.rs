@@ -1,4 +1,5 @@
 mod model;
+mod placement;
 mod procmaps;
 mod symbolize;
 

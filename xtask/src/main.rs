@@ -1,6 +1,7 @@
 //! Project tasks: `setup` installs what the build needs (idempotent, fast when done), `demo`
 //! traces the bundled leaking program, `test` runs every test, `bench` measures overhead.
 
+mod bench;
 mod setup;
 
 use std::{path::PathBuf, process::Command};
@@ -28,6 +29,16 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Build, then measure what tracing costs: a C malloc/free churn and a Python JSON loop,
+    /// untraced, under memleak and (with --with-bcc) under BCC's memleak-bpfcc.
+    Bench {
+        /// Install BCC's memleak-bpfcc and kernel headers if missing, and compare with it.
+        #[arg(long)]
+        with_bcc: bool,
+        /// free/malloc pairs per churn run.
+        #[arg(long, default_value_t = 200_000)]
+        pairs: u64,
+    },
 }
 
 fn main() -> Result<()> {
@@ -36,6 +47,9 @@ fn main() -> Result<()> {
         Task::Build => build().map(drop),
         Task::Demo => demo(),
         Task::Test { args } => test(&args),
+        Task::Bench { with_bcc, pairs } => {
+            bench::run_bench(&build()?, &bench::Options { with_bcc, pairs })
+        }
     }
 }
 
@@ -60,9 +74,12 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 fn build() -> Result<PathBuf> {
     setup::ensure()?;
     let root = workspace_root();
-    run(Command::new("cargo")
-        .current_dir(&root)
-        .args(["build", "--release", "--package", "memleak"]))?;
+    run(Command::new("cargo").current_dir(&root).args([
+        "build",
+        "--release",
+        "--package",
+        "memleak",
+    ]))?;
     Ok(root.join("target/release/memleak"))
 }
 

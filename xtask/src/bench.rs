@@ -29,6 +29,8 @@ use crate::{run, workspace_root};
 pub struct Options {
     pub with_bcc: bool,
     pub pairs: u64,
+    /// Other memleak binaries to measure beside this build (e.g. main's, to see a change).
+    pub compare: Vec<PathBuf>,
 }
 
 /// The JSON workload: many small dicts and strings, as a web service would churn.
@@ -74,7 +76,11 @@ pub fn run_bench(memleak: &Path, opts: &Options) -> Result<()> {
     let script = out.join("json_roundtrip.py");
     std::fs::write(&script, JSON_ROUNDTRIP)?;
 
-    let mut tracers = vec![Tracer::memleak(memleak)];
+    let mut tracers = vec![Tracer::memleak("memleak".into(), memleak)];
+    for (i, other) in opts.compare.iter().enumerate() {
+        println!("memleak#{}: {}", i + 2, other.display());
+        tracers.push(Tracer::memleak(format!("memleak#{}", i + 2), other));
+    }
     if opts.with_bcc {
         match ensure_bcc() {
             Ok(()) => {
@@ -103,7 +109,7 @@ pub fn run_bench(memleak: &Path, opts: &Options) -> Result<()> {
     print_row("untraced", &base, None);
     for t in &tracers {
         match measure(churn_cmd(), Some(t), "ns_per_pair", &out) {
-            Ok(m) => print_row(t.name, &m, Some(&base)),
+            Ok(m) => print_row(&t.name, &m, Some(&base)),
             Err(e) => println!("{:<14} failed: {e:#}", t.name),
         }
     }
@@ -120,7 +126,7 @@ pub fn run_bench(memleak: &Path, opts: &Options) -> Result<()> {
             print_row("untraced", &base, None);
             for t in &tracers {
                 match measure(py_cmd(), Some(t), "seconds", &out) {
-                    Ok(m) => print_row(t.name, &m, Some(&base)),
+                    Ok(m) => print_row(&t.name, &m, Some(&base)),
                     Err(e) => println!("{:<14} failed: {e:#}", t.name),
                 }
             }
@@ -132,15 +138,15 @@ pub fn run_bench(memleak: &Path, opts: &Options) -> Result<()> {
 
 /// A tracer command line, with the target's pid appended by [`Tracer::spawn`].
 struct Tracer {
-    name: &'static str,
+    name: String,
     program: PathBuf,
     args: Vec<String>,
 }
 
 impl Tracer {
-    fn memleak(path: &Path) -> Self {
+    fn memleak(name: String, path: &Path) -> Self {
         Tracer {
-            name: "memleak",
+            name,
             program: path.to_path_buf(),
             args: vec![],
         }
@@ -148,7 +154,7 @@ impl Tracer {
 
     fn bcc(wrapper: &Path) -> Self {
         Tracer {
-            name: "memleak-bpfcc",
+            name: "memleak-bpfcc".into(),
             program: PathBuf::from("/usr/bin/python3"),
             args: vec![wrapper.display().to_string()],
         }

@@ -38,6 +38,9 @@ enum Task {
         /// free/malloc pairs per churn run.
         #[arg(long, default_value_t = 200_000)]
         pairs: u64,
+        /// Also measure this memleak binary (repeatable), e.g. a copy built from main.
+        #[arg(long)]
+        compare: Vec<PathBuf>,
     },
 }
 
@@ -47,9 +50,18 @@ fn main() -> Result<()> {
         Task::Build => build().map(drop),
         Task::Demo => demo(),
         Task::Test { args } => test(&args),
-        Task::Bench { with_bcc, pairs } => {
-            bench::run_bench(&build()?, &bench::Options { with_bcc, pairs })
-        }
+        Task::Bench {
+            with_bcc,
+            pairs,
+            compare,
+        } => bench::run_bench(
+            &build()?,
+            &bench::Options {
+                with_bcc,
+                pairs,
+                compare,
+            },
+        ),
     }
 }
 

@@ -142,6 +142,7 @@ async fn run(args: Args) -> Result<()> {
     let stop = loop {
         tokio::select! {
             _ = tables.tick() => {
+                note_exec(&mut collector)?;
                 let snap = collector.snapshot(&query)?;
                 print!("{}", report::text::table(&snap, &title, args.top));
                 snapshots.push(snap);
@@ -150,11 +151,13 @@ async fn run(args: Args) -> Result<()> {
                 }
             }
             _ = maps_tick.tick() => {
-                // (-c's own first exec drops nothing and goes unmentioned.)
-                if let Some(dropped) = collector.after_exec()?.filter(|&n| n > 0) {
-                    println!("memleak: the target exec'd a new program; dropped {dropped} allocations of the old one");
-                }
+                note_exec(&mut collector)?;
                 collector.names.refresh();
+                if let Some(t) = target.as_mut().filter(|_| !args.kernel) {
+                    for child in t.new_children() {
+                        println!("memleak: pid {} started child process {child}; it is not traced (memleak follows one process)", t.pid);
+                    }
+                }
             }
             _ = sigint.recv() => break Stop::Signal("interrupted"),
             _ = sigterm.recv() => break Stop::Signal("terminated"),
@@ -223,7 +226,19 @@ fn setup(args: &Args, target: &Target) -> Result<aya::Ebpf> {
     Ok(ebpf)
 }
 
+/// Drops what an exec'd-away program held, and says so. (-c's own first exec drops nothing
+/// and goes unmentioned.)
+fn note_exec(collector: &mut Collector) -> Result<()> {
+    if let Some(dropped) = collector.after_exec()?.filter(|&n| n > 0) {
+        println!(
+            "memleak: the target exec'd a new program; dropped {dropped} allocations the old one held"
+        );
+    }
+    Ok(())
+}
+
 fn final_table(collector: &mut Collector, q: &Query, args: &Args, title: &str) -> Result<Snapshot> {
+    note_exec(collector)?;
     let snap = collector.snapshot(q)?;
     print!("{}", report::text::table(&snap, title, args.top));
     Ok(snap)

@@ -8,7 +8,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use memleak_tests::{
-    Report, Running, Scratch, can_trace, expect_success, run_memleak, wait_for_file,
+    Report, Running, Scratch, can_trace, expect_success, run_memleak, usage_of, wait_for_file,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -167,5 +167,52 @@ fn full_maps_are_counted_and_reported_as_partial() -> Result<()> {
         heap_entries <= 3 + 16,
         "{heap_entries} entries in maps of 3 (+ mmaps)"
     );
+    Ok(())
+}
+
+#[test]
+fn exec_drops_the_old_program_and_forks_are_reported() -> Result<()> {
+    if !can_trace("exec_drops_the_old_program_and_forks_are_reported") {
+        return Ok(());
+    }
+    let scratch = Scratch::new("execs")?;
+    let fixture = scratch.compile("execs", "execs", &[])?;
+    let ledger = scratch.path("ledger.json");
+    let out = scratch.path("report.json");
+    let cmd = format!("{} {} first", fixture.display(), ledger.display());
+    let run = run_memleak(
+        &scratch,
+        &["-c", &cmd, "--json", out.to_str().unwrap()],
+        None,
+        TIMEOUT,
+    )?;
+    expect_success(&run)?;
+    assert!(
+        run.stdout
+            .contains("exec'd a new program; dropped 5 allocations"),
+        "{}",
+        run.transcript()
+    );
+    assert!(
+        run.stdout.contains("started child process"),
+        "{}",
+        run.transcript()
+    );
+    let report = Report::read(&out)?;
+    let snap = report.final_snapshot();
+    let after = usage_of(snap, "after_exec");
+    assert_eq!(
+        (after.bytes, after.count),
+        (3333, 3),
+        "{}",
+        run.transcript()
+    );
+    for gone in ["before_exec", "in_child"] {
+        assert_eq!(
+            usage_of(snap, gone).count,
+            0,
+            "{gone} must not be outstanding"
+        );
+    }
     Ok(())
 }

@@ -29,6 +29,8 @@ use crate::{run, workspace_root};
 pub struct Options {
     pub with_bcc: bool,
     pub pairs: u64,
+    /// Rounds per workload run; the best one is reported (the machine is shared).
+    pub rounds: u32,
     /// Other memleak binaries to measure beside this build (e.g. main's, to see a change).
     pub compare: Vec<PathBuf>,
 }
@@ -40,10 +42,11 @@ doc = {"items": [{"id": i, "name": "item%d" % i, "tags": ["a", "b", str(i)], "sc
                   "text": "x" * (i % 700)} for i in range(300)]}
 print("ready", os.getpid(), flush=True)
 sys.stdin.readline()
-start = time.perf_counter()
-for _ in range(150):
-    json.loads(json.dumps(doc))
-print("seconds %.4f" % (time.perf_counter() - start), flush=True)
+for _ in range(int(sys.argv[1])):
+    start = time.perf_counter()
+    for _ in range(150):
+        json.loads(json.dumps(doc))
+    print("seconds %.4f" % (time.perf_counter() - start), flush=True)
 print("live unknown", flush=True)
 sys.stdin.readline()
 "#;
@@ -98,12 +101,12 @@ pub fn run_bench(memleak: &Path, opts: &Options) -> Result<()> {
 
     let churn_cmd = || {
         let mut c = Command::new(&churn);
-        c.arg(opts.pairs.to_string());
+        c.args([opts.pairs.to_string(), opts.rounds.to_string()]);
         c
     };
     println!(
-        "\n== churn: {} free/malloc pairs of 16..1040 bytes, ns per pair",
-        opts.pairs
+        "\n== churn: {} free/malloc pairs of 16..1040 bytes, ns per pair (best of {})",
+        opts.pairs, opts.rounds
     );
     let base = measure(churn_cmd(), None, "ns_per_pair", &out)?;
     print_row("untraced", &base, None);
@@ -116,10 +119,14 @@ pub fn run_bench(memleak: &Path, opts: &Options) -> Result<()> {
 
     match python311() {
         Ok(python) => {
-            println!("\n== {} JSON round-trip, seconds", python.display());
+            println!(
+                "\n== {} JSON round-trip, seconds (best of {})",
+                python.display(),
+                opts.rounds
+            );
             let py_cmd = || {
                 let mut c = Command::new(&python);
-                c.arg(&script);
+                c.arg(&script).arg(opts.rounds.to_string());
                 c
             };
             let base = measure(py_cmd(), None, "seconds", &out)?;
@@ -306,8 +313,7 @@ fn measure(
         None => None,
     };
     target.start()?;
-    let value: f64 = target.value(key)?.parse()?;
-    let live = target.live()?;
+    let (value, live) = target.results(key)?;
     let done = Instant::now();
     let (outstanding, probes) = match running.take() {
         Some((mut r, probes)) => {
@@ -352,6 +358,12 @@ fn print_row(name: &str, m: &Measurement, base: Option<&Measurement>) {
     println!("{row}");
 }
 
+fn word_after<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let mut words = line.split_whitespace();
+    words.find(|w| *w == key)?;
+    words.next()
+}
+
 /// A workload process speaking the ready/start/finish protocol on its stdin and stdout.
 struct Workload {
     child: Child,
@@ -379,31 +391,34 @@ impl Workload {
         Ok(w)
     }
 
-    /// The rest of the next line that starts with `key`, e.g. `ns_per_pair 86.3` → `86.3`.
+    /// The word after `key` on the next line that has it, e.g. `ready 1234` → `1234`.
     fn value(&mut self, key: &str) -> Result<String> {
         for line in self.stdout.by_ref() {
             let line = line?;
-            let mut words = line.split_whitespace();
-            while let Some(w) = words.next() {
-                if w == key {
-                    return Ok(words.next().unwrap_or_default().to_string());
-                }
+            if let Some(v) = word_after(&line, key) {
+                return Ok(v.to_string());
             }
         }
         bail!("the workload ended before printing {key}")
     }
 
-    /// The workload's last line: `live BLOCKS bytes BYTES`, or `live unknown`.
-    fn live(&mut self) -> Result<Option<(u64, u64)>> {
-        let Some(line) = self.stdout.next() else {
-            return Ok(None);
-        };
-        let line = line?;
-        let words: Vec<&str> = line.split_whitespace().collect();
-        Ok(match words[..] {
-            ["live", n, "bytes", b] => Some((n.parse()?, b.parse()?)),
-            _ => None,
-        })
+    /// The best (lowest) `key` value of all rounds, and what the workload says it still holds
+    /// (`live BLOCKS bytes BYTES`, or `live unknown`), which ends its output.
+    fn results(&mut self, key: &str) -> Result<(f64, Option<(u64, u64)>)> {
+        let mut best = f64::INFINITY;
+        for line in self.stdout.by_ref() {
+            let line = line?;
+            if let Some(v) = word_after(&line, key) {
+                best = best.min(v.parse()?);
+            }
+            let words: Vec<&str> = line.split_whitespace().collect();
+            match words[..] {
+                ["live", n, "bytes", b] => return Ok((best, Some((n.parse()?, b.parse()?)))),
+                ["live", ..] => return Ok((best, None)),
+                _ => {}
+            }
+        }
+        bail!("the workload ended before printing what it holds")
     }
 
     fn start(&mut self) -> Result<()> {

@@ -36,8 +36,11 @@ enum Task {
         #[arg(long)]
         with_bcc: bool,
         /// free/malloc pairs per churn run.
-        #[arg(long, default_value_t = 200_000)]
+        #[arg(long, default_value_t = 100_000)]
         pairs: u64,
+        /// Rounds per workload run; the best is reported.
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
         /// Also measure this memleak binary (repeatable), e.g. a copy built from main.
         #[arg(long)]
         compare: Vec<PathBuf>,
@@ -53,12 +56,14 @@ fn main() -> Result<()> {
         Task::Bench {
             with_bcc,
             pairs,
+            rounds,
             compare,
         } => bench::run_bench(
             &build()?,
             &bench::Options {
                 with_bcc,
                 pairs,
+                rounds,
                 compare,
             },
         ),

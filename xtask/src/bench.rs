@@ -544,19 +544,7 @@ fn python311() -> Result<PathBuf> {
 /// Installs BCC's tools and the kernel headers its compiler needs, and points
 /// /lib/modules/$(uname -r)/{build,source} at them. Says what it did.
 fn ensure_bcc() -> Result<()> {
-    if !Path::new("/usr/sbin/memleak-bpfcc").exists() {
-        println!("memleak-bpfcc: installing bpfcc-tools and linux-headers-6.12-amd64 (apt-get)");
-        run(Command::new("apt-get")
-            .args([
-                "install",
-                "-y",
-                "-q",
-                "bpfcc-tools",
-                "linux-headers-6.12-amd64",
-            ])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .stdout(Stdio::null()))?;
-    }
+    crate::setup::ensure_debian_packages(&["bpfcc-tools", "linux-headers-6.12-amd64"])?;
     let release = String::from_utf8(Command::new("uname").arg("-r").output()?.stdout)?;
     let modules = PathBuf::from("/lib/modules").join(release.trim());
     let (build, source) = headers_dirs()?;

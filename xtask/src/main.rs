@@ -115,12 +115,23 @@ fn demo() -> Result<()> {
         .args(["2", "5"]))
 }
 
+/// Debian packages some tests need: dwz (the symbolizer's dwz test) and libc6-dbg (debug
+/// files found by build-id). Without them those tests skip, loudly.
+const TEST_PACKAGES: [&str; 2] = ["dwz", "libc6-dbg"];
+
 fn test(extra: &[String]) -> Result<()> {
+    setup::ensure_debian_packages(&TEST_PACKAGES)?;
     let memleak = build()?;
     let root = workspace_root();
     run(Command::new("cargo")
         .current_dir(&root)
         .env("MEMLEAK_BIN", &memleak)
-        .args(["test", "--release", "--workspace", "--exclude", "memleak-ebpf"])
+        .args([
+            "test",
+            "--release",
+            "--workspace",
+            "--exclude",
+            "memleak-ebpf",
+        ])
         .args(extra))
 }

@@ -110,3 +110,30 @@ fn ensure_bpf_linker() -> Result<()> {
     std::fs::write(&stamp, wanted)?;
     Ok(())
 }
+
+/// Installs the Debian packages that are missing (one `apt-get update` first, only when
+/// something is missing, so a second run costs a few dpkg queries).
+pub fn ensure_debian_packages(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
+        .iter()
+        .copied()
+        .filter(|p| {
+            !Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("setup: installing {} (apt-get)", missing.join(" "));
+    run(Command::new("apt-get")
+        .args(["update", "-q"])
+        .stdout(std::process::Stdio::null()))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .stdout(std::process::Stdio::null()))
+}

@@ -450,8 +450,9 @@ pub fn check_against_ledger(
         let _ = writeln!(all, "  {}", describe_stack(stack));
     }
     bail!(
-        "{}\nall stacks in the snapshot:\n{all}",
-        problems.join("\n")
+        "{}\nlost: {}\nall stacks in the snapshot:\n{all}",
+        problems.join("\n"),
+        snapshot["lost"]
     )
 }
 

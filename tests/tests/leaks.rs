@@ -12,7 +12,16 @@ const TIMEOUT: Duration = Duration::from_secs(60);
 
 /// `memleak -c "leaks LEDGER run" ARGS --json OUT`: the ledger and the report.
 fn trace_command(scratch: &Scratch, args: &[&str]) -> Result<(Ledger, Report, String)> {
-    let fixture = scratch.compile("leaks", "leaks", &[])?;
+    trace_command_built(scratch, &[], args)
+}
+
+/// As [`trace_command`], with the fixture built with `gcc_flags` added.
+fn trace_command_built(
+    scratch: &Scratch,
+    gcc_flags: &[&str],
+    args: &[&str],
+) -> Result<(Ledger, Report, String)> {
+    let fixture = scratch.compile("leaks", "leaks", gcc_flags)?;
     let ledger = scratch.path("ledger.json");
     let out = scratch.path("report.json");
     let command = format!("{} {} run", fixture.display(), ledger.display());
@@ -56,6 +65,18 @@ fn command_leaks_match_ledger() -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[test]
+fn optimized_build_matches_ledger() -> Result<()> {
+    if !can_trace("optimized_build_matches_ledger") {
+        return Ok(());
+    }
+    // -O2 (frame pointers kept): gcc drops the churn's unused malloc/free pairs, reorders and
+    // shares code; the leaks and their lines must still come out exact.
+    let scratch = Scratch::new("optimized")?;
+    let (ledger, report, _) = trace_command_built(&scratch, &["-O2"], &[])?;
+    check_against_ledger(report.final_snapshot(), &ledger, "leaks.c", |_| true)
 }
 
 /// The snapshot's stacks are in non-increasing order of `key`.

@@ -92,6 +92,12 @@ impl Collector {
     }
 
     pub fn snapshot(&mut self, q: &Query) -> Result<Snapshot> {
+        // The instant the maps are read, not after symbolizing (slow for a first table).
+        let unix_time = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        let elapsed_s = self.started.elapsed().as_secs_f64();
         let mut per_stack: StdHashMap<i64, StackUsage> = StdHashMap::new();
         if q.combined_only {
             for item in self.combined.iter() {
@@ -136,13 +142,9 @@ impl Collector {
             s.allocations.sort_by_key(|a| a.addr);
         }
         let counters = self.counters()?;
-        let elapsed = self.started.elapsed().as_secs_f64();
         Ok(Snapshot {
-            unix_time: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs_f64())
-                .unwrap_or(0.0),
-            elapsed_s: elapsed,
+            unix_time,
+            elapsed_s,
             total_bytes: stacks.iter().map(|s| s.bytes).sum(),
             total_count: stacks.iter().map(|s| s.count).sum(),
             stacks,

@@ -67,6 +67,7 @@ enum Stop {
 
 async fn run(args: Args) -> Result<()> {
     probes::preflight()?;
+    let json = args.json.as_deref().map(report::json::create).transpose()?;
     let mut target = match (&args.pid, &args.command) {
         (Some(pid), _) => Some(Target::existing(*pid)?),
         (None, Some(cmd)) => Some(Target::spawn(cmd)?),
@@ -186,8 +187,8 @@ async fn run(args: Args) -> Result<()> {
             Some(final_table(&mut collector, &q, &args, &title)?)
         }
     };
-    if let Some(path) = &args.json {
-        report::json::write(path, pid, &snapshots, final_state.as_ref())?;
+    if let (Some(file), Some(path)) = (json, &args.json) {
+        report::json::write(file, path, pid, &snapshots, final_state.as_ref())?;
     }
     // Dropping `ebpf` detaches every probe; the target runs on unharmed.
     drop(ebpf);

@@ -16,7 +16,14 @@ struct Document<'a> {
     final_state: Option<&'a Snapshot>,
 }
 
+/// Creates the output file now, so a bad path fails before tracing rather than after it.
+pub fn create(path: &Path) -> Result<std::fs::File> {
+    std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))
+}
+
+/// Writes the document into `file` (made by `create` for `path`).
 pub fn write(
+    file: std::fs::File,
     path: &Path,
     pid: u32,
     snapshots: &[Snapshot],
@@ -28,8 +35,6 @@ pub fn write(
         snapshots,
         final_state,
     };
-    let file =
-        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
     serde_json::to_writer(std::io::BufWriter::new(file), &doc)
         .with_context(|| format!("writing {}", path.display()))
 }

@@ -39,9 +39,12 @@ pub struct Class(pub String);
 /// Everything recorded during one run.
 pub struct Timeline {
     pub context: ProcessContext,
+    /// One per interval, oldest first.
     pub snapshots: Vec<Snapshot>,
-    /// `/proc` at each snapshot; `None` when it could not be read (the process exited).
-    pub samples: Vec<Option<ProcSample>>,
+    /// The state taken when the run stopped between intervals (Ctrl-C, the target exited).
+    pub final_state: Option<Snapshot>,
+    /// `/proc` at each snapshot, then at the final state; `None`: unreadable (process gone).
+    samples: Vec<Option<ProcSample>>,
     classes: HashMap<i64, Class>,
     /// (file, line) → the line's text, read through the target's root while it runs.
     sources: HashMap<(String, u32), Option<String>>,
@@ -52,6 +55,7 @@ impl Timeline {
         Timeline {
             context,
             snapshots: Vec::new(),
+            final_state: None,
             samples: Vec::new(),
             classes: HashMap::new(),
             sources: HashMap::new(),
@@ -62,17 +66,38 @@ impl Timeline {
         self.context.pid
     }
 
-    /// Samples `/proc` now and appends the snapshot just taken; the collector's one call per
-    /// interval.
+    /// Samples `/proc` now and appends the interval's snapshot just taken: the collector's
+    /// one call per interval.
     pub fn record(&mut self, snapshot: Snapshot) {
-        self.context.refresh_objects();
-        let sample = proc_stats::sample(self.pid(), self.context.cgroup.as_ref()).ok();
+        let sample = self.sample_now();
         self.push(snapshot, sample);
     }
 
-    /// Appends one interval. Reads the deciding source lines of the largest stacks now, while
-    /// the target's files are still reachable through `/proc/PID/root`.
+    /// Like `record`, for the state taken when the run stops between intervals.
+    pub fn record_final(&mut self, snapshot: Snapshot) {
+        let sample = self.sample_now();
+        self.read_sources(&snapshot);
+        self.samples.push(sample);
+        self.final_state = Some(snapshot);
+    }
+
+    fn sample_now(&mut self) -> Option<ProcSample> {
+        self.context.refresh();
+        proc_stats::sample(self.pid(), self.context.cgroup.as_ref()).ok()
+    }
+
+    /// Appends one interval with the `/proc` sample taken at the same instant.
     pub fn push(&mut self, snapshot: Snapshot, sample: Option<ProcSample>) {
+        assert!(self.final_state.is_none(), "no interval after the final state");
+        self.read_sources(&snapshot);
+        self.snapshots.push(snapshot);
+        self.samples.push(sample);
+    }
+
+    /// Reads the deciding source lines of the largest stacks now, while the target's files
+    /// are still reachable through `/proc/PID/root`.
+    fn read_sources(&mut self, snapshot: &Snapshot) {
+        let pid = self.pid();
         for stack in snapshot.stacks.iter().take(SOURCE_LINES_KEPT) {
             let Some(frame) = deciding_frame(&stack.frames).map(|i| &stack.frames[i]) else {
                 continue;
@@ -80,22 +105,29 @@ impl Timeline {
             let (Some(file), Some(line)) = (&frame.file, frame.line) else {
                 continue;
             };
-            let pid = self.pid();
             self.sources
                 .entry((file.clone(), line))
                 .or_insert_with(|| read_source_line(pid, file, line));
         }
-        self.snapshots.push(snapshot);
-        self.samples.push(sample);
+    }
+
+    /// Every state in time order: the intervals, then the final state if any.
+    pub fn series(&self) -> impl Iterator<Item = (&Snapshot, Option<&ProcSample>)> {
+        self.snapshots
+            .iter()
+            .chain(&self.final_state)
+            .zip(self.samples.iter().map(Option::as_ref))
     }
 
     /// The classifier's hook: what `stack_id`'s memory holds.
+    #[allow(dead_code, reason = "called by the Python object classifier, not merged yet")]
     pub fn set_class(&mut self, stack_id: i64, class: Class) {
         self.classes.insert(stack_id, class);
     }
 
+    /// The state at the end: the final state, else the last interval.
     pub fn last(&self) -> Option<&Snapshot> {
-        self.snapshots.last()
+        self.final_state.as_ref().or(self.snapshots.last())
     }
 
     /// The text of `file:line` as read during the run; `None`: unreadable or never read.
@@ -294,12 +326,13 @@ pub struct ClassBytes<'a> {
 
 impl<'a> Analysis<'a> {
     fn new(t: &'a Timeline) -> Self {
-        let n = t.snapshots.len();
-        let x: Vec<f64> = t.snapshots.iter().map(|s| s.elapsed_s).collect();
+        let series: Vec<(&Snapshot, Option<&ProcSample>)> = t.series().collect();
+        let n = series.len();
+        let x: Vec<f64> = series.iter().map(|(s, _)| s.elapsed_s).collect();
 
         let mut index: HashMap<i64, usize> = HashMap::new();
         let mut stacks: Vec<StackTrend<'a>> = Vec::new();
-        for (i, snap) in t.snapshots.iter().enumerate() {
+        for (i, (snap, _)) in series.iter().enumerate() {
             for s in &snap.stacks {
                 let k = *index.entry(s.stack_id).or_insert_with(|| {
                     stacks.push(StackTrend {
@@ -343,10 +376,8 @@ impl<'a> Analysis<'a> {
                 .then(a.stack_id.cmp(&b.stack_id))
         });
 
-        let points: Vec<Point> = t
-            .snapshots
+        let points: Vec<Point> = series
             .iter()
-            .zip(&t.samples)
             .enumerate()
             .map(|(i, (s, p))| Point {
                 elapsed_s: s.elapsed_s,
@@ -354,11 +385,11 @@ impl<'a> Analysis<'a> {
                 outstanding_bytes: s.total_bytes,
                 outstanding_count: s.total_count,
                 rate_bytes_per_min: (i > 0).then(|| {
-                    let prev = &t.snapshots[i - 1];
+                    let prev = series[i - 1].0;
                     let dt = (s.elapsed_s - prev.elapsed_s) / 60.0;
                     (s.total_bytes as f64 - prev.total_bytes as f64) / dt
                 }),
-                process: p.clone(),
+                process: p.cloned(),
             })
             .collect();
 

@@ -112,31 +112,33 @@ impl CgroupLimit {
 }
 
 impl ProcessContext {
-    /// Reads the target's command line, objects and cgroup limit. Only the command line is
-    /// required (it proves the process exists); the rest is best effort.
-    pub fn read(pid: u32) -> Result<Self> {
-        let path = format!("/proc/{pid}/cmdline");
-        let raw = std::fs::read(&path).with_context(|| format!("reading {path}"))?;
-        let cmdline = raw
-            .split(|&b| b == 0)
-            .filter(|a| !a.is_empty())
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
+    /// Reads the target's command line, objects and cgroup limit, as far as they can be read
+    /// (pid 0, the kernel, has none of them).
+    pub fn read(pid: u32) -> Self {
         let mut ctx = ProcessContext {
             pid,
-            cmdline,
             cgroup: std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
                 .ok()
                 .and_then(|text| cgroup_limit(Path::new("/sys/fs/cgroup"), &text)),
             ..Default::default()
         };
-        ctx.refresh_objects();
-        Ok(ctx)
+        ctx.refresh();
+        ctx
     }
 
-    /// Adds the objects mapped since the last call (dlopen, Python imports). A process that
-    /// is gone leaves the list as it was.
-    pub fn refresh_objects(&mut self) {
+    /// Rereads the command line (a started command may not have exec'd at the first read)
+    /// and adds the objects mapped since the last call (dlopen, Python imports). A process
+    /// that is gone leaves everything as it was.
+    pub fn refresh(&mut self) {
+        if let Ok(raw) = std::fs::read(format!("/proc/{}/cmdline", self.pid))
+            && !raw.is_empty()
+        {
+            self.cmdline = raw
+                .split(|&b| b == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+        }
         let Ok(maps) = procmaps::read(self.pid) else {
             return;
         };
@@ -250,7 +252,7 @@ mod tests {
         let s = sample(std::process::id(), None).unwrap();
         assert!(s.rss_bytes > 0 && s.vsz_bytes >= s.rss_bytes && s.threads >= 1);
         assert!(s.mem_available_bytes.unwrap() > 0);
-        let ctx = ProcessContext::read(std::process::id()).unwrap();
+        let ctx = ProcessContext::read(std::process::id());
         assert!(ctx.cmdline[0].contains("memleak"));
         assert!(ctx.objects.iter().any(|o| o.path.contains("libc")));
         assert!(sample(u32::MAX, None).is_err());

@@ -114,7 +114,7 @@ mod tests {
     #[test]
     fn empty_and_real_process_documents_validate() {
         validate(&to_value(&Timeline::new(ProcessContext::default())));
-        let mut t = Timeline::new(ProcessContext::read(std::process::id()).unwrap());
+        let mut t = Timeline::new(ProcessContext::read(std::process::id()));
         t.record(timeline(&[leak(1)], 1.0, 1).snapshots.pop().unwrap());
         let doc = to_value(&t);
         validate(&doc);

@@ -1,4 +1,4 @@
-//! Output formats. (Temporary module list of the `report` branch; the lead's mod.rs adds `text`.)
+//! Outputs, all fed by the data model in `crate::model`.
 
 pub mod folded;
 pub mod html;
@@ -6,3 +6,4 @@ pub mod json;
 pub mod live;
 pub mod pprof;
 pub mod summary;
+pub mod text;

@@ -88,7 +88,10 @@ impl Timeline {
 
     /// Appends one interval with the `/proc` sample taken at the same instant.
     pub fn push(&mut self, snapshot: Snapshot, sample: Option<ProcSample>) {
-        assert!(self.final_state.is_none(), "no interval after the final state");
+        assert!(
+            self.final_state.is_none(),
+            "no interval after the final state"
+        );
         self.read_sources(&snapshot);
         self.snapshots.push(snapshot);
         self.samples.push(sample);
@@ -120,7 +123,10 @@ impl Timeline {
     }
 
     /// The classifier's hook: what `stack_id`'s memory holds.
-    #[allow(dead_code, reason = "called by the Python object classifier, not merged yet")]
+    #[allow(
+        dead_code,
+        reason = "called by the Python object classifier, not merged yet"
+    )]
     pub fn set_class(&mut self, stack_id: i64, class: Class) {
         self.classes.insert(stack_id, class);
     }
@@ -759,6 +765,24 @@ pub mod tests {
         assert_eq!(read_source_line(me, "app.c", 1), None);
         assert_eq!(read_source_line(u32::MAX, path, 1), None, "no such process");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn final_state_ends_the_series() {
+        let mut t = timeline(&[leak(1)], 1.0, 4);
+        let mut at_exit = t.snapshots[3].clone();
+        at_exit.elapsed_s = 3.5;
+        at_exit.total_bytes += MIB;
+        t.record_final(at_exit);
+        assert_eq!(t.snapshots.len(), 4);
+        assert_eq!(t.last().unwrap().elapsed_s, 3.5);
+        let a = t.analyze();
+        assert_eq!(a.points.len(), 5);
+        assert_eq!(a.points[4].outstanding_bytes, 7 * MIB);
+        assert!(
+            a.points[4].process.is_none(),
+            "no process u32::MAX to sample"
+        );
     }
 
     #[test]

@@ -152,9 +152,11 @@ impl Args {
 
     /// Snapshots to take before stopping: COUNT, or as many as fit in --duration.
     pub fn intervals(&self) -> Option<u64> {
-        let in_duration = self
-            .duration
-            .map(|d| (d.as_secs_f64() / self.period().as_secs_f64()).ceil().max(1.0) as u64);
+        let in_duration = self.duration.map(|d| {
+            (d.as_secs_f64() / self.period().as_secs_f64())
+                .ceil()
+                .max(1.0) as u64
+        });
         match (self.count, in_duration) {
             (Some(c), Some(d)) => Some(c.min(d)),
             (c, d) => c.or(d),

@@ -403,9 +403,9 @@ mod tests {
 
     #[test]
     fn native_frames_get_their_mapping_and_build_id() {
-        let mut t = crate::capture::Timeline::new(
-            crate::proc_stats::ProcessContext::read(std::process::id()),
-        );
+        let mut t = crate::capture::Timeline::new(crate::proc_stats::ProcessContext::read(
+            std::process::id(),
+        ));
         let here = Frame {
             addr: native_frames_get_their_mapping_and_build_id as fn() as usize as u64,
             ..frame("here", "/src/x.c", 1, "memleak")

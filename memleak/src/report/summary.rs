@@ -7,14 +7,16 @@ use std::fmt::Write;
 use crate::{
     capture::{Analysis, StackTrend, Timeline, Trend},
     model::{Frame, FrameKind},
+    proc_stats::{ProcessContext, SharedObject},
 };
 
-/// Growing stacks shown in full (with frames).
-const TOP_STACKS: usize = 5;
-/// Frames shown per stack.
-const MAX_FRAMES: usize = 8;
+/// Stacks shown with their frames; then up to MORE_STACKS more, one line each.
+const TOP_STACKS: usize = 3;
+const MORE_STACKS: usize = 5;
+/// Frames shown per stack: a window starting just inside the deciding frame.
+const MAX_FRAMES: usize = 6;
 /// Timeline rows shown; longer runs are thinned evenly (the first and last rows stay).
-const MAX_ROWS: usize = 20;
+const MAX_ROWS: usize = 12;
 /// Columns kept of a frame or a source line.
 const MAX_WIDTH: usize = 96;
 
@@ -50,7 +52,7 @@ fn verdict(out: &mut String, t: &Timeline, a: &Analysis) {
              ({} outstanding after {})",
             signed_bytes(v.leak_rate_bytes_per_min),
             v.growing_stacks,
-            if v.growing_stacks == 1 { "" } else { "s" },
+            plural(v.growing_stacks),
             bytes(outstanding),
             duration(span)
         );
@@ -94,6 +96,9 @@ fn verdict(out: &mut String, t: &Timeline, a: &Analysis) {
             }
         }
     }
+    if let Some(line) = process_line(&t.context) {
+        let _ = writeln!(out, "{}", clip(&line, MAX_WIDTH));
+    }
     let count = |trend| a.stacks.iter().filter(|s| s.trend == trend).count();
     let _ = writeln!(
         out,
@@ -127,13 +132,9 @@ fn stacks(out: &mut String, a: &Analysis) {
     if shown.is_empty() {
         return;
     }
-    let _ = writeln!(
-        out,
-        "\n{title} ({} of {}):",
-        shown.len().min(TOP_STACKS),
-        shown.len()
-    );
-    for (i, s) in shown.iter().take(TOP_STACKS).enumerate() {
+    let listed = shown.len().min(TOP_STACKS + MORE_STACKS);
+    let _ = writeln!(out, "\n{title} ({listed} of {}):", shown.len());
+    for (i, s) in shown.iter().take(listed).enumerate() {
         let _ = writeln!(
             out,
             "#{:<2} {:>12}/min  R² {:.2}  {} in {} allocations  [{}]",
@@ -150,21 +151,29 @@ fn stacks(out: &mut String, a: &Analysis) {
                 let _ = writeln!(out, "    {line:>6} | {}", clip(text, MAX_WIDTH - 13));
             }
         }
-        for (k, f) in s.frames.iter().enumerate().take(MAX_FRAMES) {
-            let mark = if Some(k) == s.deciding_frame {
-                '>'
-            } else {
-                ' '
-            };
-            let _ = writeln!(out, "      {mark} {}", clip(&frame_label(f), MAX_WIDTH - 8));
+        if i < TOP_STACKS {
+            frames(out, s);
         }
-        if s.frames.len() > MAX_FRAMES {
-            let _ = writeln!(
-                out,
-                "        ... {} more frames",
-                s.frames.len() - MAX_FRAMES
-            );
-        }
+    }
+}
+
+/// A window of the stack's frames: from the one just inside the deciding frame outwards.
+fn frames(out: &mut String, s: &StackTrend) {
+    let first = s.deciding_frame.unwrap_or(0).saturating_sub(1);
+    let last = (first + MAX_FRAMES).min(s.frames.len());
+    if first > 0 {
+        let _ = writeln!(out, "        ... {first} inner frames");
+    }
+    for (k, f) in s.frames.iter().enumerate().take(last).skip(first) {
+        let mark = if Some(k) == s.deciding_frame {
+            '>'
+        } else {
+            ' '
+        };
+        let _ = writeln!(out, "      {mark} {}", clip(&frame_label(f), MAX_WIDTH - 8));
+    }
+    if last < s.frames.len() {
+        let _ = writeln!(out, "        ... {} outer frames", s.frames.len() - last);
     }
 }
 
@@ -236,6 +245,29 @@ fn classes(out: &mut String, a: &Analysis) {
     }
 }
 
+/// `  process: ./app --flag; Python 3.11 with 4 C extensions; cgroup /svc limit 2.0 GiB`.
+fn process_line(ctx: &ProcessContext) -> Option<String> {
+    let mut parts = Vec::new();
+    if !ctx.cmdline.is_empty() {
+        parts.push(ctx.cmdline.join(" "));
+    }
+    let extensions = ctx.objects.iter().filter(|o| o.python_extension).count();
+    match (&ctx.python_version, extensions) {
+        (Some(v), 0) => parts.push(format!("Python {v}")),
+        (Some(v), n) => parts.push(format!("Python {v} with {n} C extension{}", plural(n))),
+        (None, 0) => {}
+        (None, n) => parts.push(format!("{n} Python C extension{}", plural(n))),
+    }
+    if let Some(cg) = &ctx.cgroup {
+        parts.push(format!(
+            "cgroup {} limit {}",
+            cg.path,
+            bytes(cg.limit_bytes)
+        ));
+    }
+    (!parts.is_empty()).then(|| format!("  process: {}", parts.join("; ")))
+}
+
 /// `function+0x1a (file:line) [module]`, with what is known.
 pub fn frame_label(f: &Frame) -> String {
     let mut s = match (&f.function, f.kind) {
@@ -256,6 +288,10 @@ pub fn frame_label(f: &Frame) -> String {
         let _ = write!(s, " [{m}]");
     }
     s
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 { "" } else { "s" }
 }
 
 fn clip(s: &str, width: usize) -> String {
@@ -321,8 +357,9 @@ mod tests {
         );
         assert!(text.contains("1 growing, 1 plateau, 1 churn"), "{text}");
         assert!(text.lines().all(|l| l.chars().count() <= 100), "{text}");
-        // 25 intervals thinned to 20 rows.
-        assert!(text.contains("(20 of 25 intervals shown)"), "{text}");
+        // 25 intervals thinned to 12 rows.
+        assert!(text.contains("(12 of 25 intervals shown)"), "{text}");
+        assert!(text.lines().count() < 50, "{text}");
     }
 
     #[test]
@@ -332,6 +369,58 @@ mod tests {
         assert!(text.starts_with("VERDICT: no leak"), "{text}");
         assert!(text.contains("Largest holders (2 of 2)"), "{text}");
         assert!(!text.contains("out of memory"), "{text}");
+    }
+
+    #[test]
+    fn process_line_names_python_and_extensions() {
+        let object = |path: &str| SharedObject {
+            path: path.into(),
+            start: 0,
+            end: 0,
+            file_offset: 0,
+            build_id: None,
+            python_extension: crate::proc_stats::is_python_extension(path),
+        };
+        let ctx = ProcessContext {
+            pid: 7,
+            cmdline: vec!["python3.11".into(), "app.py".into()],
+            objects: vec![
+                object("/usr/lib/libpython3.11.so.1.0"),
+                object("/x/lib/python3.11/lib-dynload/_json.cpython-311-x86_64-linux-gnu.so"),
+            ],
+            python_version: Some("3.11".into()),
+            cgroup: None,
+        };
+        assert_eq!(
+            process_line(&ctx).unwrap(),
+            "  process: python3.11 app.py; Python 3.11 with 1 C extension"
+        );
+        assert_eq!(process_line(&ProcessContext::default()), None);
+    }
+
+    #[test]
+    fn deep_stack_shows_a_window_around_the_deciding_frame() {
+        use crate::capture::tests::{Synthetic, frame};
+        let mut frames: Vec<Frame> = (0..5)
+            .map(|i| frame(&format!("runtime{i}"), "/libc/x.c", i + 1, "libc.so.6"))
+            .collect();
+        frames.extend((0..7).map(|i| frame(&format!("app{i}"), "/src/app.c", i + 10, "app")));
+        let leak = Synthetic {
+            id: 9,
+            frames,
+            bytes_at: Box::new(|t| (t as u64 + 1) << 20),
+        };
+        let text = render(&timeline(&[leak], 1.0, 10));
+        let window: Vec<&str> = text
+            .lines()
+            .skip_while(|l| !l.contains("inner frames"))
+            .take(8)
+            .collect();
+        assert_eq!(window[0].trim(), "... 4 inner frames", "{text}");
+        assert!(window[1].contains("runtime4"), "{text}");
+        assert!(window[2].trim_start().starts_with("> app0+0x0 (/src/app.c:10)"), "{text}");
+        assert!(window[6].contains("app4"), "{text}");
+        assert_eq!(window[7].trim(), "... 2 outer frames", "{text}");
     }
 
     #[test]

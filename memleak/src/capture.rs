@@ -14,9 +14,11 @@ use crate::{
 
 /// Fewer intervals than this and no trend is claimed.
 pub const MIN_POINTS: usize = 3;
-/// A stack grows only if its fitted line rises at least this much over the run: smaller
-/// drifts are noise from allocations in flight at the instant of a snapshot.
-pub const MIN_GROWTH_BYTES: f64 = 64.0 * 1024.0;
+/// A stack grows only if its fitted line rises over the run by at least this many of its
+/// own average blocks: one or two blocks in flight at a snapshot's instant are not growth ...
+pub const MIN_GROWTH_BLOCKS: f64 = 4.0;
+/// ... and by at least this many bytes (a page), whatever the block size.
+pub const MIN_GROWTH_BYTES: f64 = 4096.0;
 /// A stack grows only if a straight line explains at least this share of its variation.
 /// A steady leak scores above 0.95; a leak with sawtooth frees ~0.7; random churn ~0.
 pub const MIN_GROWTH_R2: f64 = 0.6;
@@ -210,8 +212,9 @@ impl Trend {
         }
     }
 
-    /// Classifies a series sampled at `x_s` seconds; see the thresholds at the top.
-    pub fn of(x_s: &[f64], bytes: &[f64]) -> (Trend, Fit) {
+    /// Classifies a series of outstanding `bytes` in `counts` blocks sampled at `x_s`
+    /// seconds; see the thresholds at the top.
+    pub fn of(x_s: &[f64], bytes: &[f64], counts: &[f64]) -> (Trend, Fit) {
         let n = bytes.len();
         let fit = Fit::of(x_s, bytes).unwrap_or_default();
         if n < MIN_POINTS {
@@ -223,8 +226,14 @@ impl Trend {
         let recent_from = half.min(n - MIN_POINTS);
         let recent = &bytes[recent_from..];
         let recent_fit = Fit::of(&x_s[recent_from..], recent).unwrap_or_default();
+        let blocks: f64 = counts.iter().sum();
+        let block_size = if blocks > 0.0 {
+            bytes.iter().sum::<f64>() / blocks
+        } else {
+            0.0
+        };
         let grows = fit.slope_per_min > 0.0
-            && fit.slope_per_min * span_min >= MIN_GROWTH_BYTES
+            && fit.slope_per_min * span_min >= MIN_GROWTH_BYTES.max(MIN_GROWTH_BLOCKS * block_size)
             && fit.r2 >= MIN_GROWTH_R2
             && recent_fit.slope_per_min >= MIN_RECENT_RATE_SHARE * fit.slope_per_min;
         if grows {
@@ -362,7 +371,8 @@ impl<'a> Analysis<'a> {
         }
         for s in &mut stacks {
             let y: Vec<f64> = s.bytes.iter().map(|&b| b as f64).collect();
-            (s.trend, s.fit) = Trend::of(&x, &y);
+            let counts: Vec<f64> = s.counts.iter().map(|&c| c as f64).collect();
+            (s.trend, s.fit) = Trend::of(&x, &y, &counts);
             s.peak_bytes = s.bytes.iter().copied().max().unwrap_or(0);
             s.deciding_frame = deciding_frame(s.frames);
             s.deciding_source = s
@@ -721,6 +731,44 @@ pub mod tests {
         let t = timeline(&[drift], 1.0, 60);
         let a = t.analyze();
         assert_ne!(a.stacks[0].trend, Trend::Growing);
+    }
+
+    #[test]
+    fn noisy_leak_is_growing_and_noise_alone_is_not() {
+        // Jitter of up to 24 MiB (in-flight batches) on a 60 MiB/min leak, and the jitter alone.
+        let jitter = |t: f64| ((t as u64 * 7919) % 13) * 2 * MIB;
+        let noisy = Synthetic {
+            id: 7,
+            frames: vec![],
+            bytes_at: Box::new(move |t| (t * MIB as f64) as u64 + jitter(t)),
+        };
+        let noise = Synthetic {
+            id: 8,
+            frames: vec![],
+            bytes_at: Box::new(move |t| MIB + jitter(t)),
+        };
+        let t = timeline(&[noisy, noise], 2.0, 60);
+        let a = t.analyze();
+        let noisy = a.stacks.iter().find(|s| s.stack_id == 7).unwrap();
+        assert_eq!(noisy.trend, Trend::Growing, "{:?}", noisy.fit);
+        let rate = noisy.fit.slope_per_min / MIB as f64;
+        assert!((rate - 60.0).abs() < 6.0, "{rate} MiB/min");
+        assert_eq!(trend_of(&a, 8), Trend::Churn);
+    }
+
+    #[test]
+    fn small_steady_leak_of_small_blocks_is_growing() {
+        // 512 B every 0.2 s for 6 s: 15 KiB, 30 blocks, well above what is in flight.
+        let headers = Synthetic {
+            id: 6,
+            frames: vec![],
+            bytes_at: Box::new(|t| (t / 0.2) as u64 * 512),
+        };
+        let mut t = timeline(&[headers], 1.0, 7);
+        for s in &mut t.snapshots {
+            s.stacks.iter_mut().for_each(|u| u.count = u.bytes / 512);
+        }
+        assert_eq!(t.analyze().stacks[0].trend, Trend::Growing);
     }
 
     #[test]

@@ -36,6 +36,7 @@ struct Document<'a> {
 #[derive(Serialize)]
 struct Thresholds {
     min_points: usize,
+    min_growth_blocks: f64,
     min_growth_bytes: f64,
     min_growth_r2: f64,
     min_recent_rate_share: f64,
@@ -53,6 +54,7 @@ pub fn to_value(timeline: &Timeline) -> serde_json::Value {
         summary: &a.verdict,
         thresholds: Thresholds {
             min_points: capture::MIN_POINTS,
+            min_growth_blocks: capture::MIN_GROWTH_BLOCKS,
             min_growth_bytes: capture::MIN_GROWTH_BYTES,
             min_growth_r2: capture::MIN_GROWTH_R2,
             min_recent_rate_share: capture::MIN_RECENT_RATE_SHARE,

@@ -418,7 +418,12 @@ mod tests {
             .collect();
         assert_eq!(window[0].trim(), "... 4 inner frames", "{text}");
         assert!(window[1].contains("runtime4"), "{text}");
-        assert!(window[2].trim_start().starts_with("> app0+0x0 (/src/app.c:10)"), "{text}");
+        assert!(
+            window[2]
+                .trim_start()
+                .starts_with("> app0+0x0 (/src/app.c:10)"),
+            "{text}"
+        );
         assert!(window[6].contains("app4"), "{text}");
         assert_eq!(window[7].trim(), "... 2 outer frames", "{text}");
     }

@@ -185,6 +185,17 @@ fn steady_leak_is_reported_at_its_rate() -> Result<()> {
         snapshots == 20,
         "{snapshots} intervals in a 20 s run at 1 s"
     );
+    // The line that decides, read from the fixture's own source.
+    let decides = &leak["frames"][leak["deciding_frame"].as_u64().unwrap() as usize];
+    ensure!(
+        decides["function"] == "leak_step",
+        "deciding frame {decides}"
+    );
+    ensure!(
+        leak["deciding_source"] == "char *p = malloc(MIB);",
+        "deciding source {}",
+        leak["deciding_source"]
+    );
     Ok(())
 }
 
@@ -306,6 +317,17 @@ fn demo_run(test: &str, demo_s: u32, duration: &str, intervals: usize) -> Result
     ensure!(page.contains("<svg id=\"chart\"") && page.contains("id=\"flamegraph\""));
     let report = std::fs::read_to_string(&text).context("the --report file")?;
     ensure!(report.starts_with("VERDICT: LEAKING"), "{report}");
+    for line in [
+        "at cache_insert_without_evict+",
+        "21 | char *entry = malloc(4096);",
+        "at remember_request_headers+",
+        "29 | char *copy = calloc(1, 512);",
+    ] {
+        ensure!(
+            report.contains(line),
+            "{line:?} missing from the report:\n{report}"
+        );
+    }
     ensure!(
         run.stdout.contains(&report),
         "the report printed is the one written"

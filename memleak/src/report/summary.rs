@@ -7,7 +7,7 @@ use std::fmt::Write;
 use crate::{
     capture::{Analysis, StackTrend, Timeline, Trend},
     model::{Frame, FrameKind},
-    proc_stats::{ProcessContext, SharedObject},
+    proc_stats::ProcessContext,
 };
 
 /// Stacks shown with their frames; then up to MORE_STACKS more, one line each.
@@ -373,7 +373,7 @@ mod tests {
 
     #[test]
     fn process_line_names_python_and_extensions() {
-        let object = |path: &str| SharedObject {
+        let object = |path: &str| crate::proc_stats::SharedObject {
             path: path.into(),
             start: 0,
             end: 0,

@@ -163,12 +163,38 @@ impl ProcessContext {
     }
 }
 
+/// The GNU build-id note, hex. Only the file's first 64 KiB are read: the note lives in the
+/// first loaded segment, and a shared object can be a gigabyte (libtorch).
 fn build_id(path: &Path) -> Option<String> {
-    use object::Object;
-    let data = std::fs::read(path).ok()?;
-    let file = object::File::parse(&*data).ok()?;
-    let id = file.build_id().ok()??;
-    Some(id.iter().map(|b| format!("{b:02x}")).collect())
+    use std::io::Read;
+
+    use object::{
+        Endianness,
+        elf::{FileHeader64, NT_GNU_BUILD_ID, PT_NOTE},
+        read::elf::{FileHeader, ProgramHeader},
+    };
+    let mut head = Vec::with_capacity(64 << 10);
+    std::fs::File::open(path)
+        .ok()?
+        .take(64 << 10)
+        .read_to_end(&mut head)
+        .ok()?;
+    let header = FileHeader64::<Endianness>::parse(&*head).ok()?;
+    let endian = header.endian().ok()?;
+    for segment in header.program_headers(endian, &*head).ok()? {
+        if segment.p_type(endian) != PT_NOTE {
+            continue;
+        }
+        let Ok(Some(mut notes)) = segment.notes(endian, &*head) else {
+            continue;
+        };
+        while let Ok(Some(note)) = notes.next() {
+            if note.n_type(endian) == NT_GNU_BUILD_ID && note.name() == b"GNU" {
+                return Some(note.desc().iter().map(|b| format!("{b:02x}")).collect());
+            }
+        }
+    }
+    None
 }
 
 pub fn is_python_extension(path: &str) -> bool {
@@ -254,7 +280,11 @@ mod tests {
         assert!(s.mem_available_bytes.unwrap() > 0);
         let ctx = ProcessContext::read(std::process::id());
         assert!(ctx.cmdline[0].contains("memleak"));
-        assert!(ctx.objects.iter().any(|o| o.path.contains("libc")));
+        let libc = ctx.objects.iter().find(|o| o.path.contains("libc.so")).unwrap();
+        let full = std::fs::read(&libc.path).unwrap();
+        let want = object::Object::build_id(&object::File::parse(&*full).unwrap()).unwrap();
+        let want: String = want.unwrap().iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(libc.build_id.as_deref(), Some(want.as_str()));
         assert!(sample(u32::MAX, None).is_err());
     }
 

@@ -42,12 +42,16 @@ pub struct Class(pub String);
 /// Everything recorded during one run.
 pub struct Timeline {
     pub context: ProcessContext,
-    /// One per interval, oldest first.
+    /// One per interval, oldest first. All but the last are kept without their stacks'
+    /// frames (a long run would hold every stack's frames once per interval): the frames
+    /// are in `frames`.
     pub snapshots: Vec<Snapshot>,
     /// The state taken when the run stopped between intervals (Ctrl-C, the target exited).
     pub final_state: Option<Snapshot>,
     /// `/proc` at each snapshot, then at the final state; `None`: unreadable (process gone).
     samples: Vec<Option<ProcSample>>,
+    /// Each stack's frames, as last seen.
+    frames: HashMap<i64, Vec<Frame>>,
     classes: HashMap<i64, Class>,
     /// (file, line) → the line's text, read through the target's root while it runs.
     sources: HashMap<(String, u32), Option<String>>,
@@ -60,6 +64,7 @@ impl Timeline {
             snapshots: Vec::new(),
             final_state: None,
             samples: Vec::new(),
+            frames: HashMap::new(),
             classes: HashMap::new(),
             sources: HashMap::new(),
         }
@@ -79,7 +84,7 @@ impl Timeline {
     /// Like `record`, for the state taken when the run stops between intervals.
     pub fn record_final(&mut self, snapshot: Snapshot) {
         let sample = self.sample_now();
-        self.read_sources(&snapshot);
+        self.keep_frames(&snapshot);
         self.samples.push(sample);
         self.final_state = Some(snapshot);
     }
@@ -95,14 +100,25 @@ impl Timeline {
             self.final_state.is_none(),
             "no interval after the final state"
         );
-        self.read_sources(&snapshot);
+        self.keep_frames(&snapshot);
         self.snapshots.push(snapshot);
         self.samples.push(sample);
     }
 
-    /// Reads the deciding source lines of the largest stacks now, while the target's files
-    /// are still reachable through `/proc/PID/root`.
-    fn read_sources(&mut self, snapshot: &Snapshot) {
+    /// Notes the new state's frames in the table (dropping them from the state before it),
+    /// and reads the deciding source lines of its largest stacks now, while the target's
+    /// files are still reachable through `/proc/PID/root`.
+    fn keep_frames(&mut self, snapshot: &Snapshot) {
+        if let Some(previous) = self.snapshots.last_mut() {
+            for s in &mut previous.stacks {
+                s.frames = Vec::new();
+            }
+        }
+        for s in &snapshot.stacks {
+            if self.frames.get(&s.stack_id) != Some(&s.frames) {
+                self.frames.insert(s.stack_id, s.frames.clone());
+            }
+        }
         let pid = self.pid();
         for stack in snapshot.stacks.iter().take(SOURCE_LINES_KEPT) {
             let Some(frame) = deciding_frame(&stack.frames).map(|i| &stack.frames[i]) else {
@@ -123,6 +139,11 @@ impl Timeline {
             .iter()
             .chain(&self.final_state)
             .zip(self.samples.iter().map(Option::as_ref))
+    }
+
+    /// A stack's frames as last seen, innermost first.
+    pub fn frames(&self, stack_id: i64) -> &[Frame] {
+        self.frames.get(&stack_id).map_or(&[], Vec::as_slice)
     }
 
     /// The classifier's hook: what `stack_id`'s memory holds.
@@ -358,7 +379,7 @@ impl<'a> Analysis<'a> {
                         peak_bytes: 0,
                         trend: Trend::Unknown,
                         fit: Fit::default(),
-                        frames: &[],
+                        frames: t.frames(s.stack_id),
                         deciding_frame: None,
                         deciding_source: None,
                         class: t.classes.get(&s.stack_id),
@@ -367,7 +388,6 @@ impl<'a> Analysis<'a> {
                 });
                 stacks[k].bytes[i] = s.bytes;
                 stacks[k].counts[i] = s.count;
-                stacks[k].frames = &s.frames;
             }
         }
         for s in &mut stacks {
@@ -814,6 +834,32 @@ pub mod tests {
         assert_eq!(read_source_line(me, "app.c", 1), None);
         assert_eq!(read_source_line(u32::MAX, path, 1), None, "no such process");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn frames_are_kept_once_per_stack() {
+        let t = timeline(&[leak(1), cache(2)], 1.0, 5);
+        assert!(
+            t.snapshots[..4]
+                .iter()
+                .all(|s| s.stacks.iter().all(|u| u.frames.is_empty()))
+        );
+        let last = t.last().unwrap();
+        assert!(
+            last.stacks.iter().all(|u| !u.frames.is_empty()),
+            "the last state keeps them"
+        );
+        assert_eq!(t.frames(1)[1].function.as_deref(), Some("leak_one"));
+        let a = t.analyze();
+        assert_eq!(
+            a.stacks
+                .iter()
+                .find(|s| s.stack_id == 1)
+                .unwrap()
+                .frames
+                .len(),
+            3
+        );
     }
 
     #[test]

@@ -280,7 +280,11 @@ mod tests {
         assert!(s.mem_available_bytes.unwrap() > 0);
         let ctx = ProcessContext::read(std::process::id());
         assert!(ctx.cmdline[0].contains("memleak"));
-        let libc = ctx.objects.iter().find(|o| o.path.contains("libc.so")).unwrap();
+        let libc = ctx
+            .objects
+            .iter()
+            .find(|o| o.path.contains("libc.so"))
+            .unwrap();
         let full = std::fs::read(&libc.path).unwrap();
         let want = object::Object::build_id(&object::File::parse(&*full).unwrap()).unwrap();
         let want: String = want.unwrap().iter().map(|b| format!("{b:02x}")).collect();

@@ -19,8 +19,8 @@ pub const SCHEMA: &str = "memleak/1";
 struct Document<'a> {
     schema: &'static str,
     pid: u32,
-    /// Every interval's snapshot, oldest first.
-    snapshots: &'a [Snapshot],
+    /// Every interval's snapshot, oldest first, with its frames put back.
+    snapshots: Vec<serde_json::Value>,
     /// The last snapshot (`null` before the first interval).
     #[serde(rename = "final")]
     last: Option<&'a Snapshot>,
@@ -49,7 +49,11 @@ pub fn to_value(timeline: &Timeline) -> serde_json::Value {
     let doc = Document {
         schema: SCHEMA,
         pid: timeline.pid(),
-        snapshots: &timeline.snapshots,
+        snapshots: timeline
+            .snapshots
+            .iter()
+            .map(|s| restored(timeline, s))
+            .collect(),
         last: timeline.last(),
         summary: &a.verdict,
         thresholds: Thresholds {
@@ -67,6 +71,19 @@ pub fn to_value(timeline: &Timeline) -> serde_json::Value {
         classes: &a.classes,
     };
     serde_json::to_value(doc).expect("the document has only string keys and finite numbers")
+}
+
+/// A stored snapshot as the collector made it: the timeline keeps older snapshots without
+/// their stacks' frames, and each stack's frames once.
+fn restored(timeline: &Timeline, snapshot: &Snapshot) -> serde_json::Value {
+    let mut value = serde_json::to_value(snapshot).expect("a snapshot serializes");
+    if let Some(stacks) = value["stacks"].as_array_mut() {
+        for (json, stack) in stacks.iter_mut().zip(&snapshot.stacks) {
+            json["frames"] =
+                serde_json::to_value(timeline.frames(stack.stack_id)).expect("frames serialize");
+        }
+    }
+    value
 }
 
 pub fn write(timeline: &Timeline, path: &Path) -> Result<()> {
@@ -110,6 +127,12 @@ mod tests {
         assert_eq!(doc["summary"]["leaking"], true);
         assert_eq!(doc["stacks"][0]["trend"], "growing");
         assert_eq!(doc["stacks"][0]["frames"][1]["function"], "leak_one");
+        let older = doc["snapshots"][3]["stacks"].as_array().unwrap();
+        let leak = older.iter().find(|s| s["stack_id"] == 1).unwrap();
+        assert_eq!(
+            leak["frames"], doc["stacks"][0]["frames"],
+            "older snapshots get their frames back"
+        );
         assert_eq!(doc["classes"][0]["class"], "dict");
     }
 

@@ -112,9 +112,19 @@ fn verdict(out: &mut String, t: &Timeline, a: &Analysis) {
         }
     );
     if let Some(lost) = t.last().map(|s| &s.lost).filter(|l| !l.is_empty()) {
+        // The field names say what was lost; the tables explain each (text.rs).
+        let counts = serde_json::to_value(lost).unwrap_or_default();
+        let named: Vec<String> = counts
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(_, n)| n.as_u64().is_some_and(|n| n > 0))
+            .map(|(name, n)| format!("{name} {n}"))
+            .collect();
         let _ = writeln!(
             out,
-            "  warning: the tracer lost events, figures are lower bounds: {lost:?}"
+            "  warning: the tracer lost data, figures are lower bounds: {}",
+            named.join(", ")
         );
     }
 }
@@ -426,6 +436,17 @@ mod tests {
         );
         assert!(window[6].contains("app4"), "{text}");
         assert_eq!(window[7].trim(), "... 2 outer frames", "{text}");
+    }
+
+    #[test]
+    fn losses_are_named() {
+        let mut t = timeline(&[leak(1)], 1.0, 4);
+        t.snapshots[3].lost.stack_walks_failed = 7;
+        let text = render(&t);
+        assert!(
+            text.contains("lower bounds: stack_walks_failed 7\n"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -863,6 +863,25 @@ pub mod tests {
     }
 
     #[test]
+    fn projection_takes_the_tighter_of_cgroup_and_machine() {
+        let root = std::env::temp_dir().join(format!("memleak-proj-{}", std::process::id()));
+        std::fs::create_dir_all(root.join("job")).unwrap();
+        std::fs::write(root.join("job/memory.max"), format!("{}\n", 1u64 << 30)).unwrap();
+        let mut t = timeline(&[leak(1)], 5.0, 13);
+        t.context.cgroup = proc_stats::cgroup_limit(&root, "0::/job\n");
+        std::fs::remove_dir_all(&root).unwrap();
+        for s in t.samples.iter_mut().flatten() {
+            s.cgroup_usage_bytes = Some(512 * MIB);
+        }
+        let a = t.analyze();
+        let p = a.verdict.projection.unwrap();
+        assert_eq!(p.limit, "cgroup /job memory limit");
+        assert_eq!(p.headroom_bytes, 512 * MIB);
+        // 512 MiB at 120 MiB/min.
+        assert!((p.seconds.unwrap() - 256.0).abs() < 1.0, "{:?}", p.seconds);
+    }
+
+    #[test]
     fn final_state_ends_the_series() {
         let mut t = timeline(&[leak(1)], 1.0, 4);
         let mut at_exit = t.snapshots[3].clone();

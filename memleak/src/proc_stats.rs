@@ -292,6 +292,49 @@ mod tests {
         assert!(sample(u32::MAX, None).is_err());
     }
 
+    /// A real CPython with a shared libpython: its version and its C extensions are found.
+    #[test]
+    fn reads_a_python_process() {
+        let python = "/root/.pyenv/versions/3.11.7/bin/python3.11";
+        if !Path::new(python).exists() {
+            eprintln!("SKIPPED reads_a_python_process: no {python}");
+            return;
+        }
+        let mut child = std::process::Command::new(python)
+            .args([
+                "-c",
+                "import json, sys, time; print(flush=True); time.sleep(30)",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The blank line comes once the imports are done.
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        let ctx = ProcessContext::read(child.id());
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(ctx.python_version.as_deref(), Some("3.11"));
+        assert_eq!(ctx.cmdline[0], python);
+        let json = ctx
+            .objects
+            .iter()
+            .find(|o| o.path.contains("/_json.cpython-311"))
+            .unwrap();
+        assert!(json.python_extension && json.build_id.is_some());
+        assert!(
+            !ctx.objects
+                .iter()
+                .find(|o| o.path.contains("libc.so"))
+                .unwrap()
+                .python_extension
+        );
+    }
+
     #[test]
     fn recognises_python_objects() {
         assert!(is_python_extension(

@@ -71,6 +71,7 @@ enum Stop {
 
 async fn run(args: Args) -> Result<()> {
     probes::preflight()?;
+    check_outputs(&args)?;
     let mut target = match (&args.pid, &args.command) {
         (Some(pid), _) => Some(Target::existing(*pid)?),
         (None, Some(cmd)) => Some(Target::spawn(cmd)?),
@@ -207,6 +208,15 @@ async fn run(args: Args) -> Result<()> {
     drop(events);
     drop(ebpf);
     write_reports(&args, &timeline)
+}
+
+/// Creates the output files now, so a bad path fails before a long capture, not after it.
+fn check_outputs(args: &Args) -> Result<()> {
+    let outputs = [&args.json, &args.folded, &args.pprof, &args.html, &args.report];
+    for path in outputs.into_iter().flatten() {
+        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    }
+    Ok(())
 }
 
 /// The report printed at the end, and the files asked for.

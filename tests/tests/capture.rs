@@ -346,3 +346,36 @@ fn demo_capture_writes_every_output() -> Result<()> {
 fn demo_two_minute_capture() -> Result<()> {
     demo_run("demo_two_minutes", 130, "2m", 24)
 }
+
+/// An output file that cannot be created fails the run at once, not after the capture.
+#[test]
+fn bad_output_path_fails_before_the_capture() -> Result<()> {
+    if !can_trace("bad_output_path") {
+        return Ok(());
+    }
+    let scratch = Scratch::new("bad_output")?;
+    let me = std::process::id().to_string();
+    let bad = scratch.path("missing-dir/run.html");
+    let started = std::time::Instant::now();
+    let args = [
+        "-p",
+        &me,
+        "--duration",
+        "1m",
+        "--html",
+        bad.to_str().unwrap(),
+    ];
+    let run = run_memleak(&scratch, &args, None, Duration::from_secs(30))?;
+    ensure!(!run.status.success(), "{}", run.transcript());
+    ensure!(
+        started.elapsed() < Duration::from_secs(20),
+        "failed only after the capture"
+    );
+    let message = run.stderr.trim();
+    ensure!(
+        message.lines().count() == 1 && message.contains("missing-dir/run.html"),
+        "{}",
+        run.transcript()
+    );
+    Ok(())
+}

@@ -8,6 +8,7 @@ mod cli;
 mod collect;
 mod kallsyms;
 mod model;
+mod placement;
 mod probes;
 mod proc_stats;
 mod procmaps;
@@ -265,8 +266,8 @@ fn setup(args: &Args, target: &Target) -> Result<aya::Ebpf> {
     if args.verbose {
         for a in &attached {
             eprintln!(
-                "memleak: hooked {} at {:#x} in {}",
-                a.function, a.vaddr, a.object
+                "memleak: hooked {}+{} at {:#x} in {} ({})",
+                a.function, a.placement.offset, a.vaddr, a.object, a.placement.reason
             );
         }
     }

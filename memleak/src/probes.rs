@@ -5,11 +5,17 @@ use std::{collections::HashMap, num::NonZeroU32, path::Path};
 use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{TracePoint, UProbe, uprobe::UProbeScope},
+    programs::{
+        TracePoint, UProbe,
+        uprobe::{UProbeAttachLocation, UProbeScope},
+    },
 };
 use memleak_common::{AllocKind, KernelLayout, globals};
 
-use crate::cli::Args;
+use crate::{
+    cli::Args,
+    placement::{self, Placement},
+};
 
 static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/memleak"));
 
@@ -75,6 +81,7 @@ pub struct Attached {
     pub function: String,
     pub object: String,
     pub vaddr: u64,
+    pub placement: Placement,
 }
 
 /// Hooks every entry point found in `alloc_lib` (malloc family, with `prefix`) and in `libc`
@@ -127,24 +134,45 @@ pub fn attach(
         let Some(program) = entry_program(kind) else {
             continue;
         };
-        attach_one(ebpf, program, &symbol, object, pid)?;
-        if !matches!(kind, AllocKind::Free | AllocKind::Munmap) {
-            attach_one(ebpf, "alloc_return", &symbol, object, pid)?;
+        let entry_only = matches!(kind, AllocKind::Free | AllocKind::Munmap);
+        let place = probe_offset(object, &symbol, entry_only);
+        attach_one(ebpf, program, &symbol, place.offset, object, pid)?;
+        if !entry_only {
+            // Same address as the entry probe: both share one breakpoint.
+            attach_one(ebpf, "alloc_return", &symbol, place.offset, object, pid)?;
         }
         attached.push(Attached {
             function: symbol,
             object: object.display().to_string(),
             vaddr,
+            placement: place,
         });
     }
     attach_tracepoints(ebpf, &[("sched", "sched_process_exec")])?;
     Ok(attached)
 }
 
+/// Where in `symbol` to probe so the kernel emulates the probed instruction (placement.rs).
+/// A function that also gets the return probe keeps its entry stack pointer there. Any
+/// trouble reading the code means the plain entry.
+fn probe_offset(object: &Path, symbol: &str, entry_only: bool) -> Placement {
+    let args = &placement::ARG_REGS;
+    match placement::function_code(object, symbol) {
+        Ok(code) if entry_only => placement::choose(&code.bytes, code.vaddr, args),
+        Ok(code) => placement::choose_for_return(&code.bytes, code.vaddr, args),
+        Err(e) => Placement {
+            offset: 0,
+            sp_delta: 0,
+            reason: format!("{e:#}; probing the entry"),
+        },
+    }
+}
+
 fn attach_one(
     ebpf: &mut Ebpf,
     program: &str,
     symbol: &str,
+    offset: u64,
     object: &Path,
     pid: NonZeroU32,
 ) -> Result<()> {
@@ -152,7 +180,8 @@ fn attach_one(
         .program_mut(program)
         .context(program.to_string())?
         .try_into()?;
-    prog.attach(symbol, object, UProbeScope::OneProcess(pid))
+    let location = UProbeAttachLocation::SymbolOffset(symbol, offset);
+    prog.attach(location, object, UProbeScope::OneProcess(pid))
         .with_context(|| format!("attaching {program} to {symbol} in {}", object.display()))?;
     Ok(())
 }

@@ -213,7 +213,13 @@ async fn run(args: Args) -> Result<()> {
 
 /// Creates the output files now, so a bad path fails before a long capture, not after it.
 fn check_outputs(args: &Args) -> Result<()> {
-    let outputs = [&args.json, &args.folded, &args.pprof, &args.html, &args.report];
+    let outputs = [
+        &args.json,
+        &args.folded,
+        &args.pprof,
+        &args.html,
+        &args.report,
+    ];
     for path in outputs.into_iter().flatten() {
         std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
     }

@@ -35,7 +35,11 @@ fn verdict(out: &mut String, t: &Timeline, a: &Analysis) {
     let last = a.points.last();
     let span = last.map_or(0.0, |p| p.elapsed_s);
     let outstanding = last.map_or(0, |p| p.outstanding_bytes);
-    let pid = t.pid();
+    // pid 0: the kernel's allocators (memleak without -p or -c).
+    let who = match t.pid() {
+        0 => "kernel".to_string(),
+        pid => format!("pid {pid}"),
+    };
     if !v.conclusive {
         let _ = writeln!(
             out,
@@ -67,7 +71,7 @@ fn verdict(out: &mut String, t: &Timeline, a: &Analysis) {
         );
     }
     let mut rates = format!(
-        "  pid {pid}: outstanding {}/min (R² {:.2})",
+        "  {who}: outstanding {}/min (R² {:.2})",
         signed_bytes(v.total.slope_per_min),
         v.total.r2
     );

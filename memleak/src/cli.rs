@@ -1,6 +1,6 @@
 //! Command line, BCC memleak-compatible so a user's habits work.
 
-use std::path::PathBuf;
+use std::{path::PathBuf, time::Duration};
 
 use clap::{Parser, ValueEnum};
 use memleak_common::{
@@ -87,9 +87,35 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = SortKey::Size)]
     pub sort: SortKey,
 
-    /// Write every interval and the final state as JSON (schema memleak/1) on exit.
+    /// Time between snapshots (`5s`, `500ms`); overrides the positional INTERVAL.
+    #[arg(long = "interval", value_name = "TIME", value_parser = humantime::parse_duration)]
+    pub interval_time: Option<Duration>,
+
+    /// Capture for this long (`90s`, `2m`, `1h`), then print the report and exit. Shows a
+    /// status line on a terminal instead of a table per interval.
+    #[arg(long, value_name = "TIME", value_parser = humantime::parse_duration)]
+    pub duration: Option<Duration>,
+
+    /// Write every interval, the final state and the analysis as JSON (schema memleak/1,
+    /// docs/memleak-json.schema.json) on exit.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
+
+    /// Write what is outstanding at the end as folded stacks (flamegraph.pl, inferno), in bytes.
+    #[arg(long, value_name = "FILE")]
+    pub folded: Option<PathBuf>,
+
+    /// Write a gzipped pprof heap profile (go tool pprof, Pyroscope).
+    #[arg(long, value_name = "FILE")]
+    pub pprof: Option<PathBuf>,
+
+    /// Write one self-contained HTML page: outstanding bytes over time, a flamegraph, the report.
+    #[arg(long, value_name = "FILE")]
+    pub html: Option<PathBuf>,
+
+    /// Write the final report (printed at the end) to FILE too.
+    #[arg(long, value_name = "FILE")]
+    pub report: Option<PathBuf>,
 
     /// Say what was attached where, and map usage.
     #[arg(short, long)]
@@ -123,10 +149,32 @@ pub enum SortKey {
 }
 
 impl Args {
+    /// Time between snapshots.
+    pub fn period(&self) -> Duration {
+        self.interval_time
+            .unwrap_or(Duration::from_secs(self.interval))
+    }
+
+    /// Snapshots to take before stopping: COUNT, or as many as fit in --duration.
+    pub fn intervals(&self) -> Option<u64> {
+        let in_duration = self.duration.map(|d| {
+            (d.as_secs_f64() / self.period().as_secs_f64())
+                .ceil()
+                .max(1.0) as u64
+        });
+        match (self.count, in_duration) {
+            (Some(c), Some(d)) => Some(c.min(d)),
+            (c, d) => c.or(d),
+        }
+    }
+
     /// Checks what clap cannot express; returns a one-line message for the user.
     pub fn validate(&self) -> Result<(), String> {
-        if self.interval == 0 {
-            return Err("the interval must be at least 1 second".into());
+        if self.period() < Duration::from_millis(100) {
+            return Err("the interval must be at least 100 ms".into());
+        }
+        if self.duration.is_some_and(|d| d < self.period()) {
+            return Err("--duration must be at least one interval".into());
         }
         if self.count == Some(0) {
             return Err("the count must be at least 1".into());

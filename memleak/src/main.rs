@@ -3,12 +3,14 @@
 //! The flow: `target` finds the process and its allocator, `probes` loads the BPF object and
 //! hooks it, `collect` turns the BPF maps into `model::Snapshot`s, and `report` prints them.
 
+mod capture;
 mod cli;
 mod collect;
 mod kallsyms;
 mod model;
 mod placement;
 mod probes;
+mod proc_stats;
 mod procmaps;
 mod report;
 mod symbolize;
@@ -25,10 +27,13 @@ use tokio::{
 };
 
 use crate::{
+    capture::Timeline,
     cli::Args,
     collect::{Collector, Names, Query},
     kallsyms::Kallsyms,
     model::Snapshot,
+    proc_stats::ProcessContext,
+    report::live::LiveStatus,
     symbolize::Symbolizer,
     target::Target,
 };
@@ -67,7 +72,7 @@ enum Stop {
 
 async fn run(args: Args) -> Result<()> {
     probes::preflight()?;
-    let json = args.json.as_deref().map(report::json::create).transpose()?;
+    check_outputs(&args)?;
     let mut target = match (&args.pid, &args.command) {
         (Some(pid), _) => Some(Target::existing(*pid)?),
         (None, Some(cmd)) => Some(Target::spawn(cmd)?),
@@ -124,6 +129,10 @@ async fn run(args: Args) -> Result<()> {
         println!("Kernel allocations made by pid {} only.", t.pid);
     }
     let pid = target.as_ref().map_or(0, |t| t.pid);
+    let mut timeline = Timeline::new(ProcessContext::read(pid));
+    // A --duration run shows a status line instead of a table per interval.
+    let tables_shown = args.duration.is_none();
+    let mut live = LiveStatus::new();
 
     let query = Query {
         older_ms: args.older,
@@ -132,10 +141,9 @@ async fn run(args: Args) -> Result<()> {
         sort: args.sort,
     };
     let title = format!("Top {} stacks with outstanding allocations:", args.top);
-    let mut snapshots: Vec<Snapshot> = Vec::new();
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
-    let period = Duration::from_secs(args.interval);
+    let period = args.period();
     let mut tables = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     // Libraries appear right after exec and with every dlopen; note them while the target
     // lives, so its stacks still symbolize after it exits.
@@ -145,9 +153,13 @@ async fn run(args: Args) -> Result<()> {
             _ = tables.tick() => {
                 note_exec(&mut collector)?;
                 let snap = collector.snapshot(&query)?;
-                print!("{}", report::text::table(&snap, &title, args.top));
-                snapshots.push(snap);
-                if args.count.is_some_and(|c| snapshots.len() as u64 >= c) {
+                live.clear();
+                if tables_shown {
+                    print!("{}", report::text::table(&snap, &title, args.top));
+                }
+                timeline.record(snap);
+                live.update(&timeline, args.duration.map(|d| d.as_secs_f64()));
+                if args.intervals().is_some_and(|c| timeline.snapshots.len() as u64 >= c) {
                     break Stop::Count;
                 }
             }
@@ -171,8 +183,9 @@ async fn run(args: Args) -> Result<()> {
         }
     };
 
+    live.clear();
     let final_state = match stop {
-        Stop::Count => snapshots.last().cloned(),
+        Stop::Count => None,
         Stop::Signal(why) => {
             println!("memleak: {why}; final state:");
             Some(final_table(&mut collector, &query, &args, &title)?)
@@ -187,11 +200,51 @@ async fn run(args: Args) -> Result<()> {
             Some(final_table(&mut collector, &q, &args, &title)?)
         }
     };
-    if let (Some(file), Some(path)) = (json, &args.json) {
-        report::json::write(file, path, pid, &snapshots, final_state.as_ref())?;
+    if let Some(snap) = final_state {
+        timeline.record_final(snap);
     }
-    // Dropping `ebpf` detaches every probe; the target runs on unharmed.
+    // Dropping `ebpf` detaches every probe; the target runs on unharmed while the reports
+    // are written.
+    drop(collector);
+    drop(events);
     drop(ebpf);
+    write_reports(&args, &timeline)
+}
+
+/// Creates the output files now, so a bad path fails before a long capture, not after it.
+fn check_outputs(args: &Args) -> Result<()> {
+    let outputs = [
+        &args.json,
+        &args.folded,
+        &args.pprof,
+        &args.html,
+        &args.report,
+    ];
+    for path in outputs.into_iter().flatten() {
+        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// The report printed at the end, and the files asked for.
+fn write_reports(args: &Args, timeline: &Timeline) -> Result<()> {
+    let summary = report::summary::render(timeline);
+    print!("\n{summary}");
+    if let Some(path) = &args.report {
+        std::fs::write(path, &summary).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &args.json {
+        report::json::write(timeline, path)?;
+    }
+    if let Some(path) = &args.folded {
+        report::folded::write(timeline, path)?;
+    }
+    if let Some(path) = &args.pprof {
+        report::pprof::write(timeline, path)?;
+    }
+    if let Some(path) = &args.html {
+        report::html::write(timeline, path)?;
+    }
     Ok(())
 }
 

@@ -1,4 +1,9 @@
 //! Outputs, all fed by the data model in `crate::model`.
 
+pub mod folded;
+pub mod html;
 pub mod json;
+pub mod live;
+pub mod pprof;
+pub mod summary;
 pub mod text;

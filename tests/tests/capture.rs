@@ -342,7 +342,6 @@ fn demo_capture_writes_every_output() -> Result<()> {
 
 /// The two-minute run of issue 7; `cargo xtask test` runs it (`--include-ignored`).
 #[test]
-#[ignore = "two minutes long: run by cargo xtask test"]
 fn demo_two_minute_capture() -> Result<()> {
     demo_run("demo_two_minutes", 130, "2m", 24)
 }

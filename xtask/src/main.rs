@@ -115,9 +115,10 @@ fn demo() -> Result<()> {
         .args(["2", "5"]))
 }
 
-/// Debian packages some tests need: dwz (the symbolizer's dwz test) and libc6-dbg (debug
-/// files found by build-id). Without them those tests skip, loudly.
-const TEST_PACKAGES: [&str; 2] = ["dwz", "libc6-dbg"];
+/// Debian packages some tests need: dwz (the symbolizer's dwz test), libc6-dbg (debug files
+/// found by build-id) and chromium (the HTML report is loaded in it). Without them those
+/// tests skip, loudly.
+const TEST_PACKAGES: [&str; 3] = ["dwz", "libc6-dbg", "chromium"];
 
 fn test(extra: &[String]) -> Result<()> {
     setup::ensure_debian_packages(&TEST_PACKAGES)?;

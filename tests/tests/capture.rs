@@ -340,7 +340,7 @@ fn demo_capture_writes_every_output() -> Result<()> {
     demo_run("demo_capture", 40, "30s", 6)
 }
 
-/// The two-minute run of issue 7; `cargo xtask test` runs it (`--include-ignored`).
+/// The two-minute run of issue 7: a scripted capture that ends by itself with every file.
 #[test]
 fn demo_two_minute_capture() -> Result<()> {
     demo_run("demo_two_minutes", 130, "2m", 24)

@@ -3,6 +3,8 @@
 //! layout change is a compile-time change on both.
 #![no_std]
 
+pub mod unwind;
+
 /// Entry points the probes hook; also the `kind` of an in-flight call and of a trace event.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,7 +67,10 @@ impl AllocKind {
     /// mmap-family calls are system calls, not allocator calls: no `--symbols-prefix`, and
     /// they are looked up in libc even when `-O` names another allocator.
     pub fn is_syscall_wrapper(self) -> bool {
-        matches!(self, AllocKind::Mmap | AllocKind::Mremap | AllocKind::Munmap)
+        matches!(
+            self,
+            AllocKind::Mmap | AllocKind::Mremap | AllocKind::Munmap
+        )
     }
 }
 

@@ -1,5 +1,6 @@
 mod model;
 mod procmaps;
 mod symbolize;
+mod unwind;
 
 fn main() {}

@@ -9,21 +9,22 @@
 #![allow(internal_features)]
 #![feature(core_intrinsics)]
 
+mod unwind;
+
 use core::{ffi::c_void, ptr::read_volatile};
 
 use aya_ebpf::{
-    bindings::BPF_F_USER_STACK,
     helpers::{
         bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
         generated::bpf_for_each_map_elem,
     },
     macros::{map, uprobe, uretprobe},
-    maps::{HashMap, PerCpuArray, RingBuf, StackTrace},
-    programs::{ProbeContext, RetProbeContext, tracing::StackIdContext},
+    maps::{HashMap, PerCpuArray, RingBuf},
+    programs::{ProbeContext, RetProbeContext},
 };
 use memleak_common::{
     AllocInfo, AllocKind, COUNTER_COUNT, CombinedAlloc, Counter, DEFAULT_MAX_ALLOCS,
-    DEFAULT_MAX_COMBINED, DEFAULT_MAX_INFLIGHT, DEFAULT_MAX_MMAPS, DEFAULT_MAX_STACKS, InFlight,
+    DEFAULT_MAX_COMBINED, DEFAULT_MAX_INFLIGHT, DEFAULT_MAX_MMAPS, InFlight,
     MAP_ANONYMOUS, MAP_FAILED, TraceEvent,
 };
 
@@ -50,8 +51,6 @@ static COMBINED: HashMap<i64, CombinedAlloc> =
     HashMap::with_max_entries(DEFAULT_MAX_COMBINED, 0);
 #[map]
 static INFLIGHT: HashMap<u64, InFlight> = HashMap::with_max_entries(DEFAULT_MAX_INFLIGHT, 0);
-#[map]
-static STACKS: StackTrace = StackTrace::with_max_entries(DEFAULT_MAX_STACKS, 0);
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
 #[map]
@@ -289,11 +288,11 @@ fn record(
     if call.record == 0 {
         return;
     }
-    let stack_id = match ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64) {
+    let stack_id = match unwind::stack_id(ctx.regs) {
         Ok(id) => id,
         Err(e) => {
             count(Counter::StackLost);
-            e as i64
+            e
         }
     };
     let info = AllocInfo {

@@ -47,8 +47,7 @@ static ALLOCS: HashMap<u64, AllocInfo> = HashMap::with_max_entries(DEFAULT_MAX_A
 #[map]
 static MMAPS: HashMap<u64, AllocInfo> = HashMap::with_max_entries(DEFAULT_MAX_MMAPS, 0);
 #[map]
-static COMBINED: HashMap<i64, CombinedAlloc> =
-    HashMap::with_max_entries(DEFAULT_MAX_COMBINED, 0);
+static COMBINED: HashMap<i64, CombinedAlloc> = HashMap::with_max_entries(DEFAULT_MAX_COMBINED, 0);
 #[map]
 static INFLIGHT: HashMap<u64, InFlight> = HashMap::with_max_entries(DEFAULT_MAX_INFLIGHT, 0);
 #[map]
@@ -158,7 +157,12 @@ pub fn reallocarray_enter(ctx: ProbeContext) -> u32 {
 
 #[uprobe]
 pub fn posix_memalign_enter(ctx: ProbeContext) -> u32 {
-    enter(&ctx, AllocKind::PosixMemalign, Some(arg(&ctx, 2)), arg(&ctx, 0))
+    enter(
+        &ctx,
+        AllocKind::PosixMemalign,
+        Some(arg(&ctx, 2)),
+        arg(&ctx, 0),
+    )
 }
 
 #[uprobe]
@@ -434,7 +438,12 @@ fn unmap(addr: u64, len: u64) {
     }
 }
 
-extern "C" fn find_overlap(_map: *mut c_void, key: *const u64, val: *const AllocInfo, ctx: *mut Overlap) -> u64 {
+extern "C" fn find_overlap(
+    _map: *mut c_void,
+    key: *const u64,
+    val: *const AllocInfo,
+    ctx: *mut Overlap,
+) -> u64 {
     unsafe {
         let start = *key;
         let end = start + (*val).size;

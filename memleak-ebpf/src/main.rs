@@ -24,8 +24,8 @@ use aya_ebpf::{
 };
 use memleak_common::{
     AllocInfo, AllocKind, COUNTER_COUNT, CombinedAlloc, Counter, DEFAULT_MAX_ALLOCS,
-    DEFAULT_MAX_COMBINED, DEFAULT_MAX_INFLIGHT, DEFAULT_MAX_MMAPS, InFlight,
-    MAP_ANONYMOUS, MAP_FAILED, TraceEvent,
+    DEFAULT_MAX_COMBINED, DEFAULT_MAX_INFLIGHT, DEFAULT_MAX_MMAPS, InFlight, MAP_ANONYMOUS,
+    MAP_FAILED, TraceEvent,
 };
 
 // Globals set by userspace before load (names in `memleak_common::globals`).

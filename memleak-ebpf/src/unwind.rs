@@ -17,19 +17,16 @@ use aya_ebpf::{
 use memleak_common::{
     DEFAULT_MAX_STACKS, MAX_NATIVE_FRAMES, StackRecord,
     unwind::{
-        MAX_UNWIND_MAPPINGS, MAX_UNWIND_ROWS, UnwindControl, UnwindMapping, UnwindRow, cfa,
-        mode,
+        MAX_UNWIND_MAPPINGS, MAX_UNWIND_ROWS, UnwindControl, UnwindMapping, UnwindRow, cfa, mode,
     },
 };
 
 /// Every object's rows, each object's sorted by `pc`. Userspace writes it through mmap.
 #[map]
-static UNWIND_ROWS: Array<UnwindRow> =
-    Array::with_max_entries(MAX_UNWIND_ROWS, BPF_F_MMAPABLE);
+static UNWIND_ROWS: Array<UnwindRow> = Array::with_max_entries(MAX_UNWIND_ROWS, BPF_F_MMAPABLE);
 /// Two generations of the sorted mapping table; `UNWIND_CONTROL` says which is current.
 #[map]
-static UNWIND_MAPPINGS: Array<UnwindMapping> =
-    Array::with_max_entries(2 * MAX_UNWIND_MAPPINGS, 0);
+static UNWIND_MAPPINGS: Array<UnwindMapping> = Array::with_max_entries(2 * MAX_UNWIND_MAPPINGS, 0);
 #[map]
 static UNWIND_CONTROL: Array<UnwindControl> = Array::with_max_entries(1, 0);
 
@@ -163,7 +160,12 @@ fn unwind_one(w: &mut Walk) -> i64 {
             rbp_at: i64::from(row.rbp_offset) * 8,
         },
         cfa::PLT => Frame {
-            cfa: w.sp + if w.ip & 15 >= u64::from(row.cfa_offset) { 16 } else { 8 },
+            cfa: w.sp
+                + if w.ip & 15 >= u64::from(row.cfa_offset) {
+                    16
+                } else {
+                    8
+                },
             rbp_at: 0,
         },
         cfa::NO_INFO => {
@@ -191,7 +193,9 @@ fn unwind_one(w: &mut Walk) -> i64 {
         return 1;
     };
     if frame.rbp_at != 0 {
-        match unsafe { bpf_probe_read_user(frame.cfa.wrapping_add_signed(frame.rbp_at) as *const u64) } {
+        match unsafe {
+            bpf_probe_read_user(frame.cfa.wrapping_add_signed(frame.rbp_at) as *const u64)
+        } {
             Ok(bp) => w.bp = bp,
             Err(_) => return 1,
         }

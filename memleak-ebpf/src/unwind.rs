@@ -225,45 +225,74 @@ fn find_row(control: &UnwindControl, pc: u64) -> Option<UnwindRow> {
     if m.row_count == 0 || rel > u64::from(u32::MAX) {
         return Some(NO_INFO);
     }
-    let rel = rel as u32;
     // The last row with `pc <= rel`: 21 halvings cover MAX_UNWIND_ROWS.
-    let (mut lo, mut hi) = (m.first_row, m.first_row.saturating_add(m.row_count));
-    for _ in 0..21 {
-        if lo >= hi {
-            break;
-        }
-        let mid = lo + (hi - lo) / 2;
-        let row = UNWIND_ROWS.get(mid)?;
-        if row.pc <= rel {
-            lo = mid + 1;
-        } else {
-            hi = mid;
-        }
-    }
-    if lo == m.first_row {
+    let mut s = Search {
+        key: rel,
+        lo: m.first_row,
+        hi: m.first_row.saturating_add(m.row_count),
+    };
+    search(&mut s, 21, row_step);
+    if s.lo == m.first_row {
         return Some(NO_INFO);
     }
-    UNWIND_ROWS.get(lo - 1).copied()
+    UNWIND_ROWS.get(s.lo.wrapping_sub(1)).copied()
 }
 
 /// The current table's mapping that contains `pc`.
 #[inline(always)]
 fn find_mapping(control: &UnwindControl, pc: u64) -> Option<UnwindMapping> {
-    let base = control.base;
-    let (mut lo, mut hi) = (0u32, control.count.min(MAX_UNWIND_MAPPINGS));
     // 11 halvings cover MAX_UNWIND_MAPPINGS.
-    for _ in 0..11 {
-        if lo >= hi {
-            break;
-        }
-        let mid = lo + (hi - lo) / 2;
-        let m = UNWIND_MAPPINGS.get(base + mid)?;
-        if m.start <= pc {
-            lo = mid + 1;
-        } else {
-            hi = mid;
-        }
+    let mut s = Search {
+        key: pc,
+        lo: control.base,
+        hi: control.base + control.count.min(MAX_UNWIND_MAPPINGS),
+    };
+    search(&mut s, 11, mapping_step);
+    if s.lo == control.base {
+        return None;
     }
-    let m = *UNWIND_MAPPINGS.get(base + lo.checked_sub(1)?)?;
+    let m = *UNWIND_MAPPINGS.get(s.lo.wrapping_sub(1))?;
     (pc < m.end).then_some(m)
+}
+
+/// A binary search over `[lo, hi)` of a map for the first index whose value is above `key`.
+/// It runs one halving per `bpf_loop` callback: unrolled, every halving doubled the paths
+/// the verifier walks.
+#[repr(C)]
+struct Search {
+    key: u64,
+    lo: u32,
+    hi: u32,
+}
+
+#[inline(always)]
+fn search(s: &mut Search, steps: u32, step: extern "C" fn(u64, *mut Search) -> i64) {
+    unsafe { bpf_loop(steps, step as *mut c_void, (s as *mut Search).cast(), 0) };
+}
+
+extern "C" fn row_step(_index: u64, s: *mut Search) -> i64 {
+    halve(unsafe { &mut *s }, |i| {
+        UNWIND_ROWS.get(i).map(|r| u64::from(r.pc))
+    })
+}
+
+extern "C" fn mapping_step(_index: u64, s: *mut Search) -> i64 {
+    halve(unsafe { &mut *s }, |i| {
+        UNWIND_MAPPINGS.get(i).map(|m| m.start)
+    })
+}
+
+/// One halving; 1 stops the loop.
+#[inline(always)]
+fn halve(s: &mut Search, value_at: impl Fn(u32) -> Option<u64>) -> i64 {
+    if s.lo >= s.hi {
+        return 1;
+    }
+    let mid = s.lo + (s.hi - s.lo) / 2;
+    match value_at(mid) {
+        Some(v) if v <= s.key => s.lo = mid + 1,
+        Some(_) => s.hi = mid,
+        None => return 1,
+    }
+    0
 }

@@ -170,8 +170,12 @@ fn setup(args: &Args, target: &Target) -> Result<(aya::Ebpf, unwind::Unwinder)> 
         None => libc.clone(),
     };
     let mut ebpf = probes::load(args)?;
-    // Tables first: the first allocation after attaching already gets a whole stack.
-    let unwinder = unwind::Unwinder::new(&mut ebpf, target.pid, args.unwind)?;
+    let mut unwinder = unwind::Unwinder::new(&mut ebpf, target.pid, args.unwind)?;
+    // Tables before the probes, so the first allocation already gets a whole stack. A
+    // started command has not exec'd yet: its tables come with the first maps refresh.
+    if target.child.is_none() {
+        unwinder.refresh()?;
+    }
     if args.verbose {
         eprint!("memleak: {}", unwinder.summary());
     }

@@ -143,8 +143,7 @@ pub struct Unwinder {
 }
 
 impl Unwinder {
-    /// Takes the unwind maps out of `ebpf` and publishes tables for the target's current
-    /// mappings. Call before attaching so the first stacks are already whole.
+    /// Takes the unwind maps out of `ebpf` and publishes an empty table; `refresh` fills it.
     pub fn new(ebpf: &mut Ebpf, pid: u32, mode: UnwindMode) -> Result<Unwinder> {
         let take = |ebpf: &mut Ebpf, name: &str| {
             ebpf.take_map(name)
@@ -172,7 +171,6 @@ impl Unwinder {
             current_base: MAX_UNWIND_MAPPINGS,
         };
         unwinder.publish(Vec::new())?;
-        unwinder.refresh()?;
         Ok(unwinder)
     }
 

@@ -86,6 +86,9 @@ pub mod maps {
     pub const STACKS: &str = "STACKS";
 }
 
+/// The uprobe that holds a started command at its entry point.
+pub const HOLD_AT_ENTRY: &str = "hold_at_entry";
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;

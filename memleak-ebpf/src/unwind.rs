@@ -10,9 +10,13 @@ use core::{ffi::c_void, ptr::null_mut};
 
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_NOEXIST, pt_regs},
-    helpers::{bpf_probe_read_user, generated::bpf_loop},
-    macros::map,
+    helpers::{
+        bpf_probe_read_user,
+        generated::{bpf_loop, bpf_send_signal},
+    },
+    macros::{map, uprobe},
     maps::{Array, HashMap, PerCpuArray},
+    programs::ProbeContext,
 };
 use memleak_common::{
     DEFAULT_MAX_STACKS, MAX_NATIVE_FRAMES, StackRecord,
@@ -49,6 +53,16 @@ struct Walk {
 static WALK: PerCpuArray<Walk> = PerCpuArray::with_max_entries(1, 0);
 
 const EEXIST: i32 = 17;
+const SIGSTOP: u32 = 19;
+
+/// `-c`: stops the started command at its executable's entry point, where the dynamic loader
+/// has mapped its libraries and none of its own code has run yet, so userspace can put their
+/// tables in place before the first allocation; userspace sends SIGCONT.
+#[uprobe]
+pub fn hold_at_entry(_ctx: ProbeContext) -> u32 {
+    unsafe { bpf_send_signal(SIGSTOP) };
+    0
+}
 
 /// Walks the user stack from the registers of a (return) probe into this CPU's scratch record
 /// and returns it: native frames innermost first, starting with `regs.rip`; `python_len` 0;

@@ -89,6 +89,7 @@ async fn run(args: Args) -> Result<()> {
     };
     let mut exited = watch_exit(&mut target)?;
     target.release()?;
+    unwinder.follow_exec()?;
     match &args.command {
         Some(cmd) => println!("Attaching to \"{cmd}\" (pid {pid}), Ctrl+C to quit."),
         None => println!("Attaching to pid {pid}, Ctrl+C to quit."),
@@ -172,9 +173,11 @@ fn setup(args: &Args, target: &Target) -> Result<(aya::Ebpf, unwind::Unwinder)> 
     let mut ebpf = probes::load(args)?;
     let mut unwinder = unwind::Unwinder::new(&mut ebpf, target.pid, args.unwind)?;
     // Tables before the probes, so the first allocation already gets a whole stack. A
-    // started command has not exec'd yet: its tables come with the first maps refresh.
+    // started command has not exec'd yet: build what it will map, place it after the exec.
     if target.child.is_none() {
         unwinder.refresh()?;
+    } else {
+        unwinder.prepare(&mut ebpf, &target.exe, &[&libc, &alloc_lib])?;
     }
     if args.verbose {
         eprint!("memleak: {}", unwinder.summary());

@@ -62,10 +62,16 @@ __attribute__((noinline)) void *exe_f3(size_t n) {
 __attribute__((noinline)) void *exe_f2(size_t n) { void *p = exe_f3(n + 1); KEEP(p); return p; }
 __attribute__((noinline)) void *exe_f1(size_t n) { void *p = exe_f2(n + 1); KEEP(p); return p; }
 void *kept[10];
-int main(void) {
-    char line[64];
-    if (!fgets(line, sizeof line, stdin)) return 1;
+/* With an argument: allocate at once, write our mappings there, and exit (for -c). */
+int main(int argc, char **argv) {
+    char line[256];
+    if (argc < 2 && !fgets(line, sizeof line, stdin)) return 1;
     for (int i = 0; i < 10; i++) kept[i] = exe_f1(100000);
+    if (argc > 1) {
+        FILE *in = fopen("/proc/self/maps", "r"), *out = fopen(argv[1], "w");
+        while (fgets(line, sizeof line, in)) fputs(line, out);
+        return fclose(out) != 0;
+    }
     printf("done\n");
     fflush(stdout);
     while (fgets(line, sizeof line, stdin)) {}
@@ -289,11 +295,17 @@ fn trace(scratch: &Scratch, mut fixture: Fixture, interval: u32, extra: &[&str])
     ensure!(status.success(), "memleak failed ({status}):\n{stdout}");
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
     drop(fixture);
+    read_report(&json, &maps, stdout)
+}
 
-    let doc: Value = serde_json::from_str(&std::fs::read_to_string(&json)?)?;
+/// The stacks of the report's last table (or final state), to symbolize with `maps`.
+fn read_report(json: &Path, maps: &str, stdout: String) -> Result<Traced> {
+    let doc: Value = serde_json::from_str(&std::fs::read_to_string(json)?)?;
     let snapshot = doc["snapshots"]
         .as_array()
         .and_then(|s| s.last())
+        .or_else(|| doc.get("final"))
+        .filter(|s| !s.is_null())
         .context("no snapshot in the report")?;
     let stacks = snapshot["stacks"]
         .as_array()
@@ -310,7 +322,7 @@ fn trace(scratch: &Scratch, mut fixture: Fixture, interval: u32, extra: &[&str])
         .collect();
     Ok(Traced {
         stacks,
-        symbols: Symbols::new(&maps),
+        symbols: Symbols::new(maps),
         stdout,
     })
 }
@@ -461,6 +473,31 @@ fn chain_without_frame_pointers_reaches_main() -> Result<()> {
     let exe = scratch.chain(&["-O2", "-fomit-frame-pointer"])?;
     let fixture = Fixture::start(Command::new(&exe))?;
     let mut traced = trace(&scratch, fixture, 2, &[])?;
+    let want = chain_expectation();
+    let names = find_stack(&mut traced, 10 * 100_005, &want)?;
+    ends_at_start(&names, want.len() - 1)
+}
+
+/// `memleak -c`: the command allocates as soon as `main` runs, and still every frame is
+/// there (the command is held at its entry point until its tables are in place).
+#[test]
+fn started_command_has_whole_stacks_from_its_first_allocation() -> Result<()> {
+    if !can_trace("started_command_has_whole_stacks_from_its_first_allocation") {
+        return Ok(());
+    }
+    let scratch = Scratch::new("command")?;
+    let exe = scratch.chain(&["-O2", "-fomit-frame-pointer"])?;
+    let maps = scratch.path("maps.txt");
+    let json = scratch.path("report.json");
+    let command = format!("{} {}", exe.display(), maps.display());
+    let out = Command::new(memleak_bin())
+        .args(["-c", &command, "--json"])
+        .arg(&json)
+        .stdin(Stdio::null())
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(out.status.success(), "memleak -c failed:\n{stdout}");
+    let mut traced = read_report(&json, &std::fs::read_to_string(&maps)?, stdout)?;
     let want = chain_expectation();
     let names = find_stack(&mut traced, 10 * 100_005, &want)?;
     ends_at_start(&names, want.len() - 1)

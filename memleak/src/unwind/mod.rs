@@ -10,8 +10,12 @@ mod table;
 use std::{
     collections::HashMap,
     fmt,
-    os::fd::{AsFd, AsRawFd},
-    path::PathBuf,
+    num::NonZeroU32,
+    os::{
+        fd::{AsFd, AsRawFd},
+        unix::fs::MetadataExt,
+    },
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
@@ -19,10 +23,13 @@ use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf,
     maps::{Array, Map, MapData},
+    programs::{UProbe, uprobe::UProbeScope},
 };
 use memleak_common::{
     PyFrame, StackRecord,
-    unwind::{MAX_UNWIND_MAPPINGS, UnwindControl, UnwindMapping, UnwindRow, maps, mode},
+    unwind::{
+        HOLD_AT_ENTRY, MAX_UNWIND_MAPPINGS, UnwindControl, UnwindMapping, UnwindRow, maps, mode,
+    },
 };
 use object::{Object, ObjectSegment};
 
@@ -139,6 +146,8 @@ pub struct Unwinder {
     /// What the walker currently sees, to notice when the target's mappings change.
     published: Vec<UnwindMapping>,
     current_base: u32,
+    /// `prepare` set the command to stop at its entry point; `follow_exec` continues it.
+    held: bool,
     summary: Summary,
 }
 
@@ -169,6 +178,7 @@ impl Unwinder {
             objects: HashMap::new(),
             published: Vec::new(),
             current_base: MAX_UNWIND_MAPPINGS,
+            held: false,
         };
         unwinder.publish(Vec::new())?;
         Ok(unwinder)
@@ -185,11 +195,67 @@ impl Unwinder {
             return Ok(false);
         }
         let maps = procmaps::read(self.pid)?;
+        self.update(&maps)
+    }
+
+    /// For a started command still held before its exec: builds the tables of the files it
+    /// will map (its executable, libc), and stops it at its executable's entry point, where
+    /// the dynamic loader has mapped every library and none of its code has run, until
+    /// `follow_exec` has placed them.
+    pub fn prepare(&mut self, ebpf: &mut Ebpf, exe: &Path, files: &[&Path]) -> Result<()> {
+        if self.mode == UnwindMode::Fp {
+            return Ok(());
+        }
+        for path in std::iter::once(&exe).chain(files) {
+            let Ok(meta) = std::fs::metadata(path) else {
+                continue;
+            };
+            let key = (device(meta.dev()), meta.ino());
+            if !self.objects.contains_key(&key) {
+                let data =
+                    std::fs::read(path).with_context(|| format!("reading {}", path.display()));
+                let loaded = self.load(path.display().to_string(), data);
+                self.objects.insert(key, loaded);
+            }
+        }
+        let data = std::fs::read(exe).with_context(|| format!("reading {}", exe.display()))?;
+        let offset = entry_offset(&data)
+            .with_context(|| format!("{} has no entry point in a segment", exe.display()))?;
+        let prog: &mut UProbe = ebpf
+            .program_mut(HOLD_AT_ENTRY)
+            .with_context(|| format!("BPF object has no program {HOLD_AT_ENTRY}"))?
+            .try_into()?;
+        prog.load()?;
+        let pid = NonZeroU32::new(self.pid).context("PID 0")?;
+        prog.attach(offset, exe, UProbeScope::OneProcess(pid))
+            .with_context(|| format!("attaching to the entry of {}", exe.display()))?;
+        self.held = true;
+        Ok(())
+    }
+
+    /// Right after a held command is released: waits (2 s at most) for it to stop at its
+    /// entry point, places the tables of everything mapped by then, and lets it run on.
+    pub fn follow_exec(&mut self) -> Result<()> {
+        if !self.held {
+            return Ok(());
+        }
+        self.held = false;
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !stopped(self.pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let result = self.refresh();
+        unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGCONT) };
+        result.map(|_| ())
+    }
+
+    fn update(&mut self, maps: &[Mapping]) -> Result<bool> {
         let mut table = Vec::new();
         for m in maps.iter().filter(|m| m.executable && m.is_file()) {
             let key = (m.dev.clone(), m.inode);
             if !self.objects.contains_key(&key) {
-                let loaded = self.load(m);
+                let data = read_mapped_file(self.pid, m);
+                let loaded = self.load(m.path.clone().unwrap_or_default(), data);
                 self.objects.insert(key.clone(), loaded);
             }
             let loaded = &self.objects[&key];
@@ -209,12 +275,11 @@ impl Unwinder {
         Ok(true)
     }
 
-    /// Builds and stores the rows of the file behind `m`. Never fails: an object without a
+    /// Builds and stores the rows of one object file. Never fails: an object without a
     /// table is walked with frame pointers, and the summary says why.
-    fn load(&mut self, m: &Mapping) -> Loaded {
+    fn load(&mut self, path: String, data: Result<Vec<u8>>) -> Loaded {
         let started = Instant::now();
-        let path = m.path.clone().unwrap_or_default();
-        let result = self.build_and_store(m);
+        let result = data.and_then(|data| self.build_and_store(&data));
         let build_time = started.elapsed();
         self.summary.build_time += build_time;
         self.summary.rows = self.next_row;
@@ -239,9 +304,8 @@ impl Unwinder {
         loaded
     }
 
-    fn build_and_store(&mut self, m: &Mapping) -> Result<(Loaded, usize)> {
-        let data = read_mapped_file(self.pid, m)?;
-        let file = object::File::parse(&*data).context("not an object file")?;
+    fn build_and_store(&mut self, data: &[u8]) -> Result<(Loaded, usize)> {
+        let file = object::File::parse(data).context("not an object file")?;
         let segments = file
             .segments()
             .map(|s| {
@@ -249,7 +313,7 @@ impl Unwinder {
                 (offset, size, s.address())
             })
             .collect();
-        let table = table::build(&data)?;
+        let table = table::build(data)?;
         let row_count = u32::try_from(table.rows.len())?;
         let first_row = self.next_row;
         self.rows.write(first_row, &table.rows)?;
@@ -284,6 +348,29 @@ impl Unwinder {
         self.published = table;
         Ok(())
     }
+}
+
+/// Whether the process is in a group stop (`T` in `/proc/PID/stat`).
+fn stopped(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| rest.starts_with('T')))
+        .unwrap_or(false)
+}
+
+/// The file offset of an executable's entry point (what a uprobe attaches to).
+fn entry_offset(data: &[u8]) -> Option<u64> {
+    let file = object::File::parse(data).ok()?;
+    let entry = file.entry();
+    file.segments().find_map(|s| {
+        let (offset, size) = s.file_range();
+        (s.address() <= entry && entry < s.address() + size).then(|| offset + (entry - s.address()))
+    })
+}
+
+/// `st_dev` as `/proc/PID/maps` prints it.
+fn device(dev: u64) -> String {
+    format!("{:02x}:{:02x}", libc::major(dev), libc::minor(dev))
 }
 
 /// The file behind a mapping: through `map_files` (the very file mapped, even if replaced

@@ -89,7 +89,7 @@ async fn run(args: Args) -> Result<()> {
     };
     let mut exited = watch_exit(&mut target)?;
     target.release()?;
-    unwinder.follow_exec()?;
+    unwinder.follow_exec();
     match &args.command {
         Some(cmd) => println!("Attaching to \"{cmd}\" (pid {pid}), Ctrl+C to quit."),
         None => println!("Attaching to pid {pid}, Ctrl+C to quit."),

@@ -218,9 +218,11 @@ impl Unwinder {
                 self.objects.insert(key, loaded);
             }
         }
-        let data = std::fs::read(exe).with_context(|| format!("reading {}", exe.display()))?;
-        let offset = entry_offset(&data)
-            .with_context(|| format!("{} has no entry point in a segment", exe.display()))?;
+        // A script has no entry point of its own: its interpreter's tables come with the
+        // maps refresh instead.
+        let Some(offset) = std::fs::read(exe).ok().and_then(|d| entry_offset(&d)) else {
+            return Ok(());
+        };
         let prog: &mut UProbe = ebpf
             .program_mut(HOLD_AT_ENTRY)
             .with_context(|| format!("BPF object has no program {HOLD_AT_ENTRY}"))?
@@ -234,19 +236,19 @@ impl Unwinder {
     }
 
     /// Right after a held command is released: waits (2 s at most) for it to stop at its
-    /// entry point, places the tables of everything mapped by then, and lets it run on.
-    pub fn follow_exec(&mut self) -> Result<()> {
+    /// entry point, places the tables of everything mapped by then, and lets it run on. A
+    /// command that failed to start is left to the exit watcher.
+    pub fn follow_exec(&mut self) {
         if !self.held {
-            return Ok(());
+            return;
         }
         self.held = false;
         let deadline = Instant::now() + Duration::from_secs(2);
         while !stopped(self.pid) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(1));
         }
-        let result = self.refresh();
+        let _ = self.refresh();
         unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGCONT) };
-        result.map(|_| ())
     }
 
     fn update(&mut self, maps: &[Mapping]) -> Result<bool> {

@@ -9,13 +9,15 @@
 #![allow(internal_features)]
 #![feature(core_intrinsics)]
 
+mod kernel;
+mod process;
 mod unwind;
 
 use core::{ffi::c_void, ptr::read_volatile};
 
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
+        bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_probe_read_user,
         generated::bpf_for_each_map_elem,
     },
     macros::{map, uprobe, uretprobe},
@@ -40,10 +42,14 @@ static TRACE: u8 = 0;
 #[unsafe(no_mangle)]
 static COMBINED_ONLY: u8 = 0;
 #[unsafe(no_mangle)]
-static PAGE_SIZE: u64 = 4096;
+pub(crate) static PAGE_SIZE: u64 = 4096;
+/// The traced process (its tgid). Kernel mode: 0 for every process, or the -p filter.
+#[unsafe(no_mangle)]
+pub(crate) static TARGET_TGID: u32 = 0;
 
 #[map]
-static ALLOCS: HashMap<u64, AllocInfo> = HashMap::with_max_entries(DEFAULT_MAX_ALLOCS, 0);
+pub(crate) static ALLOCS: HashMap<u64, AllocInfo> =
+    HashMap::with_max_entries(DEFAULT_MAX_ALLOCS, 0);
 #[map]
 static MMAPS: HashMap<u64, AllocInfo> = HashMap::with_max_entries(DEFAULT_MAX_MMAPS, 0);
 #[map]
@@ -56,7 +62,7 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT,
 static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 
 #[inline(always)]
-fn global<T: Copy>(g: &T) -> T {
+pub(crate) fn global<T: Copy>(g: &T) -> T {
     // Userspace rewrites .rodata before load; volatile keeps the compiler from folding the
     // defaults in.
     unsafe { read_volatile(g) }
@@ -78,28 +84,22 @@ fn sp_of(regs: *const aya_ebpf::bindings::pt_regs) -> u64 {
 // Entry probes
 
 /// Parks an allocating call until its return. Calls nested inside an in-flight call on the
-/// same thread (a lower stack pointer) are ignored: the outer call owns the memory.
+/// same thread (a lower stack pointer) are ignored: the outer call owns the memory. So is a
+/// tail call (the same stack pointer: glibc's reallocarray jumps to realloc); the kernel then
+/// runs both return probes at the one return, and the first takes the call.
 #[inline(always)]
 fn enter(ctx: &ProbeContext, kind: AllocKind, size: Option<u64>, arg: u64) -> u32 {
     let id = bpf_get_current_pid_tgid();
     let sp = sp_of(ctx.regs);
     if let Some(cur) = unsafe { INFLIGHT.get(&id) } {
-        if sp < cur.sp {
+        if sp <= cur.sp {
             return 0;
         }
-        // A call at the same depth or shallower cannot be nested: the old entry's return
-        // never came.
+        // A call from a shallower frame cannot be nested: the old entry's return never came.
         count(Counter::StaleInflight);
     }
     // `None`: the size overflowed (calloc), so the call fails; keep owning nested calls.
-    let wanted = match size {
-        Some(s) => {
-            let rate = global(&SAMPLE_RATE);
-            let sampled = rate <= 1 || unsafe { bpf_ktime_get_ns() } % rate == 0;
-            sampled && s >= global(&MIN_SIZE) && s <= global(&MAX_SIZE)
-        }
-        None => false,
-    };
+    let wanted = size.is_some_and(wanted);
     let call = InFlight {
         size: size.unwrap_or(0),
         arg,
@@ -292,15 +292,32 @@ fn record(
     if call.record == 0 {
         return;
     }
-    let stack_id = match unwind::stack_id(ctx.regs) {
-        Ok(id) => id,
-        Err(e) => {
-            count(Counter::StackLost);
-            e
-        }
-    };
+    let stack_id = stack_id(unwind::stack_id(ctx.regs));
+    store(map, addr, call.size, kind, stack_id, call.arg);
+}
+
+/// The stack id to store, or −errno (counted) when the walk failed.
+#[inline(always)]
+pub(crate) fn stack_id(walk: Result<i64, i32>) -> i64 {
+    walk.unwrap_or_else(|e| {
+        count(Counter::StackLost);
+        e as i64
+    })
+}
+
+/// Records an outstanding allocation (user or kernel) and its per-stack totals. Inlined:
+/// BPF calls take at most five arguments.
+#[inline(always)]
+pub(crate) fn store(
+    map: &HashMap<u64, AllocInfo>,
+    addr: u64,
+    size: u64,
+    kind: AllocKind,
+    stack_id: i64,
+    old_addr: u64,
+) {
     let info = AllocInfo {
-        size: call.size,
+        size,
         timestamp_ns: unsafe { bpf_ktime_get_ns() },
         stack_id,
         kind: kind as u32,
@@ -319,14 +336,24 @@ fn record(
     }
     count(Counter::Recorded);
     if combined {
-        combined_add(stack_id, call.size);
+        combined_add(stack_id, size);
     }
-    trace(kind, addr, call.size, call.arg, stack_id);
+    trace(kind, addr, size, old_addr, stack_id);
+}
+
+/// Whether an allocation of `size` bytes is sampled in and inside the size filter. One in
+/// `SAMPLE_RATE` on average, as BCC's -s, but drawn at random: BCC's `ktime % N` depends on
+/// the clock's granularity (on some hosts it is never 0 mod 10).
+#[inline(always)]
+pub(crate) fn wanted(size: u64) -> bool {
+    let rate = global(&SAMPLE_RATE);
+    let sampled = rate <= 1 || unsafe { bpf_get_prandom_u32() } as u64 % rate == 0;
+    sampled && size >= global(&MIN_SIZE) && size <= global(&MAX_SIZE)
 }
 
 /// Forgets the allocation at `addr`, if it is tracked.
 #[inline(always)]
-fn release(map: &HashMap<u64, AllocInfo>, addr: u64, kind: AllocKind) {
+pub(crate) fn release(map: &HashMap<u64, AllocInfo>, addr: u64, kind: AllocKind) {
     let Some(info) = (unsafe { map.get(&addr) }).copied() else {
         return;
     };

@@ -87,18 +87,18 @@ pub fn walk(regs: *const pt_regs) -> Option<*mut StackRecord> {
 /// Hashes `rec` (native and Python frames) into a stack id and stores it unless a record
 /// with that id is already there. `Err`: the map is full (negative errno).
 #[inline(always)]
-pub fn store(rec: *mut StackRecord) -> Result<i64, i64> {
+pub fn store(rec: *mut StackRecord) -> Result<i64, i32> {
     let id = unsafe { hash(&*rec) };
     match STACKS.insert(id as u64, unsafe { &*rec }, BPF_NOEXIST as u64) {
         Ok(()) => Ok(id),
         Err(e) if e == -EEXIST => Ok(id),
-        Err(e) => Err(e as i64),
+        Err(e) => Err(e),
     }
 }
 
 /// [`walk`] + [`store`] for callers without Python frames.
 #[inline(always)]
-pub fn stack_id(regs: *const pt_regs) -> Result<i64, i64> {
+pub fn stack_id(regs: *const pt_regs) -> Result<i64, i32> {
     match walk(regs) {
         Some(rec) => store(rec),
         None => Err(-1),

@@ -18,9 +18,15 @@ use memleak_common::{
     after_help = "EXAMPLES:\n  memleak -p $(pidof app)          every 5 s, the top 10 stacks holding memory\n  memleak -p PID 10 6 -T 5         6 tables, 10 s apart, top 5 stacks\n  memleak -c \"./app --flag\"         start the command traced from its first allocation\n  memleak -p PID -O libjemalloc --symbols-prefix je_"
 )]
 pub struct Args {
-    /// Trace this process (all its threads, present and future).
+    /// Trace this process (all its threads, present and future). Without -p or -c, memleak
+    /// traces the kernel's allocators (kmalloc, kmem_cache, pages, percpu), as BCC does.
     #[arg(short, long, conflicts_with = "command")]
     pub pid: Option<u32>,
+
+    /// Trace the kernel's allocators (the default without -p/-c); with -p, only the kernel
+    /// memory that the process's own threads allocate.
+    #[arg(long, conflicts_with = "command")]
+    pub kernel: bool,
 
     /// Run this command (split on whitespace) and trace it from its first allocation.
     #[arg(short, long)]
@@ -126,9 +132,6 @@ pub enum SortKey {
 impl Args {
     /// Checks what clap cannot express; returns a one-line message for the user.
     pub fn validate(&self) -> Result<(), String> {
-        if self.pid.is_none() && self.command.is_none() {
-            return Err("give a process to trace: -p PID or -c \"CMD ARGS\" (kernel allocations are not traced)".into());
-        }
         if self.interval == 0 {
             return Err("the interval must be at least 1 second".into());
         }

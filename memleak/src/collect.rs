@@ -9,24 +9,66 @@ use std::{
 use anyhow::{Context, Result};
 use aya::{
     Ebpf,
-    maps::{HashMap, MapData, PerCpuArray},
+    maps::{Array, HashMap, MapData, PerCpuArray, StackTraceMap},
 };
 use memleak_common::{AllocInfo, CombinedAlloc, Counter, StackRecord};
 
 use crate::{
     cli::SortKey,
+    kallsyms::Kallsyms,
     model::{Allocation, Frame, Lost, Snapshot, StackUsage},
     symbolize::Symbolizer,
     unwind,
 };
 
+/// What turns a stack's addresses into frames.
+pub enum Names {
+    /// A process's user stacks.
+    User(Symbolizer),
+    /// Kernel stacks (kernel mode).
+    Kernel(Kallsyms),
+}
+
+impl Names {
+    /// Re-reads the process's mappings (libraries loaded since); nothing in kernel mode.
+    pub fn refresh(&mut self) {
+        if let Names::User(s) = self {
+            s.refresh();
+        }
+    }
+}
+
+/// Where the stacks are: user stacks from the unwinder, kernel stacks from the kernel's walk.
+enum Stacks {
+    User(HashMap<MapData, u64, StackRecord>),
+    Kernel(StackTraceMap<MapData>),
+}
+
+impl Stacks {
+    /// The frame addresses of a stack, innermost first.
+    fn addresses(&self, stack_id: i64) -> Option<Vec<u64>> {
+        match self {
+            Stacks::User(map) => unwind::read_stack(map, stack_id).map(|s| s.native),
+            Stacks::Kernel(map) => {
+                let trace = map.get(&u32::try_from(stack_id).ok()?, 0).ok()?;
+                Some(trace.frames().iter().map(|f| f.ip).collect())
+            }
+        }
+    }
+}
+
 pub struct Collector {
     allocs: HashMap<MapData, u64, AllocInfo>,
     mmaps: HashMap<MapData, u64, AllocInfo>,
     combined: HashMap<MapData, i64, CombinedAlloc>,
-    stacks: HashMap<MapData, u64, StackRecord>,
+    stacks: Stacks,
     counters: PerCpuArray<MapData, u64>,
-    pub symbolizer: Symbolizer,
+    /// When the target last exec'd (kernel clock); `None` in kernel mode.
+    last_exec: Option<Array<MapData, u64>>,
+    exec_seen: u64,
+    /// The traced process (0 in kernel mode).
+    pid: u32,
+    pub names: Names,
     /// Symbolized stacks by id: ids are stable for the whole run.
     frames: StdHashMap<i64, Vec<Frame>>,
     started: Instant,
@@ -42,7 +84,7 @@ pub struct Query {
 }
 
 impl Collector {
-    pub fn new(ebpf: &mut Ebpf, pid: u32) -> Result<Collector> {
+    pub fn new(ebpf: &mut Ebpf, pid: u32, names: Names) -> Result<Collector> {
         let mut take = |name: &str| {
             ebpf.take_map(name)
                 .with_context(|| format!("BPF object lacks map {name}"))
@@ -51,9 +93,18 @@ impl Collector {
             allocs: HashMap::try_from(take("ALLOCS")?)?,
             mmaps: HashMap::try_from(take("MMAPS")?)?,
             combined: HashMap::try_from(take("COMBINED")?)?,
-            stacks: HashMap::try_from(take("STACKS")?)?,
+            stacks: match names {
+                Names::User(_) => Stacks::User(HashMap::try_from(take("STACKS")?)?),
+                Names::Kernel(_) => Stacks::Kernel(StackTraceMap::try_from(take("KSTACKS")?)?),
+            },
             counters: PerCpuArray::try_from(take("COUNTERS")?)?,
-            symbolizer: Symbolizer::new(pid),
+            last_exec: match names {
+                Names::User(_) => Some(Array::try_from(take("LAST_EXEC")?)?),
+                Names::Kernel(_) => None,
+            },
+            exec_seen: 0,
+            pid,
+            names,
             frames: StdHashMap::new(),
             started: Instant::now(),
         })
@@ -128,6 +179,36 @@ impl Collector {
         })
     }
 
+    /// After the target exec'd: forgets what the old program held (exec freed it all) and
+    /// the old program's symbols. Returns how many allocations were dropped.
+    pub fn after_exec(&mut self) -> Result<Option<usize>> {
+        let Some(last_exec) = &self.last_exec else {
+            return Ok(None);
+        };
+        let when = last_exec.get(&0, 0)?;
+        if when <= self.exec_seen {
+            return Ok(None);
+        }
+        self.exec_seen = when;
+        let mut dropped = 0;
+        for map in [&mut self.allocs, &mut self.mmaps] {
+            let stale: Vec<u64> = map
+                .iter()
+                .filter_map(|item| item.ok())
+                .filter(|(_, info)| info.timestamp_ns < when)
+                .map(|(addr, _)| addr)
+                .collect();
+            for addr in stale {
+                dropped += map.remove(&addr).is_ok() as usize;
+            }
+        }
+        if let Names::User(_) = self.names {
+            self.names = Names::User(Symbolizer::new(self.pid));
+        }
+        self.frames.clear();
+        Ok(Some(dropped))
+    }
+
     /// The symbolized frames of a stack; a failed walk (negative id) has none.
     pub fn frames_of(&mut self, stack_id: i64) -> Vec<Frame> {
         if stack_id < 0 {
@@ -136,15 +217,14 @@ impl Collector {
         if let Some(f) = self.frames.get(&stack_id) {
             return f.clone();
         }
-        let Some(stack) = unwind::read_stack(&self.stacks, stack_id) else {
+        let Some(ips) = self.stacks.addresses(stack_id) else {
             return Vec::new();
         };
-        let ips = stack.native;
-        // Stacks are taken at the allocator's return: every address is a return address.
-        let frames: Vec<Frame> = ips
-            .iter()
-            .flat_map(|&ip| self.symbolizer.symbolize(ip, true))
-            .collect();
+        let frames: Vec<Frame> = match &mut self.names {
+            // Stacks are taken at the allocator's return: every address is a return address.
+            Names::User(sym) => ips.iter().flat_map(|&ip| sym.symbolize(ip, true)).collect(),
+            Names::Kernel(k) => ips.iter().map(|&ip| k.frame(ip)).collect(),
+        };
         self.frames.insert(stack_id, frames.clone());
         frames
     }

@@ -5,7 +5,9 @@
 
 mod cli;
 mod collect;
+mod kallsyms;
 mod model;
+mod placement;
 mod probes;
 mod procmaps;
 mod report;
@@ -25,8 +27,10 @@ use tokio::{
 
 use crate::{
     cli::Args,
-    collect::{Collector, Query},
+    collect::{Collector, Names, Query},
+    kallsyms::Kallsyms,
     model::Snapshot,
+    symbolize::Symbolizer,
     target::Target,
 };
 
@@ -65,35 +69,64 @@ enum Stop {
 async fn run(args: Args) -> Result<()> {
     probes::preflight()?;
     let mut target = match (&args.pid, &args.command) {
-        (Some(pid), _) => Target::existing(*pid)?,
-        (None, Some(cmd)) => Target::spawn(cmd)?,
-        (None, None) => unreachable!("validated"),
+        (Some(pid), _) => Some(Target::existing(*pid)?),
+        (None, Some(cmd)) => Some(Target::spawn(cmd)?),
+        (None, None) => None,
     };
-    let pid = target.pid;
-    // A started command must not run on untraced if we fail before releasing it.
-    let (mut ebpf, mut unwinder) = match setup(&args, &target) {
-        Ok(loaded) => loaded,
-        Err(e) => {
-            if let Some(child) = &target.child {
-                child.kill();
-                child.wait();
+    // In kernel mode a -p target only filters; its allocator is not hooked.
+    let user_target = target.as_ref().filter(|_| !args.kernel);
+    let (mut ebpf, names, mut unwinder) = match user_target {
+        Some(t) => match setup(&args, t) {
+            Ok((ebpf, unwinder)) => (ebpf, Names::User(Symbolizer::new(t.pid)), Some(unwinder)),
+            Err(e) => {
+                // A started command must not run on untraced.
+                if let Some(child) = &t.child {
+                    child.kill();
+                    child.wait();
+                }
+                return Err(e);
             }
-            return Err(e);
+        },
+        None => {
+            let layout = probes::kernel_layout()?;
+            let mut ebpf = probes::load(&args, args.pid, Some(&layout))?;
+            probes::attach_kernel(&mut ebpf)?;
+            (ebpf, Names::Kernel(Kallsyms::load()?), None)
         }
     };
-    let mut collector = Collector::new(&mut ebpf, pid)?;
+    let traced_pid = user_target.map_or(0, |t| t.pid);
+    let mut collector = Collector::new(&mut ebpf, traced_pid, names)?;
     let mut events = if args.trace {
         Some(trace::Events::new(&mut ebpf)?)
     } else {
         None
     };
-    let mut exited = watch_exit(&mut target)?;
-    target.release()?;
-    unwinder.follow_exec();
-    match &args.command {
-        Some(cmd) => println!("Attaching to \"{cmd}\" (pid {pid}), Ctrl+C to quit."),
-        None => println!("Attaching to pid {pid}, Ctrl+C to quit."),
+    let mut exited: std::pin::Pin<Box<dyn std::future::Future<Output = String>>> = match &mut target
+    {
+        Some(t) => {
+            let rx = watch_exit(t)?;
+            Box::pin(async move { rx.await.unwrap_or_else(|_| "exited".into()) })
+        }
+        // The kernel never exits.
+        None => Box::pin(std::future::pending()),
+    };
+    match target.as_mut().filter(|_| !args.kernel) {
+        Some(t) => {
+            t.release()?;
+            if let Some(u) = unwinder.as_mut() {
+                u.follow_exec();
+            }
+            match &args.command {
+                Some(cmd) => println!("Attaching to \"{cmd}\" (pid {}), Ctrl+C to quit.", t.pid),
+                None => println!("Attaching to pid {}, Ctrl+C to quit.", t.pid),
+            }
+        }
+        None => println!("Attaching to kernel allocators, Ctrl+C to quit."),
     }
+    if let (true, Some(t)) = (args.kernel, &target) {
+        println!("Kernel allocations made by pid {} only.", t.pid);
+    }
+    let pid = target.as_ref().map_or(0, |t| t.pid);
 
     let query = Query {
         older_ms: args.older,
@@ -113,6 +146,7 @@ async fn run(args: Args) -> Result<()> {
     let stop = loop {
         tokio::select! {
             _ = tables.tick() => {
+                note_exec(&mut collector)?;
                 let snap = collector.snapshot(&query)?;
                 print!("{}", report::text::table(&snap, &title, args.top));
                 snapshots.push(snap);
@@ -121,17 +155,24 @@ async fn run(args: Args) -> Result<()> {
                 }
             }
             _ = maps_tick.tick() => {
-                collector.symbolizer.refresh();
+                note_exec(&mut collector)?;
+                collector.names.refresh();
                 // A failed re-read (the target is exiting) leaves the old tables in place.
-                if let Ok(true) = unwinder.refresh()
+                if let Some(u) = unwinder.as_mut()
+                    && let Ok(true) = u.refresh()
                     && args.verbose
                 {
-                    eprint!("memleak: new code mapped; {}", unwinder.summary());
+                    eprint!("memleak: new code mapped; {}", u.summary());
+                }
+                if let Some(t) = target.as_mut().filter(|_| !args.kernel) {
+                    for child in t.new_children() {
+                        println!("memleak: pid {} started child process {child}; it is not traced (memleak follows one process)", t.pid);
+                    }
                 }
             }
             _ = sigint.recv() => break Stop::Signal("interrupted"),
             _ = sigterm.recv() => break Stop::Signal("terminated"),
-            status = &mut exited => break Stop::TargetExited(status.unwrap_or_else(|_| "exited".into())),
+            how = &mut exited => break Stop::TargetExited(how),
             Some(()) = async { match events.as_mut() { Some(e) => e.readable().await, None => std::future::pending().await } } => {
                 if let Some(e) = events.as_mut() {
                     e.print(&mut collector);
@@ -165,12 +206,19 @@ async fn run(args: Args) -> Result<()> {
 }
 
 fn setup(args: &Args, target: &Target) -> Result<(aya::Ebpf, unwind::Unwinder)> {
-    let libc = target.library("libc")?;
-    let alloc_lib = match &args.obj {
-        Some(obj) => target.library(obj)?,
-        None => libc.clone(),
+    let (alloc_lib, libc) = match &args.obj {
+        // A static binary holds its own mmap wrappers: use -O for those too.
+        Some(obj) => {
+            let alloc_lib = target.library(obj)?;
+            let libc = target.library("libc").unwrap_or_else(|_| alloc_lib.clone());
+            (alloc_lib, libc)
+        }
+        None => {
+            let libc = target.library("libc")?;
+            (libc.clone(), libc)
+        }
     };
-    let mut ebpf = probes::load(args)?;
+    let mut ebpf = probes::load(args, Some(target.pid), None)?;
     let mut unwinder = unwind::Unwinder::new(&mut ebpf, target.pid, args.unwind)?;
     // Tables before the probes, so the first allocation already gets a whole stack. A
     // started command has not exec'd yet: build what it will map, place it after the exec.
@@ -192,15 +240,27 @@ fn setup(args: &Args, target: &Target) -> Result<(aya::Ebpf, unwind::Unwinder)> 
     if args.verbose {
         for a in &attached {
             eprintln!(
-                "memleak: hooked {} at {:#x} in {}",
-                a.function, a.vaddr, a.object
+                "memleak: hooked {}+{} at {:#x} in {} ({})",
+                a.function, a.placement.offset, a.vaddr, a.object, a.placement.reason
             );
         }
     }
     Ok((ebpf, unwinder))
 }
 
+/// Drops what an exec'd-away program held, and says so. (-c's own first exec drops nothing
+/// and goes unmentioned.)
+fn note_exec(collector: &mut Collector) -> Result<()> {
+    if let Some(dropped) = collector.after_exec()?.filter(|&n| n > 0) {
+        println!(
+            "memleak: the target exec'd a new program; dropped {dropped} allocations the old one held"
+        );
+    }
+    Ok(())
+}
+
 fn final_table(collector: &mut Collector, q: &Query, args: &Args, title: &str) -> Result<Snapshot> {
+    note_exec(collector)?;
     let snap = collector.snapshot(q)?;
     print!("{}", report::text::table(&snap, title, args.top));
     Ok(snap)

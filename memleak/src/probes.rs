@@ -5,11 +5,17 @@ use std::{collections::HashMap, num::NonZeroU32, path::Path};
 use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{UProbe, uprobe::UProbeScope},
+    programs::{
+        TracePoint, UProbe,
+        uprobe::{UProbeAttachLocation, UProbeScope},
+    },
 };
-use memleak_common::{AllocKind, globals};
+use memleak_common::{AllocKind, KernelLayout, globals};
 
-use crate::cli::Args;
+use crate::{
+    cli::Args,
+    placement::{self, Placement},
+};
 
 static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/memleak"));
 
@@ -41,13 +47,19 @@ fn has_bpf_caps() -> bool {
         .is_some_and(|caps| caps & (1 << CAP_BPF) != 0 && caps & (1 << CAP_PERFMON) != 0)
 }
 
-pub fn load(args: &Args) -> Result<Ebpf> {
+/// Loads the BPF object for `target_pid` (in kernel mode: `None` for every process);
+/// `kernel` carries the tracepoint layout in kernel mode.
+pub fn load(args: &Args, target_pid: Option<u32>, kernel: Option<&KernelLayout>) -> Result<Ebpf> {
+    let target_tgid = target_pid.unwrap_or(0);
     let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64;
     let min_size = args.min_size.unwrap_or(0);
     let max_size = args.max_size.unwrap_or(u64::MAX);
     let trace = args.trace as u8;
     let combined_only = args.combined_only as u8;
+    let layout = kernel.copied().unwrap_or_default();
     EbpfLoader::new()
+        .override_global(globals::KERNEL_LAYOUT, &layout, true)
+        .override_global(globals::TARGET_TGID, &target_tgid, true)
         .override_global(globals::MIN_SIZE, &min_size, true)
         .override_global(globals::MAX_SIZE, &max_size, true)
         .override_global(globals::SAMPLE_RATE, &args.sample_rate, true)
@@ -57,6 +69,7 @@ pub fn load(args: &Args) -> Result<Ebpf> {
         .map_max_entries("ALLOCS", args.max_allocs)
         .map_max_entries("MMAPS", args.max_mmaps)
         .map_max_entries("STACKS", args.max_stacks)
+        .map_max_entries("KSTACKS", args.max_stacks)
         .map_max_entries("INFLIGHT", args.max_inflight)
         .map_max_entries("COMBINED", args.max_combined)
         .load(BPF_OBJECT)
@@ -68,6 +81,7 @@ pub struct Attached {
     pub function: String,
     pub object: String,
     pub vaddr: u64,
+    pub placement: Placement,
 }
 
 /// Hooks every entry point found in `alloc_lib` (malloc family, with `prefix`) and in `libc`
@@ -81,7 +95,11 @@ pub fn attach(
     libc: &Path,
 ) -> Result<Vec<Attached>> {
     let pid = NonZeroU32::new(pid).context("PID 0 is not a process")?;
-    for name in entry_program_names().chain(["alloc_return"]) {
+    for name in AllocKind::USER
+        .into_iter()
+        .filter_map(entry_program)
+        .chain(["alloc_return"])
+    {
         let prog: &mut UProbe = ebpf
             .program_mut(name)
             .with_context(|| format!("BPF object lacks program {name}"))?
@@ -92,7 +110,7 @@ pub fn attach(
     let mut symbols: HashMap<&Path, HashMap<String, u64>> = HashMap::new();
     let mut hooked: HashMap<(&Path, u64), AllocKind> = HashMap::new();
     let mut attached = Vec::new();
-    for kind in AllocKind::ALL {
+    for kind in AllocKind::USER {
         let (object, symbol) = if kind.is_syscall_wrapper() {
             (libc, kind.symbol().to_string())
         } else {
@@ -113,23 +131,48 @@ pub fn attach(
         if hooked.insert((object, vaddr), kind).is_some() {
             continue;
         }
-        attach_one(ebpf, entry_program(kind), &symbol, object, pid)?;
-        if !matches!(kind, AllocKind::Free | AllocKind::Munmap) {
-            attach_one(ebpf, "alloc_return", &symbol, object, pid)?;
+        let Some(program) = entry_program(kind) else {
+            continue;
+        };
+        let entry_only = matches!(kind, AllocKind::Free | AllocKind::Munmap);
+        let place = probe_offset(object, &symbol, entry_only);
+        attach_one(ebpf, program, &symbol, place.offset, object, pid)?;
+        if !entry_only {
+            // Same address as the entry probe: both share one breakpoint.
+            attach_one(ebpf, "alloc_return", &symbol, place.offset, object, pid)?;
         }
         attached.push(Attached {
             function: symbol,
             object: object.display().to_string(),
             vaddr,
+            placement: place,
         });
     }
+    attach_tracepoints(ebpf, &[("sched", "sched_process_exec")])?;
     Ok(attached)
+}
+
+/// Where in `symbol` to probe so the kernel emulates the probed instruction (placement.rs).
+/// A function that also gets the return probe keeps its entry stack pointer there. Any
+/// trouble reading the code means the plain entry.
+fn probe_offset(object: &Path, symbol: &str, entry_only: bool) -> Placement {
+    let args = &placement::ARG_REGS;
+    match placement::function_code(object, symbol) {
+        Ok(code) if entry_only => placement::choose(&code.bytes, code.vaddr, args),
+        Ok(code) => placement::choose_for_return(&code.bytes, code.vaddr, args),
+        Err(e) => Placement {
+            offset: 0,
+            sp_delta: 0,
+            reason: format!("{e:#}; probing the entry"),
+        },
+    }
 }
 
 fn attach_one(
     ebpf: &mut Ebpf,
     program: &str,
     symbol: &str,
+    offset: u64,
     object: &Path,
     pid: NonZeroU32,
 ) -> Result<()> {
@@ -137,13 +180,14 @@ fn attach_one(
         .program_mut(program)
         .context(program.to_string())?
         .try_into()?;
-    prog.attach(symbol, object, UProbeScope::OneProcess(pid))
+    let location = UProbeAttachLocation::SymbolOffset(symbol, offset);
+    prog.attach(location, object, UProbeScope::OneProcess(pid))
         .with_context(|| format!("attaching {program} to {symbol} in {}", object.display()))?;
     Ok(())
 }
 
-fn entry_program(kind: AllocKind) -> &'static str {
-    match kind {
+fn entry_program(kind: AllocKind) -> Option<&'static str> {
+    Some(match kind {
         AllocKind::Malloc => "malloc_enter",
         AllocKind::Calloc => "calloc_enter",
         AllocKind::Realloc => "realloc_enter",
@@ -157,11 +201,107 @@ fn entry_program(kind: AllocKind) -> &'static str {
         AllocKind::Mremap => "mremap_enter",
         AllocKind::Free => "free_enter",
         AllocKind::Munmap => "munmap_enter",
-    }
+        _ => return None,
+    })
 }
 
-fn entry_program_names() -> impl Iterator<Item = &'static str> {
-    AllocKind::ALL.into_iter().map(entry_program)
+/// The kernel-mode tracepoints (category, event); each program is named for its event.
+const KERNEL_EVENTS: [(&str, &str); 8] = [
+    ("kmem", "kmalloc"),
+    ("kmem", "kfree"),
+    ("kmem", "kmem_cache_alloc"),
+    ("kmem", "kmem_cache_free"),
+    ("kmem", "mm_page_alloc"),
+    ("kmem", "mm_page_free"),
+    ("percpu", "percpu_alloc_percpu"),
+    ("percpu", "percpu_free_percpu"),
+];
+
+const TRACEFS: &str = "/sys/kernel/tracing";
+
+/// Mounts tracefs if nobody has (a fresh machine often has not): tracepoints are found there.
+fn ensure_tracefs() -> Result<()> {
+    if Path::new(TRACEFS).join("events").is_dir() {
+        return Ok(());
+    }
+    let r = unsafe {
+        libc::mount(
+            c"nodev".as_ptr(),
+            c"/sys/kernel/tracing".as_ptr(),
+            c"tracefs".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if r != 0 {
+        bail!(
+            "tracefs is not mounted at {TRACEFS} and mounting it failed: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+/// Reads where each field the kernel programs need sits in its tracepoint record.
+pub fn kernel_layout() -> Result<KernelLayout> {
+    ensure_tracefs()?;
+    let offset = |category: &str, event: &str, field: &str| -> Result<u32> {
+        let path = format!("{TRACEFS}/events/{category}/{event}/format");
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!("this kernel has no {category}:{event} tracepoint ({path})")
+        })?;
+        format_offset(&text, field).with_context(|| format!("{path} has no field {field}"))
+    };
+    Ok(KernelLayout {
+        kmalloc_ptr: offset("kmem", "kmalloc", "ptr")?,
+        kmalloc_bytes: offset("kmem", "kmalloc", "bytes_alloc")?,
+        kfree_ptr: offset("kmem", "kfree", "ptr")?,
+        cache_alloc_ptr: offset("kmem", "kmem_cache_alloc", "ptr")?,
+        cache_alloc_bytes: offset("kmem", "kmem_cache_alloc", "bytes_alloc")?,
+        cache_free_ptr: offset("kmem", "kmem_cache_free", "ptr")?,
+        page_alloc_pfn: offset("kmem", "mm_page_alloc", "pfn")?,
+        page_alloc_order: offset("kmem", "mm_page_alloc", "order")?,
+        page_free_pfn: offset("kmem", "mm_page_free", "pfn")?,
+        page_free_order: offset("kmem", "mm_page_free", "order")?,
+        percpu_alloc_ptr: offset("percpu", "percpu_alloc_percpu", "ptr")?,
+        percpu_alloc_bytes: offset("percpu", "percpu_alloc_percpu", "bytes_alloc")?,
+        percpu_free_ptr: offset("percpu", "percpu_free_percpu", "ptr")?,
+        _pad: 0,
+    })
+}
+
+/// `field:const void * ptr; offset:16; size:8;` (tab-separated) → 16 for `ptr`.
+fn format_offset(format: &str, field: &str) -> Option<u32> {
+    format.lines().find_map(|line| {
+        let decl = line.trim().strip_prefix("field:")?.split(';').next()?;
+        let name = decl.rsplit([' ', '*']).next()?;
+        if name != field {
+            return None;
+        }
+        let off = line.split("offset:").nth(1)?.split(';').next()?;
+        off.trim().parse().ok()
+    })
+}
+
+/// Hooks the kernel allocators (no -p): every process, kernel stacks.
+pub fn attach_kernel(ebpf: &mut Ebpf) -> Result<()> {
+    attach_tracepoints(ebpf, &KERNEL_EVENTS)
+}
+
+/// Attaches each tracepoint to the program named for its event.
+fn attach_tracepoints(ebpf: &mut Ebpf, events: &[(&str, &str)]) -> Result<()> {
+    ensure_tracefs()?;
+    for &(category, event) in events {
+        let prog: &mut TracePoint = ebpf
+            .program_mut(event)
+            .with_context(|| format!("BPF object lacks program {event}"))?
+            .try_into()?;
+        prog.load()
+            .with_context(|| format!("verifier rejected {event}"))?;
+        prog.attach(category, event)
+            .with_context(|| format!("attaching to tracepoint {category}:{event}"))?;
+    }
+    Ok(())
 }
 
 /// Defined function symbols (dynamic and static tables) → their virtual address.
@@ -181,4 +321,17 @@ fn function_symbols(path: &Path) -> Result<HashMap<String, u64>> {
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::format_offset;
+
+    #[test]
+    fn reads_field_offsets_from_a_format_file() {
+        let f = "name: kmalloc\nformat:\n\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n\tfield:const void * ptr;\toffset:16;\tsize:8;\tsigned:0;\n\tfield:size_t bytes_alloc;\toffset:32;\tsize:8;\tsigned:0;\n";
+        assert_eq!(format_offset(f, "ptr"), Some(16));
+        assert_eq!(format_offset(f, "bytes_alloc"), Some(32));
+        assert_eq!(format_offset(f, "bytes"), None);
+    }
 }

@@ -1,6 +1,7 @@
 //! Project tasks: `setup` installs what the build needs (idempotent, fast when done), `demo`
 //! traces the bundled leaking program, `test` runs every test, `bench` measures overhead.
 
+mod bench;
 mod setup;
 
 use std::{path::PathBuf, process::Command};
@@ -28,6 +29,22 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Build, then measure what tracing costs: a C malloc/free churn and a Python JSON loop,
+    /// untraced, under memleak and (with --with-bcc) under BCC's memleak-bpfcc.
+    Bench {
+        /// Install BCC's memleak-bpfcc and kernel headers if missing, and compare with it.
+        #[arg(long)]
+        with_bcc: bool,
+        /// free/malloc pairs per churn run.
+        #[arg(long, default_value_t = 100_000)]
+        pairs: u64,
+        /// Rounds per workload run; the best is reported.
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
+        /// Also measure this memleak binary (repeatable), e.g. a copy built from main.
+        #[arg(long)]
+        compare: Vec<PathBuf>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -36,6 +53,20 @@ fn main() -> Result<()> {
         Task::Build => build().map(drop),
         Task::Demo => demo(),
         Task::Test { args } => test(&args),
+        Task::Bench {
+            with_bcc,
+            pairs,
+            rounds,
+            compare,
+        } => bench::run_bench(
+            &build()?,
+            &bench::Options {
+                with_bcc,
+                pairs,
+                rounds,
+                compare,
+            },
+        ),
     }
 }
 
@@ -90,6 +121,6 @@ fn test(extra: &[String]) -> Result<()> {
     run(Command::new("cargo")
         .current_dir(&root)
         .env("MEMLEAK_BIN", &memleak)
-        .args(["test", "--release", "--workspace"])
+        .args(["test", "--release", "--workspace", "--exclude", "memleak-ebpf"])
         .args(extra))
 }

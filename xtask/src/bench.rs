@@ -1,0 +1,600 @@
+//! `cargo xtask bench`: what tracing costs the traced program, on real workloads run untraced,
+//! under memleak and (with `--with-bcc`) under BCC's `memleak-bpfcc`:
+//! - `tests/fixtures/churn.c`: free/malloc pairs, reported in ns per pair, plus the outstanding
+//!   total each tracer reports against the exact live set the program holds;
+//! - a CPython 3.11 JSON encode/decode loop, in seconds.
+//!
+//! Each workload prints `ready PID`, waits for a start line, prints its result and then holds its
+//! memory until a second line. The bench sends the start line only once the tracer's breakpoints
+//! are in the target's libc (it compares the target's `malloc`/`free` bytes with the file's), so
+//! no measured call runs untraced; the offsets that changed show where the probes sit.
+
+use std::{
+    collections::BTreeMap,
+    fs::File,
+    io::{BufRead, BufReader, Lines, Read, Seek, SeekFrom, Write},
+    os::unix::fs::FileExt,
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    sync::{Arc, Mutex},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use object::{Object, ObjectSection, ObjectSymbol};
+
+use crate::{run, workspace_root};
+
+pub struct Options {
+    pub with_bcc: bool,
+    pub pairs: u64,
+    /// Rounds per workload run; the best one is reported (the machine is shared).
+    pub rounds: u32,
+    /// Other memleak binaries to measure beside this build (e.g. main's, to see a change).
+    pub compare: Vec<PathBuf>,
+}
+
+/// The JSON workload: many small dicts and strings, as a web service would churn.
+const JSON_ROUNDTRIP: &str = r#"
+import json, os, sys, time
+doc = {"items": [{"id": i, "name": "item%d" % i, "tags": ["a", "b", str(i)], "score": i * 0.5,
+                  "text": "x" * (i % 700)} for i in range(300)]}
+print("ready", os.getpid(), flush=True)
+sys.stdin.readline()
+for _ in range(int(sys.argv[1])):
+    start = time.perf_counter()
+    for _ in range(150):
+        json.loads(json.dumps(doc))
+    print("seconds %.4f" % (time.perf_counter() - start), flush=True)
+print("live unknown", flush=True)
+sys.stdin.readline()
+"#;
+
+/// Runs Debian bookworm's `memleak-bpfcc` (BCC 0.26) with its ctypes binding fixed: it declares
+/// `bpf_attach_uprobe` without the `ref_ctr_offset` argument that libbcc takes, so the kernel
+/// gets stack garbage there and refuses every uprobe with EINVAL (BCC pull request 5269).
+const BCC_WRAPPER: &str = r#"
+import ctypes, runpy, sys
+from bcc import libbcc
+attach = libbcc.lib.bpf_attach_uprobe
+attach.argtypes = list(attach.argtypes) + [ctypes.c_uint32]
+libbcc.lib.bpf_attach_uprobe = lambda *args: attach(*args, 0)
+sys.argv[0] = "/usr/sbin/memleak-bpfcc"
+runpy.run_path(sys.argv[0], run_name="__main__")
+"#;
+
+/// How long a tracer may take to put its probes in (BCC compiles C first).
+const ATTACH_TIMEOUT: Duration = Duration::from_secs(180);
+const REPORT_INTERVAL_S: u32 = 1;
+
+pub fn run_bench(memleak: &Path, opts: &Options) -> Result<()> {
+    let out = workspace_root().join("target/bench");
+    std::fs::create_dir_all(&out)?;
+    let churn = out.join("churn");
+    run(Command::new("cc")
+        .args(["-O2", "-g", "-fno-omit-frame-pointer", "-o"])
+        .arg(&churn)
+        .arg(workspace_root().join("tests/fixtures/churn.c")))?;
+    let script = out.join("json_roundtrip.py");
+    std::fs::write(&script, JSON_ROUNDTRIP)?;
+
+    let mut tracers = vec![Tracer::memleak("memleak".into(), memleak)];
+    for (i, other) in opts.compare.iter().enumerate() {
+        println!("memleak#{}: {}", i + 2, other.display());
+        tracers.push(Tracer::memleak(format!("memleak#{}", i + 2), other));
+    }
+    if opts.with_bcc {
+        match ensure_bcc() {
+            Ok(()) => {
+                let wrapper = out.join("memleak_bpfcc.py");
+                std::fs::write(&wrapper, BCC_WRAPPER)?;
+                tracers.push(Tracer::bcc(&wrapper));
+            }
+            Err(e) => println!("memleak-bpfcc: not available: {e:#}"),
+        }
+    }
+    println!(
+        "load average: {}",
+        std::fs::read_to_string("/proc/loadavg")?.trim()
+    );
+
+    let churn_cmd = || {
+        let mut c = Command::new(&churn);
+        c.args([opts.pairs.to_string(), opts.rounds.to_string()]);
+        c
+    };
+    println!(
+        "\n== churn: {} free/malloc pairs of 16..1040 bytes, ns per pair (best of {})",
+        opts.pairs, opts.rounds
+    );
+    let base = measure(churn_cmd(), None, "ns_per_pair", &out)?;
+    print_row("untraced", &base, None);
+    for t in &tracers {
+        match measure(churn_cmd(), Some(t), "ns_per_pair", &out) {
+            Ok(m) => print_row(&t.name, &m, Some(&base)),
+            Err(e) => println!("{:<14} failed: {e:#}", t.name),
+        }
+    }
+
+    match python311() {
+        Ok(python) => {
+            println!(
+                "\n== {} JSON round-trip, seconds (best of {})",
+                python.display(),
+                opts.rounds
+            );
+            let py_cmd = || {
+                let mut c = Command::new(&python);
+                c.arg(&script).arg(opts.rounds.to_string());
+                c
+            };
+            let base = measure(py_cmd(), None, "seconds", &out)?;
+            print_row("untraced", &base, None);
+            for t in &tracers {
+                match measure(py_cmd(), Some(t), "seconds", &out) {
+                    Ok(m) => print_row(&t.name, &m, Some(&base)),
+                    Err(e) => println!("{:<14} failed: {e:#}", t.name),
+                }
+            }
+        }
+        Err(e) => println!("\nSKIP the Python workload: {e:#}"),
+    }
+    Ok(())
+}
+
+/// A tracer command line, with the target's pid appended by [`Tracer::spawn`].
+struct Tracer {
+    name: String,
+    program: PathBuf,
+    args: Vec<String>,
+}
+
+impl Tracer {
+    fn memleak(name: String, path: &Path) -> Self {
+        Tracer {
+            name,
+            program: path.to_path_buf(),
+            args: vec![],
+        }
+    }
+
+    fn bcc(wrapper: &Path) -> Self {
+        Tracer {
+            name: "memleak-bpfcc".into(),
+            program: PathBuf::from("/usr/bin/python3"),
+            args: vec![wrapper.display().to_string()],
+        }
+    }
+
+    fn spawn(&self, pid: u32, log: &Path) -> Result<Running> {
+        let mut child = Command::new(&self.program)
+            .args(&self.args)
+            .args(["-p", &pid.to_string(), &REPORT_INTERVAL_S.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(File::create(log)?)
+            .spawn()
+            .with_context(|| format!("starting {}", self.program.display()))?;
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let stdout = child.stdout.take().expect("piped");
+        let sink = Arc::clone(&lines);
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push((Instant::now(), line));
+            }
+        });
+        Ok(Running {
+            child,
+            lines,
+            log: log.to_path_buf(),
+        })
+    }
+}
+
+/// A tracer at work; its stdout lines are collected with their arrival time.
+struct Running {
+    child: Child,
+    lines: Arc<Mutex<Vec<(Instant, String)>>>,
+    log: PathBuf,
+}
+
+impl Running {
+    fn exited(&mut self) -> Result<Option<String>> {
+        Ok(self.child.try_wait()?.map(|status| {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(5).collect();
+            format!(
+                "exited ({status}): {}",
+                tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+            )
+        }))
+    }
+
+    /// The outstanding total of the first full report that starts `settle` after `since`
+    /// (BCC hides allocations younger than 500 ms): (bytes, allocations).
+    fn outstanding_after(&mut self, since: Instant, settle: Duration) -> Result<(u64, u64)> {
+        let deadline = Instant::now() + settle + Duration::from_secs(15);
+        loop {
+            {
+                let lines = self.lines.lock().unwrap();
+                let headers: Vec<usize> = lines
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, (t, l))| *t >= since + settle && is_report_header(l))
+                    .map(|(i, _)| i)
+                    .collect();
+                if let [first, next, ..] = headers[..] {
+                    return Ok(lines[first + 1..next]
+                        .iter()
+                        .filter_map(|(_, l)| outstanding_entry(l))
+                        .fold((0, 0), |(b, n), (eb, en)| (b + eb, n + en)));
+                }
+            }
+            if let Some(why) = self.exited()? {
+                bail!("the tracer {why}");
+            }
+            if Instant::now() > deadline {
+                bail!("no complete report within {settle:?} + 15 s");
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn stop(mut self) -> Result<()> {
+        if self.child.try_wait()?.is_none() {
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while self.child.try_wait()?.is_none() {
+                if Instant::now() > deadline {
+                    self.child.kill()?;
+                    break;
+                }
+                thread::sleep(Duration::from_millis(50));
+            }
+        }
+        self.child.wait()?;
+        Ok(())
+    }
+}
+
+/// `[12:00:01] Top 10 stacks with outstanding allocations:` (BCC and memleak alike).
+fn is_report_header(line: &str) -> bool {
+    line.contains("stacks with outstanding allocations")
+}
+
+/// `\t31814 bytes in 64 allocations from stack` → (31814, 64).
+fn outstanding_entry(line: &str) -> Option<(u64, u64)> {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    match words[..] {
+        [
+            bytes,
+            "bytes",
+            "in",
+            allocs,
+            "allocations",
+            "from",
+            "stack",
+            ..,
+        ] => Some((bytes.parse().ok()?, allocs.parse().ok()?)),
+        _ => None,
+    }
+}
+
+/// One workload run: its result, and under a tracer where the probes sat and what it reported.
+struct Measurement {
+    value: f64,
+    /// What the workload still holds at the end: (blocks, bytes), when it says.
+    live: Option<(u64, u64)>,
+    probes: Option<String>,
+    outstanding: Option<Result<(u64, u64)>>,
+}
+
+fn measure(
+    mut cmd: Command,
+    tracer: Option<&Tracer>,
+    key: &str,
+    out: &Path,
+) -> Result<Measurement> {
+    let mut target = Workload::spawn(&mut cmd)?;
+    let mut running = match tracer {
+        Some(t) => {
+            let log = out.join(format!("{}.stderr.log", t.name));
+            let mut r = t.spawn(target.pid, &log)?;
+            match wait_for_probes(target.pid, &mut r) {
+                Ok(probes) => Some((r, probes)),
+                Err(e) => {
+                    r.stop()?;
+                    target.finish()?;
+                    return Err(e);
+                }
+            }
+        }
+        None => None,
+    };
+    target.start()?;
+    let (value, live) = target.results(key)?;
+    let done = Instant::now();
+    let (outstanding, probes) = match running.take() {
+        Some((mut r, probes)) => {
+            let total = r.outstanding_after(done, Duration::from_millis(1500));
+            r.stop()?;
+            (Some(total), Some(probes))
+        }
+        None => (None, None),
+    };
+    target.finish()?;
+    Ok(Measurement {
+        value,
+        live,
+        probes,
+        outstanding,
+    })
+}
+
+fn print_row(name: &str, m: &Measurement, base: Option<&Measurement>) {
+    let mut row = format!("{name:<14} {:>10.3}", m.value);
+    if let Some(b) = base {
+        row += &format!("  ({:>6.1}×)", m.value / b.value);
+    }
+    if let Some(p) = &m.probes {
+        row += &format!("  breakpoints at {p}");
+    }
+    match (&m.outstanding, m.live) {
+        (Some(Ok((bytes, n))), Some((live_n, live_bytes))) => {
+            let verdict = if (*bytes, *n) == (live_bytes, live_n) {
+                "exact"
+            } else {
+                "WRONG"
+            };
+            row += &format!(
+                "  outstanding {bytes} B in {n} (holds {live_bytes} B in {live_n}: {verdict})"
+            );
+        }
+        (Some(Ok((bytes, n))), None) => row += &format!("  outstanding {bytes} B in {n}"),
+        (Some(Err(e)), _) => row += &format!("  outstanding: {e:#}"),
+        (None, _) => {}
+    }
+    println!("{row}");
+}
+
+fn word_after<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let mut words = line.split_whitespace();
+    words.find(|w| *w == key)?;
+    words.next()
+}
+
+/// A workload process speaking the ready/start/finish protocol on its stdin and stdout.
+struct Workload {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: Lines<BufReader<ChildStdout>>,
+    pid: u32,
+}
+
+impl Workload {
+    fn spawn(cmd: &mut Command) -> Result<Self> {
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {cmd:?}"))?;
+        let stdin = child.stdin.take().expect("piped");
+        let stdout = BufReader::new(child.stdout.take().expect("piped")).lines();
+        let mut w = Workload {
+            child,
+            stdin,
+            stdout,
+            pid: 0,
+        };
+        w.pid = w.value("ready")?.parse()?;
+        Ok(w)
+    }
+
+    /// The word after `key` on the next line that has it, e.g. `ready 1234` → `1234`.
+    fn value(&mut self, key: &str) -> Result<String> {
+        for line in self.stdout.by_ref() {
+            let line = line?;
+            if let Some(v) = word_after(&line, key) {
+                return Ok(v.to_string());
+            }
+        }
+        bail!("the workload ended before printing {key}")
+    }
+
+    /// The best (lowest) `key` value of all rounds, and what the workload says it still holds
+    /// (`live BLOCKS bytes BYTES`, or `live unknown`), which ends its output.
+    fn results(&mut self, key: &str) -> Result<(f64, Option<(u64, u64)>)> {
+        let mut best = f64::INFINITY;
+        for line in self.stdout.by_ref() {
+            let line = line?;
+            if let Some(v) = word_after(&line, key) {
+                best = best.min(v.parse()?);
+            }
+            let words: Vec<&str> = line.split_whitespace().collect();
+            match words[..] {
+                ["live", n, "bytes", b] => return Ok((best, Some((n.parse()?, b.parse()?)))),
+                ["live", ..] => return Ok((best, None)),
+                _ => {}
+            }
+        }
+        bail!("the workload ended before printing what it holds")
+    }
+
+    fn start(&mut self) -> Result<()> {
+        writeln!(self.stdin, "go")?;
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<()> {
+        let _ = writeln!(self.stdin, "done");
+        drop(self.stdin);
+        let status = self.child.wait()?;
+        if !status.success() {
+            bail!("the workload failed: {status}");
+        }
+        Ok(())
+    }
+}
+
+/// Waits until a uprobe breakpoint shows in both `malloc` and `free` of the target's libc and
+/// returns where, e.g. `malloc+0 free+3`.
+fn wait_for_probes(pid: u32, tracer: &mut Running) -> Result<String> {
+    let deadline = Instant::now() + ATTACH_TIMEOUT;
+    loop {
+        let changed = changed_offsets(pid, &["malloc", "free"])?;
+        if changed.values().all(|offsets| !offsets.is_empty()) {
+            return Ok(changed
+                .iter()
+                .map(|(f, offs)| {
+                    let offs: Vec<String> = offs.iter().map(|o| format!("{f}+{o}")).collect();
+                    offs.join(" ")
+                })
+                .collect::<Vec<_>>()
+                .join(" "));
+        }
+        if let Some(why) = tracer.exited()? {
+            bail!("the tracer {why}");
+        }
+        if Instant::now() > deadline {
+            bail!("no breakpoints in malloc and free after {ATTACH_TIMEOUT:?}");
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// For each function, the offsets within its first bytes where the target's memory differs
+/// from its libc file: the int3 bytes a uprobe writes.
+fn changed_offsets(
+    pid: u32,
+    functions: &[&'static str],
+) -> Result<BTreeMap<&'static str, Vec<usize>>> {
+    const SPAN: usize = 32;
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
+    let libc_path = maps
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .find(|p| p.ends_with("/libc.so.6"))
+        .context("the target has no libc.so.6 mapped")?;
+    let host_path = format!("/proc/{pid}/root{libc_path}");
+    let mut lib = File::open(&host_path).with_context(|| format!("opening {host_path}"))?;
+    let mut data = Vec::new();
+    lib.read_to_end(&mut data)?;
+    let elf = object::File::parse(&*data)?;
+    let mem = File::open(format!("/proc/{pid}/mem"))?;
+    let mut changed = BTreeMap::new();
+    for &name in functions {
+        let file_offset = symbol_file_offset(&elf, name)?;
+        let address = maps
+            .lines()
+            .filter(|l| l.ends_with(libc_path))
+            .find_map(|l| map_address(l, file_offset))
+            .with_context(|| format!("{name} is not mapped in pid {pid}"))?;
+        let mut on_disk = [0u8; SPAN];
+        lib.seek(SeekFrom::Start(file_offset))?;
+        lib.read_exact(&mut on_disk)?;
+        let mut in_memory = [0u8; SPAN];
+        mem.read_exact_at(&mut in_memory, address)?;
+        let offsets = (0..SPAN).filter(|&i| on_disk[i] != in_memory[i]).collect();
+        changed.insert(name, offsets);
+    }
+    Ok(changed)
+}
+
+fn symbol_file_offset(elf: &object::File, name: &str) -> Result<u64> {
+    let sym = elf
+        .dynamic_symbols()
+        .find(|s| s.name() == Ok(name) && s.is_definition())
+        .with_context(|| format!("no {name} in libc"))?;
+    let section = elf.section_by_index(sym.section_index().context("no section")?)?;
+    let (start, _) = section.file_range().context("section without file data")?;
+    Ok(start + sym.address() - section.address())
+}
+
+/// The address of `file_offset` if this maps line (`start-end perms offset dev inode path`)
+/// covers it.
+fn map_address(line: &str, file_offset: u64) -> Option<u64> {
+    let mut fields = line.split_whitespace();
+    let (start, end) = fields.next()?.split_once('-')?;
+    let start = u64::from_str_radix(start, 16).ok()?;
+    let end = u64::from_str_radix(end, 16).ok()?;
+    let offset = u64::from_str_radix(fields.nth(1)?, 16).ok()?;
+    (offset..offset + (end - start))
+        .contains(&file_offset)
+        .then(|| start + file_offset - offset)
+}
+
+fn python311() -> Result<PathBuf> {
+    let root = Command::new("pyenv")
+        .arg("root")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
+        .unwrap_or_else(|| PathBuf::from("/root/.pyenv"));
+    let versions = std::fs::read_dir(root.join("versions"))
+        .with_context(|| format!("no pyenv versions under {}", root.display()))?;
+    versions
+        .filter_map(|v| v.ok())
+        .map(|v| v.path().join("bin/python3.11"))
+        .find(|p| p.exists())
+        .context("no python3.11 under pyenv")
+}
+
+/// Installs BCC's tools and the kernel headers its compiler needs, and points
+/// /lib/modules/$(uname -r)/{build,source} at them. Says what it did.
+fn ensure_bcc() -> Result<()> {
+    if !Path::new("/usr/sbin/memleak-bpfcc").exists() {
+        println!("memleak-bpfcc: installing bpfcc-tools and linux-headers-6.12-amd64 (apt-get)");
+        run(Command::new("apt-get")
+            .args([
+                "install",
+                "-y",
+                "-q",
+                "bpfcc-tools",
+                "linux-headers-6.12-amd64",
+            ])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdout(Stdio::null()))?;
+    }
+    let release = String::from_utf8(Command::new("uname").arg("-r").output()?.stdout)?;
+    let modules = PathBuf::from("/lib/modules").join(release.trim());
+    let (build, source) = headers_dirs()?;
+    std::fs::create_dir_all(&modules)?;
+    for (link, target) in [("build", &build), ("source", &source)] {
+        let link = modules.join(link);
+        if !link.exists() {
+            println!("memleak-bpfcc: {} -> {}", link.display(), target.display());
+            std::os::unix::fs::symlink(target, &link)?;
+        }
+    }
+    Ok(())
+}
+
+/// The newest Debian 6.12 headers: (…-amd64, …-common).
+fn headers_dirs() -> Result<(PathBuf, PathBuf)> {
+    let mut amd64: Vec<PathBuf> = std::fs::read_dir("/usr/src")?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("linux-headers-6.12") && n.ends_with("-amd64"))
+        })
+        .collect();
+    amd64.sort();
+    let build = amd64
+        .pop()
+        .context("no /usr/src/linux-headers-6.12*-amd64")?;
+    let common = PathBuf::from(
+        build
+            .to_string_lossy()
+            .trim_end_matches("-amd64")
+            .to_string()
+            + "-common",
+    );
+    if !common.is_dir() {
+        bail!("no {}", common.display());
+    }
+    Ok((build, common))
+}

@@ -23,7 +23,10 @@ use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf,
     maps::{Array, Map, MapData},
-    programs::{UProbe, uprobe::UProbeScope},
+    programs::{
+        UProbe,
+        uprobe::{UProbeLink, UProbeScope},
+    },
 };
 use memleak_common::{
     PyFrame, StackRecord,
@@ -146,8 +149,9 @@ pub struct Unwinder {
     /// What the walker currently sees, to notice when the target's mappings change.
     published: Vec<UnwindMapping>,
     current_base: u32,
-    /// `prepare` set the command to stop at its entry point; `follow_exec` continues it.
-    held: bool,
+    /// The probe that stops a started command at its entry point; `follow_exec` removes it
+    /// (a later exec of the same program must not stop again) and continues the command.
+    hold: Option<UProbeLink>,
     summary: Summary,
 }
 
@@ -178,7 +182,7 @@ impl Unwinder {
             objects: HashMap::new(),
             published: Vec::new(),
             current_base: MAX_UNWIND_MAPPINGS,
-            held: false,
+            hold: None,
         };
         unwinder.publish(Vec::new())?;
         Ok(unwinder)
@@ -229,9 +233,10 @@ impl Unwinder {
             .try_into()?;
         prog.load()?;
         let pid = NonZeroU32::new(self.pid).context("PID 0")?;
-        prog.attach(offset, exe, UProbeScope::OneProcess(pid))
+        let link = prog
+            .attach(offset, exe, UProbeScope::OneProcess(pid))
             .with_context(|| format!("attaching to the entry of {}", exe.display()))?;
-        self.held = true;
+        self.hold = Some(prog.take_link(link)?);
         Ok(())
     }
 
@@ -239,15 +244,15 @@ impl Unwinder {
     /// entry point, places the tables of everything mapped by then, and lets it run on. A
     /// command that failed to start is left to the exit watcher.
     pub fn follow_exec(&mut self) {
-        if !self.held {
+        let Some(hold) = self.hold.take() else {
             return;
-        }
-        self.held = false;
+        };
         let deadline = Instant::now() + Duration::from_secs(2);
         while !stopped(self.pid) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(1));
         }
         let _ = self.refresh();
+        drop(hold);
         unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGCONT) };
     }
 

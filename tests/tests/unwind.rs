@@ -253,16 +253,14 @@ struct Traced {
     stdout: String,
 }
 
-/// Attaches `memleak -p PID INTERVAL 1 -o 0 --json ... extra` to the fixture, lets the fixture
-/// allocate once memleak is attached, and reads the one table.
-fn trace(scratch: &Scratch, mut fixture: Fixture, interval: u32, extra: &[&str]) -> Result<Traced> {
+/// Attaches `memleak -p PID --json ... extra` to the fixture, lets the fixture allocate once
+/// memleak is attached, then interrupts memleak and reads its final table.
+fn trace(scratch: &Scratch, mut fixture: Fixture, extra: &[&str]) -> Result<Traced> {
     let pid = fixture.child.id();
     let json = scratch.path("report.json");
     let mut memleak = Command::new(memleak_bin())
         .arg("-p")
         .arg(pid.to_string())
-        .arg(interval.to_string())
-        .arg("1")
         .args(["-o", "0", "--json"])
         .arg(&json)
         .args(extra)
@@ -290,6 +288,9 @@ fn trace(scratch: &Scratch, mut fixture: Fixture, interval: u32, extra: &[&str])
         );
     }
     fixture.go_and_wait_done()?;
+    // The tables made after a library appears need one maps refresh (every 250 ms).
+    std::thread::sleep(Duration::from_millis(500));
+    unsafe { libc::kill(memleak.id() as libc::pid_t, libc::SIGINT) };
     let status = memleak.wait()?;
     let stdout = reader.join().unwrap_or_default();
     ensure!(status.success(), "memleak failed ({status}):\n{stdout}");
@@ -298,15 +299,13 @@ fn trace(scratch: &Scratch, mut fixture: Fixture, interval: u32, extra: &[&str])
     read_report(&json, &maps, stdout)
 }
 
-/// The stacks of the report's last table (or final state), to symbolize with `maps`.
+/// The stacks of the report's final state, to symbolize with `maps`.
 fn read_report(json: &Path, maps: &str, stdout: String) -> Result<Traced> {
     let doc: Value = serde_json::from_str(&std::fs::read_to_string(json)?)?;
-    let snapshot = doc["snapshots"]
-        .as_array()
-        .and_then(|s| s.last())
-        .or_else(|| doc.get("final"))
+    let snapshot = doc
+        .get("final")
         .filter(|s| !s.is_null())
-        .context("no snapshot in the report")?;
+        .context("no final state in the report")?;
     let stacks = snapshot["stacks"]
         .as_array()
         .context("no stacks")?
@@ -472,7 +471,7 @@ fn chain_without_frame_pointers_reaches_main() -> Result<()> {
     let scratch = Scratch::new("chain")?;
     let exe = scratch.chain(&["-O2", "-fomit-frame-pointer"])?;
     let fixture = Fixture::start(Command::new(&exe))?;
-    let mut traced = trace(&scratch, fixture, 2, &[])?;
+    let mut traced = trace(&scratch, fixture, &[])?;
     let want = chain_expectation();
     let names = find_stack(&mut traced, 10 * 100_005, &want)?;
     ends_at_start(&names, want.len() - 1)
@@ -514,7 +513,7 @@ fn frame_pointer_build_same_frames_with_dwarf_and_fp() -> Result<()> {
     let mut by_mode = Vec::new();
     for mode in ["dwarf", "fp"] {
         let fixture = Fixture::start(Command::new(&exe))?;
-        let mut traced = trace(&scratch, fixture, 2, &["--unwind", mode])?;
+        let mut traced = trace(&scratch, fixture, &["--unwind", mode])?;
         let names = find_stack(&mut traced, 10 * 100_005, &want)?;
         if mode == "dwarf" {
             ends_at_start(&names, want.len() - 1)?;
@@ -549,7 +548,7 @@ fn library_loaded_after_attach_gets_tables() -> Result<()> {
     let mut cmd = Command::new(&exe);
     cmd.arg(scratch.path("libloaded.so"));
     let fixture = Fixture::start(cmd)?;
-    let mut traced = trace(&scratch, fixture, 5, &[])?;
+    let mut traced = trace(&scratch, fixture, &[])?;
     let mut want: Vec<&str> = LIB_CHAIN.to_vec();
     want.extend(["call_loaded", "main"]);
     // The allocations made before memleak re-read the maps stop at the unknown library;
@@ -575,7 +574,7 @@ fn python_stack(test: &str, python: &str) -> Result<()> {
     let mut cmd = Command::new(python);
     cmd.arg(&script);
     let fixture = Fixture::start(cmd)?;
-    let mut traced = trace(&scratch, fixture, 3, &[])?;
+    let mut traced = trace(&scratch, fixture, &[])?;
     let (bytes, frames) = traced
         .stacks
         .iter()

@@ -47,6 +47,8 @@ struct Walk {
     sp: u64,
     bp: u64,
     control: UnwindControl,
+    /// The mapping of the previous frame: callers are mostly in the same object.
+    mapping: UnwindMapping,
 }
 
 #[map]
@@ -76,6 +78,7 @@ pub fn walk(regs: *const pt_regs) -> Option<*mut StackRecord> {
         (*w).sp = (*regs).rsp;
         (*w).bp = (*regs).rbp;
         (*w).control = control;
+        (*w).mapping = UnwindMapping::default();
         (*w).rec.native_len = 0;
         (*w).rec.python_len = 0;
         (*w).rec.truncated = 1;
@@ -156,7 +159,7 @@ fn unwind_one(w: &mut Walk) -> i64 {
     let row = if w.control.mode == mode::FRAME_POINTER {
         NO_INFO
     } else {
-        match find_row(&w.control, pc) {
+        match find_row(w, pc) {
             Some(row) => row,
             // Not in any mapping we have a table for (a library loaded since the last
             // refresh, JIT code): stop, the record stays truncated.
@@ -233,8 +236,11 @@ const NO_INFO: UnwindRow = UnwindRow {
 /// The row in force at `pc`; `NO_INFO` where the mapping has no row for it; `None` outside
 /// every known mapping.
 #[inline(always)]
-fn find_row(control: &UnwindControl, pc: u64) -> Option<UnwindRow> {
-    let m = find_mapping(control, pc)?;
+fn find_row(w: &mut Walk, pc: u64) -> Option<UnwindRow> {
+    if !(w.mapping.start <= pc && pc < w.mapping.end) {
+        w.mapping = find_mapping(&w.control, pc)?;
+    }
+    let m = w.mapping;
     let rel = pc.wrapping_sub(m.bias);
     if m.row_count == 0 || rel > u64::from(u32::MAX) {
         return Some(NO_INFO);

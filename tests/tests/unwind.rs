@@ -257,6 +257,14 @@ struct Traced {
 /// memleak is attached, then interrupts memleak and reads its final table.
 fn trace(scratch: &Scratch, mut fixture: Fixture, extra: &[&str]) -> Result<Traced> {
     let pid = fixture.child.id();
+    // memleak -p hooks the libc the process maps: let the dynamic loader map it first.
+    for _ in 0..1000 {
+        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+        if maps.contains("/libc.so") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let json = scratch.path("report.json");
     let mut memleak = Command::new(memleak_bin())
         .arg("-p")

@@ -11,23 +11,23 @@
 
 mod kernel;
 mod process;
+mod unwind;
 
 use core::{ffi::c_void, ptr::read_volatile};
 
 use aya_ebpf::{
-    bindings::BPF_F_USER_STACK,
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_probe_read_user,
         generated::bpf_for_each_map_elem,
     },
     macros::{map, uprobe, uretprobe},
-    maps::{HashMap, PerCpuArray, RingBuf, StackTrace},
-    programs::{ProbeContext, RetProbeContext, tracing::StackIdContext},
+    maps::{HashMap, PerCpuArray, RingBuf},
+    programs::{ProbeContext, RetProbeContext},
 };
 use memleak_common::{
     AllocInfo, AllocKind, COUNTER_COUNT, CombinedAlloc, Counter, DEFAULT_MAX_ALLOCS,
-    DEFAULT_MAX_COMBINED, DEFAULT_MAX_INFLIGHT, DEFAULT_MAX_MMAPS, DEFAULT_MAX_STACKS, InFlight,
-    MAP_ANONYMOUS, MAP_FAILED, TraceEvent,
+    DEFAULT_MAX_COMBINED, DEFAULT_MAX_INFLIGHT, DEFAULT_MAX_MMAPS, InFlight, MAP_ANONYMOUS,
+    MAP_FAILED, TraceEvent,
 };
 
 // Globals set by userspace before load (names in `memleak_common::globals`).
@@ -56,8 +56,6 @@ static MMAPS: HashMap<u64, AllocInfo> = HashMap::with_max_entries(DEFAULT_MAX_MM
 static COMBINED: HashMap<i64, CombinedAlloc> = HashMap::with_max_entries(DEFAULT_MAX_COMBINED, 0);
 #[map]
 static INFLIGHT: HashMap<u64, InFlight> = HashMap::with_max_entries(DEFAULT_MAX_INFLIGHT, 0);
-#[map]
-static STACKS: StackTrace = StackTrace::with_max_entries(DEFAULT_MAX_STACKS, 0);
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
 #[map]
@@ -294,7 +292,7 @@ fn record(
     if call.record == 0 {
         return;
     }
-    let stack_id = stack_id(ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64));
+    let stack_id = stack_id(unwind::stack_id(ctx.regs));
     store(map, addr, call.size, kind, stack_id, call.arg);
 }
 

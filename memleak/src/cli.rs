@@ -3,6 +3,8 @@
 use std::{path::PathBuf, time::Duration};
 
 use clap::{Parser, ValueEnum};
+
+use crate::unwind::UnwindMode;
 use memleak_common::{
     DEFAULT_MAX_ALLOCS, DEFAULT_MAX_COMBINED, DEFAULT_MAX_INFLIGHT, DEFAULT_MAX_MMAPS,
     DEFAULT_MAX_STACKS,
@@ -116,6 +118,11 @@ pub struct Args {
     /// Write the final report (printed at the end) to FILE too.
     #[arg(long, value_name = "FILE")]
     pub report: Option<PathBuf>,
+
+    /// How to walk native stacks: `dwarf` follows .eh_frame unwind tables (whole stacks
+    /// through code built without frame pointers); `fp` follows frame pointers only.
+    #[arg(long, value_enum, default_value_t = UnwindMode::Dwarf)]
+    pub unwind: UnwindMode,
 
     /// Say what was attached where, and map usage.
     #[arg(short, long)]

@@ -11,13 +11,14 @@ use aya::{
     Ebpf,
     maps::{Array, HashMap, MapData, PerCpuArray, StackTraceMap},
 };
-use memleak_common::{AllocInfo, CombinedAlloc, Counter};
+use memleak_common::{AllocInfo, CombinedAlloc, Counter, StackRecord};
 
 use crate::{
     cli::SortKey,
     kallsyms::Kallsyms,
     model::{Allocation, Frame, Lost, Snapshot, StackUsage},
     symbolize::Symbolizer,
+    unwind,
 };
 
 /// What turns a stack's addresses into frames.
@@ -37,11 +38,30 @@ impl Names {
     }
 }
 
+/// Where the stacks are: user stacks from the unwinder, kernel stacks from the kernel's walk.
+enum Stacks {
+    User(HashMap<MapData, u64, StackRecord>),
+    Kernel(StackTraceMap<MapData>),
+}
+
+impl Stacks {
+    /// The frame addresses of a stack, innermost first.
+    fn addresses(&self, stack_id: i64) -> Option<Vec<u64>> {
+        match self {
+            Stacks::User(map) => unwind::read_stack(map, stack_id).map(|s| s.native),
+            Stacks::Kernel(map) => {
+                let trace = map.get(&u32::try_from(stack_id).ok()?, 0).ok()?;
+                Some(trace.frames().iter().map(|f| f.ip).collect())
+            }
+        }
+    }
+}
+
 pub struct Collector {
     allocs: HashMap<MapData, u64, AllocInfo>,
     mmaps: HashMap<MapData, u64, AllocInfo>,
     combined: HashMap<MapData, i64, CombinedAlloc>,
-    stacks: StackTraceMap<MapData>,
+    stacks: Stacks,
     counters: PerCpuArray<MapData, u64>,
     /// When the target last exec'd (kernel clock); `None` in kernel mode.
     last_exec: Option<Array<MapData, u64>>,
@@ -65,10 +85,6 @@ pub struct Query {
 
 impl Collector {
     pub fn new(ebpf: &mut Ebpf, pid: u32, names: Names) -> Result<Collector> {
-        let stacks = match names {
-            Names::User(_) => "STACKS",
-            Names::Kernel(_) => "KSTACKS",
-        };
         let mut take = |name: &str| {
             ebpf.take_map(name)
                 .with_context(|| format!("BPF object lacks map {name}"))
@@ -77,7 +93,10 @@ impl Collector {
             allocs: HashMap::try_from(take("ALLOCS")?)?,
             mmaps: HashMap::try_from(take("MMAPS")?)?,
             combined: HashMap::try_from(take("COMBINED")?)?,
-            stacks: StackTraceMap::try_from(take(stacks)?)?,
+            stacks: match names {
+                Names::User(_) => Stacks::User(HashMap::try_from(take("STACKS")?)?),
+                Names::Kernel(_) => Stacks::Kernel(StackTraceMap::try_from(take("KSTACKS")?)?),
+            },
             counters: PerCpuArray::try_from(take("COUNTERS")?)?,
             last_exec: match names {
                 Names::User(_) => Some(Array::try_from(take("LAST_EXEC")?)?),
@@ -200,9 +219,8 @@ impl Collector {
         if let Some(f) = self.frames.get(&stack_id) {
             return f.clone();
         }
-        let ips: Vec<u64> = match self.stacks.get(&(stack_id as u32), 0) {
-            Ok(trace) => trace.frames().iter().map(|f| f.ip).collect(),
-            Err(_) => return Vec::new(),
+        let Some(ips) = self.stacks.addresses(stack_id) else {
+            return Vec::new();
         };
         let frames: Vec<Frame> = match &mut self.names {
             // Stacks are taken at the allocator's return: every address is a return address.

@@ -16,6 +16,7 @@ mod report;
 mod symbolize;
 mod target;
 mod trace;
+mod unwind;
 
 use std::{process::ExitCode, time::Duration};
 
@@ -80,9 +81,9 @@ async fn run(args: Args) -> Result<()> {
     };
     // In kernel mode a -p target only filters; its allocator is not hooked.
     let user_target = target.as_ref().filter(|_| !args.kernel);
-    let (mut ebpf, names) = match user_target {
+    let (mut ebpf, names, mut unwinder) = match user_target {
         Some(t) => match setup(&args, t) {
-            Ok(ebpf) => (ebpf, Names::User(Symbolizer::new(t.pid))),
+            Ok((ebpf, unwinder)) => (ebpf, Names::User(Symbolizer::new(t.pid)), Some(unwinder)),
             Err(e) => {
                 // A started command must not run on untraced.
                 if let Some(child) = &t.child {
@@ -96,7 +97,7 @@ async fn run(args: Args) -> Result<()> {
             let layout = probes::kernel_layout()?;
             let mut ebpf = probes::load(&args, args.pid, Some(&layout))?;
             probes::attach_kernel(&mut ebpf)?;
-            (ebpf, Names::Kernel(Kallsyms::load()?))
+            (ebpf, Names::Kernel(Kallsyms::load()?), None)
         }
     };
     let traced_pid = user_target.map_or(0, |t| t.pid);
@@ -118,6 +119,9 @@ async fn run(args: Args) -> Result<()> {
     match target.as_mut().filter(|_| !args.kernel) {
         Some(t) => {
             t.release()?;
+            if let Some(u) = unwinder.as_mut() {
+                u.follow_exec();
+            }
             match &args.command {
                 Some(cmd) => println!("Attaching to \"{cmd}\" (pid {}), Ctrl+C to quit.", t.pid),
                 None => println!("Attaching to pid {}, Ctrl+C to quit.", t.pid),
@@ -166,6 +170,13 @@ async fn run(args: Args) -> Result<()> {
             _ = maps_tick.tick() => {
                 note_exec(&mut collector)?;
                 collector.names.refresh();
+                // A failed re-read (the target is exiting) leaves the old tables in place.
+                if let Some(u) = unwinder.as_mut()
+                    && let Ok(true) = u.refresh()
+                    && args.verbose
+                {
+                    eprint!("memleak: new code mapped; {}", u.summary());
+                }
                 if let Some(t) = target.as_mut().filter(|_| !args.kernel) {
                     for child in t.new_children() {
                         println!("memleak: pid {} started child process {child}; it is not traced (memleak follows one process)", t.pid);
@@ -248,7 +259,7 @@ fn write_reports(args: &Args, timeline: &Timeline) -> Result<()> {
     Ok(())
 }
 
-fn setup(args: &Args, target: &Target) -> Result<aya::Ebpf> {
+fn setup(args: &Args, target: &Target) -> Result<(aya::Ebpf, unwind::Unwinder)> {
     let (alloc_lib, libc) = match &args.obj {
         // A static binary holds its own mmap wrappers: use -O for those too.
         Some(obj) => {
@@ -262,6 +273,17 @@ fn setup(args: &Args, target: &Target) -> Result<aya::Ebpf> {
         }
     };
     let mut ebpf = probes::load(args, Some(target.pid), None)?;
+    let mut unwinder = unwind::Unwinder::new(&mut ebpf, target.pid, args.unwind)?;
+    // Tables before the probes, so the first allocation already gets a whole stack. A
+    // started command has not exec'd yet: build what it will map, place it after the exec.
+    if target.child.is_none() {
+        unwinder.refresh()?;
+    } else {
+        unwinder.prepare(&mut ebpf, &target.exe, &[&libc, &alloc_lib])?;
+    }
+    if args.verbose {
+        eprint!("memleak: {}", unwinder.summary());
+    }
     let attached = probes::attach(
         &mut ebpf,
         target.pid,
@@ -277,7 +299,7 @@ fn setup(args: &Args, target: &Target) -> Result<aya::Ebpf> {
             );
         }
     }
-    Ok(ebpf)
+    Ok((ebpf, unwinder))
 }
 
 /// Drops what an exec'd-away program held, and says so. (-c's own first exec drops nothing

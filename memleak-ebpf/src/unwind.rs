@@ -1,0 +1,318 @@
+//! Native stack walker: follows the unwind rows userspace built from `.eh_frame` (see
+//! `memleak_common::unwind`), so stacks through code without frame pointers are whole.
+//!
+//! The walk runs in a `bpf_loop` callback, one frame per iteration, on a per-CPU scratch
+//! record (a `StackRecord` is 1.5 KiB; the BPF stack is 512 bytes). [`walk`] fills its native
+//! part; whoever wants Python frames fills those next; [`store`] then hashes the record into
+//! its stack id and stores it in `STACKS` once.
+
+use core::{ffi::c_void, ptr::null_mut};
+
+use aya_ebpf::{
+    bindings::{BPF_F_MMAPABLE, BPF_NOEXIST, pt_regs},
+    helpers::{
+        bpf_probe_read_user,
+        generated::{bpf_loop, bpf_send_signal},
+    },
+    macros::{map, uprobe},
+    maps::{Array, HashMap, PerCpuArray},
+    programs::ProbeContext,
+};
+use memleak_common::{
+    DEFAULT_MAX_STACKS, MAX_NATIVE_FRAMES, StackRecord,
+    unwind::{
+        MAX_UNWIND_MAPPINGS, MAX_UNWIND_ROWS, UnwindControl, UnwindMapping, UnwindRow, cfa, mode,
+    },
+};
+
+/// Every object's rows, each object's sorted by `pc`. Userspace writes it through mmap.
+#[map]
+static UNWIND_ROWS: Array<UnwindRow> = Array::with_max_entries(MAX_UNWIND_ROWS, BPF_F_MMAPABLE);
+/// Two generations of the sorted mapping table; `UNWIND_CONTROL` says which is current.
+#[map]
+static UNWIND_MAPPINGS: Array<UnwindMapping> = Array::with_max_entries(2 * MAX_UNWIND_MAPPINGS, 0);
+#[map]
+static UNWIND_CONTROL: Array<UnwindControl> = Array::with_max_entries(1, 0);
+
+/// Distinct stacks, keyed by the hash of their frames (the `stack_id` of allocations).
+#[map]
+static STACKS: HashMap<u64, StackRecord> = HashMap::with_max_entries(DEFAULT_MAX_STACKS, 0);
+
+/// The per-CPU state of one walk: the record being filled and the registers of the frame
+/// being unwound.
+#[repr(C)]
+struct Walk {
+    rec: StackRecord,
+    ip: u64,
+    sp: u64,
+    bp: u64,
+    control: UnwindControl,
+    /// The mapping of the previous frame: callers are mostly in the same object.
+    mapping: UnwindMapping,
+}
+
+#[map]
+static WALK: PerCpuArray<Walk> = PerCpuArray::with_max_entries(1, 0);
+
+const EEXIST: i32 = 17;
+const SIGSTOP: u32 = 19;
+
+/// `-c`: stops the started command at its executable's entry point, where the dynamic loader
+/// has mapped its libraries and none of its own code has run yet, so userspace can put their
+/// tables in place before the first allocation; userspace sends SIGCONT.
+#[uprobe]
+pub fn hold_at_entry(_ctx: ProbeContext) -> u32 {
+    unsafe { bpf_send_signal(SIGSTOP) };
+    0
+}
+
+/// Walks the user stack from the registers of a (return) probe into this CPU's scratch record
+/// and returns it: native frames innermost first, starting with `regs.rip`; `python_len` 0;
+/// `truncated` 1 unless the walk reached the outermost frame.
+#[inline(always)]
+pub fn walk(regs: *const pt_regs) -> Option<*mut StackRecord> {
+    let w = WALK.get_ptr_mut(0)?;
+    let control = *UNWIND_CONTROL.get(0)?;
+    unsafe {
+        (*w).ip = (*regs).rip;
+        (*w).sp = (*regs).rsp;
+        (*w).bp = (*regs).rbp;
+        (*w).control = control;
+        (*w).mapping = UnwindMapping::default();
+        (*w).rec.native_len = 0;
+        (*w).rec.python_len = 0;
+        (*w).rec.truncated = 1;
+        bpf_loop(MAX_NATIVE_FRAMES as u32, step as *mut c_void, null_mut(), 0);
+        Some(&raw mut (*w).rec)
+    }
+}
+
+/// Hashes `rec` (native and Python frames) into a stack id and stores it unless a record
+/// with that id is already there. `Err`: the map is full (negative errno).
+#[inline(always)]
+pub fn store(rec: *mut StackRecord) -> Result<i64, i32> {
+    let id = unsafe { hash(&*rec) };
+    match STACKS.insert(id as u64, unsafe { &*rec }, BPF_NOEXIST as u64) {
+        Ok(()) => Ok(id),
+        Err(e) if e == -EEXIST => Ok(id),
+        Err(e) => Err(e),
+    }
+}
+
+/// [`walk`] + [`store`] for callers without Python frames.
+#[inline(always)]
+pub fn stack_id(regs: *const pt_regs) -> Result<i64, i32> {
+    match walk(regs) {
+        Some(rec) => store(rec),
+        None => Err(-1),
+    }
+}
+
+/// A 63-bit hash (a non-negative `i64`: negative stack ids are errors).
+#[inline(always)]
+fn hash(rec: &StackRecord) -> i64 {
+    const K: u64 = 0x517c_c1b7_2722_0a95;
+    let mix = |h: u64, x: u64| (h.rotate_left(5) ^ x).wrapping_mul(K);
+    let mut h = mix(u64::from(rec.native_len), u64::from(rec.python_len));
+    for i in 0..MAX_NATIVE_FRAMES {
+        if i >= rec.native_len as usize {
+            break;
+        }
+        h = mix(h, rec.native[i]);
+    }
+    for i in 0..rec.python.len() {
+        if i >= rec.python_len as usize {
+            break;
+        }
+        h = mix(mix(h, rec.python[i].code), rec.python[i].instr);
+    }
+    (h >> 1) as i64
+}
+
+/// `bpf_loop` callback: unwinds one frame; 1 stops the loop.
+extern "C" fn step(_index: u64, _ctx: *mut c_void) -> i64 {
+    match WALK.get_ptr_mut(0) {
+        Some(w) => unsafe { unwind_one(&mut *w) },
+        None => 1,
+    }
+}
+
+/// Where the caller's registers are: its stack pointer (the CFA) and where the caller's rbp
+/// was saved (bytes from the CFA; 0: not saved, rbp is unchanged).
+struct Frame {
+    cfa: u64,
+    rbp_at: i64,
+}
+
+/// Records the current frame and moves `w` to its caller. Returns 1 to stop.
+#[inline(always)]
+fn unwind_one(w: &mut Walk) -> i64 {
+    let n = w.rec.native_len as usize;
+    let Some(slot) = w.rec.native.get_mut(n) else {
+        return 1;
+    };
+    *slot = w.ip;
+    w.rec.native_len = n as u32 + 1;
+    // Callers' addresses are return addresses: look up the call instruction, which may be
+    // the last of its function. The first frame's registers are exact at `ip` itself.
+    let pc = if n == 0 { w.ip } else { w.ip - 1 };
+    let row = if w.control.mode == mode::FRAME_POINTER {
+        NO_INFO
+    } else {
+        match find_row(w, pc) {
+            Some(row) => row,
+            // Not in any mapping we have a table for (a library loaded since the last
+            // refresh, JIT code): stop, the record stays truncated.
+            None => return 1,
+        }
+    };
+    let offset = u64::from(row.cfa_offset) * 8;
+    let frame = match row.kind {
+        cfa::RSP => Frame {
+            cfa: w.sp + offset,
+            rbp_at: i64::from(row.rbp_offset) * 8,
+        },
+        cfa::RBP => Frame {
+            cfa: w.bp + offset,
+            rbp_at: i64::from(row.rbp_offset) * 8,
+        },
+        cfa::PLT => Frame {
+            cfa: w.sp
+                + if w.ip & 15 >= u64::from(row.cfa_offset) {
+                    16
+                } else {
+                    8
+                },
+            rbp_at: 0,
+        },
+        cfa::NO_INFO => {
+            // The frame-pointer chain ends with rbp = 0 (the ABI's outermost frame).
+            if w.bp == 0 {
+                w.rec.truncated = 0;
+                return 1;
+            }
+            Frame {
+                cfa: w.bp + 16,
+                rbp_at: -16,
+            }
+        }
+        cfa::OUTERMOST => {
+            w.rec.truncated = 0;
+            return 1;
+        }
+        _ => return 1,
+    };
+    // The caller's frame is above this one: anything else is a corrupt stack or a bad rule.
+    if frame.cfa <= w.sp {
+        return 1;
+    }
+    let Ok(ra) = (unsafe { bpf_probe_read_user((frame.cfa - 8) as *const u64) }) else {
+        return 1;
+    };
+    if frame.rbp_at != 0 {
+        match unsafe {
+            bpf_probe_read_user(frame.cfa.wrapping_add_signed(frame.rbp_at) as *const u64)
+        } {
+            Ok(bp) => w.bp = bp,
+            Err(_) => return 1,
+        }
+    }
+    w.sp = frame.cfa;
+    w.ip = ra;
+    if ra == 0 {
+        w.rec.truncated = 0;
+        return 1;
+    }
+    0
+}
+
+const NO_INFO: UnwindRow = UnwindRow {
+    pc: 0,
+    cfa_offset: 0,
+    rbp_offset: 0,
+    kind: cfa::NO_INFO,
+};
+
+/// The row in force at `pc`; `NO_INFO` where the mapping has no row for it; `None` outside
+/// every known mapping.
+#[inline(always)]
+fn find_row(w: &mut Walk, pc: u64) -> Option<UnwindRow> {
+    if !(w.mapping.start <= pc && pc < w.mapping.end) {
+        w.mapping = find_mapping(&w.control, pc)?;
+    }
+    let m = w.mapping;
+    let rel = pc.wrapping_sub(m.bias);
+    if m.row_count == 0 || rel > u64::from(u32::MAX) {
+        return Some(NO_INFO);
+    }
+    // The last row with `pc <= rel`: 21 halvings cover MAX_UNWIND_ROWS.
+    let mut s = Search {
+        key: rel,
+        lo: m.first_row,
+        hi: m.first_row.saturating_add(m.row_count),
+    };
+    search(&mut s, 21, row_step);
+    if s.lo == m.first_row {
+        return Some(NO_INFO);
+    }
+    UNWIND_ROWS.get(s.lo.wrapping_sub(1)).copied()
+}
+
+/// The current table's mapping that contains `pc`.
+#[inline(always)]
+fn find_mapping(control: &UnwindControl, pc: u64) -> Option<UnwindMapping> {
+    // 11 halvings cover MAX_UNWIND_MAPPINGS.
+    let mut s = Search {
+        key: pc,
+        lo: control.base,
+        hi: control.base + control.count.min(MAX_UNWIND_MAPPINGS),
+    };
+    search(&mut s, 11, mapping_step);
+    if s.lo == control.base {
+        return None;
+    }
+    let m = *UNWIND_MAPPINGS.get(s.lo.wrapping_sub(1))?;
+    (pc < m.end).then_some(m)
+}
+
+/// A binary search over `[lo, hi)` of a map for the first index whose value is above `key`.
+/// It runs one halving per `bpf_loop` callback: unrolled, every halving doubled the paths
+/// the verifier walks.
+#[repr(C)]
+struct Search {
+    key: u64,
+    lo: u32,
+    hi: u32,
+}
+
+#[inline(always)]
+fn search(s: &mut Search, steps: u32, step: extern "C" fn(u64, *mut Search) -> i64) {
+    unsafe { bpf_loop(steps, step as *mut c_void, (s as *mut Search).cast(), 0) };
+}
+
+extern "C" fn row_step(_index: u64, s: *mut Search) -> i64 {
+    halve(unsafe { &mut *s }, |i| {
+        UNWIND_ROWS.get(i).map(|r| u64::from(r.pc))
+    })
+}
+
+extern "C" fn mapping_step(_index: u64, s: *mut Search) -> i64 {
+    halve(unsafe { &mut *s }, |i| {
+        UNWIND_MAPPINGS.get(i).map(|m| m.start)
+    })
+}
+
+/// One halving; 1 stops the loop.
+#[inline(always)]
+fn halve(s: &mut Search, value_at: impl Fn(u32) -> Option<u64>) -> i64 {
+    if s.lo >= s.hi {
+        return 1;
+    }
+    let mid = s.lo + (s.hi - s.lo) / 2;
+    match value_at(mid) {
+        Some(v) if v <= s.key => s.lo = mid + 1,
+        Some(_) => s.hi = mid,
+        None => return 1,
+    }
+    0
+}

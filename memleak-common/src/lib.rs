@@ -3,6 +3,8 @@
 //! layout change is a compile-time change on both.
 #![no_std]
 
+pub mod python;
+
 /// Entry points the probes hook; also the `kind` of an in-flight call and of a trace event.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

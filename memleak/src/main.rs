@@ -1,5 +1,6 @@
 mod model;
 mod procmaps;
+mod python;
 mod symbolize;
 
 fn main() {}

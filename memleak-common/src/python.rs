@@ -1,0 +1,81 @@
+//! The Python part of the contract: where the BPF program finds a thread's Python frames (the
+//! offsets differ per CPython version; userspace picks them) and how it marks them.
+
+/// Set in `PyFrame::instr` on the outermost Python frame of one `_PyEval_EvalFrameDefault`
+/// activation, so userspace can splice each run of Python frames into the native stack at
+/// the right evaluator frame (3.10: every Python frame has its own activation).
+pub const ENTRY_FRAME: u64 = 1 << 63;
+/// `PyFrame::instr` when the instruction pointer lies outside the code (a frame being set up).
+pub const UNKNOWN_INSTR: u64 = u32::MAX as u64;
+
+/// `_PyInterpreterFrame.owner` of the shim frame each evaluator activation pushes (3.12+):
+/// not a Python frame, it only marks where the activation starts.
+pub const FRAME_OWNED_BY_CSTACK: u8 = 3;
+
+/// How a frame tells that it is the first one of its evaluator activation.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EntryMarker {
+    /// 3.10: one activation per frame.
+    EveryFrame = 0,
+    /// 3.11: `is_entry` (bool) on the frame itself.
+    IsEntry = 1,
+    /// 3.12+: the previous frame is a shim whose `owner` is `FRAME_OWNED_BY_CSTACK`.
+    CStackShim = 2,
+}
+
+/// Byte offsets of the fields the frame walk reads, for the target's CPython version. The
+/// userspace walker reads the same fields through the same struct, so what the tests check
+/// is what the BPF program does.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PyOffsets {
+    /// `PyThreadState` → top frame (3.10 `frame`, 3.13 `current_frame`) or, when
+    /// `cframe_current_frame` is set, → `_PyCFrame` (3.11, 3.12).
+    pub tstate_frame: u32,
+    /// `_PyCFrame.current_frame`; `NO_FIELD` when the thread state points at the frame.
+    pub cframe_current_frame: u32,
+    /// `PyThreadState.thread_id` (pthread_t, equal to fs_base on x86-64).
+    pub tstate_thread_id: u32,
+    /// Frame → caller frame (`f_back` / `previous`).
+    pub frame_previous: u32,
+    /// Frame → code object (`f_code` / `f_executable`).
+    pub frame_code: u32,
+    /// 3.10: `f_lasti` (int, an instruction index); 3.11+: pointer to the instruction.
+    pub frame_instr: u32,
+    /// `is_entry` (3.11) or `owner` (3.12+), per `entry_marker`.
+    pub frame_marker: u32,
+    /// An `EntryMarker` value.
+    pub entry_marker: u32,
+    /// `PyCodeObject.co_code_adaptive`: where instructions start (0 for 3.10).
+    pub code_adaptive: u32,
+    pub _pad: u32,
+}
+
+pub const NO_FIELD: u32 = u32::MAX;
+
+/// `PyFrame::instr` for 3.11+: the instruction's byte offset in `co_code_adaptive`, or
+/// `UNKNOWN_INSTR` when the pointer is not inside the first 4 GiB after it.
+pub fn instr_offset(instr_ptr: u64, code: u64, code_adaptive: u32) -> u64 {
+    let offset = instr_ptr.wrapping_sub(code.wrapping_add(code_adaptive as u64));
+    if offset >= UNKNOWN_INSTR {
+        UNKNOWN_INSTR
+    } else {
+        offset
+    }
+}
+
+/// Globals in the BPF object that userspace sets before load.
+pub mod globals {
+    /// A `PyOffsets`; `tstate_frame == 0` means the target runs no Python.
+    pub const PY_OFFSETS: &str = "PY_OFFSETS";
+    /// Offset of `thread.fsbase` in the kernel's `task_struct` (from the kernel BTF).
+    pub const TASK_FSBASE: &str = "TASK_FSBASE";
+}
+
+/// Map: a thread's fs_base (its pthread_t) → its `PyThreadState` address, kept by userspace.
+pub const PY_THREADS_MAP: &str = "PY_THREADS";
+pub const MAX_PY_THREADS: u32 = 4096;
+
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for PyOffsets {}

@@ -2,6 +2,7 @@
 //! way the BPF program does, and turn recorded frames (code object, instruction) into
 //! file, function and line by reading the target's memory.
 
+mod btf;
 mod layout;
 mod linetable;
 mod memory;

@@ -22,10 +22,20 @@ pub enum AllocKind {
     Mremap = 10,
     Free = 11,
     Munmap = 12,
+    // Kernel mode (no -p): the kmem and percpu tracepoints.
+    Kmalloc = 13,
+    KmemCacheAlloc = 14,
+    PageAlloc = 15,
+    PercpuAlloc = 16,
+    Kfree = 17,
+    KmemCacheFree = 18,
+    PageFree = 19,
+    PercpuFree = 20,
 }
 
 impl AllocKind {
-    pub const ALL: [AllocKind; 13] = [
+    /// The user-space entry points, in the order they are hooked.
+    pub const USER: [AllocKind; 13] = [
         AllocKind::Malloc,
         AllocKind::Calloc,
         AllocKind::Realloc,
@@ -42,7 +52,34 @@ impl AllocKind {
     ];
 
     pub fn from_u32(v: u32) -> Option<AllocKind> {
-        Self::ALL.get(v as usize).copied()
+        const KERNEL: [AllocKind; 8] = [
+            AllocKind::Kmalloc,
+            AllocKind::KmemCacheAlloc,
+            AllocKind::PageAlloc,
+            AllocKind::PercpuAlloc,
+            AllocKind::Kfree,
+            AllocKind::KmemCacheFree,
+            AllocKind::PageFree,
+            AllocKind::PercpuFree,
+        ];
+        let v = v as usize;
+        Self::USER
+            .get(v)
+            .or_else(|| KERNEL.get(v.wrapping_sub(Self::USER.len())))
+            .copied()
+    }
+
+    /// Releases memory rather than allocating it.
+    pub fn is_release(self) -> bool {
+        matches!(
+            self,
+            AllocKind::Free
+                | AllocKind::Munmap
+                | AllocKind::Kfree
+                | AllocKind::KmemCacheFree
+                | AllocKind::PageFree
+                | AllocKind::PercpuFree
+        )
     }
 
     /// The C symbol, without any `--symbols-prefix`.
@@ -61,13 +98,24 @@ impl AllocKind {
             AllocKind::Mremap => "mremap",
             AllocKind::Free => "free",
             AllocKind::Munmap => "munmap",
+            AllocKind::Kmalloc => "kmalloc",
+            AllocKind::KmemCacheAlloc => "kmem_cache_alloc",
+            AllocKind::PageAlloc => "mm_page_alloc",
+            AllocKind::PercpuAlloc => "percpu_alloc_percpu",
+            AllocKind::Kfree => "kfree",
+            AllocKind::KmemCacheFree => "kmem_cache_free",
+            AllocKind::PageFree => "mm_page_free",
+            AllocKind::PercpuFree => "percpu_free_percpu",
         }
     }
 
     /// mmap-family calls are system calls, not allocator calls: no `--symbols-prefix`, and
     /// they are looked up in libc even when `-O` names another allocator.
     pub fn is_syscall_wrapper(self) -> bool {
-        matches!(self, AllocKind::Mmap | AllocKind::Mremap | AllocKind::Munmap)
+        matches!(
+            self,
+            AllocKind::Mmap | AllocKind::Mremap | AllocKind::Munmap
+        )
     }
 }
 
@@ -188,6 +236,31 @@ pub const DEFAULT_MAX_STACKS: u32 = 1 << 14;
 pub const DEFAULT_MAX_INFLIGHT: u32 = 1 << 13;
 pub const DEFAULT_MAX_COMBINED: u32 = 1 << 14;
 
+/// Byte offsets of the fields the kernel-mode programs read in each tracepoint record, taken
+/// from the tracepoints' `format` files at run time (they moved between kernel versions).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct KernelLayout {
+    pub kmalloc_ptr: u32,
+    pub kmalloc_bytes: u32,
+    pub kfree_ptr: u32,
+    pub cache_alloc_ptr: u32,
+    pub cache_alloc_bytes: u32,
+    pub cache_free_ptr: u32,
+    pub page_alloc_pfn: u32,
+    pub page_alloc_order: u32,
+    pub page_free_pfn: u32,
+    pub page_free_order: u32,
+    pub percpu_alloc_ptr: u32,
+    pub percpu_alloc_bytes: u32,
+    pub percpu_free_ptr: u32,
+    pub _pad: u32,
+}
+
+/// Kernel mode keys pages by pfn with this bit set: slab pointers have bit 63 set and per-CPU
+/// pointers are small offsets, so the three key spaces never meet.
+pub const PAGE_KEY_TAG: u64 = 1 << 62;
+
 /// Globals in the BPF object that userspace sets before load.
 pub mod globals {
     pub const MIN_SIZE: &str = "MIN_SIZE";
@@ -195,8 +268,8 @@ pub mod globals {
     pub const SAMPLE_RATE: &str = "SAMPLE_RATE";
     pub const TRACE: &str = "TRACE";
     pub const COMBINED_ONLY: &str = "COMBINED_ONLY";
-    pub const WA_MISSING_FREE: &str = "WA_MISSING_FREE";
     pub const PAGE_SIZE: &str = "PAGE_SIZE";
+    pub const KERNEL_LAYOUT: &str = "KERNEL_LAYOUT";
 }
 
 #[cfg(feature = "user")]
@@ -207,5 +280,6 @@ mod pod {
     unsafe impl aya::Pod for InFlight {}
     unsafe impl aya::Pod for TraceEvent {}
     unsafe impl aya::Pod for PyFrame {}
+    unsafe impl aya::Pod for KernelLayout {}
     unsafe impl aya::Pod for StackRecord {}
 }

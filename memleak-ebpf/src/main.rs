@@ -9,6 +9,8 @@
 #![allow(internal_features)]
 #![feature(core_intrinsics)]
 
+mod kernel;
+
 use core::{ffi::c_void, ptr::read_volatile};
 
 use aya_ebpf::{
@@ -39,15 +41,15 @@ static TRACE: u8 = 0;
 #[unsafe(no_mangle)]
 static COMBINED_ONLY: u8 = 0;
 #[unsafe(no_mangle)]
-static PAGE_SIZE: u64 = 4096;
+pub(crate) static PAGE_SIZE: u64 = 4096;
 
 #[map]
-static ALLOCS: HashMap<u64, AllocInfo> = HashMap::with_max_entries(DEFAULT_MAX_ALLOCS, 0);
+pub(crate) static ALLOCS: HashMap<u64, AllocInfo> =
+    HashMap::with_max_entries(DEFAULT_MAX_ALLOCS, 0);
 #[map]
 static MMAPS: HashMap<u64, AllocInfo> = HashMap::with_max_entries(DEFAULT_MAX_MMAPS, 0);
 #[map]
-static COMBINED: HashMap<i64, CombinedAlloc> =
-    HashMap::with_max_entries(DEFAULT_MAX_COMBINED, 0);
+static COMBINED: HashMap<i64, CombinedAlloc> = HashMap::with_max_entries(DEFAULT_MAX_COMBINED, 0);
 #[map]
 static INFLIGHT: HashMap<u64, InFlight> = HashMap::with_max_entries(DEFAULT_MAX_INFLIGHT, 0);
 #[map]
@@ -58,7 +60,7 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT,
 static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 
 #[inline(always)]
-fn global<T: Copy>(g: &T) -> T {
+pub(crate) fn global<T: Copy>(g: &T) -> T {
     // Userspace rewrites .rodata before load; volatile keeps the compiler from folding the
     // defaults in.
     unsafe { read_volatile(g) }
@@ -94,14 +96,7 @@ fn enter(ctx: &ProbeContext, kind: AllocKind, size: Option<u64>, arg: u64) -> u3
         count(Counter::StaleInflight);
     }
     // `None`: the size overflowed (calloc), so the call fails; keep owning nested calls.
-    let wanted = match size {
-        Some(s) => {
-            let rate = global(&SAMPLE_RATE);
-            let sampled = rate <= 1 || unsafe { bpf_ktime_get_ns() } % rate == 0;
-            sampled && s >= global(&MIN_SIZE) && s <= global(&MAX_SIZE)
-        }
-        None => false,
-    };
+    let wanted = size.is_some_and(wanted);
     let call = InFlight {
         size: size.unwrap_or(0),
         arg,
@@ -159,7 +154,12 @@ pub fn reallocarray_enter(ctx: ProbeContext) -> u32 {
 
 #[uprobe]
 pub fn posix_memalign_enter(ctx: ProbeContext) -> u32 {
-    enter(&ctx, AllocKind::PosixMemalign, Some(arg(&ctx, 2)), arg(&ctx, 0))
+    enter(
+        &ctx,
+        AllocKind::PosixMemalign,
+        Some(arg(&ctx, 2)),
+        arg(&ctx, 0),
+    )
 }
 
 #[uprobe]
@@ -289,15 +289,32 @@ fn record(
     if call.record == 0 {
         return;
     }
-    let stack_id = match ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64) {
-        Ok(id) => id,
-        Err(e) => {
-            count(Counter::StackLost);
-            e as i64
-        }
-    };
+    let stack_id = stack_id(ctx.get_stackid(&STACKS, BPF_F_USER_STACK as u64));
+    store(map, addr, call.size, kind, stack_id, call.arg);
+}
+
+/// The stack id to store, or −errno (counted) when the walk failed.
+#[inline(always)]
+pub(crate) fn stack_id(walk: Result<i64, i32>) -> i64 {
+    walk.unwrap_or_else(|e| {
+        count(Counter::StackLost);
+        e as i64
+    })
+}
+
+/// Records an outstanding allocation (user or kernel) and its per-stack totals. Inlined:
+/// BPF calls take at most five arguments.
+#[inline(always)]
+pub(crate) fn store(
+    map: &HashMap<u64, AllocInfo>,
+    addr: u64,
+    size: u64,
+    kind: AllocKind,
+    stack_id: i64,
+    old_addr: u64,
+) {
     let info = AllocInfo {
-        size: call.size,
+        size,
         timestamp_ns: unsafe { bpf_ktime_get_ns() },
         stack_id,
         kind: kind as u32,
@@ -316,14 +333,22 @@ fn record(
     }
     count(Counter::Recorded);
     if combined {
-        combined_add(stack_id, call.size);
+        combined_add(stack_id, size);
     }
-    trace(kind, addr, call.size, call.arg, stack_id);
+    trace(kind, addr, size, old_addr, stack_id);
+}
+
+/// Whether an allocation of `size` bytes is sampled in and inside the size filter.
+#[inline(always)]
+pub(crate) fn wanted(size: u64) -> bool {
+    let rate = global(&SAMPLE_RATE);
+    let sampled = rate <= 1 || unsafe { bpf_ktime_get_ns() } % rate == 0;
+    sampled && size >= global(&MIN_SIZE) && size <= global(&MAX_SIZE)
 }
 
 /// Forgets the allocation at `addr`, if it is tracked.
 #[inline(always)]
-fn release(map: &HashMap<u64, AllocInfo>, addr: u64, kind: AllocKind) {
+pub(crate) fn release(map: &HashMap<u64, AllocInfo>, addr: u64, kind: AllocKind) {
     let Some(info) = (unsafe { map.get(&addr) }).copied() else {
         return;
     };
@@ -435,7 +460,12 @@ fn unmap(addr: u64, len: u64) {
     }
 }
 
-extern "C" fn find_overlap(_map: *mut c_void, key: *const u64, val: *const AllocInfo, ctx: *mut Overlap) -> u64 {
+extern "C" fn find_overlap(
+    _map: *mut c_void,
+    key: *const u64,
+    val: *const AllocInfo,
+    ctx: *mut Overlap,
+) -> u64 {
     unsafe {
         let start = *key;
         let end = start + (*val).size;

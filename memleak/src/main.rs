@@ -1,6 +1,244 @@
+//! memleak: which code of a live process holds native memory and does not give it back.
+//!
+//! The flow: `target` finds the process and its allocator, `probes` loads the BPF object and
+//! hooks it, `collect` turns the BPF maps into `model::Snapshot`s, and `report` prints them.
+
+mod cli;
+mod collect;
+mod kallsyms;
 mod model;
+mod probes;
 mod procmaps;
 mod python;
+mod report;
 mod symbolize;
+mod target;
+mod trace;
 
-fn main() {}
+use std::{process::ExitCode, time::Duration};
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::oneshot,
+};
+
+use crate::{
+    cli::Args,
+    collect::{Collector, Names, Query},
+    kallsyms::Kallsyms,
+    model::Snapshot,
+    symbolize::Symbolizer,
+    target::Target,
+};
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if let Err(msg) = args.validate() {
+        eprintln!("memleak: {msg}");
+        return ExitCode::from(2);
+    }
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("memleak: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("memleak: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Why tracing stopped.
+enum Stop {
+    Count,
+    Signal(&'static str),
+    TargetExited(String),
+}
+
+async fn run(args: Args) -> Result<()> {
+    probes::preflight()?;
+    let mut target = match (&args.pid, &args.command) {
+        (Some(pid), _) => Some(Target::existing(*pid)?),
+        (None, Some(cmd)) => Some(Target::spawn(cmd)?),
+        (None, None) => None,
+    };
+    let (mut ebpf, names) = match &target {
+        Some(t) => match setup(&args, t) {
+            Ok(ebpf) => (ebpf, Names::User(Symbolizer::new(t.pid))),
+            Err(e) => {
+                // A started command must not run on untraced.
+                if let Some(child) = &t.child {
+                    child.kill();
+                    child.wait();
+                }
+                return Err(e);
+            }
+        },
+        None => {
+            let layout = probes::kernel_layout()?;
+            let mut ebpf = probes::load(&args, Some(&layout))?;
+            probes::attach_kernel(&mut ebpf)?;
+            (ebpf, Names::Kernel(Kallsyms::load()?))
+        }
+    };
+    let mut collector = Collector::new(&mut ebpf, names)?;
+    let mut events = if args.trace {
+        Some(trace::Events::new(&mut ebpf)?)
+    } else {
+        None
+    };
+    let mut exited: std::pin::Pin<Box<dyn std::future::Future<Output = String>>> = match &mut target
+    {
+        Some(t) => {
+            let rx = watch_exit(t)?;
+            Box::pin(async move { rx.await.unwrap_or_else(|_| "exited".into()) })
+        }
+        // The kernel never exits.
+        None => Box::pin(std::future::pending()),
+    };
+    match &mut target {
+        Some(t) => {
+            t.release()?;
+            match &args.command {
+                Some(cmd) => println!("Attaching to \"{cmd}\" (pid {}), Ctrl+C to quit.", t.pid),
+                None => println!("Attaching to pid {}, Ctrl+C to quit.", t.pid),
+            }
+        }
+        None => println!("Attaching to kernel allocators, Ctrl+C to quit."),
+    }
+    let pid = target.as_ref().map_or(0, |t| t.pid);
+
+    let query = Query {
+        older_ms: args.older,
+        show_allocs: args.show_allocs,
+        combined_only: args.combined_only,
+        sort: args.sort,
+    };
+    let title = format!("Top {} stacks with outstanding allocations:", args.top);
+    let mut snapshots: Vec<Snapshot> = Vec::new();
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let period = Duration::from_secs(args.interval);
+    let mut tables = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    // Libraries appear right after exec and with every dlopen; note them while the target
+    // lives, so its stacks still symbolize after it exits.
+    let mut maps_tick = tokio::time::interval(Duration::from_millis(250));
+    let stop = loop {
+        tokio::select! {
+            _ = tables.tick() => {
+                let snap = collector.snapshot(&query)?;
+                print!("{}", report::text::table(&snap, &title, args.top));
+                snapshots.push(snap);
+                if args.count.is_some_and(|c| snapshots.len() as u64 >= c) {
+                    break Stop::Count;
+                }
+            }
+            _ = maps_tick.tick() => collector.names.refresh(),
+            _ = sigint.recv() => break Stop::Signal("interrupted"),
+            _ = sigterm.recv() => break Stop::Signal("terminated"),
+            how = &mut exited => break Stop::TargetExited(how),
+            Some(()) = async { match events.as_mut() { Some(e) => e.readable().await, None => std::future::pending().await } } => {
+                if let Some(e) = events.as_mut() {
+                    e.print(&mut collector);
+                }
+            }
+        }
+    };
+
+    let final_state = match stop {
+        Stop::Count => snapshots.last().cloned(),
+        Stop::Signal(why) => {
+            println!("memleak: {why}; final state:");
+            Some(final_table(&mut collector, &query, &args, &title)?)
+        }
+        Stop::TargetExited(how) => {
+            println!("memleak: the target {how}; outstanding at exit:");
+            // Everything still held when the process is gone was never freed: no age filter.
+            let q = Query {
+                older_ms: 0,
+                ..query
+            };
+            Some(final_table(&mut collector, &q, &args, &title)?)
+        }
+    };
+    if let Some(path) = &args.json {
+        report::json::write(path, pid, &snapshots, final_state.as_ref())?;
+    }
+    // Dropping `ebpf` detaches every probe; the target runs on unharmed.
+    drop(ebpf);
+    Ok(())
+}
+
+fn setup(args: &Args, target: &Target) -> Result<aya::Ebpf> {
+    let (alloc_lib, libc) = match &args.obj {
+        // A static binary holds its own mmap wrappers: use -O for those too.
+        Some(obj) => {
+            let alloc_lib = target.library(obj)?;
+            let libc = target.library("libc").unwrap_or_else(|_| alloc_lib.clone());
+            (alloc_lib, libc)
+        }
+        None => {
+            let libc = target.library("libc")?;
+            (libc.clone(), libc)
+        }
+    };
+    let mut ebpf = probes::load(args, None)?;
+    let attached = probes::attach(
+        &mut ebpf,
+        target.pid,
+        &alloc_lib,
+        &args.symbols_prefix,
+        &libc,
+    )?;
+    if args.verbose {
+        for a in &attached {
+            eprintln!(
+                "memleak: hooked {} at {:#x} in {}",
+                a.function, a.vaddr, a.object
+            );
+        }
+    }
+    Ok(ebpf)
+}
+
+fn final_table(collector: &mut Collector, q: &Query, args: &Args, title: &str) -> Result<Snapshot> {
+    let snap = collector.snapshot(q)?;
+    print!("{}", report::text::table(&snap, title, args.top));
+    Ok(snap)
+}
+
+/// Resolves when the target exits, with a description ("exited with status 3").
+fn watch_exit(target: &mut Target) -> Result<oneshot::Receiver<String>> {
+    let (tx, rx) = oneshot::channel();
+    if let Some(child) = target.child.take() {
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait());
+        });
+        return Ok(rx);
+    }
+    let pid = target.pid;
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context(format!("watching PID {pid}"));
+    }
+    std::thread::spawn(move || {
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        while unsafe { libc::poll(&mut p, 1, -1) } < 0 {}
+        let _ = tx.send(format!("(PID {pid}) exited"));
+    });
+    Ok(rx)
+}

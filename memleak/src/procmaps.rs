@@ -43,7 +43,7 @@ impl Mapping {
 
 /// Parses one line of `/proc/PID/maps`; `None` for a malformed line.
 pub fn parse_line(line: &str) -> Option<Mapping> {
-    let mut fields = line.splitn(6, |c: char| c == ' ');
+    let mut fields = line.splitn(6, ' ');
     let range = fields.next()?;
     let perms = fields.next()?.as_bytes();
     let offset = fields.next()?;

@@ -1,1 +1,442 @@
-//! Helpers for the integration tests: build fixtures, run memleak, read its JSON.
+//! Helpers for the integration tests: build fixtures, run memleak, read its JSON, and compare
+//! what it reports with the ledger a fixture writes about its own leaks.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt::Write as _,
+    fs::File,
+    io::Write as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    thread::sleep,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// `MEMLEAK_BIN` (set by `cargo xtask test`), else the release build in this workspace.
+pub fn memleak_bin() -> PathBuf {
+    std::env::var_os("MEMLEAK_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target/release/memleak"))
+}
+
+/// True when the test can run. Tracing needs root and a built memleak; without them the test
+/// says loudly that it skips (a silent pass would hide that nothing was tested).
+pub fn can_trace(test: &str) -> bool {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("\n*** SKIPPED (needs root): {test} ***\n");
+        return false;
+    }
+    let bin = memleak_bin();
+    assert!(
+        bin.exists(),
+        "{test}: no memleak binary at {} (build it or set MEMLEAK_BIN)",
+        bin.display()
+    );
+    true
+}
+
+/// A directory for one test's fixtures and outputs, removed at the end of the test (kept if
+/// the test panics). Failures carry what they need in their messages.
+pub struct Scratch {
+    dir: PathBuf,
+}
+
+impl Scratch {
+    pub fn new(test: &str) -> Result<Scratch> {
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "memleak-test-{test}-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Scratch { dir })
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// Compiles `tests/fixtures/<source>.c` with gcc into `<scratch>/<output>`:
+    /// `-O0 -g -fno-omit-frame-pointer -pthread`, then `extra` (which may override them).
+    pub fn compile(&self, source: &str, output: &str, extra: &[&str]) -> Result<PathBuf> {
+        let fixtures = workspace_root().join("tests/fixtures");
+        let out = self.path(output);
+        let result = Command::new("gcc")
+            .args(["-O0", "-g", "-fno-omit-frame-pointer", "-pthread", "-o"])
+            .arg(&out)
+            .arg(fixtures.join(format!("{source}.c")))
+            .args(extra)
+            .output()
+            .context("running gcc")?;
+        if !result.status.success() {
+            bail!(
+                "gcc {source}.c failed:\n{}",
+                String::from_utf8_lossy(&result.stderr)
+            );
+        }
+        Ok(out)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// How a finished memleak (or fixture) run ended.
+#[derive(Debug)]
+pub struct Finished {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Finished {
+    /// Both streams, for failure messages.
+    pub fn transcript(&self) -> String {
+        format!(
+            "status: {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.status, self.stdout, self.stderr
+        )
+    }
+}
+
+/// A child process with its output going to files (no pipe to fill up); killed if dropped
+/// while still running, so a failing test leaves nothing behind.
+pub struct Running {
+    child: Child,
+    stdout: PathBuf,
+    stderr: PathBuf,
+}
+
+impl Running {
+    /// Starts `program args` with output in `<scratch>/<label>.stdout|.stderr`; `stdin`, if
+    /// given, is written to the child's stdin and closed.
+    pub fn start(
+        scratch: &Scratch,
+        label: &str,
+        program: &Path,
+        args: &[&str],
+        stdin: Option<&str>,
+    ) -> Result<Running> {
+        let stdout = scratch.path(&format!("{label}.stdout"));
+        let stderr = scratch.path(&format!("{label}.stderr"));
+        let mut child = Command::new(program)
+            .args(args)
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(File::create(&stdout)?)
+            .stderr(File::create(&stderr)?)
+            .spawn()
+            .with_context(|| format!("starting {}", program.display()))?;
+        if let Some(text) = stdin {
+            let mut pipe = child.stdin.take().expect("piped stdin");
+            pipe.write_all(text.as_bytes())?;
+        }
+        Ok(Running {
+            child,
+            stdout,
+            stderr,
+        })
+    }
+
+    /// memleak with `args`.
+    pub fn memleak(scratch: &Scratch, args: &[&str], stdin: Option<&str>) -> Result<Running> {
+        Running::start(scratch, "memleak", &memleak_bin(), args, stdin)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, signal: i32) {
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+
+    /// Waits for the process to exit by itself; after `timeout` it is killed and this fails
+    /// with what it printed so far.
+    pub fn wait(mut self, timeout: Duration) -> Result<Finished> {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(Finished {
+                    status,
+                    stdout: std::fs::read_to_string(&self.stdout).unwrap_or_default(),
+                    stderr: std::fs::read_to_string(&self.stderr).unwrap_or_default(),
+                });
+            }
+            if start.elapsed() > timeout {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                bail!(
+                    "still running after {timeout:?}, killed\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                    std::fs::read_to_string(&self.stdout).unwrap_or_default(),
+                    std::fs::read_to_string(&self.stderr).unwrap_or_default()
+                );
+            }
+            sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGINT, then wait as [`Running::wait`].
+    pub fn interrupt(self, timeout: Duration) -> Result<Finished> {
+        self.signal(libc::SIGINT);
+        self.wait(timeout)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Runs memleak to completion.
+pub fn run_memleak(
+    scratch: &Scratch,
+    args: &[&str],
+    stdin: Option<&str>,
+    timeout: Duration,
+) -> Result<Finished> {
+    Running::memleak(scratch, args, stdin)?.wait(timeout)
+}
+
+/// Waits until `path` exists (a fixture's ledger, written atomically).
+pub fn wait_for_file(path: &Path, timeout: Duration) -> Result<()> {
+    let start = Instant::now();
+    while !path.exists() {
+        if start.elapsed() > timeout {
+            bail!("{} did not appear within {timeout:?}", path.display());
+        }
+        sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+pub fn read_json(path: &Path) -> Result<Value> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+/// Outstanding memory of one leak site: bytes, allocations, and the lines of the calls.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Site {
+    pub bytes: u64,
+    pub count: u64,
+    pub lines: BTreeSet<u64>,
+}
+
+/// What a fixture says it leaked (see tests/fixtures/fixture.h).
+pub struct Ledger {
+    pub json: Value,
+}
+
+impl Ledger {
+    pub fn read(path: &Path) -> Result<Ledger> {
+        let json = read_json(path)?;
+        let unprobed = json["unprobed"].as_str().unwrap_or("?");
+        if !unprobed.is_empty() {
+            bail!(
+                "the fixture gave up waiting for probes on: {unprobed} (already probed by another \
+                 tracer before memleak attached: {:?})",
+                json["foreign"]
+            );
+        }
+        Ok(Ledger { json })
+    }
+
+    pub fn pid(&self) -> u64 {
+        self.json["pid"].as_u64().unwrap_or(0)
+    }
+
+    /// Expected outstanding memory per leak function, counting only allocations whose
+    /// requested size passes `keep` (the `-z`/`-Z` filter).
+    pub fn sites(&self, keep: impl Fn(u64) -> bool) -> BTreeMap<String, Site> {
+        let mut sites = BTreeMap::<String, Site>::new();
+        for leak in self.json["leaks"].as_array().into_iter().flatten() {
+            let site = sites
+                .entry(leak["function"].as_str().unwrap_or("?").to_string())
+                .or_default();
+            if keep(leak["requested"].as_u64().unwrap_or(0)) {
+                site.bytes += leak["bytes"].as_u64().unwrap_or(0);
+                site.count += leak["count"].as_u64().unwrap_or(0);
+                site.lines.insert(leak["line"].as_u64().unwrap_or(0));
+            }
+        }
+        sites
+    }
+
+    /// Functions that must not appear in any reported stack.
+    pub fn absent(&self) -> Vec<String> {
+        let names = self.json["absent"].as_array().into_iter().flatten();
+        names
+            .filter_map(|n| n.as_str().map(str::to_string))
+            .collect()
+    }
+}
+
+/// memleak's `--json` output.
+pub struct Report {
+    pub json: Value,
+}
+
+impl Report {
+    pub fn read(path: &Path) -> Result<Report> {
+        let json = read_json(path)?;
+        if json["schema"] != "memleak/1" {
+            bail!(
+                "{}: schema is {}, not \"memleak/1\"",
+                path.display(),
+                json["schema"]
+            );
+        }
+        if !json["final"].is_object() {
+            bail!("{}: no \"final\" snapshot", path.display());
+        }
+        Ok(Report { json })
+    }
+
+    pub fn final_snapshot(&self) -> &Value {
+        &self.json["final"]
+    }
+}
+
+pub fn stacks(snapshot: &Value) -> &[Value] {
+    snapshot["stacks"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or(&[])
+}
+
+pub fn frames(stack: &Value) -> &[Value] {
+    stack["frames"].as_array().map(Vec::as_slice).unwrap_or(&[])
+}
+
+pub fn function_of(frame: &Value) -> &str {
+    frame["function"].as_str().unwrap_or("")
+}
+
+/// Stacks with a frame in `function`.
+pub fn stacks_through<'a>(
+    snapshot: &'a Value,
+    function: &'a str,
+) -> impl Iterator<Item = &'a Value> + 'a {
+    stacks(snapshot)
+        .iter()
+        .filter(move |s| frames(s).iter().any(|f| function_of(f) == function))
+}
+
+/// Outstanding bytes and allocations over the stacks that pass through `function`, and the
+/// lines reported for its frame.
+pub fn usage_of(snapshot: &Value, function: &str) -> Site {
+    let mut site = Site::default();
+    for stack in stacks_through(snapshot, function) {
+        site.bytes += stack["bytes"].as_u64().unwrap_or(0);
+        site.count += stack["count"].as_u64().unwrap_or(0);
+        if let Some(frame) = frames(stack).iter().find(|f| function_of(f) == function) {
+            site.lines.insert(frame["line"].as_u64().unwrap_or(0));
+        }
+    }
+    site
+}
+
+/// One stack, short, for failure messages: `fn (file:line) <- fn ...`.
+pub fn describe_stack(stack: &Value) -> String {
+    let mut out = format!("{} B in {}: ", stack["bytes"], stack["count"]);
+    for (i, f) in frames(stack).iter().take(8).enumerate() {
+        let name = f["function"].as_str().unwrap_or("??");
+        let file = f["file"].as_str().map(basename).unwrap_or("?");
+        let _ = write!(
+            out,
+            "{}{name} ({file}:{}) [{}]",
+            if i > 0 { " <- " } else { "" },
+            f["line"],
+            f["module"].as_str().unwrap_or("?")
+        );
+    }
+    out
+}
+
+pub fn basename(path: &str) -> &str {
+    path.rsplit('/').next().unwrap_or(path)
+}
+
+/// Compares a snapshot with the ledger: per leak function, exact bytes and counts, the frame
+/// of the leaking call innermost with the right file and line; and no stack through a function
+/// the ledger lists as absent. Every mismatch is listed, not only the first.
+pub fn check_against_ledger(
+    snapshot: &Value,
+    ledger: &Ledger,
+    source: &str,
+    keep: impl Fn(u64) -> bool,
+) -> Result<()> {
+    let mut problems = Vec::new();
+    for (function, want) in ledger.sites(keep) {
+        let got = usage_of(snapshot, &function);
+        if (got.bytes, got.count) != (want.bytes, want.count) {
+            problems.push(format!(
+                "{function}: expected {} B in {} allocations, memleak reports {} B in {}",
+                want.bytes, want.count, got.bytes, got.count
+            ));
+        }
+        for stack in stacks_through(snapshot, &function) {
+            let first = frames(stack).first();
+            let innermost = first.map(function_of).unwrap_or("");
+            let file = first.and_then(|f| f["file"].as_str()).map(basename);
+            let line = first.and_then(|f| f["line"].as_u64()).unwrap_or(0);
+            if innermost != function || file != Some(source) || !want.lines.contains(&line) {
+                problems.push(format!(
+                    "{function}: expected the first frame at {source}:{:?}, got {}",
+                    want.lines,
+                    describe_stack(stack)
+                ));
+            }
+        }
+    }
+    for function in ledger.absent() {
+        for stack in stacks_through(snapshot, &function) {
+            problems.push(format!(
+                "{function} must not appear: {}",
+                describe_stack(stack)
+            ));
+        }
+    }
+    if problems.is_empty() {
+        return Ok(());
+    }
+    let mut all = String::new();
+    for stack in stacks(snapshot) {
+        let _ = writeln!(all, "  {}", describe_stack(stack));
+    }
+    bail!(
+        "{}\nall stacks in the snapshot:\n{all}",
+        problems.join("\n")
+    )
+}
+
+/// Fails with the whole transcript when memleak did not exit 0.
+pub fn expect_success(run: &Finished) -> Result<()> {
+    if run.status.code() != Some(0) {
+        bail!("memleak did not exit 0\n{}", run.transcript());
+    }
+    Ok(())
+}

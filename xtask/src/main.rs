@@ -47,9 +47,7 @@ pub fn workspace_root() -> PathBuf {
 }
 
 pub fn run(cmd: &mut Command) -> Result<()> {
-    let status = cmd
-        .status()
-        .with_context(|| format!("running {cmd:?}"))?;
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed: {status}");
     }
@@ -60,9 +58,12 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 fn build() -> Result<PathBuf> {
     setup::ensure()?;
     let root = workspace_root();
-    run(Command::new("cargo")
-        .current_dir(&root)
-        .args(["build", "--release", "--package", "memleak"]))?;
+    run(Command::new("cargo").current_dir(&root).args([
+        "build",
+        "--release",
+        "--package",
+        "memleak",
+    ]))?;
     Ok(root.join("target/release/memleak"))
 }
 

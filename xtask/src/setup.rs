@@ -77,7 +77,9 @@ fn ensure_bpf_linker() -> Result<()> {
     if works && std::fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == wanted) {
         return Ok(());
     }
-    eprintln!("setup: building bpf-linker {BPF_LINKER_VERSION} against the nightly's LLVM {major} (about a minute)");
+    eprintln!(
+        "setup: building bpf-linker {BPF_LINKER_VERSION} against the nightly's LLVM {major} (about a minute)"
+    );
     // The nightly ships lib/libLLVM.so.<ver>-rust-<ver> but no libLLVM.so, which
     // bpf-linker's build script links as -lLLVM from $LLVM_PREFIX/lib.
     let lib = std::fs::read_dir(sysroot.join("lib"))?

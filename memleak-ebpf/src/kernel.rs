@@ -1,0 +1,133 @@
+//! Kernel mode (no -p, as BCC): the kmem and percpu tracepoints, with kernel stacks. Field
+//! offsets come from userspace (`KERNEL_LAYOUT`), read from the tracepoints' format files.
+
+use aya_ebpf::{
+    macros::{map, tracepoint},
+    maps::StackTrace,
+    programs::{TracePointContext, tracing::StackIdContext},
+};
+use memleak_common::{AllocKind, DEFAULT_MAX_STACKS, KernelLayout, PAGE_KEY_TAG};
+
+use crate::{ALLOCS, PAGE_SIZE, global, release, stack_id, store, wanted};
+
+#[unsafe(no_mangle)]
+static KERNEL_LAYOUT: KernelLayout = KernelLayout {
+    kmalloc_ptr: 0,
+    kmalloc_bytes: 0,
+    kfree_ptr: 0,
+    cache_alloc_ptr: 0,
+    cache_alloc_bytes: 0,
+    cache_free_ptr: 0,
+    page_alloc_pfn: 0,
+    page_alloc_order: 0,
+    page_free_pfn: 0,
+    page_free_order: 0,
+    percpu_alloc_ptr: 0,
+    percpu_alloc_bytes: 0,
+    percpu_free_ptr: 0,
+    _pad: 0,
+};
+
+#[map]
+static KSTACKS: StackTrace = StackTrace::with_max_entries(DEFAULT_MAX_STACKS, 0);
+
+#[inline(always)]
+fn field<T>(ctx: &TracePointContext, offset: u32) -> Option<T> {
+    unsafe { ctx.read_at::<T>(offset as usize) }.ok()
+}
+
+#[inline(always)]
+fn layout() -> KernelLayout {
+    global(&KERNEL_LAYOUT)
+}
+
+#[inline(always)]
+fn allocated(ctx: &TracePointContext, kind: AllocKind, key: Option<u64>, size: Option<u64>) -> u32 {
+    let (Some(key), Some(size)) = (key, size) else {
+        return 0;
+    };
+    if key == 0 || !wanted(size) {
+        return 0;
+    }
+    let id = stack_id(ctx.get_stackid(&KSTACKS, 0));
+    store(&ALLOCS, key, size, kind, id, 0);
+    0
+}
+
+fn freed(key: Option<u64>, kind: AllocKind) -> u32 {
+    if let Some(key) = key.filter(|&k| k != 0) {
+        release(&ALLOCS, key, kind);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn kmalloc(ctx: TracePointContext) -> u32 {
+    let l = layout();
+    let (ptr, bytes) = (field(&ctx, l.kmalloc_ptr), field(&ctx, l.kmalloc_bytes));
+    allocated(&ctx, AllocKind::Kmalloc, ptr, bytes)
+}
+
+#[tracepoint]
+pub fn kfree(ctx: TracePointContext) -> u32 {
+    freed(field(&ctx, layout().kfree_ptr), AllocKind::Kfree)
+}
+
+#[tracepoint]
+pub fn kmem_cache_alloc(ctx: TracePointContext) -> u32 {
+    let l = layout();
+    let (ptr, bytes) = (
+        field(&ctx, l.cache_alloc_ptr),
+        field(&ctx, l.cache_alloc_bytes),
+    );
+    allocated(&ctx, AllocKind::KmemCacheAlloc, ptr, bytes)
+}
+
+#[tracepoint]
+pub fn kmem_cache_free(ctx: TracePointContext) -> u32 {
+    freed(
+        field(&ctx, layout().cache_free_ptr),
+        AllocKind::KmemCacheFree,
+    )
+}
+
+#[inline(always)]
+fn page_key(pfn: Option<u64>) -> Option<u64> {
+    pfn.map(|p| p | PAGE_KEY_TAG)
+}
+
+#[tracepoint]
+pub fn mm_page_alloc(ctx: TracePointContext) -> u32 {
+    let l = layout();
+    let order: Option<u32> = field(&ctx, l.page_alloc_order);
+    let size = order.filter(|&o| o < 32).map(|o| global(&PAGE_SIZE) << o);
+    allocated(
+        &ctx,
+        AllocKind::PageAlloc,
+        page_key(field(&ctx, l.page_alloc_pfn)),
+        size,
+    )
+}
+
+#[tracepoint]
+pub fn mm_page_free(ctx: TracePointContext) -> u32 {
+    freed(
+        page_key(field(&ctx, layout().page_free_pfn)),
+        AllocKind::PageFree,
+    )
+}
+
+#[tracepoint]
+pub fn percpu_alloc_percpu(ctx: TracePointContext) -> u32 {
+    let l = layout();
+    let (ptr, bytes) = (
+        field(&ctx, l.percpu_alloc_ptr),
+        field(&ctx, l.percpu_alloc_bytes),
+    );
+    allocated(&ctx, AllocKind::PercpuAlloc, ptr, bytes)
+}
+
+#[tracepoint]
+pub fn percpu_free_percpu(ctx: TracePointContext) -> u32 {
+    freed(field(&ctx, layout().percpu_free_ptr), AllocKind::PercpuFree)
+}

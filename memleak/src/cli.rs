@@ -1,0 +1,153 @@
+//! Command line, BCC memleak-compatible so a user's habits work.
+
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+use memleak_common::{
+    DEFAULT_MAX_ALLOCS, DEFAULT_MAX_COMBINED, DEFAULT_MAX_INFLIGHT, DEFAULT_MAX_MMAPS,
+    DEFAULT_MAX_STACKS,
+};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "memleak",
+    version,
+    about = "Trace outstanding native allocations of a live process and show the stacks that hold them",
+    after_help = "EXAMPLES:\n  memleak -p $(pidof app)          every 5 s, the top 10 stacks holding memory\n  memleak -p PID 10 6 -T 5         6 tables, 10 s apart, top 5 stacks\n  memleak -c \"./app --flag\"         start the command traced from its first allocation\n  memleak -p PID -O libjemalloc --symbols-prefix je_"
+)]
+pub struct Args {
+    /// Trace this process (all its threads, present and future). Without -p or -c, memleak
+    /// traces the kernel's allocators (kmalloc, kmem_cache, pages, percpu), as BCC does.
+    #[arg(short, long, conflicts_with = "command")]
+    pub pid: Option<u32>,
+
+    /// Run this command (split on whitespace) and trace it from its first allocation.
+    #[arg(short, long)]
+    pub command: Option<String>,
+
+    /// Seconds between tables.
+    #[arg(default_value_t = 5)]
+    pub interval: u64,
+
+    /// Number of tables before exiting (default: until Ctrl-C or the target exits).
+    pub count: Option<u64>,
+
+    /// Print every allocation and free as it happens.
+    #[arg(short, long)]
+    pub trace: bool,
+
+    /// Also list the outstanding allocations (address and size) of each stack.
+    #[arg(short = 'a', long)]
+    pub show_allocs: bool,
+
+    /// Ignore allocations younger than this many milliseconds.
+    #[arg(short, long, default_value_t = 500, value_name = "MS")]
+    pub older: u64,
+
+    /// Only keep per-stack totals in the kernel (cheaper to read; no -a, no -o).
+    #[arg(long)]
+    pub combined_only: bool,
+
+    /// Accepted for BCC compatibility; memleak always treats a new block at an address it
+    /// still tracks as proof the old one was freed.
+    #[arg(long)]
+    pub wa_missing_free: bool,
+
+    /// Record one allocation in N (on average).
+    #[arg(short, long, default_value_t = 1, value_name = "N")]
+    pub sample_rate: u64,
+
+    /// Show only the N stacks holding the most.
+    #[arg(short = 'T', long, default_value_t = 10, value_name = "N")]
+    pub top: usize,
+
+    /// Ignore allocations smaller than this many bytes.
+    #[arg(short = 'z', long, value_name = "BYTES")]
+    pub min_size: Option<u64>,
+
+    /// Ignore allocations larger than this many bytes.
+    #[arg(short = 'Z', long, value_name = "BYTES")]
+    pub max_size: Option<u64>,
+
+    /// Hook the allocator in this library instead of libc (a path or a name such as
+    /// `libjemalloc`); mmap/munmap/mremap stay on libc.
+    #[arg(short = 'O', long, value_name = "LIB")]
+    pub obj: Option<String>,
+
+    /// Prefix of the allocator's symbols in --obj (e.g. `je_`).
+    #[arg(long, value_name = "PREFIX", default_value = "")]
+    pub symbols_prefix: String,
+
+    /// Order stacks by outstanding bytes or by number of allocations.
+    #[arg(long, value_enum, default_value_t = SortKey::Size)]
+    pub sort: SortKey,
+
+    /// Write every interval and the final state as JSON (schema memleak/1) on exit.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+
+    /// Say what was attached where, and map usage.
+    #[arg(short, long)]
+    pub verbose: bool,
+
+    /// Capacity of the outstanding-allocation map.
+    #[arg(long, default_value_t = DEFAULT_MAX_ALLOCS, value_name = "N")]
+    pub max_allocs: u32,
+
+    /// Capacity of the anonymous-mapping map.
+    #[arg(long, default_value_t = DEFAULT_MAX_MMAPS, value_name = "N")]
+    pub max_mmaps: u32,
+
+    /// Capacity of the stack map (distinct stacks).
+    #[arg(long, default_value_t = DEFAULT_MAX_STACKS, value_name = "N")]
+    pub max_stacks: u32,
+
+    /// Capacity of the in-flight call map (threads inside an allocator at once).
+    #[arg(long, default_value_t = DEFAULT_MAX_INFLIGHT, value_name = "N")]
+    pub max_inflight: u32,
+
+    /// Capacity of the per-stack totals map (--combined-only).
+    #[arg(long, default_value_t = DEFAULT_MAX_COMBINED, value_name = "N")]
+    pub max_combined: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SortKey {
+    Size,
+    Count,
+}
+
+impl Args {
+    /// Checks what clap cannot express; returns a one-line message for the user.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.interval == 0 {
+            return Err("the interval must be at least 1 second".into());
+        }
+        if self.count == Some(0) {
+            return Err("the count must be at least 1".into());
+        }
+        if self.sample_rate == 0 {
+            return Err("--sample-rate must be at least 1".into());
+        }
+        if let (Some(min), Some(max)) = (self.min_size, self.max_size)
+            && min > max
+        {
+            return Err(format!("--min-size {min} is larger than --max-size {max}"));
+        }
+        if self.combined_only && self.show_allocs {
+            return Err("--show-allocs needs the per-allocation map; drop --combined-only".into());
+        }
+        for (name, v) in [
+            ("--max-allocs", self.max_allocs),
+            ("--max-mmaps", self.max_mmaps),
+            ("--max-stacks", self.max_stacks),
+            ("--max-inflight", self.max_inflight),
+            ("--max-combined", self.max_combined),
+        ] {
+            if v == 0 {
+                return Err(format!("{name} must be at least 1"));
+            }
+        }
+        Ok(())
+    }
+}

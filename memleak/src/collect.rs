@@ -1,0 +1,199 @@
+//! Reads the BPF maps into the data model: one `Snapshot` of what is outstanding, per stack,
+//! symbolized. Knows the maps; knows nothing about output formats.
+
+use std::{
+    collections::HashMap as StdHashMap,
+    time::{Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context, Result};
+use aya::{
+    Ebpf,
+    maps::{HashMap, MapData, PerCpuArray, StackTraceMap},
+};
+use memleak_common::{AllocInfo, CombinedAlloc, Counter};
+
+use crate::{
+    cli::SortKey,
+    kallsyms::Kallsyms,
+    model::{Allocation, Frame, Lost, Snapshot, StackUsage},
+    symbolize::Symbolizer,
+};
+
+/// What turns a stack's addresses into frames.
+pub enum Names {
+    /// A process's user stacks.
+    User(Symbolizer),
+    /// Kernel stacks (kernel mode).
+    Kernel(Kallsyms),
+}
+
+impl Names {
+    /// Re-reads the process's mappings (libraries loaded since); nothing in kernel mode.
+    pub fn refresh(&mut self) {
+        if let Names::User(s) = self {
+            s.refresh();
+        }
+    }
+}
+
+pub struct Collector {
+    allocs: HashMap<MapData, u64, AllocInfo>,
+    mmaps: HashMap<MapData, u64, AllocInfo>,
+    combined: HashMap<MapData, i64, CombinedAlloc>,
+    stacks: StackTraceMap<MapData>,
+    counters: PerCpuArray<MapData, u64>,
+    pub names: Names,
+    /// Symbolized stacks by id: ids are stable for the whole run.
+    frames: StdHashMap<i64, Vec<Frame>>,
+    started: Instant,
+}
+
+/// What a snapshot should contain.
+pub struct Query {
+    /// Skip allocations younger than this (BCC's -o).
+    pub older_ms: u64,
+    pub show_allocs: bool,
+    pub combined_only: bool,
+    pub sort: SortKey,
+}
+
+impl Collector {
+    pub fn new(ebpf: &mut Ebpf, names: Names) -> Result<Collector> {
+        let stacks = match names {
+            Names::User(_) => "STACKS",
+            Names::Kernel(_) => "KSTACKS",
+        };
+        let mut take = |name: &str| {
+            ebpf.take_map(name)
+                .with_context(|| format!("BPF object lacks map {name}"))
+        };
+        Ok(Collector {
+            allocs: HashMap::try_from(take("ALLOCS")?)?,
+            mmaps: HashMap::try_from(take("MMAPS")?)?,
+            combined: HashMap::try_from(take("COMBINED")?)?,
+            stacks: StackTraceMap::try_from(take(stacks)?)?,
+            counters: PerCpuArray::try_from(take("COUNTERS")?)?,
+            names,
+            frames: StdHashMap::new(),
+            started: Instant::now(),
+        })
+    }
+
+    pub fn snapshot(&mut self, q: &Query) -> Result<Snapshot> {
+        let mut per_stack: StdHashMap<i64, StackUsage> = StdHashMap::new();
+        if q.combined_only {
+            for item in self.combined.iter() {
+                let (stack_id, c) = item?;
+                if c.number_of_allocs == 0 {
+                    continue;
+                }
+                let s = usage(&mut per_stack, stack_id);
+                s.bytes += c.total_size;
+                s.count += c.number_of_allocs;
+            }
+        } else {
+            let now = monotonic_ns();
+            for map in [&self.allocs, &self.mmaps] {
+                for item in map.iter() {
+                    // An entry freed between listing and reading is simply gone.
+                    let Ok((addr, info)) = item else { continue };
+                    let age_ms = now.saturating_sub(info.timestamp_ns) / 1_000_000;
+                    if age_ms < q.older_ms {
+                        continue;
+                    }
+                    let s = usage(&mut per_stack, info.stack_id);
+                    s.bytes += info.size;
+                    s.count += 1;
+                    if q.show_allocs {
+                        s.allocations.push(Allocation {
+                            addr,
+                            size: info.size,
+                            age_ms,
+                        });
+                    }
+                }
+            }
+        }
+        let mut stacks: Vec<StackUsage> = per_stack.into_values().collect();
+        stacks.sort_by(|a, b| match q.sort {
+            SortKey::Size => (b.bytes, b.count).cmp(&(a.bytes, a.count)),
+            SortKey::Count => (b.count, b.bytes).cmp(&(a.count, a.bytes)),
+        });
+        for s in &mut stacks {
+            s.frames = self.frames_of(s.stack_id);
+            s.allocations.sort_by_key(|a| a.addr);
+        }
+        let counters = self.counters()?;
+        let elapsed = self.started.elapsed().as_secs_f64();
+        Ok(Snapshot {
+            unix_time: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0),
+            elapsed_s: elapsed,
+            total_bytes: stacks.iter().map(|s| s.bytes).sum(),
+            total_count: stacks.iter().map(|s| s.count).sum(),
+            stacks,
+            lost: Lost {
+                allocs_map_full: counters[Counter::AllocsFull as usize],
+                stack_walks_failed: counters[Counter::StackLost as usize],
+                inflight_map_full: counters[Counter::InflightFull as usize],
+                combined_map_full: counters[Counter::CombinedFull as usize],
+                trace_events_lost: counters[Counter::EventsLost as usize],
+                stale_inflight: counters[Counter::StaleInflight as usize],
+                munmap_splits_lost: counters[Counter::MunmapSplitLost as usize],
+            },
+            recorded: counters[Counter::Recorded as usize],
+            released: counters[Counter::Released as usize],
+        })
+    }
+
+    /// The symbolized frames of a stack; a failed walk (negative id) has none.
+    pub fn frames_of(&mut self, stack_id: i64) -> Vec<Frame> {
+        if stack_id < 0 {
+            return Vec::new();
+        }
+        if let Some(f) = self.frames.get(&stack_id) {
+            return f.clone();
+        }
+        let ips: Vec<u64> = match self.stacks.get(&(stack_id as u32), 0) {
+            Ok(trace) => trace.frames().iter().map(|f| f.ip).collect(),
+            Err(_) => return Vec::new(),
+        };
+        let frames: Vec<Frame> = match &mut self.names {
+            // Stacks are taken at the allocator's return: every address is a return address.
+            Names::User(sym) => ips.iter().flat_map(|&ip| sym.symbolize(ip, true)).collect(),
+            Names::Kernel(k) => ips.iter().map(|&ip| k.frame(ip)).collect(),
+        };
+        self.frames.insert(stack_id, frames.clone());
+        frames
+    }
+
+    /// Running totals of the per-CPU counters, indexed by `Counter`.
+    fn counters(&self) -> Result<Vec<u64>> {
+        (0..memleak_common::COUNTER_COUNT)
+            .map(|i| Ok(self.counters.get(&i, 0)?.iter().sum()))
+            .collect()
+    }
+}
+
+fn usage(per_stack: &mut StdHashMap<i64, StackUsage>, stack_id: i64) -> &mut StackUsage {
+    per_stack.entry(stack_id).or_insert_with(|| StackUsage {
+        stack_id,
+        bytes: 0,
+        count: 0,
+        frames: Vec::new(),
+        allocations: Vec::new(),
+    })
+}
+
+/// CLOCK_MONOTONIC in ns: the clock of bpf_ktime_get_ns.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}

@@ -1,0 +1,298 @@
+//! Loading the embedded BPF object and hooking the allocator of one process.
+
+use std::{collections::HashMap, num::NonZeroU32, path::Path};
+
+use anyhow::{Context, Result, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{TracePoint, UProbe, uprobe::UProbeScope},
+};
+use memleak_common::{AllocKind, KernelLayout, globals};
+
+use crate::cli::Args;
+
+static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/memleak"));
+
+/// Checks the things that would otherwise fail deep inside the loader with an errno.
+pub fn preflight() -> Result<()> {
+    if unsafe { libc::geteuid() } != 0 && !has_bpf_caps() {
+        bail!(
+            "memleak needs root (or CAP_BPF, CAP_PERFMON and CAP_SYS_PTRACE) to load BPF programs and read the target"
+        );
+    }
+    if !Path::new("/sys/bus/event_source/devices/uprobe").exists() {
+        bail!(
+            "this kernel has no uprobe support (CONFIG_UPROBE_EVENTS); memleak cannot hook user allocators here"
+        );
+    }
+    Ok(())
+}
+
+fn has_bpf_caps() -> bool {
+    const CAP_PERFMON: u32 = 38;
+    const CAP_BPF: u32 = 39;
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << CAP_BPF) != 0 && caps & (1 << CAP_PERFMON) != 0)
+}
+
+/// Loads the BPF object; `kernel` carries the tracepoint layout in kernel mode.
+pub fn load(args: &Args, kernel: Option<&KernelLayout>) -> Result<Ebpf> {
+    let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64;
+    let min_size = args.min_size.unwrap_or(0);
+    let max_size = args.max_size.unwrap_or(u64::MAX);
+    let trace = args.trace as u8;
+    let combined_only = args.combined_only as u8;
+    let layout = kernel.copied().unwrap_or_default();
+    EbpfLoader::new()
+        .override_global(globals::KERNEL_LAYOUT, &layout, true)
+        .override_global(globals::MIN_SIZE, &min_size, true)
+        .override_global(globals::MAX_SIZE, &max_size, true)
+        .override_global(globals::SAMPLE_RATE, &args.sample_rate, true)
+        .override_global(globals::TRACE, &trace, true)
+        .override_global(globals::COMBINED_ONLY, &combined_only, true)
+        .override_global(globals::PAGE_SIZE, &page_size, true)
+        .map_max_entries("ALLOCS", args.max_allocs)
+        .map_max_entries("MMAPS", args.max_mmaps)
+        .map_max_entries("STACKS", args.max_stacks)
+        .map_max_entries("KSTACKS", args.max_stacks)
+        .map_max_entries("INFLIGHT", args.max_inflight)
+        .map_max_entries("COMBINED", args.max_combined)
+        .load(BPF_OBJECT)
+        .context("loading the BPF program (kernel too old, or locked memory limit too low?)")
+}
+
+/// Where each entry point was hooked, for `--verbose`.
+pub struct Attached {
+    pub function: String,
+    pub object: String,
+    pub vaddr: u64,
+}
+
+/// Hooks every entry point found in `alloc_lib` (malloc family, with `prefix`) and in `libc`
+/// (mmap family). A symbol that is an alias of one already hooked (glibc's aligned_alloc is
+/// memalign) is hooked once.
+pub fn attach(
+    ebpf: &mut Ebpf,
+    pid: u32,
+    alloc_lib: &Path,
+    prefix: &str,
+    libc: &Path,
+) -> Result<Vec<Attached>> {
+    let pid = NonZeroU32::new(pid).context("PID 0 is not a process")?;
+    for name in AllocKind::USER
+        .into_iter()
+        .filter_map(entry_program)
+        .chain(["alloc_return"])
+    {
+        let prog: &mut UProbe = ebpf
+            .program_mut(name)
+            .with_context(|| format!("BPF object lacks program {name}"))?
+            .try_into()?;
+        prog.load()
+            .with_context(|| format!("verifier rejected {name}"))?;
+    }
+    let mut symbols: HashMap<&Path, HashMap<String, u64>> = HashMap::new();
+    let mut hooked: HashMap<(&Path, u64), AllocKind> = HashMap::new();
+    let mut attached = Vec::new();
+    for kind in AllocKind::USER {
+        let (object, symbol) = if kind.is_syscall_wrapper() {
+            (libc, kind.symbol().to_string())
+        } else {
+            (alloc_lib, format!("{prefix}{}", kind.symbol()))
+        };
+        if !symbols.contains_key(object) {
+            symbols.insert(object, function_symbols(object)?);
+        }
+        let Some(&vaddr) = symbols[object].get(&symbol) else {
+            if matches!(kind, AllocKind::Malloc | AllocKind::Free) {
+                bail!(
+                    "{} has no {symbol}: not an allocator (a static binary? name the object with -O, and its symbol prefix with --symbols-prefix)",
+                    object.display()
+                );
+            }
+            continue;
+        };
+        if hooked.insert((object, vaddr), kind).is_some() {
+            continue;
+        }
+        let Some(program) = entry_program(kind) else {
+            continue;
+        };
+        attach_one(ebpf, program, &symbol, object, pid)?;
+        if !matches!(kind, AllocKind::Free | AllocKind::Munmap) {
+            attach_one(ebpf, "alloc_return", &symbol, object, pid)?;
+        }
+        attached.push(Attached {
+            function: symbol,
+            object: object.display().to_string(),
+            vaddr,
+        });
+    }
+    Ok(attached)
+}
+
+fn attach_one(
+    ebpf: &mut Ebpf,
+    program: &str,
+    symbol: &str,
+    object: &Path,
+    pid: NonZeroU32,
+) -> Result<()> {
+    let prog: &mut UProbe = ebpf
+        .program_mut(program)
+        .context(program.to_string())?
+        .try_into()?;
+    prog.attach(symbol, object, UProbeScope::OneProcess(pid))
+        .with_context(|| format!("attaching {program} to {symbol} in {}", object.display()))?;
+    Ok(())
+}
+
+fn entry_program(kind: AllocKind) -> Option<&'static str> {
+    Some(match kind {
+        AllocKind::Malloc => "malloc_enter",
+        AllocKind::Calloc => "calloc_enter",
+        AllocKind::Realloc => "realloc_enter",
+        AllocKind::Reallocarray => "reallocarray_enter",
+        AllocKind::PosixMemalign => "posix_memalign_enter",
+        AllocKind::AlignedAlloc => "aligned_alloc_enter",
+        AllocKind::Memalign => "memalign_enter",
+        AllocKind::Valloc => "valloc_enter",
+        AllocKind::Pvalloc => "pvalloc_enter",
+        AllocKind::Mmap => "mmap_enter",
+        AllocKind::Mremap => "mremap_enter",
+        AllocKind::Free => "free_enter",
+        AllocKind::Munmap => "munmap_enter",
+        _ => return None,
+    })
+}
+
+/// The kernel-mode tracepoints (category, event); each program is named for its event.
+const KERNEL_EVENTS: [(&str, &str); 8] = [
+    ("kmem", "kmalloc"),
+    ("kmem", "kfree"),
+    ("kmem", "kmem_cache_alloc"),
+    ("kmem", "kmem_cache_free"),
+    ("kmem", "mm_page_alloc"),
+    ("kmem", "mm_page_free"),
+    ("percpu", "percpu_alloc_percpu"),
+    ("percpu", "percpu_free_percpu"),
+];
+
+const TRACEFS: &str = "/sys/kernel/tracing";
+
+/// Mounts tracefs if nobody has (a fresh machine often has not): tracepoints are found there.
+fn ensure_tracefs() -> Result<()> {
+    if Path::new(TRACEFS).join("events").is_dir() {
+        return Ok(());
+    }
+    let r = unsafe {
+        libc::mount(
+            c"nodev".as_ptr(),
+            c"/sys/kernel/tracing".as_ptr(),
+            c"tracefs".as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if r != 0 {
+        bail!(
+            "tracefs is not mounted at {TRACEFS} and mounting it failed: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+/// Reads where each field the kernel programs need sits in its tracepoint record.
+pub fn kernel_layout() -> Result<KernelLayout> {
+    ensure_tracefs()?;
+    let offset = |category: &str, event: &str, field: &str| -> Result<u32> {
+        let path = format!("{TRACEFS}/events/{category}/{event}/format");
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!("this kernel has no {category}:{event} tracepoint ({path})")
+        })?;
+        format_offset(&text, field).with_context(|| format!("{path} has no field {field}"))
+    };
+    Ok(KernelLayout {
+        kmalloc_ptr: offset("kmem", "kmalloc", "ptr")?,
+        kmalloc_bytes: offset("kmem", "kmalloc", "bytes_alloc")?,
+        kfree_ptr: offset("kmem", "kfree", "ptr")?,
+        cache_alloc_ptr: offset("kmem", "kmem_cache_alloc", "ptr")?,
+        cache_alloc_bytes: offset("kmem", "kmem_cache_alloc", "bytes_alloc")?,
+        cache_free_ptr: offset("kmem", "kmem_cache_free", "ptr")?,
+        page_alloc_pfn: offset("kmem", "mm_page_alloc", "pfn")?,
+        page_alloc_order: offset("kmem", "mm_page_alloc", "order")?,
+        page_free_pfn: offset("kmem", "mm_page_free", "pfn")?,
+        page_free_order: offset("kmem", "mm_page_free", "order")?,
+        percpu_alloc_ptr: offset("percpu", "percpu_alloc_percpu", "ptr")?,
+        percpu_alloc_bytes: offset("percpu", "percpu_alloc_percpu", "bytes_alloc")?,
+        percpu_free_ptr: offset("percpu", "percpu_free_percpu", "ptr")?,
+        _pad: 0,
+    })
+}
+
+/// `field:const void * ptr; offset:16; size:8;` (tab-separated) → 16 for `ptr`.
+fn format_offset(format: &str, field: &str) -> Option<u32> {
+    format.lines().find_map(|line| {
+        let decl = line.trim().strip_prefix("field:")?.split(';').next()?;
+        let name = decl.rsplit([' ', '*']).next()?;
+        if name != field {
+            return None;
+        }
+        let off = line.split("offset:").nth(1)?.split(';').next()?;
+        off.trim().parse().ok()
+    })
+}
+
+/// Hooks the kernel allocators (no -p): every process, kernel stacks.
+pub fn attach_kernel(ebpf: &mut Ebpf) -> Result<()> {
+    for (category, event) in KERNEL_EVENTS {
+        let prog: &mut TracePoint = ebpf
+            .program_mut(event)
+            .with_context(|| format!("BPF object lacks program {event}"))?
+            .try_into()?;
+        prog.load()
+            .with_context(|| format!("verifier rejected {event}"))?;
+        prog.attach(category, event)
+            .with_context(|| format!("attaching to tracepoint {category}:{event}"))?;
+    }
+    Ok(())
+}
+
+/// Defined function symbols (dynamic and static tables) → their virtual address.
+fn function_symbols(path: &Path) -> Result<HashMap<String, u64>> {
+    use object::{Object, ObjectSymbol, SymbolKind};
+    let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let file = object::File::parse(&*data)
+        .with_context(|| format!("{} is not an ELF object", path.display()))?;
+    let mut out = HashMap::new();
+    for sym in file.dynamic_symbols().chain(file.symbols()) {
+        if sym.kind() != SymbolKind::Text || sym.is_undefined() || sym.address() == 0 {
+            continue;
+        }
+        if let Ok(name) = sym.name() {
+            // Versioned dynamic names come as plain names from `object`.
+            out.entry(name.to_string()).or_insert(sym.address());
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::format_offset;
+
+    #[test]
+    fn reads_field_offsets_from_a_format_file() {
+        let f = "name: kmalloc\nformat:\n\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n\tfield:const void * ptr;\toffset:16;\tsize:8;\tsigned:0;\n\tfield:size_t bytes_alloc;\toffset:32;\tsize:8;\tsigned:0;\n";
+        assert_eq!(format_offset(f, "ptr"), Some(16));
+        assert_eq!(format_offset(f, "bytes_alloc"), Some(32));
+        assert_eq!(format_offset(f, "bytes"), None);
+    }
+}

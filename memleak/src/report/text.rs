@@ -1,0 +1,91 @@
+//! BCC memleak's per-interval table, so a user's eyes and scripts find what they expect: a
+//! `[HH:MM:SS] Top N stacks with outstanding allocations:` header, then per stack a tab-indented
+//! `BYTES bytes in N allocations from stack` line and one doubly indented line per frame
+//! (`0x000055a20767e1a8<TAB>leak_one+0xf [leaker] leaker.c:12`).
+
+use std::fmt::Write;
+
+use crate::{
+    model::{Lost, Snapshot},
+    symbolize::format_frame,
+};
+
+/// Renders one table. `title` follows the time stamp (e.g. "Top 10 stacks with outstanding
+/// allocations:"); `top` caps the stacks shown.
+pub fn table(snap: &Snapshot, title: &str, top: usize) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "[{}] {title}", clock(snap.unix_time));
+    let _ = writeln!(out, "\t{}", lost_line(&snap.lost));
+    for s in snap.stacks.iter().take(top) {
+        let _ = writeln!(
+            out,
+            "\t{} bytes in {} allocations from stack",
+            s.bytes, s.count
+        );
+        if s.stack_id < 0 {
+            let _ = writeln!(out, "\t\t[stack walk failed: {}]", s.stack_id);
+        }
+        for f in &s.frames {
+            let _ = writeln!(out, "\t\t{:#018x}\t{}", f.addr, format_frame(f));
+        }
+        for a in &s.allocations {
+            let _ = writeln!(
+                out,
+                "\t\taddr = {:#x} size = {} age = {} ms",
+                a.addr, a.size, a.age_ms
+            );
+        }
+    }
+    if snap.stacks.len() > top {
+        let rest = &snap.stacks[top..];
+        let _ = writeln!(
+            out,
+            "\t... {} more stacks hold {} bytes in {} allocations",
+            rest.len(),
+            rest.iter().map(|s| s.bytes).sum::<u64>(),
+            rest.iter().map(|s| s.count).sum::<u64>()
+        );
+    }
+    out
+}
+
+/// Lost data, always printed so the reader knows whether the table is complete.
+fn lost_line(l: &Lost) -> String {
+    if l.is_empty() {
+        return "lost: nothing (the table is complete)".to_string();
+    }
+    let parts: Vec<String> = [
+        (
+            l.allocs_map_full,
+            "allocations not recorded (map full: raise --max-allocs/--max-mmaps)",
+        ),
+        (
+            l.stack_walks_failed,
+            "stack walks failed (raise --max-stacks)",
+        ),
+        (
+            l.inflight_map_full,
+            "calls missed (in-flight map full: raise --max-inflight)",
+        ),
+        (
+            l.combined_map_full,
+            "per-stack totals not kept (raise --max-combined)",
+        ),
+        (l.trace_events_lost, "trace events dropped"),
+        (l.stale_inflight, "calls that never returned"),
+        (l.munmap_splits_lost, "munmap splits not tracked"),
+    ]
+    .iter()
+    .filter(|(n, _)| *n > 0)
+    .map(|(n, what)| format!("{n} {what}"))
+    .collect();
+    format!("lost: {} (results are partial)", parts.join(", "))
+}
+
+/// HH:MM:SS in local time.
+fn clock(unix_time: f64) -> String {
+    let t = unix_time as libc::time_t;
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    unsafe { libc::localtime_r(&t, &mut tm) };
+    format!("{:02}:{:02}:{:02}", tm.tm_hour, tm.tm_min, tm.tm_sec)
+}

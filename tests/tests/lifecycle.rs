@@ -1,0 +1,143 @@
+//! How memleak starts and ends: a target that exits mid-trace, `-c` passing stdio and the exit
+//! status through, and bad input failing with one clear line.
+
+use std::time::Duration;
+
+use anyhow::{Result, ensure};
+use memleak_tests::{
+    Ledger, Report, Running, Scratch, can_trace, check_against_ledger, expect_success, run_memleak,
+};
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+#[test]
+fn target_exit_mid_trace_ends_with_final_report() -> Result<()> {
+    if !can_trace("target_exit_mid_trace_ends_with_final_report") {
+        return Ok(());
+    }
+    let scratch = Scratch::new("targetexit")?;
+    let fixture = scratch.compile("leaks", "leaks", &[])?;
+    let ledger = scratch.path("ledger.json");
+    let out = scratch.path("report.json");
+    let target = Running::start(
+        &scratch,
+        "leaks",
+        &fixture,
+        &[ledger.to_str().unwrap(), "attach-exit"],
+        None,
+    )?;
+    let pid = target.pid().to_string();
+    // 1-second tables, far more of them than the target lives for.
+    let tracer = Running::memleak(
+        &scratch,
+        &["-p", &pid, "--json", out.to_str().unwrap(), "1", "1000"],
+        None,
+    )?;
+    let fixture_run = target.wait(TIMEOUT)?;
+    ensure!(
+        fixture_run.status.success(),
+        "fixture failed\n{}",
+        fixture_run.transcript()
+    );
+    let run = tracer.wait(Duration::from_secs(15))?;
+    expect_success(&run)?;
+    let said = format!("{}{}", run.stdout, run.stderr).to_lowercase();
+    ensure!(
+        said.contains("exited"),
+        "memleak did not say the target exited\n{}",
+        run.transcript()
+    );
+    let report = Report::read(&out)?;
+    check_against_ledger(
+        report.final_snapshot(),
+        &Ledger::read(&ledger)?,
+        "leaks.c",
+        |_| true,
+    )
+}
+
+#[test]
+fn command_stdio_and_exit_status_pass_through() -> Result<()> {
+    if !can_trace("command_stdio_and_exit_status_pass_through") {
+        return Ok(());
+    }
+    let scratch = Scratch::new("passthrough")?;
+    let fixture = scratch.compile("echo_exit", "echo_exit", &[])?;
+    for status in [0, 7] {
+        let command = format!("{} {status}", fixture.display());
+        let run = run_memleak(
+            &scratch,
+            &["-c", &command],
+            Some("hello memleak\n"),
+            TIMEOUT,
+        )?;
+        ensure!(
+            run.status.code() == Some(status),
+            "expected exit status {status}\n{}",
+            run.transcript()
+        );
+        ensure!(
+            run.stdout.contains("echo: hello memleak"),
+            "the command's stdio did not pass through\n{}",
+            run.transcript()
+        );
+    }
+    Ok(())
+}
+
+/// One line on stderr, a non-zero status, no panic.
+fn expect_clean_error(run: &memleak_tests::Finished, what: &str) -> Result<()> {
+    let err = run.stderr.trim();
+    ensure!(
+        !run.status.success(),
+        "{what}: memleak exited 0\n{}",
+        run.transcript()
+    );
+    ensure!(
+        run.status.code().is_some(),
+        "{what}: memleak died of a signal\n{}",
+        run.transcript()
+    );
+    ensure!(
+        !err.is_empty() && err.lines().count() == 1,
+        "{what}: expected a one-line error\n{}",
+        run.transcript()
+    );
+    ensure!(
+        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+        "{what}: memleak panicked\n{}",
+        run.transcript()
+    );
+    Ok(())
+}
+
+#[test]
+fn bad_pid_is_a_one_line_error() -> Result<()> {
+    if !can_trace("bad_pid_is_a_one_line_error") {
+        return Ok(());
+    }
+    let scratch = Scratch::new("badpid")?;
+    // Above the largest pid_max Linux allows (2^22): never a process.
+    let run = run_memleak(&scratch, &["-p", "99999999"], None, TIMEOUT)?;
+    expect_clean_error(&run, "-p 99999999")?;
+    // A process that has just exited.
+    let mut gone = std::process::Command::new("true").spawn()?;
+    gone.wait()?;
+    let run = run_memleak(&scratch, &["-p", &gone.id().to_string()], None, TIMEOUT)?;
+    expect_clean_error(&run, "-p <exited pid>")
+}
+
+#[test]
+fn missing_command_is_a_one_line_error() -> Result<()> {
+    if !can_trace("missing_command_is_a_one_line_error") {
+        return Ok(());
+    }
+    let scratch = Scratch::new("nocommand")?;
+    let run = run_memleak(
+        &scratch,
+        &["-c", "/nonexistent/memleak-test-command --flag"],
+        None,
+        TIMEOUT,
+    )?;
+    expect_clean_error(&run, "-c /nonexistent/...")
+}

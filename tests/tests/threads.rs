@@ -1,0 +1,44 @@
+//! Threads the target starts after memleak attached: each one's leaks are seen, exactly, and
+//! the arenas glibc maps for new threads inside malloc are not counted on top.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use memleak_tests::{
+    Ledger, Report, Running, Scratch, can_trace, check_against_ledger, expect_success,
+    wait_for_file,
+};
+
+#[test]
+fn threads_started_after_attach() -> Result<()> {
+    if !can_trace("threads_started_after_attach") {
+        return Ok(());
+    }
+    let scratch = Scratch::new("threads")?;
+    let fixture = scratch.compile("threads", "threads", &[])?;
+    let ledger = scratch.path("ledger.json");
+    let out = scratch.path("report.json");
+    let target = Running::start(
+        &scratch,
+        "threads",
+        &fixture,
+        &[ledger.to_str().unwrap(), "attach"],
+        None,
+    )?;
+    let pid = target.pid().to_string();
+    let tracer = Running::memleak(
+        &scratch,
+        &["-p", &pid, "--json", out.to_str().unwrap()],
+        None,
+    )?;
+    wait_for_file(&ledger, Duration::from_secs(45))?;
+    let run = tracer.interrupt(Duration::from_secs(60))?;
+    expect_success(&run)?;
+    let report = Report::read(&out)?;
+    check_against_ledger(
+        report.final_snapshot(),
+        &Ledger::read(&ledger)?,
+        "threads.c",
+        |_| true,
+    )
+}

@@ -10,6 +10,7 @@
 #![feature(core_intrinsics)]
 
 mod kernel;
+mod python;
 
 use core::{ffi::c_void, ptr::read_volatile};
 

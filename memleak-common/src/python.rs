@@ -76,8 +76,6 @@ pub mod globals {
 /// Map: a thread's fs_base (its pthread_t) → its `PyThreadState` address, kept by userspace.
 pub const PY_THREADS_MAP: &str = "PY_THREADS";
 pub const MAX_PY_THREADS: u32 = 4096;
-/// Map (per-CPU, one slot): allocations by threads missing from `PY_THREADS_MAP`.
-pub const PY_MISSES_MAP: &str = "PY_MISSES";
 
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for PyOffsets {}

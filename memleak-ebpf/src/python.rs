@@ -3,15 +3,15 @@
 //!
 //! The thread's `PyThreadState` comes from `PY_THREADS`, which userspace keeps keyed by each
 //! thread's pthread_t; on x86-64 that is the thread's fs_base, which the kernel keeps in
-//! `task_struct` (offset `TASK_FSBASE`, from the kernel BTF). A thread that is not there
-//! (new since the last scan) counts a miss in `PY_MISSES`, and userspace rescans.
+//! `task_struct` (offset `TASK_FSBASE`, from the kernel BTF). A thread started since
+//! userspace last scanned has no Python frames until the next scan.
 
 use core::ptr::read_volatile;
 
 use aya_ebpf::{
     helpers::{bpf_get_current_task, bpf_probe_read_kernel, bpf_probe_read_user},
     macros::map,
-    maps::{HashMap, PerCpuArray},
+    maps::HashMap,
 };
 use memleak_common::{
     MAX_PYTHON_FRAMES, PyFrame, StackRecord,
@@ -41,9 +41,6 @@ static TASK_FSBASE: u64 = 0;
 /// fs_base (pthread_t) → `PyThreadState` address.
 #[map]
 static PY_THREADS: HashMap<u64, u64> = HashMap::with_max_entries(MAX_PY_THREADS, 0);
-/// Allocations by a thread `PY_THREADS` did not know (one slot).
-#[map]
-static PY_MISSES: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 #[inline(always)]
 fn user<T>(addr: u64) -> Option<T> {
@@ -62,9 +59,6 @@ pub fn read_frames(rec: *mut StackRecord) {
         return;
     }
     let Some(tstate) = thread_state(&o) else {
-        if let Some(m) = PY_MISSES.get_ptr_mut(0) {
-            unsafe { *m += 1 };
-        }
         return;
     };
     let Some(mut frame) = user::<u64>(tstate + o.tstate_frame as u64) else {

@@ -3,13 +3,16 @@
 //! file, function and line by reading the target's memory.
 
 mod btf;
+mod classify;
 mod layout;
 mod linetable;
 mod memory;
+mod splice;
 #[cfg(test)]
 mod tests;
+mod threads;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
@@ -22,9 +25,11 @@ use memleak_common::python::{
 use object::{Object, ObjectSegment, ObjectSymbol};
 
 use crate::procmaps::{self, Mapping};
+pub use classify::{Class, classify};
 pub use layout::Version;
 use layout::{BYTES_DATA, BYTES_SIZE, Layout, OB_TYPE, UNICODE_LENGTH, UNICODE_STATE};
 use memory::Memory;
+pub use threads::{ThreadMap, globals};
 
 /// Where a Python frame was.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -54,6 +59,9 @@ pub struct PythonRuntime {
     pub interpreter_path: String,
     /// Files under this directory are the standard library (site-packages excepted).
     pub stdlib_dir: String,
+    /// Basenames of the interpreter's native code: libpython, the executable, the standard
+    /// library's extension modules.
+    interpreter_modules: HashSet<String>,
     layout: Layout,
     memory: Memory,
     /// `_PyRuntime` and `PyCode_Type` in the target.
@@ -106,7 +114,9 @@ impl PythonRuntime {
             let bias = load_bias(&file, first).with_context(|| {
                 format!("{path}: no segment maps file offset {:#x}", first.offset)
             })?;
-            return Self::new(pid, path, bias, runtime, &symbols).map(Some);
+            let mut rt = Self::new(pid, path, bias, runtime, &symbols)?;
+            rt.interpreter_modules = interpreter_modules(pid, path, &exe, &rt.stdlib_dir);
+            return Ok(Some(rt));
         }
         Ok(None)
     }
@@ -145,6 +155,7 @@ impl PythonRuntime {
             version,
             interpreter_path: path.to_string(),
             stdlib_dir: stdlib_dir(path, version),
+            interpreter_modules: HashSet::new(),
             layout,
             memory,
             runtime_addr: bias.wrapping_add(runtime),
@@ -392,4 +403,24 @@ fn stdlib_dir(interpreter_path: &str, v: Version) -> String {
         v.major,
         v.minor
     )
+}
+
+/// Basenames of the interpreter's object file, the executable, and the standard library's
+/// extension modules (`lib-dynload`, read through the target's root).
+fn interpreter_modules(
+    pid: u32,
+    interpreter: &str,
+    exe: &str,
+    stdlib_dir: &str,
+) -> HashSet<String> {
+    let base = |p: &str| p.rsplit('/').next().unwrap_or(p).to_string();
+    let mut modules: HashSet<String> = [base(interpreter), base(exe)].into();
+    let dynload = procmaps::host_path(pid, &format!("{stdlib_dir}lib-dynload"));
+    if let Ok(dir) = std::fs::read_dir(dynload) {
+        modules.extend(
+            dir.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned()),
+        );
+    }
+    modules
 }

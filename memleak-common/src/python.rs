@@ -65,17 +65,22 @@ pub fn instr_offset(instr_ptr: u64, code: u64, code_adaptive: u32) -> u64 {
     }
 }
 
-/// Globals in the BPF object that userspace sets before load.
-pub mod globals {
-    /// A `PyOffsets`; `tstate_frame == 0` means the target runs no Python.
-    pub const PY_OFFSETS: &str = "PY_OFFSETS";
+/// What the BPF program needs to read a Python target, in the one-slot array map
+/// `PY_CONFIG_MAP`. Userspace writes it once it has found CPython in the target (after exec
+/// for a started command); all zero means "no Python": no frames are read.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PyConfig {
+    pub offsets: PyOffsets,
     /// Offset of `thread.fsbase` in the kernel's `task_struct` (from the kernel BTF).
-    pub const TASK_FSBASE: &str = "TASK_FSBASE";
+    pub task_fsbase: u64,
 }
+
+pub const PY_CONFIG_MAP: &str = "PY_CONFIG";
 
 /// Map: a thread's fs_base (its pthread_t) → its `PyThreadState` address, kept by userspace.
 pub const PY_THREADS_MAP: &str = "PY_THREADS";
 pub const MAX_PY_THREADS: u32 = 4096;
 
 #[cfg(feature = "user")]
-unsafe impl aya::Pod for PyOffsets {}
+unsafe impl aya::Pod for PyConfig {}

@@ -3,41 +3,25 @@
 //!
 //! The thread's `PyThreadState` comes from `PY_THREADS`, which userspace keeps keyed by each
 //! thread's pthread_t; on x86-64 that is the thread's fs_base, which the kernel keeps in
-//! `task_struct` (offset `TASK_FSBASE`, from the kernel BTF). A thread started since
+//! `task_struct` (offset from the kernel BTF, in `PY_CONFIG`). A thread started since
 //! userspace last scanned has no Python frames until the next scan.
-
-use core::ptr::read_volatile;
 
 use aya_ebpf::{
     helpers::{bpf_get_current_task, bpf_probe_read_kernel, bpf_probe_read_user},
     macros::map,
-    maps::HashMap,
+    maps::{Array, HashMap},
 };
 use memleak_common::{
     MAX_PYTHON_FRAMES, PyFrame, StackRecord,
     python::{
-        ENTRY_FRAME, EntryMarker, FRAME_OWNED_BY_CSTACK, MAX_PY_THREADS, NO_FIELD, PyOffsets,
-        instr_offset,
+        ENTRY_FRAME, EntryMarker, FRAME_OWNED_BY_CSTACK, MAX_PY_THREADS, NO_FIELD, PyConfig,
+        PyOffsets, instr_offset,
     },
 };
 
-/// Set by userspace for a Python target; all zero (`tstate_frame == 0`) for any other.
-#[unsafe(no_mangle)]
-static PY_OFFSETS: PyOffsets = PyOffsets {
-    tstate_frame: 0,
-    cframe_current_frame: 0,
-    tstate_thread_id: 0,
-    frame_previous: 0,
-    frame_code: 0,
-    frame_instr: 0,
-    frame_marker: 0,
-    entry_marker: 0,
-    code_adaptive: 0,
-    _pad: 0,
-};
-#[unsafe(no_mangle)]
-static TASK_FSBASE: u64 = 0;
-
+/// Written by userspace once it finds CPython in the target; zero until then.
+#[map]
+static PY_CONFIG: Array<PyConfig> = Array::with_max_entries(1, 0);
 /// fs_base (pthread_t) → `PyThreadState` address.
 #[map]
 static PY_THREADS: HashMap<u64, u64> = HashMap::with_max_entries(MAX_PY_THREADS, 0);
@@ -54,11 +38,14 @@ fn user<T>(addr: u64) -> Option<T> {
 pub fn read_frames(rec: *mut StackRecord) {
     let rec = unsafe { &mut *rec };
     rec.python_len = 0;
-    let o: PyOffsets = unsafe { read_volatile(&PY_OFFSETS) };
+    let Some(config) = PY_CONFIG.get(0) else {
+        return;
+    };
+    let o = config.offsets;
     if o.tstate_frame == 0 {
         return;
     }
-    let Some(tstate) = thread_state(&o) else {
+    let Some(tstate) = thread_state(&o, config.task_fsbase) else {
         return;
     };
     let Some(mut frame) = user::<u64>(tstate + o.tstate_frame as u64) else {
@@ -111,9 +98,8 @@ pub fn read_frames(rec: *mut StackRecord) {
 /// The running thread's `PyThreadState`, checked against the thread id it holds (a thread
 /// that exited leaves a stale entry until the next scan).
 #[inline(always)]
-fn thread_state(o: &PyOffsets) -> Option<u64> {
-    let task = unsafe { bpf_get_current_task() };
-    let fsbase_at = task + unsafe { read_volatile(&TASK_FSBASE) };
+fn thread_state(o: &PyOffsets, task_fsbase: u64) -> Option<u64> {
+    let fsbase_at = unsafe { bpf_get_current_task() } + task_fsbase;
     let fsbase: u64 = unsafe { bpf_probe_read_kernel(fsbase_at as *const u64) }.ok()?;
     let tstate = *unsafe { PY_THREADS.get(&fsbase) }?;
     (user::<u64>(tstate + o.tstate_thread_id as u64)? == fsbase).then_some(tstate)

@@ -29,7 +29,7 @@ pub use classify::{Class, classify};
 pub use layout::Version;
 use layout::{BYTES_DATA, BYTES_SIZE, Layout, OB_TYPE, UNICODE_LENGTH, UNICODE_STATE};
 use memory::Memory;
-pub use threads::{ThreadMap, globals};
+pub use threads::PythonTracking;
 
 /// Where a Python frame was.
 #[derive(Clone, Debug, PartialEq, Eq)]

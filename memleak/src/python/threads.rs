@@ -1,59 +1,101 @@
-//! Keeps the BPF program's map of the target's Python threads (fs_base → `PyThreadState`)
-//! equal to what the interpreter's own thread list says, and gives the loader the globals
-//! the BPF frame walk needs.
+//! Feeds the BPF frame walk: finds CPython in the target (now, or after the exec of a
+//! started command), hands the BPF program its offsets, and keeps the map of the target's
+//! Python threads (fs_base → `PyThreadState`) equal to the interpreter's own thread list.
 
 use std::collections::HashSet;
 
 use anyhow::{Context, Result};
 use aya::{
     Ebpf,
-    maps::{HashMap, MapData},
+    maps::{Array, HashMap, MapData},
 };
-use memleak_common::python::{PY_THREADS_MAP, PyOffsets};
+use memleak_common::python::{PY_CONFIG_MAP, PY_THREADS_MAP, PyConfig};
 
 use super::{PythonRuntime, btf};
 
-/// The values of the BPF globals `PY_OFFSETS` and `TASK_FSBASE`: all zero when the target
-/// runs no Python (the BPF program then reads no frames).
-pub fn globals(runtime: Option<&PythonRuntime>) -> Result<(PyOffsets, u64)> {
-    match runtime {
-        Some(rt) => Ok((rt.offsets(), btf::task_fsbase_offset()? as u64)),
-        None => Ok((PyOffsets::default(), 0)),
-    }
-}
-
-pub struct ThreadMap {
-    map: HashMap<MapData, u64, u64>,
+pub struct PythonTracking {
+    pid: u32,
+    config: Array<MapData, PyConfig>,
+    threads: HashMap<MapData, u64, u64>,
     /// Keys written by the last sync, to delete threads that have exited.
     written: HashSet<u64>,
+    runtime: Option<PythonRuntime>,
+    /// Detection failed for good (an unsupported interpreter): stop trying.
+    gave_up: bool,
 }
 
-impl ThreadMap {
-    /// Takes the map out of the loaded program and fills it.
-    pub fn new(ebpf: &mut Ebpf, runtime: &PythonRuntime) -> Result<ThreadMap> {
-        let map = ebpf
-            .take_map(PY_THREADS_MAP)
-            .with_context(|| format!("BPF object lacks map {PY_THREADS_MAP}"))?;
-        let mut threads = ThreadMap {
-            map: HashMap::try_from(map)?,
-            written: HashSet::new(),
+impl PythonTracking {
+    /// Takes the Python maps out of the loaded program; nothing is read from the target yet.
+    pub fn new(ebpf: &mut Ebpf, pid: u32) -> Result<PythonTracking> {
+        let mut take = |name: &str| {
+            ebpf.take_map(name)
+                .with_context(|| format!("BPF object lacks map {name}"))
         };
-        threads.sync(runtime)?;
-        Ok(threads)
+        Ok(PythonTracking {
+            pid,
+            config: Array::try_from(take(PY_CONFIG_MAP)?)?,
+            threads: HashMap::try_from(take(PY_THREADS_MAP)?)?,
+            written: HashSet::new(),
+            runtime: None,
+            gave_up: false,
+        })
     }
 
-    /// Re-reads the interpreter's thread list: new threads are added, exited ones removed.
-    /// Call it often (every few hundred ms): a thread is invisible to the BPF program until
-    /// then, and a pthread_t reused by a new thread must not keep its dead thread's state.
-    pub fn sync(&mut self, runtime: &PythonRuntime) -> Result<()> {
-        let threads = runtime.thread_states()?;
+    /// The interpreter, once found.
+    pub fn runtime_mut(&mut self) -> Option<&mut PythonRuntime> {
+        self.runtime.as_mut()
+    }
+
+    /// Call right after loading and then every few hundred ms: looks for CPython until found,
+    /// then re-reads its thread list (a new thread has no Python frames until then, and a
+    /// pthread_t reused by a new thread must not keep its dead thread's state). An error
+    /// about the interpreter (unsupported version or build) comes once; tracing goes on
+    /// without Python frames.
+    pub fn tick(&mut self) -> Result<()> {
+        if self.runtime.is_none() {
+            if self.gave_up {
+                return Ok(());
+            }
+            match PythonRuntime::detect(self.pid) {
+                Ok(Some(rt)) => self.start(rt)?,
+                Ok(None) => return Ok(()),
+                Err(e) => {
+                    self.gave_up = true;
+                    return Err(e.context("no Python frames"));
+                }
+            }
+        }
+        // A failed read (the target exiting, or changing its thread list under us) keeps
+        // the last map; the next tick tries again.
+        let _ = self.sync();
+        Ok(())
+    }
+
+    fn start(&mut self, runtime: PythonRuntime) -> Result<()> {
+        let config = PyConfig {
+            offsets: runtime.offsets(),
+            task_fsbase: btf::task_fsbase_offset()? as u64,
+        };
+        self.runtime = Some(runtime);
+        self.sync()?;
+        // Threads first: once the config is there, the BPF program starts looking them up.
+        self.config
+            .set(0, config, 0)
+            .context("writing the Python config map")
+    }
+
+    fn sync(&mut self) -> Result<()> {
+        let Some(rt) = &self.runtime else {
+            return Ok(());
+        };
+        let threads = rt.thread_states()?;
         let now: HashSet<u64> = threads.iter().map(|t| t.thread_id).collect();
         for gone in self.written.difference(&now) {
             // Already absent is fine: the goal is that it is not there.
-            let _ = self.map.remove(gone);
+            let _ = self.threads.remove(gone);
         }
         for t in &threads {
-            self.map
+            self.threads
                 .insert(t.thread_id, t.addr, 0)
                 .context("updating the Python thread map")?;
         }

@@ -24,7 +24,13 @@ impl PythonRuntime {
         let mut out = Vec::with_capacity(native.len() + python.len());
         for f in native {
             match runs.next_if(|_| is_evaluator(&f)) {
-                Some(run) => out.extend(run),
+                Some(run) => {
+                    // Code inlined into the evaluator at that call is part of the activation.
+                    while out.last().is_some_and(|g: &Frame| g.inlined && g.addr == f.addr) {
+                        out.pop();
+                    }
+                    out.extend(run);
+                }
                 None => out.push(f),
             }
         }

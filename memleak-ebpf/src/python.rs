@@ -4,18 +4,22 @@
 //! The thread's `PyThreadState` comes from `PY_THREADS`, which userspace keeps keyed by each
 //! thread's pthread_t; on x86-64 that is the thread's fs_base, which the kernel keeps in
 //! `task_struct` (offset from the kernel BTF, in `PY_CONFIG`). A thread started since
-//! userspace last scanned has no Python frames until the next scan.
+//! userspace last scanned is searched for in the interpreter's thread list and added.
+
+use core::{ffi::c_void, ptr::null_mut};
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_task, bpf_probe_read_kernel, bpf_probe_read_user},
+    helpers::{
+        bpf_get_current_task, bpf_probe_read_kernel, bpf_probe_read_user, generated::bpf_loop,
+    },
     macros::map,
-    maps::{Array, HashMap},
+    maps::{Array, HashMap, PerCpuArray},
 };
 use memleak_common::{
     MAX_PYTHON_FRAMES, PyFrame, StackRecord,
     python::{
-        ENTRY_FRAME, EntryMarker, FRAME_OWNED_BY_CSTACK, MAX_PY_THREADS, NO_FIELD, PyConfig,
-        PyOffsets, instr_offset,
+        ENTRY_FRAME, EntryMarker, FRAME_OWNED_BY_CSTACK, MAX_PY_THREADS, MAX_THREAD_SCAN, NO_FIELD,
+        PyConfig, PyOffsets, instr_offset,
     },
 };
 
@@ -25,6 +29,24 @@ static PY_CONFIG: Array<PyConfig> = Array::with_max_entries(1, 0);
 /// fs_base (pthread_t) → `PyThreadState` address.
 #[map]
 static PY_THREADS: HashMap<u64, u64> = HashMap::with_max_entries(MAX_PY_THREADS, 0);
+
+/// The per-CPU state of one walk (the frames do not fit the 512-byte BPF stack).
+#[repr(C)]
+struct Walk {
+    frames: [PyFrame; MAX_PYTHON_FRAMES],
+    offsets: PyOffsets,
+    /// The next frame to read.
+    frame: u64,
+    len: u32,
+    tstate_next: u32,
+    /// Thread search: the fs_base sought, the next thread state, the one found.
+    fsbase: u64,
+    cursor: u64,
+    found: u64,
+}
+
+#[map]
+static PY_WALK: PerCpuArray<Walk> = PerCpuArray::with_max_entries(1, 0);
 
 #[inline(always)]
 fn user<T>(addr: u64) -> Option<T> {
@@ -45,7 +67,13 @@ pub fn read_frames(rec: *mut StackRecord) {
     if o.tstate_frame == 0 {
         return;
     }
-    let Some(tstate) = thread_state(&o, config.task_fsbase) else {
+    let Some(w) = PY_WALK.get_ptr_mut(0) else {
+        return;
+    };
+    // A raw pointer, not `&mut`: the `bpf_loop` callbacks change `*w` behind the compiler's
+    // back, which a unique reference would let it assume cannot happen.
+    unsafe { (*w).offsets = o };
+    let Some(tstate) = thread_state(w, config) else {
         return;
     };
     let Some(mut frame) = user::<u64>(tstate + o.tstate_frame as u64) else {
@@ -57,50 +85,121 @@ pub fn read_frames(rec: *mut StackRecord) {
         };
         frame = f;
     }
-    let mut n = 0usize;
-    // Shim frames (3.12+) take steps without giving frames.
-    for _ in 0..2 * MAX_PYTHON_FRAMES {
-        if frame == 0 || n >= MAX_PYTHON_FRAMES {
-            break;
-        }
-        let (Some(code), Some(previous)) = (
-            user::<u64>(frame + o.frame_code as u64),
-            user::<u64>(frame + o.frame_previous as u64),
-        ) else {
-            break;
-        };
-        let instr = if o.entry_marker == EntryMarker::EveryFrame as u32 {
-            user::<u32>(frame + o.frame_instr as u64).unwrap_or(u32::MAX) as u64 | ENTRY_FRAME
-        } else {
-            let marker = user::<u8>(frame + o.frame_marker as u64).unwrap_or(0);
-            if o.entry_marker == EntryMarker::CStackShim as u32 && marker == FRAME_OWNED_BY_CSTACK {
-                if n > 0 {
-                    if let Some(last) = rec.python.get_mut(n - 1) {
-                        last.instr |= ENTRY_FRAME;
-                    }
-                }
-                frame = previous;
-                continue;
-            }
-            let ptr = user::<u64>(frame + o.frame_instr as u64).unwrap_or(0);
-            let entry = o.entry_marker == EntryMarker::IsEntry as u32 && marker != 0;
-            instr_offset(ptr, code, o.code_adaptive) | if entry { ENTRY_FRAME } else { 0 }
-        };
-        if let Some(slot) = rec.python.get_mut(n) {
-            *slot = PyFrame { code, instr };
-        }
-        n += 1;
-        frame = previous;
+    unsafe {
+        (*w).frame = frame;
+        (*w).len = 0;
     }
-    rec.python_len = n as u32;
+    // Shim frames (3.12+) take steps without giving frames.
+    unsafe {
+        bpf_loop(
+            2 * MAX_PYTHON_FRAMES as u32,
+            step as *mut c_void,
+            null_mut(),
+            0,
+        );
+    }
+    unsafe {
+        rec.python = (*w).frames;
+        rec.python_len = (*w).len;
+    }
 }
 
-/// The running thread's `PyThreadState`, checked against the thread id it holds (a thread
-/// that exited leaves a stale entry until the next scan).
+/// `bpf_loop` callback: reads one frame and moves to its caller; 1 stops the loop.
+extern "C" fn step(_index: u64, _ctx: *mut c_void) -> i64 {
+    match PY_WALK.get_ptr_mut(0) {
+        Some(w) => unsafe { step_one(&mut *w) },
+        None => 1,
+    }
+}
+
 #[inline(always)]
-fn thread_state(o: &PyOffsets, task_fsbase: u64) -> Option<u64> {
-    let fsbase_at = unsafe { bpf_get_current_task() } + task_fsbase;
+fn step_one(w: &mut Walk) -> i64 {
+    let o = &w.offsets;
+    let frame = w.frame;
+    let n = w.len as usize;
+    if frame == 0 || n >= MAX_PYTHON_FRAMES {
+        return 1;
+    }
+    let (Some(code), Some(previous)) = (
+        user::<u64>(frame + o.frame_code as u64),
+        user::<u64>(frame + o.frame_previous as u64),
+    ) else {
+        return 1;
+    };
+    w.frame = previous;
+    let instr = if o.entry_marker == EntryMarker::EveryFrame as u32 {
+        user::<u32>(frame + o.frame_instr as u64).unwrap_or(u32::MAX) as u64 | ENTRY_FRAME
+    } else {
+        let marker = user::<u8>(frame + o.frame_marker as u64).unwrap_or(0);
+        if o.entry_marker == EntryMarker::CStackShim as u32 && marker == FRAME_OWNED_BY_CSTACK {
+            if let Some(last) = n.checked_sub(1).and_then(|i| w.frames.get_mut(i)) {
+                last.instr |= ENTRY_FRAME;
+            }
+            return 0;
+        }
+        let ptr = user::<u64>(frame + o.frame_instr as u64).unwrap_or(0);
+        let entry = o.entry_marker == EntryMarker::IsEntry as u32 && marker != 0;
+        instr_offset(ptr, code, o.code_adaptive) | if entry { ENTRY_FRAME } else { 0 }
+    };
+    let Some(slot) = w.frames.get_mut(n) else {
+        return 1;
+    };
+    *slot = PyFrame { code, instr };
+    w.len = n as u32 + 1;
+    0
+}
+
+/// The running thread's `PyThreadState`: from the map, checked against the thread id it
+/// holds (a thread that exited leaves a stale entry until userspace's next scan), else
+/// searched for in the interpreter's thread list and remembered.
+#[inline(always)]
+fn thread_state(w: *mut Walk, config: &PyConfig) -> Option<u64> {
+    let fsbase_at = unsafe { bpf_get_current_task() } + config.task_fsbase;
     let fsbase: u64 = unsafe { bpf_probe_read_kernel(fsbase_at as *const u64) }.ok()?;
-    let tstate = *unsafe { PY_THREADS.get(&fsbase) }?;
-    (user::<u64>(tstate + o.tstate_thread_id as u64)? == fsbase).then_some(tstate)
+    if let Some(&tstate) = unsafe { PY_THREADS.get(&fsbase) } {
+        if user::<u64>(tstate + config.offsets.tstate_thread_id as u64) == Some(fsbase) {
+            return Some(tstate);
+        }
+    }
+    let interp = user::<u64>(config.interpreters_head)?;
+    let head = user::<u64>(interp + config.interp_threads_head as u64)?;
+    unsafe {
+        (*w).cursor = head;
+        (*w).tstate_next = config.tstate_next;
+        (*w).fsbase = fsbase;
+        (*w).found = 0;
+    }
+    unsafe {
+        bpf_loop(MAX_THREAD_SCAN, scan_step as *mut c_void, null_mut(), 0);
+    }
+    let tstate = unsafe { (*w).found };
+    if tstate == 0 {
+        return None;
+    }
+    // Full map: the thread is searched for again next time; userspace's scan makes room.
+    let _ = PY_THREADS.insert(&fsbase, &tstate, 0);
+    Some(tstate)
+}
+
+/// `bpf_loop` callback: checks one thread state of the list; 1 stops the loop.
+extern "C" fn scan_step(_index: u64, _ctx: *mut c_void) -> i64 {
+    let Some(w) = PY_WALK.get_ptr_mut(0) else {
+        return 1;
+    };
+    let w = unsafe { &mut *w };
+    let tstate = w.cursor;
+    if tstate == 0 {
+        return 1;
+    }
+    if user::<u64>(tstate + w.offsets.tstate_thread_id as u64) == Some(w.fsbase) {
+        w.found = tstate;
+        return 1;
+    }
+    match user::<u64>(tstate + w.tstate_next as u64) {
+        Some(next) => {
+            w.cursor = next;
+            0
+        }
+        None => 1,
+    }
 }

@@ -74,7 +74,16 @@ pub struct PyConfig {
     pub offsets: PyOffsets,
     /// Offset of `thread.fsbase` in the kernel's `task_struct` (from the kernel BTF).
     pub task_fsbase: u64,
+    /// `&_PyRuntime.interpreters.head` in the target. A thread missing from the thread map
+    /// (started since userspace last looked) is searched for from there, and added.
+    pub interpreters_head: u64,
+    /// `PyInterpreterState` → first thread state; `PyThreadState.next`.
+    pub interp_threads_head: u32,
+    pub tstate_next: u32,
 }
+
+/// Thread states the BPF program looks through for a thread missing from the map.
+pub const MAX_THREAD_SCAN: u32 = 256;
 
 pub const PY_CONFIG_MAP: &str = "PY_CONFIG";
 

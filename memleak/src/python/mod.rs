@@ -19,7 +19,7 @@ use anyhow::{Context, Result, bail};
 use memleak_common::MAX_PYTHON_FRAMES;
 use memleak_common::PyFrame;
 use memleak_common::python::{
-    ENTRY_FRAME, EntryMarker, FRAME_OWNED_BY_CSTACK, NO_FIELD, PyOffsets, UNKNOWN_INSTR,
+    ENTRY_FRAME, EntryMarker, FRAME_OWNED_BY_CSTACK, NO_FIELD, PyConfig, UNKNOWN_INSTR,
     instr_offset,
 };
 use object::{Object, ObjectSegment, ObjectSymbol};
@@ -164,9 +164,16 @@ impl PythonRuntime {
         })
     }
 
-    /// The offsets the BPF program walks frames with.
-    pub fn offsets(&self) -> PyOffsets {
-        self.layout.frames
+    /// What the BPF program needs to find threads and walk their frames.
+    pub fn bpf_config(&self, task_fsbase: u64) -> PyConfig {
+        let l = &self.layout;
+        PyConfig {
+            offsets: l.frames,
+            task_fsbase,
+            interpreters_head: self.runtime_addr + l.runtime_interpreters_head,
+            interp_threads_head: l.interp_threads_head as u32,
+            tstate_next: l.tstate_next as u32,
+        }
     }
 
     /// Every thread state of every interpreter, read now.

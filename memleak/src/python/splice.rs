@@ -26,7 +26,10 @@ impl PythonRuntime {
             match runs.next_if(|_| is_evaluator(&f)) {
                 Some(run) => {
                     // Code inlined into the evaluator at that call is part of the activation.
-                    while out.last().is_some_and(|g: &Frame| g.inlined && g.addr == f.addr) {
+                    while out
+                        .last()
+                        .is_some_and(|g: &Frame| g.inlined && g.addr == f.addr)
+                    {
                         out.pop();
                     }
                     out.extend(run);

@@ -72,10 +72,7 @@ impl PythonTracking {
     }
 
     fn start(&mut self, runtime: PythonRuntime) -> Result<()> {
-        let config = PyConfig {
-            offsets: runtime.offsets(),
-            task_fsbase: btf::task_fsbase_offset()? as u64,
-        };
+        let config = runtime.bpf_config(btf::task_fsbase_offset()? as u64);
         self.runtime = Some(runtime);
         self.sync()?;
         // Threads first: once the config is there, the BPF program starts looking them up.

@@ -19,25 +19,21 @@ pub enum Class {
     NativeLibrary,
 }
 
-/// The class of a spliced stack (innermost first) and the index of the frame that decided
-/// it: the user's innermost Python frame, the extension's outermost native frame, or the
-/// first frame outside the allocator.
+/// The class of a spliced stack (innermost first: the allocator's caller comes first) and
+/// the index of the frame that decided it: the user's innermost Python frame, the
+/// extension's outermost native frame, or the first frame outside libc.
 pub fn classify(frames: &[Frame], runtime: &PythonRuntime) -> (Class, usize) {
-    // The allocator's own frames (malloc, sysmalloc...) say nothing about who called it.
-    let allocator = frames.first().and_then(|f| f.module.as_deref());
-    let start = frames
-        .iter()
-        .position(|f| f.module.as_deref() != allocator || f.kind == FrameKind::Python)
-        .unwrap_or(0);
+    // libc's own frames (strdup, fopen, its arenas) say nothing about who called it.
+    let start = frames.iter().position(|f| !in_libc(f)).unwrap_or(0);
     let Some(first_python) = frames.iter().position(|f| f.kind == FrameKind::Python) else {
         return match (start..frames.len()).find(|&i| runtime.is_interpreter(&frames[i])) {
             Some(i) => (Class::CpythonInternal, i),
             None => (Class::NativeLibrary, start),
         };
     };
-    let extension = (start..first_python).rev().find(|&i| {
+    let extension = (0..first_python).rev().find(|&i| {
         let f = &frames[i];
-        f.module.is_some() && !runtime.is_interpreter(f)
+        f.module.is_some() && !in_libc(f) && !runtime.is_interpreter(f)
     });
     if let Some(i) = extension {
         return (Class::CExtension, i);
@@ -50,6 +46,13 @@ pub fn classify(frames: &[Frame], runtime: &PythonRuntime) -> (Class, usize) {
         Some(i) => (Class::Application, i),
         None => (Class::CpythonInternal, first_python),
     }
+}
+
+fn in_libc(f: &Frame) -> bool {
+    f.kind == FrameKind::Native
+        && f.module
+            .as_deref()
+            .is_some_and(|m| m.starts_with("libc.so") || m.starts_with("ld-linux"))
 }
 
 impl PythonRuntime {

@@ -7,6 +7,7 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use memleak_common::python::ENTRY_FRAME;
 
 use super::*;
+use crate::model::{Frame, FrameKind};
 
 /// The interpreters to test with; a missing one is reported loudly and skipped.
 fn interpreters() -> Vec<(&'static str, &'static str)> {
@@ -115,7 +116,7 @@ def main():
 main()
 "#;
 
-fn locate(rt: &mut PythonRuntime, frames: &[PyFrame]) -> Vec<(String, Option<u32>, bool)> {
+fn locate(rt: &mut PythonRuntime, frames: &[PyFrame]) -> Located {
     frames
         .iter()
         .map(|f| {
@@ -125,6 +126,27 @@ fn locate(rt: &mut PythonRuntime, frames: &[PyFrame]) -> Vec<(String, Option<u32
             (loc.function, loc.line, f.instr & ENTRY_FRAME != 0)
         })
         .collect()
+}
+
+type Located = Vec<(String, Option<u32>, bool)>;
+
+/// A thread's frames once `done` says it reached its blocking call (tried for 2 s).
+fn settled(
+    rt: &mut PythonRuntime,
+    tstate: u64,
+    done: impl Fn(&Located) -> bool,
+) -> (Vec<PyFrame>, Located) {
+    for _ in 0..100 {
+        let frames = rt.stack(tstate).unwrap();
+        let got = locate(rt, &frames);
+        if !got.is_empty() && done(&got) {
+            return (frames, got);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let frames = rt.stack(tstate).unwrap();
+    let got = locate(rt, &frames);
+    (frames, got)
 }
 
 #[test]
@@ -153,8 +175,8 @@ fn walks_threads_and_frames_with_exact_lines() {
         // 3.10 runs every Python frame in its own evaluator activation.
         let every = !qualified;
         let main_tstate = threads.iter().find(|t| t.thread_id == main_id).unwrap();
-        let frames = rt.stack(main_tstate.addr).unwrap();
-        let got = locate(&mut rt, &frames);
+        // "ready" is printed just before the blocking read: wait until the thread is in it.
+        let (_, got) = settled(&mut rt, main_tstate.addr, |got| got[0].1 == Some(15));
         let want: Vec<(String, Option<u32>, bool)> = [
             ("block", 15, every),
             ("recurse", 9, every),
@@ -170,15 +192,14 @@ fn walks_threads_and_frames_with_exact_lines() {
         assert_eq!(got, want, "{label}: main thread");
 
         let worker_tstate = threads.iter().find(|t| t.thread_id == worker_id).unwrap();
-        let frames = rt.stack(worker_tstate.addr).unwrap();
-        let got = locate(&mut rt, &frames);
         // Event.wait → Condition.wait in threading.py, then our worker, then Thread.run.
-        let names: Vec<&str> = got.iter().map(|(f, _, _)| f.as_str()).collect();
         let (wait, run) = if qualified {
             ("Condition.wait", "Thread.run")
         } else {
             ("wait", "run")
         };
+        let (frames, got) = settled(&mut rt, worker_tstate.addr, |got| got[0].0 == wait);
+        let names: Vec<&str> = got.iter().map(|(f, _, _)| f.as_str()).collect();
         assert_eq!(names[0], wait, "{label}: worker thread {got:?}");
         let at = names
             .iter()
@@ -279,5 +300,98 @@ impl Drop for Guard {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+fn native(function: &str, module: &str) -> Frame {
+    Frame {
+        function: Some(function.to_string()),
+        module: Some(module.to_string()),
+        ..Default::default()
+    }
+}
+
+fn python(function: &str, file: &str) -> Frame {
+    Frame {
+        function: Some(function.to_string()),
+        file: Some(file.to_string()),
+        kind: FrameKind::Python,
+        ..Default::default()
+    }
+}
+
+/// Stacks as memleak records them on 3.11 (the allocator's caller first), classified with
+/// the runtime found in a live interpreter (its stdlib directory, its extension modules).
+#[test]
+fn classifies_who_holds_the_memory() {
+    let Some((_, path)) = interpreters().into_iter().find(|(l, _)| *l == "3.11") else {
+        return;
+    };
+    let fixture = Fixture::start(path, CALL_CHAIN, 2);
+    let rt = PythonRuntime::detect(fixture.pid()).unwrap().unwrap();
+    let lib = "libpython3.11.so.1.0";
+    let threading = format!("{}threading.py", rt.stdlib_dir);
+    let app = "/srv/app/workload.py";
+    let cases: Vec<(&str, Vec<Frame>, (Class, usize))> = vec![
+        (
+            "bytearray kept by the application",
+            vec![
+                native("_PyObject_Malloc", lib),
+                native("PyByteArray_Resize", lib),
+                python("grow_bytearrays", app),
+                python("Thread.run", &threading),
+            ],
+            (Class::Application, 2),
+        ),
+        (
+            "C extension mallocs",
+            vec![
+                native("leak", "leaky.cpython-311-x86_64-linux-gnu.so"),
+                native("cfunction_vectorcall_O", lib),
+                python("use_extension", app),
+            ],
+            (Class::CExtension, 0),
+        ),
+        (
+            "ctypes calls malloc for the application",
+            vec![
+                native("ffi_call_unix64", "libffi.so.8.1.2"),
+                native(
+                    "_call_function_pointer",
+                    "_ctypes.cpython-311-x86_64-linux-gnu.so",
+                ),
+                native("_PyObject_MakeTpCall", lib),
+                python("use_ctypes", app),
+            ],
+            (Class::Application, 3),
+        ),
+        (
+            "only the standard library",
+            vec![
+                native("_PyObject_Malloc", lib),
+                python("Condition.wait", &threading),
+            ],
+            (Class::CpythonInternal, 1),
+        ),
+        (
+            "glibc arena of a Python thread",
+            vec![
+                native("alloc_new_heap", "libc.so.6"),
+                native("cfree", "libc.so.6"),
+                native("pythread_wrapper", lib),
+            ],
+            (Class::CpythonInternal, 2),
+        ),
+        (
+            "native thread of a library",
+            vec![
+                native("worker", "libfoo.so.1"),
+                native("start_thread", "libc.so.6"),
+            ],
+            (Class::NativeLibrary, 0),
+        ),
+    ];
+    for (what, frames, want) in cases {
+        assert_eq!(classify(&frames, &rt), want, "{what}");
     }
 }

@@ -12,6 +12,10 @@ impl Memory {
         Memory { pid }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
     /// Fills `buf` from `addr`; an error unless every byte could be read.
     pub fn read(&self, addr: u64, buf: &mut [u8]) -> Result<()> {
         let local = libc::iovec {

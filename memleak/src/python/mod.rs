@@ -17,11 +17,11 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use memleak_common::MAX_PYTHON_FRAMES;
-use memleak_common::PyFrame;
 use memleak_common::python::{
     ENTRY_FRAME, EntryMarker, FRAME_OWNED_BY_CSTACK, NO_FIELD, PyConfig, UNKNOWN_INSTR,
     instr_offset,
 };
+use memleak_common::{AllocKind, PyFrame};
 use object::{Object, ObjectSegment, ObjectSymbol};
 
 use crate::procmaps::{self, Mapping};
@@ -30,6 +30,21 @@ pub use layout::Version;
 use layout::{BYTES_DATA, BYTES_SIZE, Layout, OB_TYPE, UNICODE_LENGTH, UNICODE_STATE};
 use memory::Memory;
 pub use threads::PythonTracking;
+
+/// CPython's own allocator entry points, each with the libc function it behaves like, for
+/// `--python-allocators`: hooked with that function's probes, every pymalloc block is
+/// tracked. A block pymalloc forwards to malloc (and the arena mmaps it makes) is a call
+/// nested in the in-flight outer one, which owns it: nothing is counted twice.
+pub const ALLOCATOR_ENTRY_POINTS: [(&str, AllocKind); 8] = [
+    ("PyObject_Malloc", AllocKind::Malloc),
+    ("PyObject_Calloc", AllocKind::Calloc),
+    ("PyObject_Realloc", AllocKind::Realloc),
+    ("PyObject_Free", AllocKind::Free),
+    ("PyMem_Malloc", AllocKind::Malloc),
+    ("PyMem_Calloc", AllocKind::Calloc),
+    ("PyMem_Realloc", AllocKind::Realloc),
+    ("PyMem_Free", AllocKind::Free),
+];
 
 /// Where a Python frame was.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -162,6 +177,12 @@ impl PythonRuntime {
             code_type: bias.wrapping_add(code_type),
             codes: HashMap::new(),
         })
+    }
+
+    /// The interpreter's object file, openable from here (through the target's root), to
+    /// hook `ALLOCATOR_ENTRY_POINTS` in.
+    pub fn object_path(&self) -> std::path::PathBuf {
+        procmaps::host_path(self.memory.pid(), &self.interpreter_path)
     }
 
     /// What the BPF program needs to find threads and walk their frames.

@@ -49,7 +49,44 @@ pub struct PyOffsets {
     pub entry_marker: u32,
     /// `PyCodeObject.co_code_adaptive`: where instructions start (0 for 3.10).
     pub code_adaptive: u32,
-    pub _pad: u32,
+    /// Bytes read at each frame's address: all the fields above lie within them, so one
+    /// read per frame does (at most `FRAME_BUF`).
+    pub frame_size: u32,
+}
+
+/// The most bytes read per frame.
+pub const FRAME_BUF: usize = 128;
+
+/// One frame read from its first `frame_size` bytes.
+pub enum FrameStep {
+    /// A Python frame, and the address of its caller's frame.
+    Python(crate::PyFrame, u64),
+    /// A shim frame (3.12+) that starts an evaluator activation: the frame before it (the
+    /// inner one) is that activation's entry frame. Its caller's frame.
+    Shim(u64),
+}
+
+fn field<const N: usize>(buf: &[u8; FRAME_BUF], offset: u32) -> Option<[u8; N]> {
+    let at = offset as usize;
+    buf.get(at..at + N)?.try_into().ok()
+}
+
+/// Decodes one frame as both walkers (BPF and userspace) do; `None`: offsets out of bounds.
+pub fn decode_frame(buf: &[u8; FRAME_BUF], o: &PyOffsets) -> Option<FrameStep> {
+    let code = u64::from_le_bytes(field(buf, o.frame_code)?);
+    let previous = u64::from_le_bytes(field(buf, o.frame_previous)?);
+    let instr = if o.entry_marker == EntryMarker::EveryFrame as u32 {
+        u32::from_le_bytes(field(buf, o.frame_instr)?) as u64 | ENTRY_FRAME
+    } else {
+        let [marker] = field(buf, o.frame_marker)?;
+        if o.entry_marker == EntryMarker::CStackShim as u32 && marker == FRAME_OWNED_BY_CSTACK {
+            return Some(FrameStep::Shim(previous));
+        }
+        let ptr = u64::from_le_bytes(field(buf, o.frame_instr)?);
+        let entry = o.entry_marker == EntryMarker::IsEntry as u32 && marker != 0;
+        instr_offset(ptr, code, o.code_adaptive) | if entry { ENTRY_FRAME } else { 0 }
+    };
+    Some(FrameStep::Python(crate::PyFrame { code, instr }, previous))
 }
 
 pub const NO_FIELD: u32 = u32::MAX;

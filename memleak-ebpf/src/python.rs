@@ -10,7 +10,8 @@ use core::{ffi::c_void, ptr::null_mut};
 
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_task, bpf_probe_read_kernel, bpf_probe_read_user, generated::bpf_loop,
+        bpf_get_current_task, bpf_probe_read_kernel, bpf_probe_read_user, bpf_probe_read_user_buf,
+        generated::bpf_loop,
     },
     macros::map,
     maps::{Array, HashMap, PerCpuArray},
@@ -18,8 +19,8 @@ use aya_ebpf::{
 use memleak_common::{
     MAX_PYTHON_FRAMES, PyFrame, StackRecord,
     python::{
-        ENTRY_FRAME, EntryMarker, FRAME_OWNED_BY_CSTACK, MAX_PY_THREADS, MAX_THREAD_SCAN, NO_FIELD,
-        PyConfig, PyOffsets, instr_offset,
+        ENTRY_FRAME, FRAME_BUF, FrameStep, MAX_PY_THREADS, MAX_THREAD_SCAN, NO_FIELD, PyConfig,
+        PyOffsets, decode_frame,
     },
 };
 
@@ -34,6 +35,8 @@ static PY_THREADS: HashMap<u64, u64> = HashMap::with_max_entries(MAX_PY_THREADS,
 #[repr(C)]
 struct Walk {
     frames: [PyFrame; MAX_PYTHON_FRAMES],
+    /// The bytes of the frame being decoded.
+    buf: [u8; FRAME_BUF],
     offsets: PyOffsets,
     /// The next frame to read.
     frame: u64,
@@ -114,39 +117,37 @@ extern "C" fn step(_index: u64, _ctx: *mut c_void) -> i64 {
 
 #[inline(always)]
 fn step_one(w: &mut Walk) -> i64 {
-    let o = &w.offsets;
     let frame = w.frame;
     let n = w.len as usize;
     if frame == 0 || n >= MAX_PYTHON_FRAMES {
         return 1;
     }
-    let (Some(code), Some(previous)) = (
-        user::<u64>(frame + o.frame_code as u64),
-        user::<u64>(frame + o.frame_previous as u64),
-    ) else {
+    let size = (w.offsets.frame_size as usize).min(FRAME_BUF);
+    let Some(dst) = w.buf.get_mut(..size) else {
         return 1;
     };
-    w.frame = previous;
-    let instr = if o.entry_marker == EntryMarker::EveryFrame as u32 {
-        user::<u32>(frame + o.frame_instr as u64).unwrap_or(u32::MAX) as u64 | ENTRY_FRAME
-    } else {
-        let marker = user::<u8>(frame + o.frame_marker as u64).unwrap_or(0);
-        if o.entry_marker == EntryMarker::CStackShim as u32 && marker == FRAME_OWNED_BY_CSTACK {
+    if unsafe { bpf_probe_read_user_buf(frame as *const u8, dst) }.is_err() {
+        return 1;
+    }
+    match decode_frame(&w.buf, &w.offsets) {
+        Some(FrameStep::Python(f, previous)) => {
+            let Some(slot) = w.frames.get_mut(n) else {
+                return 1;
+            };
+            *slot = f;
+            w.len = n as u32 + 1;
+            w.frame = previous;
+            0
+        }
+        Some(FrameStep::Shim(previous)) => {
             if let Some(last) = n.checked_sub(1).and_then(|i| w.frames.get_mut(i)) {
                 last.instr |= ENTRY_FRAME;
             }
-            return 0;
+            w.frame = previous;
+            0
         }
-        let ptr = user::<u64>(frame + o.frame_instr as u64).unwrap_or(0);
-        let entry = o.entry_marker == EntryMarker::IsEntry as u32 && marker != 0;
-        instr_offset(ptr, code, o.code_adaptive) | if entry { ENTRY_FRAME } else { 0 }
-    };
-    let Some(slot) = w.frames.get_mut(n) else {
-        return 1;
-    };
-    *slot = PyFrame { code, instr };
-    w.len = n as u32 + 1;
-    0
+        None => 1,
+    }
 }
 
 /// The running thread's `PyThreadState`: from the map, checked against the thread id it

@@ -18,8 +18,7 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use memleak_common::MAX_PYTHON_FRAMES;
 use memleak_common::python::{
-    ENTRY_FRAME, EntryMarker, FRAME_OWNED_BY_CSTACK, NO_FIELD, PyConfig, UNKNOWN_INSTR,
-    instr_offset,
+    ENTRY_FRAME, FRAME_BUF, FrameStep, NO_FIELD, PyConfig, UNKNOWN_INSTR, decode_frame,
 };
 use memleak_common::{AllocKind, PyFrame};
 use object::{Object, ObjectSegment, ObjectSymbol};
@@ -231,34 +230,25 @@ impl PythonRuntime {
             frame = m.u64(frame + o.cframe_current_frame as u64)?;
         }
         let mut frames: Vec<PyFrame> = Vec::new();
+        let mut buf = [0u8; FRAME_BUF];
+        let size = (o.frame_size as usize).min(FRAME_BUF);
         // Shim frames (3.12+) take steps without giving frames.
         let mut steps = 0;
         while frame != 0 && frames.len() < MAX_PYTHON_FRAMES && steps < 2 * MAX_PYTHON_FRAMES {
             steps += 1;
-            let code = m.u64(frame + o.frame_code as u64)?;
-            let previous = m.u64(frame + o.frame_previous as u64)?;
-            let instr = match o.entry_marker {
-                x if x == EntryMarker::EveryFrame as u32 => {
-                    m.u32(frame + o.frame_instr as u64)? as u64 | ENTRY_FRAME
+            m.read(frame, &mut buf[..size])?;
+            match decode_frame(&buf, o).context("frame offsets out of bounds")? {
+                FrameStep::Python(f, previous) => {
+                    frames.push(f);
+                    frame = previous;
                 }
-                x if x == EntryMarker::IsEntry as u32 => {
-                    let ptr = m.u64(frame + o.frame_instr as u64)?;
-                    let entry = m.u8(frame + o.frame_marker as u64)? != 0;
-                    instr_offset(ptr, code, o.code_adaptive) | if entry { ENTRY_FRAME } else { 0 }
-                }
-                _ => {
-                    if m.u8(frame + o.frame_marker as u64)? == FRAME_OWNED_BY_CSTACK {
-                        if let Some(last) = frames.last_mut() {
-                            last.instr |= ENTRY_FRAME;
-                        }
-                        frame = previous;
-                        continue;
+                FrameStep::Shim(previous) => {
+                    if let Some(last) = frames.last_mut() {
+                        last.instr |= ENTRY_FRAME;
                     }
-                    instr_offset(m.u64(frame + o.frame_instr as u64)?, code, o.code_adaptive)
+                    frame = previous;
                 }
-            };
-            frames.push(PyFrame { code, instr });
-            frame = previous;
+            }
         }
         Ok(frames)
     }

@@ -113,9 +113,7 @@ impl PythonRuntime {
     /// runs one we cannot read (too old, too new, debug or free-threaded build).
     pub fn detect(pid: u32) -> Result<Option<PythonRuntime>> {
         let maps = procmaps::read(pid)?;
-        let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
-            .with_context(|| format!("reading /proc/{pid}/exe"))?;
-        let exe = exe.to_string_lossy();
+        let exe = executable(pid)?;
         for (path, first) in interpreter_candidates(&maps, &exe) {
             let data = std::fs::read(procmaps::map_file_path(pid, first))
                 .or_else(|_| std::fs::read(procmaps::host_path(pid, path)))
@@ -374,6 +372,24 @@ impl Symbols {
         }
         s
     }
+}
+
+/// The files `detect` looks in (the executable, every mapped libpython): while they stay
+/// the same, so does its answer, and it need not read them again.
+pub fn interpreter_files(pid: u32) -> Result<Vec<String>> {
+    let maps = procmaps::read(pid)?;
+    let exe = executable(pid)?;
+    let candidates = interpreter_candidates(&maps, &exe);
+    Ok(candidates
+        .into_iter()
+        .map(|(path, _)| path.to_string())
+        .collect())
+}
+
+fn executable(pid: u32) -> Result<String> {
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
+        .with_context(|| format!("reading /proc/{pid}/exe"))?;
+    Ok(exe.to_string_lossy().into_owned())
 }
 
 /// The executable and every mapped libpython, each with its lowest-offset mapping.

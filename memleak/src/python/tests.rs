@@ -395,3 +395,29 @@ fn classifies_who_holds_the_memory() {
         assert_eq!(classify(&frames, &rt), want, "{what}");
     }
 }
+
+/// `--python-allocators` hooks these by name in the interpreter's object file: each must be
+/// a defined function there, on every version (the static Debian build exports them too).
+#[test]
+fn allocator_entry_points_are_in_every_interpreter() {
+    use object::{Object, ObjectSymbol, SymbolKind};
+    for (label, python) in interpreters() {
+        let fixture = Fixture::start(python, CALL_CHAIN, 2);
+        let rt = PythonRuntime::detect(fixture.pid()).unwrap().unwrap();
+        let data = std::fs::read(rt.object_path()).unwrap();
+        let file = object::File::parse(&*data).unwrap();
+        let defined: HashSet<&str> = file
+            .symbols()
+            .chain(file.dynamic_symbols())
+            .filter(|s| !s.is_undefined() && s.kind() == SymbolKind::Text)
+            .filter_map(|s| s.name().ok())
+            .collect();
+        for (symbol, _) in ALLOCATOR_ENTRY_POINTS {
+            assert!(
+                defined.contains(symbol),
+                "{label}: no {symbol} in {}",
+                rt.interpreter_path
+            );
+        }
+    }
+}

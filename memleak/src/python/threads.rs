@@ -11,7 +11,7 @@ use aya::{
 };
 use memleak_common::python::{PY_CONFIG_MAP, PY_THREADS_MAP, PyConfig};
 
-use super::{PythonRuntime, btf};
+use super::{PythonRuntime, btf, interpreter_files};
 
 pub struct PythonTracking {
     pid: u32,
@@ -20,6 +20,8 @@ pub struct PythonTracking {
     /// Keys written by the last sync, to delete threads that have exited.
     written: HashSet<u64>,
     runtime: Option<PythonRuntime>,
+    /// The files last searched for CPython (see `interpreter_files`).
+    looked_at: Vec<String>,
     /// Detection failed for good (an unsupported interpreter): stop trying.
     gave_up: bool,
 }
@@ -37,6 +39,7 @@ impl PythonTracking {
             threads: HashMap::try_from(take(PY_THREADS_MAP)?)?,
             written: HashSet::new(),
             runtime: None,
+            looked_at: Vec::new(),
             gave_up: false,
         })
     }
@@ -53,9 +56,14 @@ impl PythonTracking {
     /// without Python frames.
     pub fn tick(&mut self) -> Result<()> {
         if self.runtime.is_none() {
-            if self.gave_up {
+            // A target that is exiting has no files left to look at: nothing to say.
+            let Ok(files) = interpreter_files(self.pid) else {
+                return Ok(());
+            };
+            if self.gave_up || files == self.looked_at {
                 return Ok(());
             }
+            self.looked_at = files;
             match PythonRuntime::detect(self.pid) {
                 Ok(Some(rt)) => self.start(rt)?,
                 Ok(None) => return Ok(()),

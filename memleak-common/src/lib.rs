@@ -270,6 +270,7 @@ pub mod globals {
     pub const COMBINED_ONLY: &str = "COMBINED_ONLY";
     pub const PAGE_SIZE: &str = "PAGE_SIZE";
     pub const KERNEL_LAYOUT: &str = "KERNEL_LAYOUT";
+    pub const TARGET_TGID: &str = "TARGET_TGID";
 }
 
 #[cfg(feature = "user")]

@@ -2,13 +2,14 @@
 //! offsets come from userspace (`KERNEL_LAYOUT`), read from the tracepoints' format files.
 
 use aya_ebpf::{
+    helpers::bpf_get_current_pid_tgid,
     macros::{map, tracepoint},
     maps::StackTrace,
     programs::{TracePointContext, tracing::StackIdContext},
 };
 use memleak_common::{AllocKind, DEFAULT_MAX_STACKS, KernelLayout, PAGE_KEY_TAG};
 
-use crate::{ALLOCS, PAGE_SIZE, global, release, stack_id, store, wanted};
+use crate::{ALLOCS, PAGE_SIZE, TARGET_TGID, global, release, stack_id, store, wanted};
 
 #[unsafe(no_mangle)]
 static KERNEL_LAYOUT: KernelLayout = KernelLayout {
@@ -46,7 +47,9 @@ fn allocated(ctx: &TracePointContext, kind: AllocKind, key: Option<u64>, size: O
     let (Some(key), Some(size)) = (key, size) else {
         return 0;
     };
-    if key == 0 || !wanted(size) {
+    let tgid = global(&TARGET_TGID);
+    if key == 0 || (tgid != 0 && (bpf_get_current_pid_tgid() >> 32) as u32 != tgid) || !wanted(size)
+    {
         return 0;
     }
     let id = stack_id(ctx.get_stackid(&KSTACKS, 0));

@@ -10,6 +10,7 @@
 #![feature(core_intrinsics)]
 
 mod kernel;
+mod process;
 mod python;
 
 use core::{ffi::c_void, ptr::read_volatile};
@@ -17,7 +18,7 @@ use core::{ffi::c_void, ptr::read_volatile};
 use aya_ebpf::{
     bindings::BPF_F_USER_STACK,
     helpers::{
-        bpf_get_current_pid_tgid, bpf_ktime_get_ns, bpf_probe_read_user,
+        bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_probe_read_user,
         generated::bpf_for_each_map_elem,
     },
     macros::{map, uprobe, uretprobe},
@@ -43,6 +44,9 @@ static TRACE: u8 = 0;
 static COMBINED_ONLY: u8 = 0;
 #[unsafe(no_mangle)]
 pub(crate) static PAGE_SIZE: u64 = 4096;
+/// The traced process (its tgid). Kernel mode: 0 for every process, or the -p filter.
+#[unsafe(no_mangle)]
+pub(crate) static TARGET_TGID: u32 = 0;
 
 #[map]
 pub(crate) static ALLOCS: HashMap<u64, AllocInfo> =
@@ -83,17 +87,18 @@ fn sp_of(regs: *const aya_ebpf::bindings::pt_regs) -> u64 {
 // Entry probes
 
 /// Parks an allocating call until its return. Calls nested inside an in-flight call on the
-/// same thread (a lower stack pointer) are ignored: the outer call owns the memory.
+/// same thread (a lower stack pointer) are ignored: the outer call owns the memory. So is a
+/// tail call (the same stack pointer: glibc's reallocarray jumps to realloc); the kernel then
+/// runs both return probes at the one return, and the first takes the call.
 #[inline(always)]
 fn enter(ctx: &ProbeContext, kind: AllocKind, size: Option<u64>, arg: u64) -> u32 {
     let id = bpf_get_current_pid_tgid();
     let sp = sp_of(ctx.regs);
     if let Some(cur) = unsafe { INFLIGHT.get(&id) } {
-        if sp < cur.sp {
+        if sp <= cur.sp {
             return 0;
         }
-        // A call at the same depth or shallower cannot be nested: the old entry's return
-        // never came.
+        // A call from a shallower frame cannot be nested: the old entry's return never came.
         count(Counter::StaleInflight);
     }
     // `None`: the size overflowed (calloc), so the call fails; keep owning nested calls.
@@ -339,11 +344,13 @@ pub(crate) fn store(
     trace(kind, addr, size, old_addr, stack_id);
 }
 
-/// Whether an allocation of `size` bytes is sampled in and inside the size filter.
+/// Whether an allocation of `size` bytes is sampled in and inside the size filter. One in
+/// `SAMPLE_RATE` on average, as BCC's -s, but drawn at random: BCC's `ktime % N` depends on
+/// the clock's granularity (on some hosts it is never 0 mod 10).
 #[inline(always)]
 pub(crate) fn wanted(size: u64) -> bool {
     let rate = global(&SAMPLE_RATE);
-    let sampled = rate <= 1 || unsafe { bpf_ktime_get_ns() } % rate == 0;
+    let sampled = rate <= 1 || unsafe { bpf_get_prandom_u32() } as u64 % rate == 0;
     sampled && size >= global(&MIN_SIZE) && size <= global(&MAX_SIZE)
 }
 

@@ -21,6 +21,11 @@ pub struct Args {
     #[arg(short, long, conflicts_with = "command")]
     pub pid: Option<u32>,
 
+    /// Trace the kernel's allocators (the default without -p/-c); with -p, only the kernel
+    /// memory that the process's own threads allocate.
+    #[arg(long, conflicts_with = "command")]
+    pub kernel: bool,
+
     /// Run this command (split on whitespace) and trace it from its first allocation.
     #[arg(short, long)]
     pub command: Option<String>,

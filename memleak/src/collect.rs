@@ -9,7 +9,7 @@ use std::{
 use anyhow::{Context, Result};
 use aya::{
     Ebpf,
-    maps::{HashMap, MapData, PerCpuArray, StackTraceMap},
+    maps::{Array, HashMap, MapData, PerCpuArray, StackTraceMap},
 };
 use memleak_common::{AllocInfo, CombinedAlloc, Counter};
 
@@ -43,6 +43,11 @@ pub struct Collector {
     combined: HashMap<MapData, i64, CombinedAlloc>,
     stacks: StackTraceMap<MapData>,
     counters: PerCpuArray<MapData, u64>,
+    /// When the target last exec'd (kernel clock); `None` in kernel mode.
+    last_exec: Option<Array<MapData, u64>>,
+    exec_seen: u64,
+    /// The traced process (0 in kernel mode).
+    pid: u32,
     pub names: Names,
     /// Symbolized stacks by id: ids are stable for the whole run.
     frames: StdHashMap<i64, Vec<Frame>>,
@@ -59,7 +64,7 @@ pub struct Query {
 }
 
 impl Collector {
-    pub fn new(ebpf: &mut Ebpf, names: Names) -> Result<Collector> {
+    pub fn new(ebpf: &mut Ebpf, pid: u32, names: Names) -> Result<Collector> {
         let stacks = match names {
             Names::User(_) => "STACKS",
             Names::Kernel(_) => "KSTACKS",
@@ -74,6 +79,12 @@ impl Collector {
             combined: HashMap::try_from(take("COMBINED")?)?,
             stacks: StackTraceMap::try_from(take(stacks)?)?,
             counters: PerCpuArray::try_from(take("COUNTERS")?)?,
+            last_exec: match names {
+                Names::User(_) => Some(Array::try_from(take("LAST_EXEC")?)?),
+                Names::Kernel(_) => None,
+            },
+            exec_seen: 0,
+            pid,
             names,
             frames: StdHashMap::new(),
             started: Instant::now(),
@@ -147,6 +158,36 @@ impl Collector {
             recorded: counters[Counter::Recorded as usize],
             released: counters[Counter::Released as usize],
         })
+    }
+
+    /// After the target exec'd: forgets what the old program held (exec freed it all) and
+    /// the old program's symbols. Returns how many allocations were dropped.
+    pub fn after_exec(&mut self) -> Result<Option<usize>> {
+        let Some(last_exec) = &self.last_exec else {
+            return Ok(None);
+        };
+        let when = last_exec.get(&0, 0)?;
+        if when <= self.exec_seen {
+            return Ok(None);
+        }
+        self.exec_seen = when;
+        let mut dropped = 0;
+        for map in [&mut self.allocs, &mut self.mmaps] {
+            let stale: Vec<u64> = map
+                .iter()
+                .filter_map(|item| item.ok())
+                .filter(|(_, info)| info.timestamp_ns < when)
+                .map(|(addr, _)| addr)
+                .collect();
+            for addr in stale {
+                dropped += map.remove(&addr).is_ok() as usize;
+            }
+        }
+        if let Names::User(_) = self.names {
+            self.names = Names::User(Symbolizer::new(self.pid));
+        }
+        self.frames.clear();
+        Ok(Some(dropped))
     }
 
     /// The symbolized frames of a stack; a failed walk (negative id) has none.

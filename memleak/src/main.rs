@@ -72,7 +72,9 @@ async fn run(args: Args) -> Result<()> {
         (None, Some(cmd)) => Some(Target::spawn(cmd)?),
         (None, None) => None,
     };
-    let (mut ebpf, names) = match &target {
+    // In kernel mode a -p target only filters; its allocator is not hooked.
+    let user_target = target.as_ref().filter(|_| !args.kernel);
+    let (mut ebpf, names) = match user_target {
         Some(t) => match setup(&args, t) {
             Ok(ebpf) => (ebpf, Names::User(Symbolizer::new(t.pid))),
             Err(e) => {
@@ -86,12 +88,13 @@ async fn run(args: Args) -> Result<()> {
         },
         None => {
             let layout = probes::kernel_layout()?;
-            let mut ebpf = probes::load(&args, Some(&layout))?;
+            let mut ebpf = probes::load(&args, args.pid, Some(&layout))?;
             probes::attach_kernel(&mut ebpf)?;
             (ebpf, Names::Kernel(Kallsyms::load()?))
         }
     };
-    let mut collector = Collector::new(&mut ebpf, names)?;
+    let traced_pid = user_target.map_or(0, |t| t.pid);
+    let mut collector = Collector::new(&mut ebpf, traced_pid, names)?;
     let mut events = if args.trace {
         Some(trace::Events::new(&mut ebpf)?)
     } else {
@@ -106,7 +109,7 @@ async fn run(args: Args) -> Result<()> {
         // The kernel never exits.
         None => Box::pin(std::future::pending()),
     };
-    match &mut target {
+    match target.as_mut().filter(|_| !args.kernel) {
         Some(t) => {
             t.release()?;
             match &args.command {
@@ -115,6 +118,9 @@ async fn run(args: Args) -> Result<()> {
             }
         }
         None => println!("Attaching to kernel allocators, Ctrl+C to quit."),
+    }
+    if let (true, Some(t)) = (args.kernel, &target) {
+        println!("Kernel allocations made by pid {} only.", t.pid);
     }
     let pid = target.as_ref().map_or(0, |t| t.pid);
 
@@ -136,6 +142,7 @@ async fn run(args: Args) -> Result<()> {
     let stop = loop {
         tokio::select! {
             _ = tables.tick() => {
+                note_exec(&mut collector)?;
                 let snap = collector.snapshot(&query)?;
                 print!("{}", report::text::table(&snap, &title, args.top));
                 snapshots.push(snap);
@@ -143,7 +150,15 @@ async fn run(args: Args) -> Result<()> {
                     break Stop::Count;
                 }
             }
-            _ = maps_tick.tick() => collector.names.refresh(),
+            _ = maps_tick.tick() => {
+                note_exec(&mut collector)?;
+                collector.names.refresh();
+                if let Some(t) = target.as_mut().filter(|_| !args.kernel) {
+                    for child in t.new_children() {
+                        println!("memleak: pid {} started child process {child}; it is not traced (memleak follows one process)", t.pid);
+                    }
+                }
+            }
             _ = sigint.recv() => break Stop::Signal("interrupted"),
             _ = sigterm.recv() => break Stop::Signal("terminated"),
             how = &mut exited => break Stop::TargetExited(how),
@@ -192,7 +207,7 @@ fn setup(args: &Args, target: &Target) -> Result<aya::Ebpf> {
             (libc.clone(), libc)
         }
     };
-    let mut ebpf = probes::load(args, None)?;
+    let mut ebpf = probes::load(args, Some(target.pid), None)?;
     let attached = probes::attach(
         &mut ebpf,
         target.pid,
@@ -211,7 +226,19 @@ fn setup(args: &Args, target: &Target) -> Result<aya::Ebpf> {
     Ok(ebpf)
 }
 
+/// Drops what an exec'd-away program held, and says so. (-c's own first exec drops nothing
+/// and goes unmentioned.)
+fn note_exec(collector: &mut Collector) -> Result<()> {
+    if let Some(dropped) = collector.after_exec()?.filter(|&n| n > 0) {
+        println!(
+            "memleak: the target exec'd a new program; dropped {dropped} allocations the old one held"
+        );
+    }
+    Ok(())
+}
+
 fn final_table(collector: &mut Collector, q: &Query, args: &Args, title: &str) -> Result<Snapshot> {
+    note_exec(collector)?;
     let snap = collector.snapshot(q)?;
     print!("{}", report::text::table(&snap, title, args.top));
     Ok(snap)

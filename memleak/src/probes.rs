@@ -41,8 +41,10 @@ fn has_bpf_caps() -> bool {
         .is_some_and(|caps| caps & (1 << CAP_BPF) != 0 && caps & (1 << CAP_PERFMON) != 0)
 }
 
-/// Loads the BPF object; `kernel` carries the tracepoint layout in kernel mode.
-pub fn load(args: &Args, kernel: Option<&KernelLayout>) -> Result<Ebpf> {
+/// Loads the BPF object for `target_pid` (in kernel mode: `None` for every process);
+/// `kernel` carries the tracepoint layout in kernel mode.
+pub fn load(args: &Args, target_pid: Option<u32>, kernel: Option<&KernelLayout>) -> Result<Ebpf> {
+    let target_tgid = target_pid.unwrap_or(0);
     let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64;
     let min_size = args.min_size.unwrap_or(0);
     let max_size = args.max_size.unwrap_or(u64::MAX);
@@ -51,6 +53,7 @@ pub fn load(args: &Args, kernel: Option<&KernelLayout>) -> Result<Ebpf> {
     let layout = kernel.copied().unwrap_or_default();
     EbpfLoader::new()
         .override_global(globals::KERNEL_LAYOUT, &layout, true)
+        .override_global(globals::TARGET_TGID, &target_tgid, true)
         .override_global(globals::MIN_SIZE, &min_size, true)
         .override_global(globals::MAX_SIZE, &max_size, true)
         .override_global(globals::SAMPLE_RATE, &args.sample_rate, true)
@@ -134,6 +137,7 @@ pub fn attach(
             vaddr,
         });
     }
+    attach_tracepoints(ebpf, &[("sched", "sched_process_exec")])?;
     Ok(attached)
 }
 
@@ -252,7 +256,13 @@ fn format_offset(format: &str, field: &str) -> Option<u32> {
 
 /// Hooks the kernel allocators (no -p): every process, kernel stacks.
 pub fn attach_kernel(ebpf: &mut Ebpf) -> Result<()> {
-    for (category, event) in KERNEL_EVENTS {
+    attach_tracepoints(ebpf, &KERNEL_EVENTS)
+}
+
+/// Attaches each tracepoint to the program named for its event.
+fn attach_tracepoints(ebpf: &mut Ebpf, events: &[(&str, &str)]) -> Result<()> {
+    ensure_tracefs()?;
+    for &(category, event) in events {
         let prog: &mut TracePoint = ebpf
             .program_mut(event)
             .with_context(|| format!("BPF object lacks program {event}"))?

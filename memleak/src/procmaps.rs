@@ -30,10 +30,6 @@ impl Mapping {
         self.inode != 0 && self.path.as_deref().is_some_and(|p| p.starts_with('/'))
     }
 
-    pub fn contains(&self, addr: u64) -> bool {
-        self.start <= addr && addr < self.end
-    }
-
     /// Basename of the backing file.
     pub fn file_name(&self) -> Option<&str> {
         let p = self.path.as_deref()?;

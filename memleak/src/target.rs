@@ -50,6 +50,8 @@ pub struct Target {
     gate: Option<std::fs::File>,
     /// The executable the target runs (as this process can open it).
     pub exe: PathBuf,
+    /// Child processes already reported.
+    children: std::collections::BTreeSet<u32>,
 }
 
 impl Target {
@@ -66,6 +68,7 @@ impl Target {
             pid,
             child: None,
             gate: None,
+            children: Default::default(),
             exe: procmaps::host_path(pid, &exe.to_string_lossy()),
         })
     }
@@ -106,6 +109,7 @@ impl Target {
                     pid: child as u32,
                     child: Some(Child(child)),
                     gate: Some(unsafe { std::fs::File::from_raw_fd(write_fd) }),
+                    children: Default::default(),
                     exe,
                 })
             }
@@ -119,6 +123,26 @@ impl Target {
             gate.write_all(b"g").context("releasing the command")?;
         }
         Ok(())
+    }
+
+    /// Child processes started since the last call. They are not traced: the probes follow
+    /// the target's own memory, and a fork gets a memory of its own.
+    pub fn new_children(&mut self) -> Vec<u32> {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.pid)) else {
+            return Vec::new();
+        };
+        let mut new = Vec::new();
+        for task in tasks.flatten() {
+            let Ok(list) = std::fs::read_to_string(task.path().join("children")) else {
+                continue;
+            };
+            for child in list.split_whitespace().filter_map(|c| c.parse().ok()) {
+                if self.children.insert(child) {
+                    new.push(child);
+                }
+            }
+        }
+        new
     }
 
     /// The object file that holds `name` (`libc`, `libjemalloc`, or a path) for this target,

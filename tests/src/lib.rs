@@ -164,6 +164,23 @@ impl Running {
         self.child.id()
     }
 
+    /// Waits until the process maps an object whose path contains `name` (a `-p` target must
+    /// have its libc mapped before memleak can find the allocator in it).
+    pub fn wait_for_mapping(&self, name: &str, timeout: Duration) -> Result<()> {
+        let maps = format!("/proc/{}/maps", self.pid());
+        let start = Instant::now();
+        while !std::fs::read_to_string(&maps)
+            .unwrap_or_default()
+            .contains(name)
+        {
+            if start.elapsed() > timeout {
+                bail!("pid {} did not map {name} within {timeout:?}", self.pid());
+            }
+            sleep(Duration::from_millis(5));
+        }
+        Ok(())
+    }
+
     pub fn signal(&self, signal: i32) {
         unsafe { libc::kill(self.child.id() as i32, signal) };
     }
@@ -195,7 +212,12 @@ impl Running {
 
     /// SIGINT, then wait as [`Running::wait`].
     pub fn interrupt(self, timeout: Duration) -> Result<Finished> {
-        self.signal(libc::SIGINT);
+        self.stop(libc::SIGINT, timeout)
+    }
+
+    /// `signal`, then wait as [`Running::wait`].
+    pub fn stop(self, signal: i32, timeout: Duration) -> Result<Finished> {
+        self.signal(signal);
         self.wait(timeout)
     }
 }
@@ -431,6 +453,19 @@ pub fn check_against_ledger(
         "{}\nall stacks in the snapshot:\n{all}",
         problems.join("\n")
     )
+}
+
+/// A fixture that neither overflows a map nor leaves a call unreturned loses nothing: every
+/// `lost` counter must be 0 (a false count makes the tables claim they are partial).
+pub fn expect_nothing_lost(snapshot: &Value) -> Result<()> {
+    let lost = snapshot["lost"]
+        .as_object()
+        .context("no \"lost\" in the snapshot")?;
+    let nonzero: Vec<_> = lost.iter().filter(|(_, v)| v.as_u64() != Some(0)).collect();
+    if !nonzero.is_empty() {
+        bail!("memleak counts losses on a fixture that loses nothing: {nonzero:?}");
+    }
+    Ok(())
 }
 
 /// Fails with the whole transcript when memleak did not exit 0.

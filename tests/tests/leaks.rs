@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use anyhow::{Result, ensure};
 use memleak_tests::{
-    Ledger, Report, Running, Scratch, can_trace, check_against_ledger, expect_success, run_memleak,
-    stacks, usage_of, wait_for_file,
+    Ledger, Report, Running, Scratch, can_trace, check_against_ledger, expect_nothing_lost,
+    expect_success, run_memleak, stacks, usage_of, wait_for_file,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -39,6 +39,8 @@ fn command_leaks_match_ledger() -> Result<()> {
     let scratch = Scratch::new("command")?;
     let (ledger, report, stdout) = trace_command(&scratch, &["-T", "1000"])?;
     check_against_ledger(report.final_snapshot(), &ledger, "leaks.c", |_| true)?;
+    expect_nothing_lost(report.final_snapshot())?;
+    expect_sorted_by(report.final_snapshot(), "bytes")?;
     // The text table names every leak site with its file and line.
     for (function, site) in ledger.sites(|_| true) {
         ensure!(
@@ -50,6 +52,64 @@ fn command_leaks_match_ledger() -> Result<()> {
             ensure!(
                 stdout.contains(&at),
                 "{at} ({function}) missing from the text output:\n{stdout}"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The snapshot's stacks are in non-increasing order of `key`.
+fn expect_sorted_by(snapshot: &serde_json::Value, key: &str) -> Result<()> {
+    let values: Vec<u64> = stacks(snapshot)
+        .iter()
+        .map(|s| s[key].as_u64().unwrap_or(0))
+        .collect();
+    ensure!(
+        values.windows(2).all(|w| w[0] >= w[1]),
+        "stacks not sorted by {key}: {values:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn sort_by_count_and_top_n() -> Result<()> {
+    if !can_trace("sort_by_count_and_top_n") {
+        return Ok(());
+    }
+    let scratch = Scratch::new("sort")?;
+    let (ledger, report, stdout) = trace_command(&scratch, &["--sort", "count", "-T", "3"])?;
+    let snapshot = report.final_snapshot();
+    expect_sorted_by(snapshot, "count")?;
+    // The JSON keeps every stack; the table shows the top 3.
+    check_against_ledger(snapshot, &ledger, "leaks.c", |_| true)?;
+    let shown = stdout.matches("allocations from stack").count();
+    ensure!(shown == 3, "-T 3 showed {shown} stacks:\n{stdout}");
+    Ok(())
+}
+
+#[test]
+fn trace_mode_keeps_exact_accounting() -> Result<()> {
+    if !can_trace("trace_mode_keeps_exact_accounting") {
+        return Ok(());
+    }
+    let scratch = Scratch::new("trace")?;
+    let (ledger, report, stdout) = trace_command(&scratch, &["-t"])?;
+    let snapshot = report.final_snapshot();
+    check_against_ledger(snapshot, &ledger, "leaks.c", |_| true)?;
+    ensure!(
+        snapshot["lost"]["trace_events_lost"] == 0,
+        "trace events lost: {}",
+        snapshot["lost"]
+    );
+    // Every leaking call shows up as an event naming its function and line.
+    for (function, site) in ledger.sites(|_| true) {
+        for line in &site.lines {
+            let at = format!("leaks.c:{line}");
+            ensure!(
+                stdout
+                    .lines()
+                    .any(|l| l.contains(&function) && l.contains(&at)),
+                "no -t event from {function} at {at}:\n{stdout}"
             );
         }
     }
@@ -69,6 +129,7 @@ fn trace_attached(scratch: &Scratch, args: &[&str], linger: Duration) -> Result<
         &[ledger.to_str().unwrap(), "attach"],
         None,
     )?;
+    target.wait_for_mapping("libc.so", Duration::from_secs(10))?;
     let pid = target.pid().to_string();
     let mut all = vec!["-p", &pid, "--json", out.to_str().unwrap()];
     all.extend_from_slice(args);
@@ -86,7 +147,8 @@ fn attach_to_running_process_matches_ledger() -> Result<()> {
         return Ok(());
     }
     let scratch = Scratch::new("attach")?;
-    let (ledger, report) = trace_attached(&scratch, &["-a"], Duration::ZERO)?;
+    // -o 0: the final table after Ctrl-C otherwise hides the last 500 ms (BCC's default -o).
+    let (ledger, report) = trace_attached(&scratch, &["-a", "-o", "0"], Duration::ZERO)?;
     let snapshot = report.final_snapshot();
     check_against_ledger(snapshot, &ledger, "leaks.c", |_| true)?;
     // -a: every stack lists its outstanding allocations, which add up to its totals.

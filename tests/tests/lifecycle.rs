@@ -1,5 +1,5 @@
-//! How memleak starts and ends: a target that exits mid-trace, `-c` passing stdio and the exit
-//! status through, and bad input failing with one clear line.
+//! How memleak starts and ends: a target that exits mid-trace, `-c` passing stdio through and
+//! reporting the exit status, and bad input failing with one clear line.
 
 use std::time::Duration;
 
@@ -26,6 +26,7 @@ fn target_exit_mid_trace_ends_with_final_report() -> Result<()> {
         &[ledger.to_str().unwrap(), "attach-exit"],
         None,
     )?;
+    target.wait_for_mapping("libc.so", Duration::from_secs(10))?;
     let pid = target.pid().to_string();
     // 1-second tables, far more of them than the target lives for.
     let tracer = Running::memleak(
@@ -56,9 +57,11 @@ fn target_exit_mid_trace_ends_with_final_report() -> Result<()> {
     )
 }
 
+/// memleak itself exits 0 when the command ends (it did its job); it says how the command
+/// ended.
 #[test]
-fn command_stdio_and_exit_status_pass_through() -> Result<()> {
-    if !can_trace("command_stdio_and_exit_status_pass_through") {
+fn command_stdio_passes_through_and_status_is_reported() -> Result<()> {
+    if !can_trace("command_stdio_passes_through_and_status_is_reported") {
         return Ok(());
     }
     let scratch = Scratch::new("passthrough")?;
@@ -71,9 +74,11 @@ fn command_stdio_and_exit_status_pass_through() -> Result<()> {
             Some("hello memleak\n"),
             TIMEOUT,
         )?;
+        expect_success(&run)?;
+        let said = format!("status {status}");
         ensure!(
-            run.status.code() == Some(status),
-            "expected exit status {status}\n{}",
+            run.stdout.contains(&said),
+            "memleak did not report \"{said}\"\n{}",
             run.transcript()
         );
         ensure!(
@@ -112,6 +117,67 @@ fn expect_clean_error(run: &memleak_tests::Finished, what: &str) -> Result<()> {
 }
 
 #[test]
+fn count_intervals_then_exit() -> Result<()> {
+    if !can_trace("count_intervals_then_exit") {
+        return Ok(());
+    }
+    let scratch = Scratch::new("count")?;
+    let fixture = scratch.compile("leaks", "leaks", &[])?;
+    let ledger = scratch.path("ledger.json");
+    let out = scratch.path("report.json");
+    let target = Running::start(
+        &scratch,
+        "leaks",
+        &fixture,
+        &[ledger.to_str().unwrap(), "attach"],
+        None,
+    )?;
+    target.wait_for_mapping("libc.so", Duration::from_secs(10))?;
+    let pid = target.pid().to_string();
+    let run = run_memleak(
+        &scratch,
+        &["-p", &pid, "--json", out.to_str().unwrap(), "1", "2"],
+        None,
+        Duration::from_secs(30),
+    )?;
+    expect_success(&run)?;
+    let tables = run
+        .stdout
+        .matches("stacks with outstanding allocations")
+        .count();
+    ensure!(
+        tables == 2,
+        "INTERVAL 1 COUNT 2 printed {tables} tables\n{}",
+        run.transcript()
+    );
+    let report = Report::read(&out)?;
+    let snapshots = report.json["snapshots"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    ensure!(
+        snapshots.len() == 2,
+        "{} snapshots in the JSON, expected 2",
+        snapshots.len()
+    );
+    let elapsed: Vec<f64> = snapshots
+        .iter()
+        .map(|s| s["elapsed_s"].as_f64().unwrap_or(-1.0))
+        .collect();
+    // Table k comes k intervals after the start (when a table is stamped after its
+    // symbolization, two stamps can be closer than one interval).
+    ensure!(
+        elapsed[0] >= 0.9 && elapsed[1] >= 1.9 && elapsed[1] > elapsed[0],
+        "tables not at 1 s and 2 s: elapsed_s {elapsed:?}"
+    );
+    ensure!(
+        report.final_snapshot()["total_bytes"] == snapshots[1]["total_bytes"],
+        "after COUNT tables, final is not the last table"
+    );
+    Ok(())
+}
+
+#[test]
 fn bad_pid_is_a_one_line_error() -> Result<()> {
     if !can_trace("bad_pid_is_a_one_line_error") {
         return Ok(());
@@ -128,16 +194,23 @@ fn bad_pid_is_a_one_line_error() -> Result<()> {
 }
 
 #[test]
-fn missing_command_is_a_one_line_error() -> Result<()> {
-    if !can_trace("missing_command_is_a_one_line_error") {
+fn bad_input_is_a_one_line_error() -> Result<()> {
+    if !can_trace("bad_input_is_a_one_line_error") {
         return Ok(());
     }
-    let scratch = Scratch::new("nocommand")?;
-    let run = run_memleak(
-        &scratch,
+    let scratch = Scratch::new("badinput")?;
+    let cases: [&[&str]; 7] = [
         &["-c", "/nonexistent/memleak-test-command --flag"],
-        None,
-        TIMEOUT,
-    )?;
-    expect_clean_error(&run, "-c /nonexistent/...")
+        &["-c", ""],
+        &["-p", "0"],
+        &["-c", "true", "-O", "/nonexistent/libnothing.so"],
+        &["-c", "true", "-s", "0"],
+        &["-c", "true", "-z", "100", "-Z", "10"],
+        &["-c", "true", "0"],
+    ];
+    for args in cases {
+        let run = run_memleak(&scratch, args, None, TIMEOUT)?;
+        expect_clean_error(&run, &format!("memleak {args:?}"))?;
+    }
+    Ok(())
 }

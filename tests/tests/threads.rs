@@ -25,14 +25,16 @@ fn threads_started_after_attach() -> Result<()> {
         &[ledger.to_str().unwrap(), "attach"],
         None,
     )?;
+    target.wait_for_mapping("libc.so", Duration::from_secs(10))?;
     let pid = target.pid().to_string();
     let tracer = Running::memleak(
         &scratch,
-        &["-p", &pid, "--json", out.to_str().unwrap()],
+        &["-p", &pid, "-o", "0", "--json", out.to_str().unwrap()],
         None,
     )?;
     wait_for_file(&ledger, Duration::from_secs(45))?;
-    let run = tracer.interrupt(Duration::from_secs(60))?;
+    // SIGTERM ends memleak as cleanly as Ctrl-C (the other -p tests use SIGINT).
+    let run = tracer.stop(libc::SIGTERM, Duration::from_secs(60))?;
     expect_success(&run)?;
     let report = Report::read(&out)?;
     check_against_ledger(

@@ -1,33 +1,297 @@
-//! Addresses of the target → frames. (Skeleton: being written.)
+//! Addresses of the target → frames, in three cached steps (the blazesym pipeline):
+//! address → mapping of the target (a snapshot of `/proc/PID/maps`) → object file and ELF
+//! virtual address (through the file's PT_LOAD headers) → function, file and line from the
+//! object's symbol tables and DWARF ([`elf::ElfSource`]).
+//!
+//! Every executable file is opened when the maps are read, so the frames can still be named
+//! after the file was deleted or replaced on disk, and after the target exited (memleak's
+//! final table is printed then).
 
-use crate::model::Frame;
+mod debug_file;
+mod elf;
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::io::{Read, Seek};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::Path;
+
+use crate::model::{Frame, FrameKind};
+use crate::procmaps::{self, Mapping};
+use elf::ElfSource;
 
 pub struct Symbolizer {
     pid: u32,
+    /// Executable mappings of the last successful read, sorted by start; `None`: not read yet.
+    regions: Option<Vec<Region>>,
+    /// Every file mapped since the start; `file_ids` finds one by (device, inode, path): a
+    /// library rebuilt and loaded again is a new file even if its inode number was reused.
+    files: Vec<MappedFile>,
+    file_ids: HashMap<(String, u64, Option<String>), usize>,
+    /// Parsed sources; shared by every file with the same build-id.
+    sources: Vec<ElfSource>,
+    by_build_id: HashMap<Vec<u8>, usize>,
+    /// Addresses outside every mapping even after re-reading the maps: not worth another read.
+    missed: HashSet<u64>,
+}
+
+/// One executable mapping, reduced to what turns an address into a file offset.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Region {
+    start: u64,
+    end: u64,
+    /// File offset of `start`.
+    offset: u64,
+    /// Index in `Symbolizer::files`; `None`: anonymous code (a JIT's), which has no names
+    /// but must not make every address in it re-read the maps.
+    file: Option<usize>,
+}
+
+struct MappedFile {
+    /// Basename, as frames show it.
+    module: String,
+    object: Object,
+}
+
+enum Object {
+    /// Opened when the maps were read, parsed on first use. The path is the target's view,
+    /// where its separate debug file is searched.
+    Opened(File, Option<String>),
+    /// The vDSO has no file: its image is copied out of the target's memory.
+    Image(Vec<u8>),
+    Parsed(usize),
+    /// Could not be opened or is not ELF: its addresses get a module but no name.
+    Unusable,
 }
 
 impl Symbolizer {
-    pub fn new(pid: u32) -> Self {
-        Symbolizer { pid }
+    pub fn new(pid: u32) -> Symbolizer {
+        Symbolizer {
+            pid,
+            regions: None,
+            files: Vec::new(),
+            file_ids: HashMap::new(),
+            sources: Vec::new(),
+            by_build_id: HashMap::new(),
+            missed: HashSet::new(),
+        }
     }
 
-    /// One address → its frames, innermost (inlined) first.
-    pub fn symbolize(&mut self, addr: u64, _return_address: bool) -> Vec<Frame> {
-        let _ = self.pid;
-        vec![Frame {
+    /// One address → frames, innermost (inlined) first, then the outer function.
+    ///
+    /// `return_address`: the address is a return address (every frame of a stack taken at a
+    /// uretprobe; all but the first at an entry probe): function and line are looked up at
+    /// `addr - 1`, the call instruction, but `addr` is kept in `Frame.addr`.
+    pub fn symbolize(&mut self, addr: u64, return_address: bool) -> Vec<Frame> {
+        // Filled in step by step; whatever is known when a step fails is returned.
+        let frame = Frame {
             addr,
+            kind: FrameKind::Native,
             ..Default::default()
-        }]
+        };
+        let Some((region, file)) = self.region_of(addr).and_then(|r| Some((r, r.file?))) else {
+            return vec![frame];
+        };
+        let file_offset = addr - region.start + region.offset;
+        let frame = Frame {
+            module: Some(self.files[file].module.clone()),
+            module_offset: file_offset,
+            ..frame
+        };
+        let Some(source) = self.source(file) else {
+            return vec![frame];
+        };
+        let source = &mut self.sources[source];
+        let Some(vaddr) = source.vaddr_of_offset(file_offset) else {
+            return vec![frame];
+        };
+        let frame = Frame {
+            module_offset: vaddr,
+            ..frame
+        };
+        let probe = if return_address {
+            vaddr.saturating_sub(1)
+        } else {
+            vaddr
+        };
+        let places = source.resolve(probe);
+        if places.is_empty() {
+            return vec![frame];
+        }
+        places
+            .iter()
+            .map(|p| Frame {
+                function: p.function.clone(),
+                function_offset: p.start.map_or(0, |start| vaddr.saturating_sub(start)),
+                file: p.file.clone(),
+                line: p.line,
+                inlined: p.inlined,
+                ..frame.clone()
+            })
+            .collect()
     }
 
-    pub fn refresh(&mut self) {}
+    /// Re-reads the maps and opens the files of new executable mappings. When the target is
+    /// gone the last snapshot stays, with its files still open.
+    pub fn refresh(&mut self) {
+        let Ok(mut maps) = procmaps::read(self.pid) else {
+            return;
+        };
+        maps.retain(|m| m.executable);
+        maps.sort_by_key(|m| m.start);
+        let regions = maps
+            .iter()
+            .map(|m| Region {
+                start: m.start,
+                end: m.end,
+                offset: m.offset,
+                file: (m.is_file() || m.path.as_deref() == Some("[vdso]")).then(|| self.file_id(m)),
+            })
+            .collect();
+        if self.regions.as_ref() != Some(&regions) {
+            self.missed.clear();
+        }
+        self.regions = Some(regions);
+    }
+
+    /// The index of the file behind `m`, opening it the first time it is seen.
+    fn file_id(&mut self, m: &Mapping) -> usize {
+        let key = (m.dev.clone(), m.inode, m.path.clone());
+        if let Some(&id) = self.file_ids.get(&key) {
+            return id;
+        }
+        self.files.push(MappedFile {
+            module: m.file_name().unwrap_or_default().to_string(),
+            object: self.open(m),
+        });
+        self.file_ids.insert(key, self.files.len() - 1);
+        self.files.len() - 1
+    }
+
+    /// The mapping holding `addr`; the maps are re-read once for an address outside all of
+    /// them (a library loaded after the last read).
+    fn region_of(&mut self, addr: u64) -> Option<Region> {
+        if self.regions.is_none() {
+            self.refresh();
+        }
+        let find = |regions: &Option<Vec<Region>>| {
+            let regions = regions.as_deref()?;
+            let i = regions
+                .partition_point(|r| r.start <= addr)
+                .checked_sub(1)?;
+            Some(regions[i]).filter(|r| addr < r.end)
+        };
+        if let Some(r) = find(&self.regions) {
+            return Some(r);
+        }
+        if !self.missed.insert(addr) {
+            return None;
+        }
+        self.refresh();
+        find(&self.regions)
+    }
+
+    /// Opens the file behind `m`: through `map_files`, which reaches the very inode that is
+    /// mapped even when deleted or replaced; else by path inside the target's root, only if
+    /// it is still the same inode.
+    fn open(&self, m: &Mapping) -> Object {
+        if m.path.as_deref() == Some("[vdso]") {
+            return self.vdso_image(m).map_or(Object::Unusable, Object::Image);
+        }
+        let by_map_files = File::open(procmaps::map_file_path(self.pid, m)).ok();
+        let by_path = || {
+            let path = procmaps::host_path(self.pid, m.path.as_deref()?);
+            File::open(path)
+                .ok()
+                .filter(|f| f.metadata().is_ok_and(|md| md.ino() == m.inode))
+        };
+        match by_map_files.or_else(by_path) {
+            Some(file) => Object::Opened(file, m.path.clone()),
+            None => Object::Unusable,
+        }
+    }
+
+    fn vdso_image(&self, m: &Mapping) -> Option<Vec<u8>> {
+        let mem = File::open(format!("/proc/{}/mem", self.pid)).ok()?;
+        let mut image = vec![0; (m.end - m.start) as usize];
+        mem.read_exact_at(&mut image, m.start).ok()?;
+        Some(image)
+    }
+
+    /// The parsed source of a mapped file, parsing it on first use.
+    fn source(&mut self, file: usize) -> Option<usize> {
+        let object = &mut self.files[file].object;
+        let parsed = match std::mem::replace(object, Object::Unusable) {
+            Object::Parsed(i) => Some(i),
+            Object::Unusable => None,
+            Object::Image(data) => self.parse(&data, None),
+            Object::Opened(mut file, path) => {
+                let mut data = Vec::new();
+                file.rewind()
+                    .and_then(|_| file.read_to_end(&mut data))
+                    .ok()
+                    .and_then(|_| self.parse(&data, path.as_deref()))
+            }
+        };
+        self.files[file].object = parsed.map_or(Object::Unusable, Object::Parsed);
+        parsed
+    }
+
+    /// Parses an object file, or finds the source already parsed for its build-id.
+    fn parse(&mut self, data: &[u8], target_path: Option<&str>) -> Option<usize> {
+        use object::Object as _;
+        let obj = object::File::parse(data).ok()?;
+        let build_id = obj.build_id().ok().flatten().map(<[u8]>::to_vec);
+        if let Some(&i) = build_id.as_ref().and_then(|id| self.by_build_id.get(id)) {
+            return Some(i);
+        }
+        let finder = debug_file::Finder { pid: self.pid };
+        let source = ElfSource::new(&obj, target_path.map(Path::new), &finder);
+        self.sources.push(source);
+        let i = self.sources.len() - 1;
+        if let Some(id) = build_id {
+            self.by_build_id.insert(id, i);
+        }
+        Some(i)
+    }
 }
 
-/// `leak_one+0xf [leaker] leaker.c:12`, BCC's layout plus the source line.
+/// BCC-like text of one frame, without its address: `leak_one+0xf [leaker] leaker.c:12`,
+/// `[unknown] [libfoo.so+0x1234]`, `helper [leaker] leaker.c:7 (inlined)`.
 pub fn format_frame(f: &Frame) -> String {
-    let module = f.module.as_deref().unwrap_or("unknown");
-    match &f.function {
-        Some(func) => format!("{func}+{:#x} [{module}]", f.function_offset),
-        None => format!("[unknown] [{module}+{:#x}]", f.module_offset),
+    // `[vdso]` is bracketed already.
+    let module = match f.module.as_deref() {
+        Some(m) if m.starts_with('[') => m.to_string(),
+        Some(m) => format!("[{m}]"),
+        None => "[unknown]".to_string(),
+    };
+    let Some(function) = &f.function else {
+        return match &f.module {
+            Some(m) => format!(
+                "[unknown] [{}+{:#x}]",
+                m.trim_matches(['[', ']']),
+                f.module_offset
+            ),
+            None => "[unknown]".to_string(),
+        };
+    };
+    let mut text = if f.inlined {
+        format!("{function} {module}")
+    } else {
+        format!("{function}+{:#x} {module}", f.function_offset)
+    };
+    if let Some(file) = &f.file {
+        let base = file.rsplit('/').next().unwrap_or(file);
+        text += &format!(" {base}");
+        if let Some(line) = f.line {
+            text += &format!(":{line}");
+        }
     }
+    if f.inlined {
+        text += " (inlined)";
+    }
+    text
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,218 @@
+//! Faults the tracer must survive without harming the target: being killed with SIGKILL,
+//! being restarted on the same process, and maps too small for what it sees.
+
+use std::{
+    os::unix::fs::FileExt,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use memleak_tests::{
+    Report, Running, Scratch, can_trace, expect_success, run_memleak, usage_of, wait_for_file,
+};
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The first bytes of the target's malloc, as the target sees them.
+fn code_at(pid: u32, addr: u64) -> Result<[u8; 16]> {
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem"))?;
+    let mut buf = [0u8; 16];
+    mem.read_exact_at(&mut buf, addr)
+        .with_context(|| format!("reading PID {pid} at {addr:#x}"))?;
+    Ok(buf)
+}
+
+fn wait_until(what: &str, timeout: Duration, mut done: impl FnMut() -> Result<bool>) -> Result<()> {
+    let start = Instant::now();
+    while !done()? {
+        if start.elapsed() > timeout {
+            bail!("timed out waiting until {what}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+#[test]
+fn sigkill_leaves_nothing_attached_and_a_restart_works() -> Result<()> {
+    if !can_trace("sigkill_leaves_nothing_attached_and_a_restart_works") {
+        return Ok(());
+    }
+    let scratch = Scratch::new("sigkill")?;
+    let fixture = scratch.compile("steady", "steady", &[])?;
+    let stop = scratch.path("stop");
+    let target = Running::start(
+        &scratch,
+        "steady",
+        &fixture,
+        &[stop.to_str().unwrap()],
+        None,
+    )?;
+    let pid = target.pid();
+    let stdout = scratch.path("steady.stdout");
+    wait_for_file(&stdout, TIMEOUT)?;
+    wait_until("the target prints malloc's address", TIMEOUT, || {
+        Ok(std::fs::read_to_string(&stdout)?.contains('\n'))
+    })?;
+    let text = std::fs::read_to_string(&stdout)?;
+    let addr = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|a| u64::from_str_radix(a.trim_start_matches("0x"), 16).ok())
+        .context("the fixture printed no malloc address")?;
+    let pristine = code_at(pid, addr)?;
+
+    // Attached: the kernel has put a breakpoint on malloc.
+    let pid_arg = pid.to_string();
+    let tracer = Running::memleak(&scratch, &["-p", &pid_arg, "1"], None)?;
+    wait_until("memleak patches malloc", TIMEOUT, || {
+        Ok(code_at(pid, addr)? != pristine)
+    })?;
+    std::thread::sleep(Duration::from_millis(500));
+
+    // SIGKILL: no chance to clean up, yet the kernel removes every probe with its fds.
+    tracer.signal(libc::SIGKILL);
+    drop(tracer);
+    wait_until("malloc is pristine again", Duration::from_secs(5), || {
+        Ok(code_at(pid, addr)? == pristine)
+    })?;
+
+    // A second memleak on the same target works and detaches cleanly.
+    let out = scratch.path("again.json");
+    let run = run_memleak(
+        &scratch,
+        &["-p", &pid_arg, "--json", out.to_str().unwrap(), "1", "2"],
+        None,
+        TIMEOUT,
+    )?;
+    expect_success(&run)?;
+    let report = Report::read(&out)?;
+    assert!(
+        report.final_snapshot()["recorded"].as_u64().unwrap_or(0) > 0,
+        "the restarted tracer saw no allocation"
+    );
+    assert_eq!(
+        code_at(pid, addr)?,
+        pristine,
+        "probes left behind after a clean exit"
+    );
+
+    // The target ran on unharmed: every round verified its memory.
+    std::fs::write(&stop, "")?;
+    let done = target.wait(TIMEOUT)?;
+    assert!(done.status.success(), "{}", done.transcript());
+    assert!(
+        done.stdout
+            .lines()
+            .last()
+            .is_some_and(|l| l.starts_with("ok ")),
+        "{}",
+        done.transcript()
+    );
+    Ok(())
+}
+
+#[test]
+fn full_maps_are_counted_and_reported_as_partial() -> Result<()> {
+    if !can_trace("full_maps_are_counted_and_reported_as_partial") {
+        return Ok(());
+    }
+    let scratch = Scratch::new("fullmaps")?;
+    let fixture = scratch.compile("leaks", "leaks", &[])?;
+    let ledger = scratch.path("ledger.json");
+    let out = scratch.path("report.json");
+    let cmd = format!("{} {} run", fixture.display(), ledger.display());
+    let run = run_memleak(
+        &scratch,
+        &[
+            "-c",
+            &cmd,
+            "--max-allocs",
+            "3",
+            "--max-stacks",
+            "1",
+            "--json",
+            out.to_str().unwrap(),
+        ],
+        None,
+        TIMEOUT,
+    )?;
+    expect_success(&run)?;
+    let report = Report::read(&out)?;
+    let snap = report.final_snapshot();
+    let lost = &snap["lost"];
+    assert!(
+        lost["allocs_map_full"].as_u64().unwrap_or(0) > 0,
+        "{}",
+        run.transcript()
+    );
+    assert!(
+        lost["stack_walks_failed"].as_u64().unwrap_or(0) > 0,
+        "{}",
+        run.transcript()
+    );
+    assert!(
+        run.stdout.contains("results are partial"),
+        "the table must say it is partial:\n{}",
+        run.transcript()
+    );
+    // What was kept is within the map's capacity (plus the separate mmap map).
+    let heap_entries: u64 = snap["stacks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|s| s["count"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(
+        heap_entries <= 3 + 16,
+        "{heap_entries} entries in maps of 3 (+ mmaps)"
+    );
+    Ok(())
+}
+
+#[test]
+fn exec_drops_the_old_program_and_forks_are_reported() -> Result<()> {
+    if !can_trace("exec_drops_the_old_program_and_forks_are_reported") {
+        return Ok(());
+    }
+    let scratch = Scratch::new("execs")?;
+    let fixture = scratch.compile("execs", "execs", &[])?;
+    let ledger = scratch.path("ledger.json");
+    let out = scratch.path("report.json");
+    let cmd = format!("{} {} first", fixture.display(), ledger.display());
+    let run = run_memleak(
+        &scratch,
+        &["-c", &cmd, "--json", out.to_str().unwrap()],
+        None,
+        TIMEOUT,
+    )?;
+    expect_success(&run)?;
+    assert!(
+        run.stdout
+            .contains("exec'd a new program; dropped 5 allocations"),
+        "{}",
+        run.transcript()
+    );
+    assert!(
+        run.stdout.contains("started child process"),
+        "{}",
+        run.transcript()
+    );
+    let report = Report::read(&out)?;
+    let snap = report.final_snapshot();
+    let after = usage_of(snap, "after_exec");
+    assert_eq!(
+        (after.bytes, after.count),
+        (3333, 3),
+        "{}",
+        run.transcript()
+    );
+    for gone in ["before_exec", "in_child"] {
+        assert_eq!(
+            usage_of(snap, gone).count,
+            0,
+            "{gone} must not be outstanding"
+        );
+    }
+    Ok(())
+}

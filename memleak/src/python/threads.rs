@@ -17,8 +17,6 @@ pub struct PythonTracking {
     pid: u32,
     config: Array<MapData, PyConfig>,
     threads: HashMap<MapData, u64, u64>,
-    /// Keys written by the last sync, to delete threads that have exited.
-    written: HashSet<u64>,
     runtime: Option<PythonRuntime>,
     /// The files last searched for CPython (see `interpreter_files`).
     looked_at: Vec<String>,
@@ -37,7 +35,6 @@ impl PythonTracking {
             pid,
             config: Array::try_from(take(PY_CONFIG_MAP)?)?,
             threads: HashMap::try_from(take(PY_THREADS_MAP)?)?,
-            written: HashSet::new(),
             runtime: None,
             looked_at: Vec::new(),
             gave_up: false,
@@ -95,7 +92,9 @@ impl PythonTracking {
         };
         let threads = rt.thread_states()?;
         let now: HashSet<u64> = threads.iter().map(|t| t.thread_id).collect();
-        for gone in self.written.difference(&now) {
+        // Keys the BPF program added itself are checked too.
+        let keys: Vec<u64> = self.threads.keys().flatten().collect();
+        for gone in keys.iter().filter(|k| !now.contains(k)) {
             // Already absent is fine: the goal is that it is not there.
             let _ = self.threads.remove(gone);
         }
@@ -104,7 +103,6 @@ impl PythonTracking {
                 .insert(t.thread_id, t.addr, 0)
                 .context("updating the Python thread map")?;
         }
-        self.written = now;
         Ok(())
     }
 }

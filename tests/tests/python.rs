@@ -15,7 +15,8 @@ use serde_json::Value;
 const TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The interpreters to test; a missing one is reported loudly and skipped.
-const PYTHONS: [(&str, &str); 5] = [
+const PYTHONS: [(&str, &str); 6] = [
+    ("3.9", "/root/.pyenv/versions/3.9.18/bin/python3.9"),
     ("3.10", "/root/.pyenv/versions/3.10.13/bin/python3.10"),
     ("3.11", "/root/.pyenv/versions/3.11.7/bin/python3.11"),
     ("3.12", "/root/.pyenv/versions/3.12.1/bin/python3.12"),

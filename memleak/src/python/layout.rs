@@ -4,12 +4,14 @@
 
 use memleak_common::python::{EntryMarker, NO_FIELD, PyOffsets};
 
+use super::linetable::Format;
+
 /// A CPython minor version we can read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Version {
     pub major: u8,
     pub minor: u8,
-    /// Unknown for 3.10, which has no `Py_Version`.
+    /// Unknown before 3.11, which has no `Py_Version`.
     pub micro: Option<u8>,
 }
 
@@ -38,8 +40,9 @@ pub struct Layout {
     pub code_function: u64,
     pub code_firstlineno: u64,
     pub code_linetable: u64,
-    /// 3.11+: the PEP 657 location table; 3.10: the PEP 626 line table.
-    pub location_table: bool,
+    pub line_table: Format,
+    /// Bytes per unit of `PyFrame::instr` (3.10's f_lasti counts 2-byte code units).
+    pub instr_unit: u64,
     /// `sizeof(PyASCIIObject)`: where the characters of a compact ASCII string start.
     pub ascii_data: u64,
     /// `sizeof(PyCompactUnicodeObject)`: where those of other compact strings start.
@@ -61,6 +64,21 @@ impl Layout {
             return None;
         }
         let layout = match v.minor {
+            // As 3.10 but f_lasti (a byte offset) is 8 bytes further and lines are in
+            // co_lnotab.
+            9 => {
+                let base = Layout::for_version(Version { minor: 10, ..v })?;
+                Layout {
+                    frames: PyOffsets {
+                        frame_instr: 104,
+                        frame_size: 112,
+                        ..base.frames
+                    },
+                    line_table: Format::Lnotab,
+                    instr_unit: 1,
+                    ..base
+                }
+            }
             10 => Layout {
                 frames: PyOffsets {
                     tstate_frame: 24,
@@ -82,7 +100,8 @@ impl Layout {
                 code_function: 112,
                 code_firstlineno: 40,
                 code_linetable: 120,
-                location_table: false,
+                line_table: Format::Pep626,
+                instr_unit: 2,
                 ascii_data: 48,
                 compact_data: 72,
             },
@@ -107,7 +126,8 @@ impl Layout {
                 code_function: 128,
                 code_firstlineno: 72,
                 code_linetable: 136,
-                location_table: true,
+                line_table: Format::Pep657,
+                instr_unit: 1,
                 ascii_data: 48,
                 compact_data: 72,
             },
@@ -132,7 +152,8 @@ impl Layout {
                 code_function: 128,
                 code_firstlineno: 68,
                 code_linetable: 136,
-                location_table: true,
+                line_table: Format::Pep657,
+                instr_unit: 1,
                 ascii_data: 40,
                 compact_data: 56,
             },
@@ -157,7 +178,8 @@ impl Layout {
                 code_function: 128,
                 code_firstlineno: 68,
                 code_linetable: 136,
-                location_table: true,
+                line_table: Format::Pep657,
+                instr_unit: 1,
                 ascii_data: 40,
                 compact_data: 56,
             },

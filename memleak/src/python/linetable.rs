@@ -1,5 +1,39 @@
 //! Instruction offset → source line, from the tables CPython keeps in every code object.
-//! Both walk address ranges in bytes of bytecode, starting at `co_firstlineno`.
+//! All walk address ranges in bytes of bytecode, starting at `co_firstlineno`.
+
+/// Which table a code object keeps, by version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// 3.8–3.9 `co_lnotab`.
+    Lnotab,
+    /// 3.10 `co_linetable`.
+    Pep626,
+    /// 3.11+ `co_linetable` (locations).
+    Pep657,
+}
+
+pub fn line(format: Format, table: &[u8], firstlineno: i32, byte_offset: u64) -> Option<u32> {
+    match format {
+        Format::Lnotab => lnotab_line(table, firstlineno, byte_offset),
+        Format::Pep626 => pep626_line(table, firstlineno, byte_offset),
+        Format::Pep657 => pep657_line(table, firstlineno, byte_offset),
+    }
+}
+
+/// 3.8–3.9: pairs of (bytecode length: u8, line delta: i8); the line of an offset is the
+/// line reached before the first pair that goes past it.
+pub fn lnotab_line(table: &[u8], firstlineno: i32, byte_offset: u64) -> Option<u32> {
+    let mut line = firstlineno;
+    let mut addr = 0u64;
+    for pair in table.chunks_exact(2) {
+        addr += pair[0] as u64;
+        if addr > byte_offset {
+            break;
+        }
+        line += pair[1] as i8 as i32;
+    }
+    u32::try_from(line).ok()
+}
 
 /// 3.10, PEP 626 `co_linetable`: pairs of (bytecode length: u8, line delta: i8), a delta of
 /// −128 meaning "no line".

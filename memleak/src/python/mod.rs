@@ -100,8 +100,10 @@ struct Symbols {
     runtime: Option<u64>,
     version: Option<u64>,
     code_type: Option<u64>,
-    /// Only 3.10+ has `PyAIter_Check`: with no `Py_Version`, it tells 3.10 from older.
+    /// With no `Py_Version` (before 3.11), the newest of these tells the version: only
+    /// 3.10+ has `PyAIter_Check`, only 3.9+ `PyModule_AddType`.
     aiter_check: bool,
+    module_add_type: bool,
     /// Reference-count debugging: a debug build, whose structs have other layouts.
     ref_total: bool,
     /// Biased reference counting: a free-threaded (3.13t) build.
@@ -149,7 +151,12 @@ impl PythonRuntime {
                 minor: 10,
                 micro: None,
             },
-            None => bail!("{path}: Python older than 3.10 is not supported"),
+            None if symbols.module_add_type => Version {
+                major: 3,
+                minor: 9,
+                micro: None,
+            },
+            None => bail!("{path}: Python older than 3.9 is not supported"),
         };
         if symbols.ref_total {
             bail!("{path}: Python {version} is a debug build (Py_REF_DEBUG), not supported");
@@ -158,7 +165,7 @@ impl PythonRuntime {
             bail!("{path}: Python {version} is a free-threaded build, not supported");
         }
         let layout = Layout::for_version(version).with_context(|| {
-            format!("{path}: Python {version} is not supported (3.10 to 3.13 are)")
+            format!("{path}: Python {version} is not supported (3.9 to 3.13 are)")
         })?;
         let code_type = symbols
             .code_type
@@ -254,14 +261,12 @@ impl PythonRuntime {
     /// File, function and line of a recorded frame; `None` when its code object cannot be
     /// read any more and was never seen before.
     pub fn resolve(&mut self, frame: PyFrame) -> Option<PyLocation> {
-        let location_table = self.layout.location_table;
+        let (format, unit) = (self.layout.line_table, self.layout.instr_unit);
         let code = self.code(frame.code)?;
         let instr = frame.instr & !ENTRY_FRAME;
         let line = match instr {
             UNKNOWN_INSTR => None,
-            _ if location_table => linetable::pep657_line(&code.linetable, code.firstlineno, instr),
-            // 3.10 records f_lasti, an index of 2-byte code units.
-            _ => linetable::pep626_line(&code.linetable, code.firstlineno, instr * 2),
+            _ => linetable::line(format, &code.linetable, code.firstlineno, instr * unit),
         };
         Some(PyLocation {
             file: code.file.clone(),
@@ -365,6 +370,7 @@ impl Symbols {
                 "Py_Version" => s.version = Some(sym.address()),
                 "PyCode_Type" => s.code_type = Some(sym.address()),
                 "PyAIter_Check" => s.aiter_check = true,
+                "PyModule_AddType" => s.module_add_type = true,
                 "_Py_RefTotal" | "_Py_GetRefTotal" => s.ref_total = true,
                 "_Py_MergeZeroLocalRefcount" | "_Py_brc_queue_object" => s.free_threaded = true,
                 _ => {}

@@ -3,6 +3,7 @@
 //! layout change is a compile-time change on both.
 #![no_std]
 
+pub mod python;
 pub mod unwind;
 
 /// Entry points the probes hook; also the `kind` of an in-flight call and of a trace event.

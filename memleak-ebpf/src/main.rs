@@ -11,6 +11,7 @@
 
 mod kernel;
 mod process;
+mod python;
 mod unwind;
 
 use core::{ffi::c_void, ptr::read_volatile};

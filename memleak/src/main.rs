@@ -12,6 +12,7 @@ mod placement;
 mod probes;
 mod proc_stats;
 mod procmaps;
+mod python;
 mod report;
 mod symbolize;
 mod target;

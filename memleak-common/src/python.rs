@@ -1,0 +1,132 @@
+//! The Python part of the contract: where the BPF program finds a thread's Python frames (the
+//! offsets differ per CPython version; userspace picks them) and how it marks them.
+
+/// Set in `PyFrame::instr` on the outermost Python frame of one `_PyEval_EvalFrameDefault`
+/// activation, so userspace can splice each run of Python frames into the native stack at
+/// the right evaluator frame (3.10: every Python frame has its own activation).
+pub const ENTRY_FRAME: u64 = 1 << 63;
+/// `PyFrame::instr` when the instruction pointer lies outside the code (a frame being set up).
+pub const UNKNOWN_INSTR: u64 = u32::MAX as u64;
+
+/// `_PyInterpreterFrame.owner` of the shim frame each evaluator activation pushes (3.12+):
+/// not a Python frame, it only marks where the activation starts.
+pub const FRAME_OWNED_BY_CSTACK: u8 = 3;
+
+/// How a frame tells that it is the first one of its evaluator activation.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EntryMarker {
+    /// 3.10: one activation per frame.
+    EveryFrame = 0,
+    /// 3.11: `is_entry` (bool) on the frame itself.
+    IsEntry = 1,
+    /// 3.12+: the previous frame is a shim whose `owner` is `FRAME_OWNED_BY_CSTACK`.
+    CStackShim = 2,
+}
+
+/// Byte offsets of the fields the frame walk reads, for the target's CPython version. The
+/// userspace walker reads the same fields through the same struct, so what the tests check
+/// is what the BPF program does.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PyOffsets {
+    /// `PyThreadState` → top frame (3.10 `frame`, 3.13 `current_frame`) or, when
+    /// `cframe_current_frame` is set, → `_PyCFrame` (3.11, 3.12).
+    pub tstate_frame: u32,
+    /// `_PyCFrame.current_frame`; `NO_FIELD` when the thread state points at the frame.
+    pub cframe_current_frame: u32,
+    /// `PyThreadState.thread_id` (pthread_t, equal to fs_base on x86-64).
+    pub tstate_thread_id: u32,
+    /// Frame → caller frame (`f_back` / `previous`).
+    pub frame_previous: u32,
+    /// Frame → code object (`f_code` / `f_executable`).
+    pub frame_code: u32,
+    /// 3.10: `f_lasti` (int, an instruction index); 3.11+: pointer to the instruction.
+    pub frame_instr: u32,
+    /// `is_entry` (3.11) or `owner` (3.12+), per `entry_marker`.
+    pub frame_marker: u32,
+    /// An `EntryMarker` value.
+    pub entry_marker: u32,
+    /// `PyCodeObject.co_code_adaptive`: where instructions start (0 for 3.10).
+    pub code_adaptive: u32,
+    /// Bytes read at each frame's address: all the fields above lie within them, so one
+    /// read per frame does (at most `FRAME_BUF`).
+    pub frame_size: u32,
+}
+
+/// The most bytes read per frame.
+pub const FRAME_BUF: usize = 128;
+
+/// One frame read from its first `frame_size` bytes.
+pub enum FrameStep {
+    /// A Python frame, and the address of its caller's frame.
+    Python(crate::PyFrame, u64),
+    /// A shim frame (3.12+) that starts an evaluator activation: the frame before it (the
+    /// inner one) is that activation's entry frame. Its caller's frame.
+    Shim(u64),
+}
+
+fn field<const N: usize>(buf: &[u8; FRAME_BUF], offset: u32) -> Option<[u8; N]> {
+    let at = offset as usize;
+    buf.get(at..at + N)?.try_into().ok()
+}
+
+/// Decodes one frame as both walkers (BPF and userspace) do; `None`: offsets out of bounds.
+pub fn decode_frame(buf: &[u8; FRAME_BUF], o: &PyOffsets) -> Option<FrameStep> {
+    let code = u64::from_le_bytes(field(buf, o.frame_code)?);
+    let previous = u64::from_le_bytes(field(buf, o.frame_previous)?);
+    let instr = if o.entry_marker == EntryMarker::EveryFrame as u32 {
+        u32::from_le_bytes(field(buf, o.frame_instr)?) as u64 | ENTRY_FRAME
+    } else {
+        let [marker] = field(buf, o.frame_marker)?;
+        if o.entry_marker == EntryMarker::CStackShim as u32 && marker == FRAME_OWNED_BY_CSTACK {
+            return Some(FrameStep::Shim(previous));
+        }
+        let ptr = u64::from_le_bytes(field(buf, o.frame_instr)?);
+        let entry = o.entry_marker == EntryMarker::IsEntry as u32 && marker != 0;
+        instr_offset(ptr, code, o.code_adaptive) | if entry { ENTRY_FRAME } else { 0 }
+    };
+    Some(FrameStep::Python(crate::PyFrame { code, instr }, previous))
+}
+
+pub const NO_FIELD: u32 = u32::MAX;
+
+/// `PyFrame::instr` for 3.11+: the instruction's byte offset in `co_code_adaptive`, or
+/// `UNKNOWN_INSTR` when the pointer is not inside the first 4 GiB after it.
+pub fn instr_offset(instr_ptr: u64, code: u64, code_adaptive: u32) -> u64 {
+    let offset = instr_ptr.wrapping_sub(code.wrapping_add(code_adaptive as u64));
+    if offset >= UNKNOWN_INSTR {
+        UNKNOWN_INSTR
+    } else {
+        offset
+    }
+}
+
+/// What the BPF program needs to read a Python target, in the one-slot array map
+/// `PY_CONFIG_MAP`. Userspace writes it once it has found CPython in the target (after exec
+/// for a started command); all zero means "no Python": no frames are read.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PyConfig {
+    pub offsets: PyOffsets,
+    /// Offset of `thread.fsbase` in the kernel's `task_struct` (from the kernel BTF).
+    pub task_fsbase: u64,
+    /// `&_PyRuntime.interpreters.head` in the target. A thread missing from the thread map
+    /// (started since userspace last looked) is searched for from there, and added.
+    pub interpreters_head: u64,
+    /// `PyInterpreterState` → first thread state; `PyThreadState.next`.
+    pub interp_threads_head: u32,
+    pub tstate_next: u32,
+}
+
+/// Thread states the BPF program looks through for a thread missing from the map.
+pub const MAX_THREAD_SCAN: u32 = 256;
+
+pub const PY_CONFIG_MAP: &str = "PY_CONFIG";
+
+/// Map: a thread's fs_base (its pthread_t) → its `PyThreadState` address, kept by userspace.
+pub const PY_THREADS_MAP: &str = "PY_THREADS";
+pub const MAX_PY_THREADS: u32 = 4096;
+
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for PyConfig {}

@@ -1,0 +1,466 @@
+//! Python-aware tracing: find the CPython runtime in a target, walk its threads' frames the
+//! way the BPF program does, and turn recorded frames (code object, instruction) into
+//! file, function and line by reading the target's memory.
+
+mod btf;
+mod classify;
+mod layout;
+mod linetable;
+mod memory;
+mod splice;
+#[cfg(test)]
+mod tests;
+mod threads;
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use memleak_common::MAX_PYTHON_FRAMES;
+use memleak_common::python::{
+    ENTRY_FRAME, FRAME_BUF, FrameStep, NO_FIELD, PyConfig, UNKNOWN_INSTR, decode_frame,
+};
+use memleak_common::{AllocKind, PyFrame};
+use object::{Object, ObjectSegment, ObjectSymbol};
+
+use crate::procmaps::{self, Mapping};
+pub use classify::{Class, classify};
+pub use layout::Version;
+use layout::{BYTES_DATA, BYTES_SIZE, Layout, OB_TYPE, UNICODE_LENGTH, UNICODE_STATE};
+use memory::Memory;
+pub use threads::PythonTracking;
+
+/// CPython's own allocator entry points, each with the libc function it behaves like, for
+/// `--python-allocators`: hooked with that function's probes, every pymalloc block is
+/// tracked. A block pymalloc forwards to malloc (and the arena mmaps it makes) is a call
+/// nested in the in-flight outer one, which owns it: nothing is counted twice.
+pub const ALLOCATOR_ENTRY_POINTS: [(&str, AllocKind); 8] = [
+    ("PyObject_Malloc", AllocKind::Malloc),
+    ("PyObject_Calloc", AllocKind::Calloc),
+    ("PyObject_Realloc", AllocKind::Realloc),
+    ("PyObject_Free", AllocKind::Free),
+    ("PyMem_Malloc", AllocKind::Malloc),
+    ("PyMem_Calloc", AllocKind::Calloc),
+    ("PyMem_Realloc", AllocKind::Realloc),
+    ("PyMem_Free", AllocKind::Free),
+];
+
+/// Where a Python frame was.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PyLocation {
+    pub file: String,
+    /// Qualified name (`Class.method`) on 3.11+, plain name on 3.10.
+    pub function: String,
+    /// `None`: the frame was between instructions that have a line (setting up, or code
+    /// without a location).
+    pub line: Option<u32>,
+}
+
+/// A thread of the target as CPython knows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ThreadState {
+    /// The `PyThreadState` address.
+    pub addr: u64,
+    /// `pthread_self()` of the thread, equal to its fs_base on x86-64.
+    pub thread_id: u64,
+}
+
+/// The CPython interpreter running in one process.
+pub struct PythonRuntime {
+    pub version: Version,
+    /// The object file that holds the interpreter (libpython or the executable), as the
+    /// target names it.
+    pub interpreter_path: String,
+    /// Files under this directory are the standard library (site-packages excepted).
+    pub stdlib_dir: String,
+    /// Basenames of the interpreter's native code: libpython, the executable, the standard
+    /// library's extension modules.
+    interpreter_modules: HashSet<String>,
+    layout: Layout,
+    memory: Memory,
+    /// `_PyRuntime` and `PyCode_Type` in the target.
+    runtime_addr: u64,
+    code_type: u64,
+    codes: HashMap<u64, Code>,
+}
+
+/// A code object as last read: the pointers identify it (a freed and reused address gets
+/// other strings), the rest is what a location needs.
+struct Code {
+    identity: [u64; 4],
+    file: String,
+    function: String,
+    firstlineno: i32,
+    linetable: Vec<u8>,
+}
+
+/// Symbols that tell what kind of interpreter an object file holds.
+#[derive(Default)]
+struct Symbols {
+    runtime: Option<u64>,
+    version: Option<u64>,
+    code_type: Option<u64>,
+    /// With no `Py_Version` (before 3.11), the newest of these tells the version: only
+    /// 3.10+ has `PyAIter_Check`, only 3.9+ `PyModule_AddType`.
+    aiter_check: bool,
+    module_add_type: bool,
+    /// Reference-count debugging: a debug build, whose structs have other layouts.
+    ref_total: bool,
+    /// Biased reference counting: a free-threaded (3.13t) build.
+    free_threaded: bool,
+}
+
+impl PythonRuntime {
+    /// Finds CPython in `pid`: `Ok(None)` when the process runs no Python, an error when it
+    /// runs one we cannot read (too old, too new, debug or free-threaded build).
+    pub fn detect(pid: u32) -> Result<Option<PythonRuntime>> {
+        let maps = procmaps::read(pid)?;
+        let exe = executable(pid)?;
+        for (path, first) in interpreter_candidates(&maps, &exe) {
+            let data = std::fs::read(procmaps::map_file_path(pid, first))
+                .or_else(|_| std::fs::read(procmaps::host_path(pid, path)))
+                .with_context(|| format!("reading {path}"))?;
+            let file = object::File::parse(&*data).with_context(|| format!("parsing {path}"))?;
+            let symbols = Symbols::of(&file);
+            let Some(runtime) = symbols.runtime else {
+                continue;
+            };
+            let bias = load_bias(&file, first).with_context(|| {
+                format!("{path}: no segment maps file offset {:#x}", first.offset)
+            })?;
+            let mut rt = Self::new(pid, path, bias, runtime, &symbols)?;
+            rt.interpreter_modules = interpreter_modules(pid, path, &exe, &rt.stdlib_dir);
+            return Ok(Some(rt));
+        }
+        Ok(None)
+    }
+
+    fn new(pid: u32, path: &str, bias: u64, runtime: u64, symbols: &Symbols) -> Result<Self> {
+        let memory = Memory::new(pid);
+        let version = match symbols.version {
+            Some(addr) => {
+                let hex = memory.u32(bias.wrapping_add(addr))?;
+                Version {
+                    major: (hex >> 24) as u8,
+                    minor: (hex >> 16) as u8,
+                    micro: Some((hex >> 8) as u8),
+                }
+            }
+            None if symbols.aiter_check => Version {
+                major: 3,
+                minor: 10,
+                micro: None,
+            },
+            None if symbols.module_add_type => Version {
+                major: 3,
+                minor: 9,
+                micro: None,
+            },
+            None => bail!("{path}: Python older than 3.9 is not supported"),
+        };
+        if symbols.ref_total {
+            bail!("{path}: Python {version} is a debug build (Py_REF_DEBUG), not supported");
+        }
+        if symbols.free_threaded {
+            bail!("{path}: Python {version} is a free-threaded build, not supported");
+        }
+        let layout = Layout::for_version(version).with_context(|| {
+            format!("{path}: Python {version} is not supported (3.9 to 3.13 are)")
+        })?;
+        let code_type = symbols
+            .code_type
+            .with_context(|| format!("{path}: no PyCode_Type symbol"))?;
+        Ok(PythonRuntime {
+            version,
+            interpreter_path: path.to_string(),
+            stdlib_dir: stdlib_dir(path, version),
+            interpreter_modules: HashSet::new(),
+            layout,
+            memory,
+            runtime_addr: bias.wrapping_add(runtime),
+            code_type: bias.wrapping_add(code_type),
+            codes: HashMap::new(),
+        })
+    }
+
+    /// The interpreter's object file, openable from here (through the target's root), to
+    /// hook `ALLOCATOR_ENTRY_POINTS` in.
+    pub fn object_path(&self) -> std::path::PathBuf {
+        procmaps::host_path(self.memory.pid(), &self.interpreter_path)
+    }
+
+    /// What the BPF program needs to find threads and walk their frames.
+    pub fn bpf_config(&self, task_fsbase: u64) -> PyConfig {
+        let l = &self.layout;
+        PyConfig {
+            offsets: l.frames,
+            task_fsbase,
+            interpreters_head: self.runtime_addr + l.runtime_interpreters_head,
+            interp_threads_head: l.interp_threads_head as u32,
+            tstate_next: l.tstate_next as u32,
+        }
+    }
+
+    /// Every thread state of every interpreter, read now.
+    pub fn thread_states(&self) -> Result<Vec<ThreadState>> {
+        /// Bounds the walk when a list is being changed under us or is corrupt.
+        const MAX_THREADS: usize = 65536;
+        let l = &self.layout;
+        let mut threads = Vec::new();
+        let mut interp = self
+            .memory
+            .u64(self.runtime_addr + l.runtime_interpreters_head)?;
+        while interp != 0 && threads.len() < MAX_THREADS {
+            let mut tstate = self.memory.u64(interp + l.interp_threads_head)?;
+            while tstate != 0 && threads.len() < MAX_THREADS {
+                let thread_id = self.memory.u64(tstate + l.frames.tstate_thread_id as u64)?;
+                threads.push(ThreadState {
+                    addr: tstate,
+                    thread_id,
+                });
+                tstate = self.memory.u64(tstate + l.tstate_next)?;
+            }
+            interp = self.memory.u64(interp + l.interp_next)?;
+        }
+        Ok(threads)
+    }
+
+    /// The Python frames of a thread, innermost first, read the way the BPF program reads
+    /// them (same fields, same marks, same cap).
+    pub fn stack(&self, tstate: u64) -> Result<Vec<PyFrame>> {
+        let o = &self.layout.frames;
+        let m = &self.memory;
+        let mut frame = m.u64(tstate + o.tstate_frame as u64)?;
+        if o.cframe_current_frame != NO_FIELD && frame != 0 {
+            frame = m.u64(frame + o.cframe_current_frame as u64)?;
+        }
+        let mut frames: Vec<PyFrame> = Vec::new();
+        let mut buf = [0u8; FRAME_BUF];
+        let size = (o.frame_size as usize).min(FRAME_BUF);
+        // Shim frames (3.12+) take steps without giving frames.
+        let mut steps = 0;
+        while frame != 0 && frames.len() < MAX_PYTHON_FRAMES && steps < 2 * MAX_PYTHON_FRAMES {
+            steps += 1;
+            m.read(frame, &mut buf[..size])?;
+            match decode_frame(&buf, o).context("frame offsets out of bounds")? {
+                FrameStep::Python(f, previous) => {
+                    frames.push(f);
+                    frame = previous;
+                }
+                FrameStep::Shim(previous) => {
+                    if let Some(last) = frames.last_mut() {
+                        last.instr |= ENTRY_FRAME;
+                    }
+                    frame = previous;
+                }
+            }
+        }
+        Ok(frames)
+    }
+
+    /// File, function and line of a recorded frame; `None` when its code object cannot be
+    /// read any more and was never seen before.
+    pub fn resolve(&mut self, frame: PyFrame) -> Option<PyLocation> {
+        let (format, unit) = (self.layout.line_table, self.layout.instr_unit);
+        let code = self.code(frame.code)?;
+        let instr = frame.instr & !ENTRY_FRAME;
+        let line = match instr {
+            UNKNOWN_INSTR => None,
+            _ => linetable::line(format, &code.linetable, code.firstlineno, instr * unit),
+        };
+        Some(PyLocation {
+            file: code.file.clone(),
+            function: code.function.clone(),
+            line,
+        })
+    }
+
+    /// The code object at `addr`, read or from the cache. A code object that died since we
+    /// cached it keeps its cached name: the frame was recorded while it was alive.
+    fn code(&mut self, addr: u64) -> Option<&Code> {
+        let l = self.layout;
+        let header_len = [
+            l.code_filename,
+            l.code_function,
+            l.code_linetable,
+            l.code_firstlineno,
+        ]
+        .into_iter()
+        .max()
+        .unwrap_or(0)
+            + 8;
+        let header = self.memory.read_vec(addr, header_len as usize).ok();
+        let field = |h: &[u8], at: u64| {
+            u64::from_le_bytes(h[at as usize..at as usize + 8].try_into().unwrap())
+        };
+        let live = header.filter(|h| field(h, OB_TYPE) == self.code_type);
+        let Some(h) = live else {
+            return self.codes.get(&addr);
+        };
+        let firstlineno = field(&h, l.code_firstlineno) as u32 as i32;
+        let identity = [
+            field(&h, l.code_filename),
+            field(&h, l.code_function),
+            field(&h, l.code_linetable),
+            firstlineno as u64,
+        ];
+        if self.codes.get(&addr).is_none_or(|c| c.identity != identity) {
+            let code = Code {
+                identity,
+                file: self.string(identity[0]).ok()?,
+                function: self.string(identity[1]).ok()?,
+                firstlineno,
+                linetable: self.bytes(identity[2]).ok()?,
+            };
+            self.codes.insert(addr, code);
+        }
+        self.codes.get(&addr)
+    }
+
+    /// A compact `str` object's text (code objects hold only compact ones).
+    fn string(&self, addr: u64) -> Result<String> {
+        let length = self.memory.u64(addr + UNICODE_LENGTH)? as usize;
+        let state = self.memory.u32(addr + UNICODE_STATE)?;
+        let kind = (state >> 2) & 7;
+        let compact = state & (1 << 5) != 0;
+        let ascii = state & (1 << 6) != 0;
+        if !compact || length > 1 << 16 {
+            bail!("str at {addr:#x} is not a compact string");
+        }
+        let data = if ascii {
+            self.layout.ascii_data
+        } else {
+            self.layout.compact_data
+        };
+        let width = if ascii { 1 } else { kind as usize };
+        if !matches!(width, 1 | 2 | 4) {
+            bail!("str at {addr:#x} has character width {width}");
+        }
+        let raw = self.memory.read_vec(addr + data, length * width)?;
+        let text = raw
+            .chunks_exact(width)
+            .map(|c| {
+                let mut b = [0u8; 4];
+                b[..width].copy_from_slice(c);
+                char::from_u32(u32::from_le_bytes(b)).unwrap_or(char::REPLACEMENT_CHARACTER)
+            })
+            .collect();
+        Ok(text)
+    }
+
+    /// A `bytes` object's content.
+    fn bytes(&self, addr: u64) -> Result<Vec<u8>> {
+        let size = self.memory.u64(addr + BYTES_SIZE)?;
+        if size > 1 << 24 {
+            bail!("bytes at {addr:#x} claims {size} bytes");
+        }
+        self.memory.read_vec(addr + BYTES_DATA, size as usize)
+    }
+}
+
+impl Symbols {
+    fn of(file: &object::File) -> Symbols {
+        let mut s = Symbols::default();
+        for sym in file.symbols().chain(file.dynamic_symbols()) {
+            if sym.is_undefined() {
+                continue;
+            }
+            match sym.name().unwrap_or("") {
+                "_PyRuntime" => s.runtime = Some(sym.address()),
+                "Py_Version" => s.version = Some(sym.address()),
+                "PyCode_Type" => s.code_type = Some(sym.address()),
+                "PyAIter_Check" => s.aiter_check = true,
+                "PyModule_AddType" => s.module_add_type = true,
+                "_Py_RefTotal" | "_Py_GetRefTotal" => s.ref_total = true,
+                "_Py_MergeZeroLocalRefcount" | "_Py_brc_queue_object" => s.free_threaded = true,
+                _ => {}
+            }
+        }
+        s
+    }
+}
+
+/// The files `detect` looks in (the executable, every mapped libpython): while they stay
+/// the same, so does its answer, and it need not read them again.
+pub fn interpreter_files(pid: u32) -> Result<Vec<String>> {
+    let maps = procmaps::read(pid)?;
+    let exe = executable(pid)?;
+    let candidates = interpreter_candidates(&maps, &exe);
+    Ok(candidates
+        .into_iter()
+        .map(|(path, _)| path.to_string())
+        .collect())
+}
+
+fn executable(pid: u32) -> Result<String> {
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
+        .with_context(|| format!("reading /proc/{pid}/exe"))?;
+    Ok(exe.to_string_lossy().into_owned())
+}
+
+/// The executable and every mapped libpython, each with its lowest-offset mapping.
+fn interpreter_candidates<'a>(maps: &'a [Mapping], exe: &str) -> Vec<(&'a str, &'a Mapping)> {
+    let mut found: Vec<(&str, &Mapping)> = Vec::new();
+    for m in maps.iter().filter(|m| m.is_file()) {
+        let path = m.path.as_deref().unwrap_or("");
+        let wanted = path == exe || m.file_name().is_some_and(|n| n.starts_with("libpython"));
+        if !wanted {
+            continue;
+        }
+        match found.iter_mut().find(|(p, _)| *p == path) {
+            Some(entry) if m.offset < entry.1.offset => entry.1 = m,
+            Some(_) => {}
+            None => found.push((path, m)),
+        }
+    }
+    found
+}
+
+/// What to add to an ELF virtual address to get the target's address, from one mapping of
+/// the file.
+fn load_bias(file: &object::File, mapping: &Mapping) -> Option<u64> {
+    file.segments().find_map(|seg| {
+        let (offset, size) = seg.file_range();
+        (offset <= mapping.offset && mapping.offset < offset + size.max(1)).then(|| {
+            mapping
+                .start
+                .wrapping_sub(mapping.offset)
+                .wrapping_sub(seg.address().wrapping_sub(offset))
+        })
+    })
+}
+
+/// `PREFIX/lib/pythonX.Y/` for an interpreter installed as `PREFIX/lib/libpython…` or
+/// `PREFIX/bin/python…`.
+fn stdlib_dir(interpreter_path: &str, v: Version) -> String {
+    let prefix = Path::new(interpreter_path)
+        .parent()
+        .and_then(Path::parent)
+        .unwrap_or(Path::new("/"));
+    format!(
+        "{}/lib/python{}.{}/",
+        prefix.display().to_string().trim_end_matches('/'),
+        v.major,
+        v.minor
+    )
+}
+
+/// Basenames of the interpreter's object file, the executable, and the standard library's
+/// extension modules (`lib-dynload`, read through the target's root).
+fn interpreter_modules(
+    pid: u32,
+    interpreter: &str,
+    exe: &str,
+    stdlib_dir: &str,
+) -> HashSet<String> {
+    let base = |p: &str| p.rsplit('/').next().unwrap_or(p).to_string();
+    let mut modules: HashSet<String> = [base(interpreter), base(exe)].into();
+    let dynload = procmaps::host_path(pid, &format!("{stdlib_dir}lib-dynload"));
+    if let Ok(dir) = std::fs::read_dir(dynload) {
+        modules.extend(
+            dir.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned()),
+        );
+    }
+    modules
+}

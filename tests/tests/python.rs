@@ -1,0 +1,271 @@
+//! Python targets: every CPython here runs one script that leaks in four ways (1 MiB
+//! bytearrays from a thread, a dict cache of small tuples that only pymalloc arenas hold, a C
+//! extension compiled against the interpreter's headers, ctypes calling libc malloc) and
+//! churns without leaking; memleak must name the Python function and line of each.
+
+use std::{path::Path, process::Command, time::Duration};
+
+use anyhow::{Context, Result, bail, ensure};
+use memleak_tests::{
+    Report, Running, Scratch, basename, can_trace, describe_stack, expect_success, frames, stacks,
+    wait_for_file,
+};
+use serde_json::Value;
+
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The interpreters to test; a missing one is reported loudly and skipped.
+const PYTHONS: [(&str, &str); 6] = [
+    ("3.9", "/root/.pyenv/versions/3.9.18/bin/python3.9"),
+    ("3.10", "/root/.pyenv/versions/3.10.13/bin/python3.10"),
+    ("3.11", "/root/.pyenv/versions/3.11.7/bin/python3.11"),
+    ("3.12", "/root/.pyenv/versions/3.12.1/bin/python3.12"),
+    ("3.13", "/root/.pyenv/versions/3.13.0/bin/python3.13"),
+    ("3.11 Debian, static libpython", "/usr/bin/python3.11"),
+];
+
+/// The workload. Line numbers matter: the test asserts them (see `LEAKS`).
+const SCRIPT: &str = r#"import ctypes, os, sys, threading, time
+import leaky
+
+KEPT, CACHE, POINTERS = [], {}, []
+
+def grow_bytearrays():
+    for _ in range(16):
+        KEPT.append(bytearray(1 << 20))
+
+def fill_cache():
+    for i in range(200_000):
+        CACHE[i] = (i, i + 1)
+
+def use_extension():
+    for _ in range(64):
+        leaky.leak(65536)
+
+def use_ctypes():
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    for _ in range(32):
+        POINTERS.append(libc.malloc(100_000))
+
+def churn():
+    for _ in range(200):
+        scratch = bytearray(300_000)
+        del scratch
+
+while not os.path.exists(sys.argv[1]):  # memleak is attached
+    time.sleep(0.05)
+t = threading.Thread(target=grow_bytearrays)
+t.start()
+t.join()
+fill_cache()
+use_extension()
+use_ctypes()
+churn()
+open(sys.argv[2], "w").close()
+time.sleep(600)
+"#;
+
+/// (function, lines of its allocating statements, at least this many bytes held there).
+/// fill_cache's arenas fill with the ints of its `for` line and the tuples of the next.
+const LEAKS: [(&str, &[u64], u64); 4] = [
+    ("grow_bytearrays", &[8], 16 << 20),
+    ("fill_cache", &[11, 12], 8 << 20),
+    ("use_extension", &[16], 64 * 65536),
+    ("use_ctypes", &[23], 32 * 100_000),
+];
+
+/// A C extension that keeps every block it allocates (reachable from a global, so the
+/// compiler cannot drop the malloc).
+const EXTENSION: &str = r#"#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdlib.h>
+
+void *leaky_blocks[4096];
+int leaky_count;
+
+static PyObject *leak(PyObject *self, PyObject *arg) {
+    size_t n = PyLong_AsSize_t(arg);
+    void *p = malloc(n);
+    memset(p, 1, n);
+    leaky_blocks[leaky_count++ % 4096] = p;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {{"leak", leak, METH_O, NULL}, {NULL, NULL, 0, NULL}};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "leaky", NULL, -1, methods};
+PyMODINIT_FUNC PyInit_leaky(void) { return PyModule_Create(&module); }
+"#;
+
+/// Builds `leaky` for `python` into `dir`, against the interpreter's own headers.
+fn build_extension(python: &str, dir: &Path) -> Result<()> {
+    let query = Command::new(python)
+        .args(["-c", "import sysconfig as s; print(s.get_paths()['include']); print(s.get_config_var('EXT_SUFFIX'))"])
+        .output()
+        .context("asking the interpreter for its headers")?;
+    let answer = String::from_utf8(query.stdout)?;
+    let mut lines = answer.lines();
+    let (Some(include), Some(suffix)) = (lines.next(), lines.next()) else {
+        bail!("{python} did not say where its headers are: {answer:?}");
+    };
+    ensure!(
+        Path::new(include).join("Python.h").exists(),
+        "{python}: no Python.h in {include} (install the -dev package)"
+    );
+    let source = dir.join("leaky.c");
+    std::fs::write(&source, EXTENSION)?;
+    let out = Command::new("gcc")
+        .args(["-O1", "-g", "-shared", "-fPIC", "-I", include, "-o"])
+        .arg(dir.join(format!("leaky{suffix}")))
+        .arg(&source)
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "gcc leaky.c for {python}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// Waits until the file at `path` contains `text`.
+fn wait_for_text(path: &Path, text: &str) -> Result<()> {
+    let start = std::time::Instant::now();
+    while !std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .contains(text)
+    {
+        ensure!(
+            start.elapsed() < TIMEOUT,
+            "{} never said {text:?}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// Python frames of a stack as (function, file basename, line).
+fn python_frames(stack: &Value) -> Vec<(&str, &str, u64)> {
+    frames(stack)
+        .iter()
+        .filter(|f| f["kind"] == "python")
+        .map(|f| {
+            (
+                f["function"].as_str().unwrap_or("?"),
+                basename(f["file"].as_str().unwrap_or("?")),
+                f["line"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect()
+}
+
+/// Traces the workload under one interpreter and checks every leak and the churn.
+fn check(label: &str, python: &str) -> Result<()> {
+    let scratch = Scratch::new("python")?;
+    let dir = scratch.path("");
+    build_extension(python, &dir)?;
+    let script = scratch.path("workload.py");
+    std::fs::write(&script, SCRIPT)?;
+    let out = scratch.path("report.json");
+    let (go, done) = (scratch.path("go"), scratch.path("done"));
+    // Attached to a running interpreter: it reads the code objects of every stack while the
+    // target lives. The extension is found next to the script (sys.path[0]).
+    let target = Running::start(
+        &scratch,
+        "python",
+        Path::new(python),
+        &[
+            script.to_str().unwrap(),
+            go.to_str().unwrap(),
+            done.to_str().unwrap(),
+        ],
+        None,
+    )?;
+    let pid = target.pid().to_string();
+    let tracer = Running::memleak(
+        &scratch,
+        &["-p", &pid, "--json", out.to_str().unwrap()],
+        None,
+    )?;
+    wait_for_text(&scratch.path("memleak.stdout"), "Attaching to pid")?;
+    std::fs::write(&go, "")?;
+    wait_for_file(&done, TIMEOUT)?;
+    // A few of memleak's 250 ms ticks, to read the newest stacks' code objects.
+    std::thread::sleep(Duration::from_secs(1));
+    let run = tracer.interrupt(TIMEOUT)?;
+    expect_success(&run)?;
+    let report = Report::read(&out)?;
+    let snapshot = report.final_snapshot();
+    let all = stacks(snapshot);
+    let mut problems = Vec::new();
+    for (function, lines, at_least) in LEAKS {
+        let through: Vec<&Value> = all
+            .iter()
+            .filter(|s| {
+                python_frames(s).iter().any(|&(f, file, l)| {
+                    f == function && file == "workload.py" && lines.contains(&l)
+                })
+            })
+            .collect();
+        let bytes: u64 = through
+            .iter()
+            .map(|s| s["bytes"].as_u64().unwrap_or(0))
+            .sum();
+        if bytes < at_least {
+            problems.push(format!(
+                "{function} (workload.py:{lines:?}): {bytes} bytes held, expected at least {at_least}"
+            ));
+        }
+    }
+    // The extension's own frame sits between the allocator and the Python line.
+    let extension = all.iter().any(|s| {
+        let fs = frames(s);
+        let native = fs.iter().position(|f| {
+            f["function"] == "leak" && f["module"].as_str().is_some_and(|m| m.starts_with("leaky"))
+        });
+        let py = fs.iter().position(|f| f["function"] == "use_extension");
+        matches!((native, py), (Some(n), Some(p)) if n < p)
+    });
+    if !extension {
+        problems.push("no stack runs leak [leaky…so] ← use_extension".to_string());
+    }
+    if let Some(s) = all
+        .iter()
+        .find(|s| python_frames(s).iter().any(|&(f, _, _)| f == "churn"))
+    {
+        problems.push(format!(
+            "churn frees all it allocates, yet: {}",
+            describe_stack(s)
+        ));
+    }
+    if !problems.is_empty() {
+        let top: Vec<String> = all.iter().take(12).map(describe_stack).collect();
+        bail!(
+            "Python {label}:\n  {}\nlargest stacks:\n  {}",
+            problems.join("\n  "),
+            top.join("\n  ")
+        );
+    }
+    eprintln!("Python {label}: every leak at its Python line, churn absent");
+    Ok(())
+}
+
+#[test]
+fn python_leaks_at_their_lines() -> Result<()> {
+    if !can_trace("python_leaks_at_their_lines") {
+        return Ok(());
+    }
+    let mut failures = Vec::new();
+    for (label, python) in PYTHONS {
+        if !Path::new(python).exists() {
+            eprintln!("\n*** SKIPPED Python {label}: {python} is missing ***\n");
+            continue;
+        }
+        if let Err(e) = check(label, python) {
+            failures.push(format!("{e:#}"));
+        }
+    }
+    ensure!(failures.is_empty(), "{}", failures.join("\n\n"));
+    Ok(())
+}

@@ -186,12 +186,14 @@ pub fn pvalloc_enter(ctx: ProbeContext) -> u32 {
     enter(&ctx, AllocKind::Pvalloc, Some(arg(&ctx, 0)), 0)
 }
 
-/// Only anonymous mappings are heap; a file mapping is not a leak. A file mmap still enters
-/// (unrecorded) so that it owns whatever it calls.
+/// Only anonymous, accessible mappings are heap. A file mapping is not a leak, and a
+/// PROT_NONE one is an address-space reservation (glibc's per-thread arenas reserve 64 MiB
+/// so; the blocks later carved out of it are counted by malloc). Those still enter
+/// (unrecorded) so that they own whatever they call.
 #[uprobe]
 pub fn mmap_enter(ctx: ProbeContext) -> u32 {
-    let anonymous = arg(&ctx, 3) & MAP_ANONYMOUS != 0;
-    let size = if anonymous { Some(arg(&ctx, 1)) } else { None };
+    let heap = arg(&ctx, 3) & MAP_ANONYMOUS != 0 && arg(&ctx, 2) != 0;
+    let size = if heap { Some(arg(&ctx, 1)) } else { None };
     enter(&ctx, AllocKind::Mmap, size, 0)
 }
 
@@ -293,8 +295,15 @@ fn record(
     if call.record == 0 {
         return;
     }
-    let stack_id = stack_id(unwind::stack_id(ctx.regs));
-    store(map, addr, call.size, kind, stack_id, call.arg);
+    // Native frames, then the thread's Python frames, then the record is stored by content.
+    let walk = match unwind::walk(ctx.regs) {
+        Some(rec) => {
+            python::read_frames(rec);
+            unwind::store(rec)
+        }
+        None => Err(-1),
+    };
+    store(map, addr, call.size, kind, stack_id(walk), call.arg);
 }
 
 /// The stack id to store, or −errno (counted) when the walk failed.

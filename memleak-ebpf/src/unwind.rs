@@ -99,15 +99,6 @@ pub fn store(rec: *mut StackRecord) -> Result<i64, i32> {
     }
 }
 
-/// [`walk`] + [`store`] for callers without Python frames.
-#[inline(always)]
-pub fn stack_id(regs: *const pt_regs) -> Result<i64, i32> {
-    match walk(regs) {
-        Some(rec) => store(rec),
-        None => Err(-1),
-    }
-}
-
 /// A 63-bit hash (a non-negative `i64`: negative stack ids are errors).
 #[inline(always)]
 fn hash(rec: &StackRecord) -> i64 {

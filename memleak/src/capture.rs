@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use serde::Serialize;
 
 use crate::{
-    model::{Frame, FrameKind, Snapshot},
+    model::{Class, Frame, FrameKind, Snapshot},
     proc_stats::{self, ProcSample, ProcessContext},
     procmaps,
 };
@@ -33,11 +33,6 @@ pub const PLATEAU_MIN_LEVEL: f64 = 0.5;
 pub const PLATEAU_MAX_SPREAD: f64 = 0.25;
 /// Stacks whose deciding source line is read while the process is still there.
 const SOURCE_LINES_KEPT: usize = 20;
-
-/// What kind of object a stack's memory holds (a Python type, say). Set by a classifier
-/// through [`Timeline::set_class`]; reports add bytes up per class when any is set.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
-pub struct Class(pub String);
 
 /// Everything recorded during one run.
 pub struct Timeline {
@@ -118,6 +113,9 @@ impl Timeline {
             if self.frames.get(&s.stack_id) != Some(&s.frames) {
                 self.frames.insert(s.stack_id, s.frames.clone());
             }
+            if let Some(class) = s.class {
+                self.classes.insert(s.stack_id, class);
+            }
         }
         let pid = self.pid();
         for stack in snapshot.stacks.iter().take(SOURCE_LINES_KEPT) {
@@ -144,15 +142,6 @@ impl Timeline {
     /// A stack's frames as last seen, innermost first.
     pub fn frames(&self, stack_id: i64) -> &[Frame] {
         self.frames.get(&stack_id).map_or(&[], Vec::as_slice)
-    }
-
-    /// The classifier's hook: what `stack_id`'s memory holds.
-    #[allow(
-        dead_code,
-        reason = "called by the Python object classifier, not merged yet"
-    )]
-    pub fn set_class(&mut self, stack_id: i64, class: Class) {
-        self.classes.insert(stack_id, class);
     }
 
     /// The state at the end: the final state, else the last interval.
@@ -608,6 +597,8 @@ pub mod tests {
                         count: bytes.div_ceil(4096),
                         frames: s.frames.clone(),
                         allocations: vec![],
+                        class: None,
+                        class_frame: None,
                     }
                 })
                 .filter(|s| s.bytes > 0)
@@ -899,15 +890,22 @@ pub mod tests {
         );
     }
 
+    impl Timeline {
+        /// What the collector's classifier sets on a snapshot's stacks.
+        pub fn set_class(&mut self, stack_id: i64, class: Class) {
+            self.classes.insert(stack_id, class);
+        }
+    }
+
     #[test]
     fn bytes_add_up_per_class() {
         let mut t = timeline(&[leak(1), cache(2), churn(3)], 1.0, 12);
-        t.set_class(1, Class("bytearray".into()));
-        t.set_class(2, Class("dict".into()));
+        t.set_class(1, Class::Application);
+        t.set_class(2, Class::CpythonInternal);
         let a = t.analyze();
         assert_eq!(a.classes.len(), 2);
-        let dict = Class("dict".into());
-        let bytearray = Class("bytearray".into());
+        let dict = Class::CpythonInternal;
+        let bytearray = Class::Application;
         assert_eq!(
             a.classes[0],
             ClassBytes {

@@ -124,6 +124,11 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = UnwindMode::Dwarf)]
     pub unwind: UnwindMode,
 
+    /// Also hook CPython's own allocators (PyObject_*/PyMem_*) so every pymalloc block is
+    /// counted, not only the arenas pymalloc maps. Costly on allocation-heavy Python code.
+    #[arg(long)]
+    pub python_allocators: bool,
+
     /// Say what was attached where, and map usage.
     #[arg(short, long)]
     pub verbose: bool,

@@ -11,30 +11,34 @@ use aya::{
     Ebpf,
     maps::{Array, HashMap, MapData, PerCpuArray, StackTraceMap},
 };
-use memleak_common::{AllocInfo, CombinedAlloc, Counter, StackRecord};
+use memleak_common::{AllocInfo, CombinedAlloc, Counter, PyFrame, StackRecord};
 
 use crate::{
     cli::SortKey,
     kallsyms::Kallsyms,
-    model::{Allocation, Frame, Lost, Snapshot, StackUsage},
+    model::{Allocation, Class, Frame, Lost, Snapshot, StackUsage},
+    python::{PythonTracking, classify},
     symbolize::Symbolizer,
     unwind,
 };
 
 /// What turns a stack's addresses into frames.
 pub enum Names {
-    /// A process's user stacks.
-    User(Symbolizer),
+    /// A process's user stacks: native symbols, and Python frames when it runs CPython.
+    User(Symbolizer, Box<PythonTracking>),
     /// Kernel stacks (kernel mode).
     Kernel(Kallsyms),
 }
 
 impl Names {
-    /// Re-reads the process's mappings (libraries loaded since); nothing in kernel mode.
-    pub fn refresh(&mut self) {
-        if let Names::User(s) = self {
-            s.refresh();
+    /// Re-reads the process's mappings (libraries loaded since) and Python threads; nothing
+    /// in kernel mode.
+    pub fn refresh(&mut self) -> Result<()> {
+        if let Names::User(symbols, python) = self {
+            symbols.refresh();
+            python.tick()?;
         }
+        Ok(())
     }
 }
 
@@ -45,14 +49,22 @@ enum Stacks {
 }
 
 impl Stacks {
-    /// The frame addresses of a stack, innermost first.
-    fn addresses(&self, stack_id: i64) -> Option<Vec<u64>> {
+    /// The frame addresses of a stack, innermost first, and its Python frames.
+    fn read(&self, stack_id: i64) -> Option<(Vec<u64>, Vec<PyFrame>)> {
         match self {
-            Stacks::User(map) => unwind::read_stack(map, stack_id).map(|s| s.native),
+            Stacks::User(map) => unwind::read_stack(map, stack_id).map(|s| (s.native, s.python)),
             Stacks::Kernel(map) => {
                 let trace = map.get(&u32::try_from(stack_id).ok()?, 0).ok()?;
-                Some(trace.frames().iter().map(|f| f.ip).collect())
+                Some((trace.frames().iter().map(|f| f.ip).collect(), Vec::new()))
             }
+        }
+    }
+
+    /// The ids of the user stacks stored so far.
+    fn user_ids(&self) -> Vec<i64> {
+        match self {
+            Stacks::User(map) => map.keys().flatten().map(|id| id as i64).collect(),
+            Stacks::Kernel(_) => Vec::new(),
         }
     }
 }
@@ -94,12 +106,12 @@ impl Collector {
             mmaps: HashMap::try_from(take("MMAPS")?)?,
             combined: HashMap::try_from(take("COMBINED")?)?,
             stacks: match names {
-                Names::User(_) => Stacks::User(HashMap::try_from(take("STACKS")?)?),
+                Names::User(..) => Stacks::User(HashMap::try_from(take("STACKS")?)?),
                 Names::Kernel(_) => Stacks::Kernel(StackTraceMap::try_from(take("KSTACKS")?)?),
             },
             counters: PerCpuArray::try_from(take("COUNTERS")?)?,
             last_exec: match names {
-                Names::User(_) => Some(Array::try_from(take("LAST_EXEC")?)?),
+                Names::User(..) => Some(Array::try_from(take("LAST_EXEC")?)?),
                 Names::Kernel(_) => None,
             },
             exec_seen: 0,
@@ -158,6 +170,10 @@ impl Collector {
         });
         for s in &mut stacks {
             s.frames = self.frames_of(s.stack_id);
+            if let Some((class, frame)) = self.class_of(&s.frames) {
+                s.class = Some(class);
+                s.class_frame = Some(frame);
+            }
             s.allocations.sort_by_key(|a| a.addr);
         }
         let counters = self.counters()?;
@@ -204,8 +220,8 @@ impl Collector {
                 dropped += map.remove(&addr).is_ok() as usize;
             }
         }
-        if let Names::User(_) = self.names {
-            self.names = Names::User(Symbolizer::new(self.pid));
+        if let Names::User(symbols, _) = &mut self.names {
+            *symbols = Symbolizer::new(self.pid);
         }
         self.frames.clear();
         Ok(Some(dropped))
@@ -219,16 +235,45 @@ impl Collector {
         if let Some(f) = self.frames.get(&stack_id) {
             return f.clone();
         }
-        let Some(ips) = self.stacks.addresses(stack_id) else {
+        let Some((ips, python_frames)) = self.stacks.read(stack_id) else {
             return Vec::new();
         };
         let frames: Vec<Frame> = match &mut self.names {
-            // Stacks are taken at the allocator's return: every address is a return address.
-            Names::User(sym) => ips.iter().flat_map(|&ip| sym.symbolize(ip, true)).collect(),
+            Names::User(symbols, python) => {
+                // Stacks are taken at the allocator's return: every address is a return
+                // address.
+                let native = ips
+                    .iter()
+                    .flat_map(|&ip| symbols.symbolize(ip, true))
+                    .collect();
+                match python.runtime_mut() {
+                    Some(rt) => rt.splice(native, &python_frames),
+                    None => native,
+                }
+            }
             Names::Kernel(k) => ips.iter().map(|&ip| k.frame(ip)).collect(),
         };
         self.frames.insert(stack_id, frames.clone());
         frames
+    }
+
+    /// Who holds a stack's memory (application, CPython internal, C extension, native
+    /// library) and the frame that decided it; `None` when the target runs no Python.
+    fn class_of(&mut self, frames: &[Frame]) -> Option<(Class, usize)> {
+        match &mut self.names {
+            Names::User(_, python) => python.runtime_mut().map(|rt| classify(frames, rt)),
+            Names::Kernel(_) => None,
+        }
+    }
+
+    /// Symbolizes the stacks not seen yet while the target is alive to be read: Python code
+    /// objects (names, lines) die with the process.
+    pub fn learn_new_stacks(&mut self) {
+        for id in self.stacks.user_ids() {
+            if !self.frames.contains_key(&id) {
+                self.frames_of(id);
+            }
+        }
     }
 
     /// Running totals of the per-CPU counters, indexed by `Counter`.
@@ -246,6 +291,8 @@ fn usage(per_stack: &mut StdHashMap<i64, StackUsage>, stack_id: i64) -> &mut Sta
         count: 0,
         frames: Vec::new(),
         allocations: Vec::new(),
+        class: None,
+        class_frame: None,
     })
 }
 

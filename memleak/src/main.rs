@@ -35,6 +35,7 @@ use crate::{
     kallsyms::Kallsyms,
     model::Snapshot,
     proc_stats::ProcessContext,
+    python::PythonTracking,
     report::live::LiveStatus,
     symbolize::Symbolizer,
     target::Target,
@@ -84,7 +85,14 @@ async fn run(args: Args) -> Result<()> {
     let user_target = target.as_ref().filter(|_| !args.kernel);
     let (mut ebpf, names, mut unwinder) = match user_target {
         Some(t) => match setup(&args, t) {
-            Ok((ebpf, unwinder)) => (ebpf, Names::User(Symbolizer::new(t.pid)), Some(unwinder)),
+            Ok((mut ebpf, unwinder)) => {
+                let python = Box::new(PythonTracking::new(&mut ebpf, t.pid)?);
+                (
+                    ebpf,
+                    Names::User(Symbolizer::new(t.pid), python),
+                    Some(unwinder),
+                )
+            }
             Err(e) => {
                 // A started command must not run on untraced.
                 if let Some(child) = &t.child {
@@ -103,6 +111,10 @@ async fn run(args: Args) -> Result<()> {
     };
     let traced_pid = user_target.map_or(0, |t| t.pid);
     let mut collector = Collector::new(&mut ebpf, traced_pid, names)?;
+    // Python: found now, or after the exec of a started command (on the maps tick).
+    if let Err(e) = collector.names.refresh() {
+        eprintln!("memleak: {e:#}");
+    }
     let mut events = if args.trace {
         Some(trace::Events::new(&mut ebpf)?)
     } else {
@@ -170,7 +182,10 @@ async fn run(args: Args) -> Result<()> {
             }
             _ = maps_tick.tick() => {
                 note_exec(&mut collector)?;
-                collector.names.refresh();
+                if let Err(e) = collector.names.refresh() {
+                    eprintln!("memleak: {e:#}");
+                }
+                collector.learn_new_stacks();
                 // A failed re-read (the target is exiting) leaves the old tables in place.
                 if let Some(u) = unwinder.as_mut()
                     && let Ok(true) = u.refresh()
@@ -292,6 +307,17 @@ fn setup(args: &Args, target: &Target) -> Result<(aya::Ebpf, unwind::Unwinder)> 
         &args.symbols_prefix,
         &libc,
     )?;
+    let mut attached = attached;
+    if args.python_allocators {
+        let runtime = python::PythonRuntime::detect(target.pid)?.context(
+            "--python-allocators: no CPython in this process (with -c, attach with -p once it runs)",
+        )?;
+        attached.extend(probes::attach_python_allocators(
+            &mut ebpf,
+            target.pid,
+            &runtime.object_path(),
+        )?);
+    }
     if args.verbose {
         for a in &attached {
             eprintln!(

@@ -42,6 +42,13 @@ pub struct StackUsage {
     /// Outstanding allocations of this stack, filled with `--show-allocs` only.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub allocations: Vec<Allocation>,
+    /// Who holds the memory, when the target runs Python: application, cpython-internal,
+    /// c-extension or native-library.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub class: Option<Class>,
+    /// Index in `frames` of the frame that decided `class`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub class_frame: Option<usize>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -85,4 +92,29 @@ pub struct Snapshot {
     /// Allocations recorded and releases matched since the start (running totals).
     pub recorded: u64,
     pub released: u64,
+}
+
+/// Who holds a stack's memory, for a target that runs Python.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Class {
+    /// A Python frame in the user's code (outside the standard library) made the call.
+    Application,
+    /// Only the interpreter and its standard library are on the stack.
+    CpythonInternal,
+    /// Native code outside the interpreter, called from Python, made the call.
+    CExtension,
+    /// No Python frame at all: a native library on a thread of its own, or before Python.
+    NativeLibrary,
+}
+
+impl Class {
+    pub fn name(self) -> &'static str {
+        match self {
+            Class::Application => "application",
+            Class::CpythonInternal => "cpython-internal",
+            Class::CExtension => "c-extension",
+            Class::NativeLibrary => "native-library",
+        }
+    }
 }

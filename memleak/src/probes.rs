@@ -131,24 +131,50 @@ pub fn attach(
         if hooked.insert((object, vaddr), kind).is_some() {
             continue;
         }
-        let Some(program) = entry_program(kind) else {
-            continue;
-        };
-        let entry_only = matches!(kind, AllocKind::Free | AllocKind::Munmap);
-        let place = probe_offset(object, &symbol, entry_only);
-        attach_one(ebpf, program, &symbol, place.offset, object, pid)?;
-        if !entry_only {
-            // Same address as the entry probe: both share one breakpoint.
-            attach_one(ebpf, "alloc_return", &symbol, place.offset, object, pid)?;
-        }
-        attached.push(Attached {
-            function: symbol,
-            object: object.display().to_string(),
-            vaddr,
-            placement: place,
-        });
+        attached.push(hook(ebpf, kind, symbol, vaddr, object, pid)?);
     }
     attach_tracepoints(ebpf, &[("sched", "sched_process_exec")])?;
+    Ok(attached)
+}
+
+/// Hooks one function that behaves like `kind` with that kind's programs, at its placement.
+fn hook(
+    ebpf: &mut Ebpf,
+    kind: AllocKind,
+    symbol: String,
+    vaddr: u64,
+    object: &Path,
+    pid: NonZeroU32,
+) -> Result<Attached> {
+    let program = entry_program(kind).context("not a user-space allocator entry point")?;
+    let entry_only = matches!(kind, AllocKind::Free | AllocKind::Munmap);
+    let place = probe_offset(object, &symbol, entry_only);
+    attach_one(ebpf, program, &symbol, place.offset, object, pid)?;
+    if !entry_only {
+        // Same address as the entry probe: both share one breakpoint.
+        attach_one(ebpf, "alloc_return", &symbol, place.offset, object, pid)?;
+    }
+    Ok(Attached {
+        function: symbol,
+        object: object.display().to_string(),
+        vaddr,
+        placement: place,
+    })
+}
+
+/// `--python-allocators`: CPython's own allocator entry points in `object` (libpython or
+/// the executable), each hooked like the libc function it behaves like. A block pymalloc
+/// forwards to malloc is a call nested in the in-flight outer one: counted once.
+pub fn attach_python_allocators(ebpf: &mut Ebpf, pid: u32, object: &Path) -> Result<Vec<Attached>> {
+    let pid = NonZeroU32::new(pid).context("PID 0 is not a process")?;
+    let symbols = function_symbols(object)?;
+    let mut attached = Vec::new();
+    for (symbol, kind) in crate::python::ALLOCATOR_ENTRY_POINTS {
+        let vaddr = *symbols
+            .get(symbol)
+            .with_context(|| format!("{} has no {symbol}", object.display()))?;
+        attached.push(hook(ebpf, kind, symbol.to_string(), vaddr, object, pid)?);
+    }
     Ok(attached)
 }
 

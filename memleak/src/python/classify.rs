@@ -1,23 +1,8 @@
 //! Who holds the memory of a stack: the application's Python code, CPython itself, a C
 //! extension module, or a native library with no Python above it.
 
-use serde::Serialize;
-
 use super::PythonRuntime;
-use crate::model::{Frame, FrameKind};
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Class {
-    /// A Python frame in the user's code (outside the standard library) made the call.
-    Application,
-    /// Only the interpreter and its standard library are on the stack.
-    CpythonInternal,
-    /// Native code outside the interpreter, called from Python, made the call.
-    CExtension,
-    /// No Python frame at all: a native library on a thread of its own, or before Python.
-    NativeLibrary,
-}
+use crate::model::{Class, Frame, FrameKind};
 
 /// The class of a spliced stack (innermost first: the allocator's caller comes first) and
 /// the index of the frame that decided it: the user's innermost Python frame, the

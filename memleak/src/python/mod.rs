@@ -24,7 +24,7 @@ use memleak_common::{AllocKind, PyFrame};
 use object::{Object, ObjectSegment, ObjectSymbol};
 
 use crate::procmaps::{self, Mapping};
-pub use classify::{Class, classify};
+pub use classify::classify;
 pub use layout::Version;
 use layout::{BYTES_DATA, BYTES_SIZE, Layout, OB_TYPE, UNICODE_LENGTH, UNICODE_STATE};
 use memory::Memory;

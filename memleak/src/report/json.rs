@@ -94,9 +94,9 @@ pub fn write(timeline: &Timeline, path: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::capture::{
-        Class,
-        tests::{cache, churn, leak, timeline},
+    use crate::{
+        capture::tests::{cache, churn, leak, timeline},
+        model::Class,
     };
 
     const SCHEMA_TEXT: &str = include_str!("../../../docs/memleak-json.schema.json");
@@ -114,7 +114,7 @@ mod tests {
     #[test]
     fn document_validates_against_the_schema() {
         let mut t = timeline(&[leak(1), cache(2), churn(3)], 2.0, 12);
-        t.set_class(2, Class("dict".into()));
+        t.set_class(2, Class::CpythonInternal);
         t.context.cmdline = vec!["./leaker".into(), "12".into()];
         let doc = to_value(&t);
         validate(&doc);

@@ -255,7 +255,7 @@ fn classes(out: &mut String, a: &Analysis) {
     }
     let _ = writeln!(out, "\nOutstanding by class:");
     for c in a.classes.iter().take(10) {
-        let _ = writeln!(out, "  {:>11}  {}", bytes(c.bytes), c.class.0);
+        let _ = writeln!(out, "  {:>11}  {}", bytes(c.bytes), c.class.name());
     }
 }
 

@@ -3,10 +3,10 @@
 //! `BYTES bytes in N allocations from stack` line and one doubly indented line per frame
 //! (`0x000055a20767e1a8<TAB>leak_one+0xf [leaker] leaker.c:12`).
 
-use std::fmt::Write;
+use std::{collections::BTreeMap, fmt::Write};
 
 use crate::{
-    model::{Lost, Snapshot},
+    model::{Class, Lost, Snapshot},
     symbolize::format_frame,
 };
 
@@ -24,6 +24,14 @@ pub fn table(snap: &Snapshot, title: &str, top: usize) -> String {
         );
         if s.stack_id < 0 {
             let _ = writeln!(out, "\t\t[stack walk failed: {}]", s.stack_id);
+        }
+        if let (Some(class), Some(frame)) = (s.class, s.class_frame.and_then(|i| s.frames.get(i))) {
+            let _ = writeln!(
+                out,
+                "\t\tclass: {} (decided by {})",
+                class.name(),
+                format_frame(frame)
+            );
         }
         for f in &s.frames {
             let _ = writeln!(out, "\t\t{:#018x}\t{}", f.addr, format_frame(f));
@@ -46,7 +54,31 @@ pub fn table(snap: &Snapshot, title: &str, top: usize) -> String {
             rest.iter().map(|s| s.count).sum::<u64>()
         );
     }
+    if let Some(line) = class_line(snap) {
+        let _ = writeln!(out, "\t{line}");
+    }
     out
+}
+
+/// Outstanding bytes per class over every stack (not only the top N), largest first;
+/// `None` when the target runs no Python.
+fn class_line(snap: &Snapshot) -> Option<String> {
+    let mut per_class: BTreeMap<Class, u64> = BTreeMap::new();
+    for s in &snap.stacks {
+        if let Some(c) = s.class {
+            *per_class.entry(c).or_default() += s.bytes;
+        }
+    }
+    if per_class.is_empty() {
+        return None;
+    }
+    let mut classes: Vec<(Class, u64)> = per_class.into_iter().collect();
+    classes.sort_by_key(|&(_, bytes)| std::cmp::Reverse(bytes));
+    let parts: Vec<String> = classes
+        .iter()
+        .map(|(c, bytes)| format!("{} {bytes} bytes", c.name()))
+        .collect();
+    Some(format!("by class: {}", parts.join(", ")))
 }
 
 /// Lost data, always printed so the reader knows whether the table is complete.

@@ -275,7 +275,9 @@ pub fn format_frame(f: &Frame) -> String {
             None => "[unknown]".to_string(),
         };
     };
-    let mut text = if f.inlined {
+    let mut text = if f.kind == FrameKind::Python {
+        format!("{function} [python]")
+    } else if f.inlined {
         format!("{function} {module}")
     } else {
         format!("{function}+{:#x} {module}", f.function_offset)

@@ -1,6 +1,6 @@
-//! Python frames into native stacks: each run of Python frames takes the place of the
+//! Python frames into native stacks: each run of Python frames goes just inside the
 //! evaluator activation (`_PyEval_EvalFrameDefault`) that ran it, so a stack reads
-//! `malloc ← PyBytes_FromSize ← app.py:41 leak ← … ← main`.
+//! `malloc ← PyBytes_FromSize ← app.py:41 leak ← _PyEval_EvalFrameDefault ← … ← main`.
 
 use memleak_common::PyFrame;
 use memleak_common::python::ENTRY_FRAME;
@@ -23,19 +23,10 @@ impl PythonRuntime {
             .peekable();
         let mut out = Vec::with_capacity(native.len() + python.len());
         for f in native {
-            match runs.next_if(|_| is_evaluator(&f)) {
-                Some(run) => {
-                    // Code inlined into the evaluator at that call is part of the activation.
-                    while out
-                        .last()
-                        .is_some_and(|g: &Frame| g.inlined && g.addr == f.addr)
-                    {
-                        out.pop();
-                    }
-                    out.extend(run);
-                }
-                None => out.push(f),
+            if let Some(run) = runs.next_if(|_| is_evaluator(&f)) {
+                out.extend(run);
             }
+            out.push(f);
         }
         out.extend(runs.flatten());
         out

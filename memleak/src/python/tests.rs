@@ -7,7 +7,7 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use memleak_common::python::ENTRY_FRAME;
 
 use super::*;
-use crate::model::{Frame, FrameKind};
+use crate::model::{Class, Frame, FrameKind};
 
 /// The interpreters to test with; a missing one is reported loudly and skipped.
 fn interpreters() -> Vec<(&'static str, &'static str)> {

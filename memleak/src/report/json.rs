@@ -133,7 +133,7 @@ mod tests {
             leak["frames"], doc["stacks"][0]["frames"],
             "older snapshots get their frames back"
         );
-        assert_eq!(doc["classes"][0]["class"], "dict");
+        assert_eq!(doc["classes"][0]["class"], "cpython-internal");
     }
 
     #[test]

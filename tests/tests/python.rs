@@ -67,13 +67,15 @@ open(sys.argv[2], "w").close()
 time.sleep(600)
 "#;
 
-/// (function, lines of its allocating statements, at least this many bytes held there).
-/// fill_cache's arenas fill with the ints of its `for` line and the tuples of the next.
-const LEAKS: [(&str, &[u64], u64); 4] = [
-    ("grow_bytearrays", &[8], 16 << 20),
-    ("fill_cache", &[11, 12], 8 << 20),
-    ("use_extension", &[16], 64 * 65536),
-    ("use_ctypes", &[23], 32 * 100_000),
+/// (function, lines of its allocating statements, at least this many bytes held there, the
+/// class of every stack through it). fill_cache's arenas fill with the ints of its `for`
+/// line and the tuples of the next; ctypes is the interpreter's bridge, so its malloc is the
+/// Python line's.
+const LEAKS: [(&str, &[u64], u64, &str); 4] = [
+    ("grow_bytearrays", &[8], 16 << 20, "application"),
+    ("fill_cache", &[11, 12], 8 << 20, "application"),
+    ("use_extension", &[16], 64 * 65536, "c-extension"),
+    ("use_ctypes", &[23], 32 * 100_000, "application"),
 ];
 
 /// A C extension that keeps every block it allocates (reachable from a global, so the
@@ -199,7 +201,7 @@ fn check(label: &str, python: &str) -> Result<()> {
     let snapshot = report.final_snapshot();
     let all = stacks(snapshot);
     let mut problems = Vec::new();
-    for (function, lines, at_least) in LEAKS {
+    for (function, lines, at_least, class) in LEAKS {
         let through: Vec<&Value> = all
             .iter()
             .filter(|s| {
@@ -215,6 +217,13 @@ fn check(label: &str, python: &str) -> Result<()> {
         if bytes < at_least {
             problems.push(format!(
                 "{function} (workload.py:{lines:?}): {bytes} bytes held, expected at least {at_least}"
+            ));
+        }
+        for s in through.iter().filter(|s| s["class"] != class) {
+            problems.push(format!(
+                "{function}: class {}, expected {class}: {}",
+                s["class"],
+                describe_stack(s)
             ));
         }
     }

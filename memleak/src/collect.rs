@@ -23,6 +23,7 @@ use crate::{
 };
 
 /// What turns a stack's addresses into frames.
+#[allow(clippy::large_enum_variant, reason = "one per run")]
 pub enum Names {
     /// A process's user stacks: native symbols, and Python frames when it runs CPython.
     User(Symbolizer, Box<PythonTracking>),
@@ -32,11 +33,13 @@ pub enum Names {
 
 impl Names {
     /// Re-reads the process's mappings (libraries loaded since) and Python threads; nothing
-    /// in kernel mode.
+    /// in kernel mode. Says so when it has just found CPython.
     pub fn refresh(&mut self) -> Result<()> {
         if let Names::User(symbols, python) = self {
             symbols.refresh();
-            python.tick()?;
+            if let Some(version) = python.tick()? {
+                eprintln!("memleak: found CPython {version}: Python frames are on every stack");
+            }
         }
         Ok(())
     }

@@ -65,10 +65,4 @@ impl Memory {
         self.read(addr, &mut b)?;
         Ok(u32::from_le_bytes(b))
     }
-
-    pub fn u8(&self, addr: u64) -> Result<u8> {
-        let mut b = [0; 1];
-        self.read(addr, &mut b)?;
-        Ok(b[0])
-    }
 }

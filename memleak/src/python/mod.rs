@@ -16,11 +16,14 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use memleak_common::MAX_PYTHON_FRAMES;
-use memleak_common::python::{
-    ENTRY_FRAME, FRAME_BUF, FrameStep, NO_FIELD, PyConfig, UNKNOWN_INSTR, decode_frame,
-};
+use memleak_common::python::{ENTRY_FRAME, PyConfig, UNKNOWN_INSTR};
 use memleak_common::{AllocKind, PyFrame};
+// The userspace twin of the BPF frame walk (`stack`), for the tests.
+#[cfg(test)]
+use memleak_common::{
+    MAX_PYTHON_FRAMES,
+    python::{FRAME_BUF, FrameStep, NO_FIELD, decode_frame},
+};
 use object::{Object, ObjectSegment, ObjectSymbol};
 
 use crate::procmaps::{self, Mapping};
@@ -226,7 +229,8 @@ impl PythonRuntime {
     }
 
     /// The Python frames of a thread, innermost first, read the way the BPF program reads
-    /// them (same fields, same marks, same cap).
+    /// them (same fields, same marks, same cap). The tests check the BPF walk's layout with it.
+    #[cfg(test)]
     pub fn stack(&self, tstate: u64) -> Result<Vec<PyFrame>> {
         let o = &self.layout.frames;
         let m = &self.memory;

@@ -11,7 +11,7 @@ use aya::{
 };
 use memleak_common::python::{PY_CONFIG_MAP, PY_THREADS_MAP, PyConfig};
 
-use super::{PythonRuntime, btf, interpreter_files};
+use super::{PythonRuntime, btf, interpreter_files, layout::Version};
 
 pub struct PythonTracking {
     pid: u32,
@@ -50,20 +50,24 @@ impl PythonTracking {
     /// then re-reads its thread list (a new thread has no Python frames until then, and a
     /// pthread_t reused by a new thread must not keep its dead thread's state). An error
     /// about the interpreter (unsupported version or build) comes once; tracing goes on
-    /// without Python frames.
-    pub fn tick(&mut self) -> Result<()> {
+    /// without Python frames. Returns the interpreter's version the tick it is found.
+    pub fn tick(&mut self) -> Result<Option<Version>> {
+        let mut found = None;
         if self.runtime.is_none() {
             // A target that is exiting has no files left to look at: nothing to say.
             let Ok(files) = interpreter_files(self.pid) else {
-                return Ok(());
+                return Ok(None);
             };
             if self.gave_up || files == self.looked_at {
-                return Ok(());
+                return Ok(None);
             }
             self.looked_at = files;
             match PythonRuntime::detect(self.pid) {
-                Ok(Some(rt)) => self.start(rt)?,
-                Ok(None) => return Ok(()),
+                Ok(Some(rt)) => {
+                    found = Some(rt.version);
+                    self.start(rt)?
+                }
+                Ok(None) => return Ok(None),
                 Err(e) => {
                     self.gave_up = true;
                     return Err(e.context("no Python frames"));
@@ -73,7 +77,7 @@ impl PythonTracking {
         // A failed read (the target exiting, or changing its thread list under us) keeps
         // the last map; the next tick tries again.
         let _ = self.sync();
-        Ok(())
+        Ok(found)
     }
 
     fn start(&mut self, runtime: PythonRuntime) -> Result<()> {

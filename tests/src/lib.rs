@@ -231,6 +231,28 @@ impl Drop for Running {
     }
 }
 
+/// Compiles fixture `name` and starts it as `name LEDGER MODE` (`attach`, `attach-exit`),
+/// waiting until its libc is mapped so a `-p` memleak can hook it: the running fixture and
+/// the paths of its ledger and of memleak's JSON report in `scratch`.
+pub fn start_fixture(
+    scratch: &Scratch,
+    name: &str,
+    mode: &str,
+) -> Result<(Running, PathBuf, PathBuf)> {
+    let fixture = scratch.compile(name, name, &[])?;
+    let ledger = scratch.path("ledger.json");
+    let out = scratch.path("report.json");
+    let target = Running::start(
+        scratch,
+        name,
+        &fixture,
+        &[ledger.to_str().unwrap(), mode],
+        None,
+    )?;
+    target.wait_for_mapping("libc.so", Duration::from_secs(10))?;
+    Ok((target, ledger, out))
+}
+
 /// Runs memleak to completion.
 pub fn run_memleak(
     scratch: &Scratch,

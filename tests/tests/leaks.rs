@@ -5,7 +5,7 @@ use std::time::Duration;
 use anyhow::{Result, ensure};
 use memleak_tests::{
     Ledger, Report, Running, Scratch, can_trace, check_against_ledger, expect_nothing_lost,
-    expect_success, run_memleak, stacks, usage_of, wait_for_file,
+    expect_success, run_memleak, stacks, start_fixture, usage_of, wait_for_file,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -140,17 +140,7 @@ fn trace_mode_keeps_exact_accounting() -> Result<()> {
 /// Starts `leaks LEDGER attach`, attaches `memleak -p PID ARGS --json OUT`, waits for the
 /// ledger and `linger` more, then interrupts memleak: the ledger and the report.
 fn trace_attached(scratch: &Scratch, args: &[&str], linger: Duration) -> Result<(Ledger, Report)> {
-    let fixture = scratch.compile("leaks", "leaks", &[])?;
-    let ledger = scratch.path("ledger.json");
-    let out = scratch.path("report.json");
-    let target = Running::start(
-        scratch,
-        "leaks",
-        &fixture,
-        &[ledger.to_str().unwrap(), "attach"],
-        None,
-    )?;
-    target.wait_for_mapping("libc.so", Duration::from_secs(10))?;
+    let (target, ledger, out) = start_fixture(scratch, "leaks", "attach")?;
     let pid = target.pid().to_string();
     let mut all = vec!["-p", &pid, "--json", out.to_str().unwrap()];
     all.extend_from_slice(args);

@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::{Result, ensure};
 use memleak_tests::{
     Ledger, Report, Running, Scratch, can_trace, check_against_ledger, expect_success, run_memleak,
+    start_fixture,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -16,17 +17,7 @@ fn target_exit_mid_trace_ends_with_final_report() -> Result<()> {
         return Ok(());
     }
     let scratch = Scratch::new("targetexit")?;
-    let fixture = scratch.compile("leaks", "leaks", &[])?;
-    let ledger = scratch.path("ledger.json");
-    let out = scratch.path("report.json");
-    let target = Running::start(
-        &scratch,
-        "leaks",
-        &fixture,
-        &[ledger.to_str().unwrap(), "attach-exit"],
-        None,
-    )?;
-    target.wait_for_mapping("libc.so", Duration::from_secs(10))?;
+    let (target, ledger, out) = start_fixture(&scratch, "leaks", "attach-exit")?;
     let pid = target.pid().to_string();
     // 1-second tables, far more of them than the target lives for.
     let tracer = Running::memleak(
@@ -122,17 +113,7 @@ fn count_intervals_then_exit() -> Result<()> {
         return Ok(());
     }
     let scratch = Scratch::new("count")?;
-    let fixture = scratch.compile("leaks", "leaks", &[])?;
-    let ledger = scratch.path("ledger.json");
-    let out = scratch.path("report.json");
-    let target = Running::start(
-        &scratch,
-        "leaks",
-        &fixture,
-        &[ledger.to_str().unwrap(), "attach"],
-        None,
-    )?;
-    target.wait_for_mapping("libc.so", Duration::from_secs(10))?;
+    let (target, _ledger, out) = start_fixture(&scratch, "leaks", "attach")?;
     let pid = target.pid().to_string();
     let run = run_memleak(
         &scratch,

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Result;
 use memleak_tests::{
     Ledger, Report, Running, Scratch, can_trace, check_against_ledger, expect_success,
-    wait_for_file,
+    start_fixture, wait_for_file,
 };
 
 #[test]
@@ -15,17 +15,7 @@ fn threads_started_after_attach() -> Result<()> {
         return Ok(());
     }
     let scratch = Scratch::new("threads")?;
-    let fixture = scratch.compile("threads", "threads", &[])?;
-    let ledger = scratch.path("ledger.json");
-    let out = scratch.path("report.json");
-    let target = Running::start(
-        &scratch,
-        "threads",
-        &fixture,
-        &[ledger.to_str().unwrap(), "attach"],
-        None,
-    )?;
-    target.wait_for_mapping("libc.so", Duration::from_secs(10))?;
+    let (target, ledger, out) = start_fixture(&scratch, "threads", "attach")?;
     let pid = target.pid().to_string();
     let tracer = Running::memleak(
         &scratch,

@@ -599,6 +599,7 @@ pub mod tests {
                         allocations: vec![],
                         class: None,
                         class_frame: None,
+                        truncated: false,
                     }
                 })
                 .filter(|s| s.bytes > 0)

@@ -2,7 +2,7 @@
 //! symbolized. Knows the maps; knows nothing about output formats.
 
 use std::{
-    collections::HashMap as StdHashMap,
+    collections::{HashMap as StdHashMap, HashSet},
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -11,7 +11,7 @@ use aya::{
     Ebpf,
     maps::{Array, HashMap, MapData, PerCpuArray, StackTraceMap},
 };
-use memleak_common::{AllocInfo, CombinedAlloc, Counter, PyFrame, StackRecord};
+use memleak_common::{AllocInfo, CombinedAlloc, Counter, StackRecord};
 
 use crate::{
     cli::SortKey,
@@ -52,13 +52,18 @@ enum Stacks {
 }
 
 impl Stacks {
-    /// The frame addresses of a stack, innermost first, and its Python frames.
-    fn read(&self, stack_id: i64) -> Option<(Vec<u64>, Vec<PyFrame>)> {
+    /// A stack's native frame addresses (innermost first), Python frames, and whether the
+    /// walk stopped before the outermost frame.
+    fn read(&self, stack_id: i64) -> Option<unwind::Stack> {
         match self {
-            Stacks::User(map) => unwind::read_stack(map, stack_id).map(|s| (s.native, s.python)),
+            Stacks::User(map) => unwind::read_stack(map, stack_id),
             Stacks::Kernel(map) => {
                 let trace = map.get(&u32::try_from(stack_id).ok()?, 0).ok()?;
-                Some((trace.frames().iter().map(|f| f.ip).collect(), Vec::new()))
+                Some(unwind::Stack {
+                    native: trace.frames().iter().map(|f| f.ip).collect(),
+                    python: Vec::new(),
+                    truncated: false,
+                })
             }
         }
     }
@@ -86,6 +91,8 @@ pub struct Collector {
     pub names: Names,
     /// Symbolized stacks by id: ids are stable for the whole run.
     frames: StdHashMap<i64, Vec<Frame>>,
+    /// Stacks whose walk stopped before the outermost frame.
+    truncated: HashSet<i64>,
     started: Instant,
 }
 
@@ -121,6 +128,7 @@ impl Collector {
             pid,
             names,
             frames: StdHashMap::new(),
+            truncated: HashSet::new(),
             started: Instant::now(),
         })
     }
@@ -173,6 +181,7 @@ impl Collector {
         });
         for s in &mut stacks {
             s.frames = self.frames_of(s.stack_id);
+            s.truncated = self.truncated.contains(&s.stack_id);
             if let Some((class, frame)) = self.class_of(&s.frames) {
                 s.class = Some(class);
                 s.class_frame = Some(frame);
@@ -238,9 +247,17 @@ impl Collector {
         if let Some(f) = self.frames.get(&stack_id) {
             return f.clone();
         }
-        let Some((ips, python_frames)) = self.stacks.read(stack_id) else {
+        let Some(unwind::Stack {
+            native: ips,
+            python: python_frames,
+            truncated,
+        }) = self.stacks.read(stack_id)
+        else {
             return Vec::new();
         };
+        if truncated {
+            self.truncated.insert(stack_id);
+        }
         let frames: Vec<Frame> = match &mut self.names {
             Names::User(symbols, python) => {
                 // Stacks are taken at the allocator's return: every address is a return
@@ -296,6 +313,7 @@ fn usage(per_stack: &mut StdHashMap<i64, StackUsage>, stack_id: i64) -> &mut Sta
         allocations: Vec::new(),
         class: None,
         class_frame: None,
+        truncated: false,
     })
 }
 

@@ -49,6 +49,9 @@ pub struct StackUsage {
     /// Index in `frames` of the frame that decided `class`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub class_frame: Option<usize>,
+    /// The walk stopped before the outermost frame (no unwind information, an unknown
+    /// mapping, a corrupt stack): frames beyond the last one are missing.
+    pub truncated: bool,
 }
 
 #[derive(Clone, Debug, Serialize)]

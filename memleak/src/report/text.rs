@@ -36,6 +36,12 @@ pub fn table(snap: &Snapshot, title: &str, top: usize) -> String {
         for f in &s.frames {
             let _ = writeln!(out, "\t\t{:#018x}\t{}", f.addr, format_frame(f));
         }
+        if s.truncated {
+            let _ = writeln!(
+                out,
+                "\t\t[the walk stopped here: outer frames could not be unwound]"
+            );
+        }
         for a in &s.allocations {
             let _ = writeln!(
                 out,

@@ -15,6 +15,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail, ensure};
+use memleak_tests::{can_trace, memleak_bin};
 use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
 use serde_json::Value;
 
@@ -118,30 +119,6 @@ sys.stdin.read()
 
 const LIB_CHAIN: [&str; 6] = ["lib_f6", "lib_f5", "lib_f4", "lib_f3", "lib_f2", "lib_f1"];
 const EXE_CHAIN: [&str; 6] = ["exe_f6", "exe_f5", "exe_f4", "exe_f3", "exe_f2", "exe_f1"];
-
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// `MEMLEAK_BIN`, else the release build in this workspace.
-fn memleak_bin() -> PathBuf {
-    std::env::var_os("MEMLEAK_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target/release/memleak"))
-}
-
-fn can_trace(test: &str) -> bool {
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("\n*** SKIPPED (needs root): {test} ***\n");
-        return false;
-    }
-    assert!(
-        memleak_bin().exists(),
-        "{test}: no memleak binary at {} (build it or set MEMLEAK_BIN)",
-        memleak_bin().display()
-    );
-    true
-}
 
 /// A fresh directory for one test's fixtures, removed unless the test fails.
 struct Scratch(PathBuf);

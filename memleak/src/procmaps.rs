@@ -94,6 +94,20 @@ pub fn map_file_path(pid: u32, m: &Mapping) -> PathBuf {
     PathBuf::from(format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end))
 }
 
+/// A path to the very file behind a file mapping that this process can open and the kernel
+/// can hook: the target's own path through its root when that is the same inode, else the
+/// mapping itself (`map_files`). A chroot with no mount namespace of its own shows host
+/// paths in maps, which the target's root cannot resolve; a deleted file has no path at all.
+pub fn mapped_file(pid: u32, m: &Mapping) -> PathBuf {
+    use std::os::unix::fs::MetadataExt;
+    let inside = host_path(pid, m.path.as_deref().unwrap_or_default());
+    if std::fs::metadata(&inside).is_ok_and(|md| md.ino() == m.inode) {
+        inside
+    } else {
+        map_file_path(pid, m)
+    }
+}
+
 /// The first file mapping whose basename matches `name` exactly or as a versioned soname
 /// (`libc` matches `libc.so.6` and `libc-2.31.so`).
 pub fn find_library<'a>(maps: &'a [Mapping], name: &str) -> Option<&'a Mapping> {

@@ -166,10 +166,7 @@ impl Target {
                 self.pid
             )
         })?;
-        Ok(procmaps::host_path(
-            self.pid,
-            m.path.as_deref().unwrap_or_default(),
-        ))
+        Ok(procmaps::mapped_file(self.pid, m))
     }
 }
 

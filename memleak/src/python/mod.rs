@@ -189,7 +189,15 @@ impl PythonRuntime {
     /// The interpreter's object file, openable from here (through the target's root), to
     /// hook `ALLOCATOR_ENTRY_POINTS` in.
     pub fn object_path(&self) -> std::path::PathBuf {
-        procmaps::host_path(self.memory.pid(), &self.interpreter_path)
+        let pid = self.memory.pid();
+        let mapping = procmaps::read(pid).ok().and_then(|maps| {
+            maps.into_iter()
+                .find(|m| m.path.as_deref() == Some(self.interpreter_path.as_str()))
+        });
+        match mapping {
+            Some(m) => procmaps::mapped_file(pid, &m),
+            None => procmaps::host_path(pid, &self.interpreter_path),
+        }
     }
 
     /// What the BPF program needs to find threads and walk their frames.

@@ -2,6 +2,7 @@
 //! traces the bundled leaking program, `test` runs every test, `bench` measures overhead.
 
 mod bench;
+mod load;
 mod setup;
 
 use std::{path::PathBuf, process::Command};
@@ -45,6 +46,8 @@ enum Task {
         #[arg(long)]
         compare: Vec<PathBuf>,
     },
+    /// Build, then run the load test (tests/tests/load.rs) for longer, 10 minutes by default.
+    Load(load::Options),
 }
 
 fn main() -> Result<()> {
@@ -67,6 +70,7 @@ fn main() -> Result<()> {
                 compare,
             },
         ),
+        Task::Load(opts) => load::run_load(&build()?, &opts),
     }
 }
 

@@ -73,10 +73,12 @@ impl Target {
         })
     }
 
-    /// Starts `command` (split on whitespace, as BCC does), held before its exec until
-    /// `release`. A plain fork+exec: std's `spawn` waits for the exec, which the gate blocks.
+    /// Starts `command` (split into words as a shell would, quotes included; BCC splits on
+    /// whitespace only), held before its exec until `release`. A plain fork+exec: std's
+    /// `spawn` waits for the exec, which the gate blocks.
     pub fn spawn(command: &str) -> Result<Target> {
-        let words: Vec<&str> = command.split_whitespace().collect();
+        let words = shell_words::split(command)
+            .with_context(|| format!("cannot split the command into words: {command}"))?;
         let program = words.first().context("-c needs a command")?;
         let exe = which(program).with_context(|| format!("command not found: {program}"))?;
         let cstr = |s: &[u8]| CString::new(s).context("the command contains a NUL byte");

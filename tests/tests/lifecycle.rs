@@ -195,3 +195,26 @@ fn bad_input_is_a_one_line_error() -> Result<()> {
     }
     Ok(())
 }
+
+/// `-c` splits its command as a shell would: a quoted argument stays one word.
+#[test]
+fn command_words_are_split_like_a_shell() -> Result<()> {
+    if !can_trace("command_words_are_split_like_a_shell") {
+        return Ok(());
+    }
+    let scratch = Scratch::new("shellwords")?;
+    let run = run_memleak(&scratch, &["-c", "/bin/sh -c 'exit 5'"], None, TIMEOUT)?;
+    expect_success(&run)?;
+    assert!(
+        run.stdout.contains("command exited with status 5"),
+        "{}",
+        run.transcript()
+    );
+    let bad = run_memleak(&scratch, &["-c", "/bin/sh -c 'exit 5"], None, TIMEOUT)?;
+    assert!(
+        !bad.status.success() && bad.stderr.contains("missing closing quote"),
+        "{}",
+        bad.transcript()
+    );
+    Ok(())
+}

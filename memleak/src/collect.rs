@@ -287,8 +287,13 @@ impl Collector {
     }
 
     /// Symbolizes the stacks not seen yet while the target is alive to be read: Python code
-    /// objects (names, lines) die with the process.
+    /// objects (names, lines) die with the process. Native frames can wait for the table, so
+    /// a target without Python costs nothing here.
     pub fn learn_new_stacks(&mut self) {
+        let python = matches!(&mut self.names, Names::User(_, py) if py.runtime_mut().is_some());
+        if !python {
+            return;
+        }
         for id in self.stacks.user_ids() {
             if !self.frames.contains_key(&id) {
                 self.frames_of(id);

@@ -290,7 +290,10 @@ impl Collector {
     /// objects (names, lines) die with the process. Native frames can wait for the table, so
     /// a target without Python costs nothing here.
     pub fn learn_new_stacks(&mut self) {
-        let python = matches!(&mut self.names, Names::User(_, py) if py.runtime_mut().is_some());
+        let python = match &mut self.names {
+            Names::User(_, py) => py.runtime_mut().is_some(),
+            Names::Kernel(_) => false,
+        };
         if !python {
             return;
         }

@@ -267,6 +267,7 @@ pub mod globals {
     pub const MIN_SIZE: &str = "MIN_SIZE";
     pub const MAX_SIZE: &str = "MAX_SIZE";
     pub const SAMPLE_RATE: &str = "SAMPLE_RATE";
+    pub const SAMPLE_BYTES: &str = "SAMPLE_BYTES";
     pub const TRACE: &str = "TRACE";
     pub const COMBINED_ONLY: &str = "COMBINED_ONLY";
     pub const PAGE_SIZE: &str = "PAGE_SIZE";

@@ -38,6 +38,9 @@ static MIN_SIZE: u64 = 0;
 static MAX_SIZE: u64 = u64::MAX;
 #[unsafe(no_mangle)]
 static SAMPLE_RATE: u64 = 1;
+/// --sample-bytes: keep a block of `size` < N with probability size/N (0: off).
+#[unsafe(no_mangle)]
+static SAMPLE_BYTES: u64 = 0;
 #[unsafe(no_mangle)]
 static TRACE: u8 = 0;
 #[unsafe(no_mangle)]
@@ -358,6 +361,11 @@ pub(crate) fn store(
 pub(crate) fn wanted(size: u64) -> bool {
     let rate = global(&SAMPLE_RATE);
     let sampled = rate <= 1 || unsafe { bpf_get_prandom_u32() } as u64 % rate == 0;
+    let every = global(&SAMPLE_BYTES);
+    let sampled = sampled
+        && (every == 0
+            || size >= every
+            || (unsafe { bpf_get_prandom_u32() } as u64) % every < size);
     sampled && size >= global(&MIN_SIZE) && size <= global(&MAX_SIZE)
 }
 

@@ -64,6 +64,12 @@ pub struct Args {
     #[arg(short, long, default_value_t = 1, value_name = "N")]
     pub sample_rate: u64,
 
+    /// Sample by bytes: keep a block smaller than N bytes with probability size/N, every
+    /// larger one, and scale the figures back up (a kept small block stands for N bytes and
+    /// N/size blocks), so big and small allocators are seen in proportion to the memory.
+    #[arg(long, value_name = "N", conflicts_with = "combined_only")]
+    pub sample_bytes: Option<u64>,
+
     /// Show only the N stacks holding the most.
     #[arg(short = 'T', long, default_value_t = 10, value_name = "N")]
     pub top: usize,
@@ -193,6 +199,9 @@ impl Args {
         }
         if self.sample_rate == 0 {
             return Err("--sample-rate must be at least 1".into());
+        }
+        if self.sample_bytes == Some(0) || self.sample_bytes.is_some_and(|n| n > u32::MAX as u64) {
+            return Err("--sample-bytes must be between 1 and 4294967295".into());
         }
         if let (Some(min), Some(max)) = (self.min_size, self.max_size)
             && min > max

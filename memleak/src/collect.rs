@@ -103,6 +103,8 @@ pub struct Query {
     pub show_allocs: bool,
     pub combined_only: bool,
     pub sort: SortKey,
+    /// --sample-bytes: kept blocks smaller than this stand for this many bytes.
+    pub sample_bytes: Option<u64>,
 }
 
 impl Collector {
@@ -162,8 +164,9 @@ impl Collector {
                         continue;
                     }
                     let s = usage(&mut per_stack, info.stack_id);
-                    s.bytes += info.size;
-                    s.count += 1;
+                    let (bytes, count) = scaled(info.size, q.sample_bytes);
+                    s.bytes += bytes;
+                    s.count += count;
                     if q.show_allocs {
                         s.allocations.push(Allocation {
                             addr,
@@ -309,6 +312,15 @@ impl Collector {
         (0..memleak_common::COUNTER_COUNT)
             .map(|i| Ok(self.counters.get(&i, 0)?.iter().sum()))
             .collect()
+    }
+}
+
+/// What one recorded block stands for: itself, or under --sample-bytes N a block of `size`
+/// < N kept with probability size/N stands for N bytes in N/size blocks.
+fn scaled(size: u64, sample_bytes: Option<u64>) -> (u64, u64) {
+    match sample_bytes {
+        Some(n) if size > 0 && size < n => (n, (n + size / 2) / size),
+        _ => (size, 1),
     }
 }
 

@@ -156,6 +156,7 @@ async fn run(args: Args) -> Result<()> {
         show_allocs: args.show_allocs,
         combined_only: args.combined_only,
         sort: args.sort,
+        sample_bytes: args.sample_bytes,
     };
     let title = format!("Top {} stacks with outstanding allocations:", args.top);
     let mut sigint = signal(SignalKind::interrupt())?;

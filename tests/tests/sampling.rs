@@ -82,7 +82,7 @@ fn sample_bytes_scales_back_to_the_truth() -> Result<()> {
     let p = 64.0 / EVERY as f64;
     let kept = got.bytes / EVERY;
     ensure!(
-        got.bytes % EVERY == 0 && got.count == kept * (EVERY / 64),
+        got.bytes.is_multiple_of(EVERY) && got.count == kept * (EVERY / 64),
         "{got:?}"
     );
     let sigma = (N as f64 * p * (1.0 - p)).sqrt();

@@ -125,7 +125,9 @@ fn demo() -> Result<()> {
 const TEST_PACKAGES: [&str; 3] = ["dwz", "libc6-dbg", "chromium"];
 
 fn test(extra: &[String]) -> Result<()> {
-    setup::ensure_debian_packages(&TEST_PACKAGES)?;
+    if let Err(e) = setup::ensure_debian_packages(&TEST_PACKAGES) {
+        eprintln!("setup: {e:#}; the tests that need these packages will say they skip");
+    }
     let memleak = build()?;
     let root = workspace_root();
     run(Command::new("cargo")

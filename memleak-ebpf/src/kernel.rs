@@ -33,7 +33,7 @@ static KERNEL_LAYOUT: KernelLayout = KernelLayout {
 static KSTACKS: StackTrace = StackTrace::with_max_entries(DEFAULT_MAX_STACKS, 0);
 
 #[inline(always)]
-fn field<T>(ctx: &TracePointContext, offset: u32) -> Option<T> {
+pub(crate) fn field<T>(ctx: &TracePointContext, offset: u32) -> Option<T> {
     unsafe { ctx.read_at::<T>(offset as usize) }.ok()
 }
 

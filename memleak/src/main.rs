@@ -134,7 +134,15 @@ async fn run(args: Args) -> Result<()> {
         Some(t) => {
             t.release()?;
             if let Some(u) = unwinder.as_mut() {
-                u.follow_exec();
+                // The exec is done and every library mapped: learn them now, in case the
+                // command is gone before the next tick.
+                u.follow_exec(|| {
+                    if let Err(e) =
+                        note_exec(&mut collector).and_then(|()| collector.names.refresh())
+                    {
+                        eprintln!("memleak: {e:#}");
+                    }
+                });
             }
             match &args.command {
                 Some(cmd) => println!("Attaching to \"{cmd}\" (pid {}), Ctrl+C to quit.", t.pid),

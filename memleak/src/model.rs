@@ -100,6 +100,14 @@ impl Measure {
         }
     }
 
+    /// What the stacks' bytes are, in a sentence ("12 MiB outstanding").
+    pub fn held(self) -> &'static str {
+        match self {
+            Measure::Allocations => "outstanding",
+            Measure::ResidentPages => "resident",
+        }
+    }
+
     /// The heading of a table of the top `top` stacks.
     pub fn title(self, top: usize) -> String {
         match self {

@@ -9,7 +9,7 @@ use std::{
 use anyhow::{Context, Result};
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, MapData, PerCpuArray, StackTraceMap},
+    maps::{Array, HashMap, MapData, PerCpuArray},
 };
 use memleak_common::{AllocInfo, CombinedAlloc, Counter, StackRecord};
 
@@ -45,43 +45,12 @@ impl Names {
     }
 }
 
-/// Where the stacks are: user stacks from the unwinder, kernel stacks from the kernel's walk.
-enum Stacks {
-    User(HashMap<MapData, u64, StackRecord>),
-    Kernel(StackTraceMap<MapData>),
-}
-
-impl Stacks {
-    /// A stack's native frame addresses (innermost first), Python frames, and whether the
-    /// walk stopped before the outermost frame.
-    fn read(&self, stack_id: i64) -> Option<unwind::Stack> {
-        match self {
-            Stacks::User(map) => unwind::read_stack(map, stack_id),
-            Stacks::Kernel(map) => {
-                let trace = map.get(&u32::try_from(stack_id).ok()?, 0).ok()?;
-                Some(unwind::Stack {
-                    native: trace.frames().iter().map(|f| f.ip).collect(),
-                    python: Vec::new(),
-                    truncated: false,
-                })
-            }
-        }
-    }
-
-    /// The ids of the user stacks stored so far.
-    fn user_ids(&self) -> Vec<i64> {
-        match self {
-            Stacks::User(map) => map.keys().flatten().map(|id| id as i64).collect(),
-            Stacks::Kernel(_) => Vec::new(),
-        }
-    }
-}
-
 pub struct Collector {
     allocs: HashMap<MapData, u64, AllocInfo>,
     mmaps: HashMap<MapData, u64, AllocInfo>,
     combined: HashMap<MapData, i64, CombinedAlloc>,
-    stacks: Stacks,
+    /// Every stack by content hash: user stacks from the unwinder, or kernel stacks.
+    stacks: HashMap<MapData, u64, StackRecord>,
     counters: PerCpuArray<MapData, u64>,
     /// When the target last exec'd (kernel clock); `None` in kernel mode.
     last_exec: Option<Array<MapData, u64>>,
@@ -121,10 +90,7 @@ impl Collector {
             allocs: HashMap::try_from(take("ALLOCS")?)?,
             mmaps: HashMap::try_from(take("MMAPS")?)?,
             combined: HashMap::try_from(take("COMBINED")?)?,
-            stacks: match names {
-                Names::User(..) => Stacks::User(HashMap::try_from(take("STACKS")?)?),
-                Names::Kernel(_) => Stacks::Kernel(StackTraceMap::try_from(take("KSTACKS")?)?),
-            },
+            stacks: HashMap::try_from(take("STACKS")?)?,
             counters: PerCpuArray::try_from(take("COUNTERS")?)?,
             last_exec: match names {
                 Names::User(..) => Some(Array::try_from(take("LAST_EXEC")?)?),
@@ -292,7 +258,7 @@ impl Collector {
             native: ips,
             python: python_frames,
             truncated,
-        }) = self.stacks.read(stack_id)
+        }) = unwind::read_stack(&self.stacks, stack_id)
         else {
             return Vec::new();
         };
@@ -338,7 +304,8 @@ impl Collector {
         if !python {
             return;
         }
-        for id in self.stacks.user_ids() {
+        let ids: Vec<u64> = self.stacks.keys().flatten().collect();
+        for id in ids.into_iter().map(|id| id as i64) {
             if !self.frames.contains_key(&id) {
                 self.frames_of(id);
             }

@@ -5,7 +5,7 @@
 mod btf;
 mod classify;
 mod layout;
-mod linetable;
+pub mod linetable;
 mod memory;
 mod splice;
 #[cfg(test)]
@@ -30,7 +30,7 @@ use crate::procmaps::{self, Mapping};
 pub use classify::classify;
 pub use layout::Version;
 use layout::{BYTES_DATA, BYTES_SIZE, Layout, OB_TYPE, UNICODE_LENGTH, UNICODE_STATE};
-use memory::Memory;
+pub use memory::Memory;
 pub use threads::PythonTracking;
 
 /// CPython's own allocator entry points, each with the libc function it behaves like, for
@@ -139,7 +139,7 @@ impl PythonRuntime {
     }
 
     fn new(pid: u32, path: &str, bias: u64, runtime: u64, symbols: &Symbols) -> Result<Self> {
-        let memory = Memory::new(pid);
+        let memory = Memory::Process(pid);
         let version = match symbols.version {
             Some(addr) => {
                 let hex = memory.u32(bias.wrapping_add(addr))?;
@@ -167,12 +167,30 @@ impl PythonRuntime {
         if symbols.free_threaded {
             bail!("{path}: Python {version} is a free-threaded build, not supported");
         }
-        let layout = Layout::for_version(version).with_context(|| {
-            format!("{path}: Python {version} is not supported (3.9 to 3.13 are)")
-        })?;
         let code_type = symbols
             .code_type
             .with_context(|| format!("{path}: no PyCode_Type symbol"))?;
+        Self::in_memory(
+            memory,
+            path,
+            version,
+            bias.wrapping_add(runtime),
+            bias.wrapping_add(code_type),
+        )
+    }
+
+    /// The runtime of a CPython `version` whose `_PyRuntime` and `PyCode_Type` are at these
+    /// addresses of `memory`. `detect` ends here; the fuzz targets start here, with a copy.
+    pub fn in_memory(
+        memory: Memory,
+        path: &str,
+        version: Version,
+        runtime_addr: u64,
+        code_type: u64,
+    ) -> Result<Self> {
+        let layout = Layout::for_version(version).with_context(|| {
+            format!("{path}: Python {version} is not supported (3.9 to 3.13 are)")
+        })?;
         Ok(PythonRuntime {
             version,
             interpreter_path: path.to_string(),
@@ -180,8 +198,8 @@ impl PythonRuntime {
             interpreter_modules: HashSet::new(),
             layout,
             memory,
-            runtime_addr: bias.wrapping_add(runtime),
-            code_type: bias.wrapping_add(code_type),
+            runtime_addr,
+            code_type,
             codes: HashMap::new(),
         })
     }

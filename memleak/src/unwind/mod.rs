@@ -5,7 +5,7 @@
 //! and keeps them current as libraries come and go. [`read_stack`] turns a stack id the BPF
 //! program recorded back into frame addresses.
 
-mod table;
+pub mod table;
 
 use std::{
     collections::HashMap,

@@ -8,7 +8,7 @@ use memleak::symbolize::{Symbolizer, format_frame};
 
 /// At most this many addresses per input, spread over the file (every 16 bytes of a small
 /// one), so a large input stays fast.
-const ADDRESSES: usize = 1024;
+const ADDRESSES: usize = 256;
 
 fuzz_target!(|data: &[u8]| {
     let len = data.len() as u64;

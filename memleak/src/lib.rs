@@ -5,5 +5,6 @@
 pub mod model;
 pub mod procmaps;
 pub mod python;
+mod sections;
 pub mod symbolize;
 pub mod unwind;

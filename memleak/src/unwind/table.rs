@@ -72,9 +72,7 @@ pub fn build(data: &[u8]) -> Result<ObjectTable> {
         let eh_frame = EhFrame::new(bytes, LittleEndian);
         collect(&eh_frame, &bases, &mut spans, &mut table)?;
     } else if let Some(section) = file.section_by_name(".debug_frame") {
-        let bytes = section
-            .uncompressed_data()
-            .context("reading .debug_frame")?;
+        let bytes = crate::sections::uncompressed(&section).context("reading .debug_frame")?;
         let mut debug_frame = DebugFrame::new(&bytes, LittleEndian);
         debug_frame.set_address_size(8);
         collect(

@@ -370,7 +370,9 @@ impl PythonRuntime {
         if !matches!(width, 1 | 2 | 4) {
             bail!("str at {addr:#x} has character width {width}");
         }
-        let raw = self.memory.read_vec(addr.wrapping_add(data), length * width)?;
+        let raw = self
+            .memory
+            .read_vec(addr.wrapping_add(data), length * width)?;
         let text = raw
             .chunks_exact(width)
             .map(|c| {
@@ -388,7 +390,8 @@ impl PythonRuntime {
         if size > 1 << 24 {
             bail!("bytes at {addr:#x} claims {size} bytes");
         }
-        self.memory.read_vec(addr.wrapping_add(BYTES_DATA), size as usize)
+        self.memory
+            .read_vec(addr.wrapping_add(BYTES_DATA), size as usize)
     }
 }
 
@@ -455,12 +458,14 @@ fn interpreter_candidates<'a>(maps: &'a [Mapping], exe: &str) -> Vec<(&'a str, &
 fn load_bias(file: &object::File, mapping: &Mapping) -> Option<u64> {
     file.segments().find_map(|seg| {
         let (offset, size) = seg.file_range();
-        (offset <= mapping.offset && mapping.offset < offset.saturating_add(size.max(1))).then(|| {
-            mapping
-                .start
-                .wrapping_sub(mapping.offset)
-                .wrapping_sub(seg.address().wrapping_sub(offset))
-        })
+        (offset <= mapping.offset && mapping.offset < offset.saturating_add(size.max(1))).then(
+            || {
+                mapping
+                    .start
+                    .wrapping_sub(mapping.offset)
+                    .wrapping_sub(seg.address().wrapping_sub(offset))
+            },
+        )
     })
 }
 

@@ -282,6 +282,49 @@ fn garbage_eh_frame_does_not_break_unwinding() -> Result<()> {
     )
 }
 
+/// (c, deeper) Only the FDEs' bodies garbage, every CIE and every entry length intact: the
+/// table builder walks each FDE, skips the ones it cannot parse and keeps what garbage
+/// happens to parse, which the BPF walker then follows.
+#[test]
+fn garbage_fdes_do_not_break_unwinding() -> Result<()> {
+    if !can_trace("garbage_fdes_do_not_break_unwinding") {
+        return Ok(());
+    }
+    trace_damaged_leaks(
+        "garbage-fdes",
+        &["-O2", "-fomit-frame-pointer"],
+        garble_fde_bodies,
+        true,
+    )
+}
+
+/// Overwrites what follows the CIE pointer of every FDE in `.eh_frame` (initial location,
+/// range, augmentation, instructions) with garbage.
+fn garble_fde_bodies(data: &mut Vec<u8>) -> Result<()> {
+    let (offset, size) = object::File::parse(&**data)?
+        .section_by_name(".eh_frame")
+        .and_then(|s| s.file_range())
+        .context("no .eh_frame")?;
+    let section = &mut data[offset as usize..(offset + size) as usize];
+    let word = |s: &[u8], at: usize| u32::from_le_bytes(s[at..at + 4].try_into().unwrap());
+    let (mut pos, mut fdes) = (0, 0);
+    while pos + 8 <= section.len() {
+        let (length, cie_pointer) = (word(section, pos) as usize, word(section, pos + 4));
+        // A zero terminator, or a 64-bit entry (gcc writes none).
+        if length == 0 || length == 0xffff_ffff {
+            break;
+        }
+        let end = (pos + 4 + length).min(section.len());
+        if cie_pointer != 0 {
+            section[pos + 8..end].copy_from_slice(&garbage(end - pos - 8, pos as u64));
+            fdes += 1;
+        }
+        pos = end;
+    }
+    ensure!(fdes > 10, "only {fdes} FDEs garbled");
+    Ok(())
+}
+
 /// (d) A shared library damaged on disk while the target has it mapped (only what lies
 /// beyond its loaded segments: the section headers and the sections no segment loads), then
 /// traced with `-p`: memleak reads the damaged file through the mapping.

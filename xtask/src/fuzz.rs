@@ -168,11 +168,19 @@ fn write_seeds(seeds: Seeds, corpus: &Path) -> Result<()> {
 fn elf_seeds() -> Result<Vec<(&'static str, PathBuf)>> {
     const BUILDS: [(&str, &[&str]); 5] = [
         ("dwarf5-O2", &["-g", "-O2"]),
-        ("dwarf4-shared", &["-g", "-gdwarf-4", "-O1", "-shared", "-fPIC"]),
+        (
+            "dwarf4-shared",
+            &["-g", "-gdwarf-4", "-O1", "-shared", "-fPIC"],
+        ),
         ("zdebug", &["-g", "-O0", "-gz=zlib"]),
         (
             "debug-frame",
-            &["-g", "-O1", "-fno-asynchronous-unwind-tables", "-fno-unwind-tables"],
+            &[
+                "-g",
+                "-O1",
+                "-fno-asynchronous-unwind-tables",
+                "-fno-unwind-tables",
+            ],
         ),
         ("stripped", &["-O2", "-s"]),
     ];

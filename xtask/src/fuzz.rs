@@ -20,8 +20,7 @@ const TARGETS: [(&str, Seeds); 5] = [
     ("symbolize_elf", Seeds::Elf),
     ("unwind_table", Seeds::Elf),
     ("python_linetable", Seeds::LineTables),
-    // Pointers into its own input are found by libFuzzer's comparison tracing.
-    ("python_code", Seeds::None),
+    ("python_code", Seeds::CodeObjects),
 ];
 
 #[derive(Clone, Copy)]
@@ -29,7 +28,7 @@ enum Seeds {
     Maps,
     Elf,
     LineTables,
-    None,
+    CodeObjects,
 }
 
 #[derive(Args)]
@@ -156,8 +155,8 @@ fn write_seeds(seeds: Seeds, corpus: &Path) -> Result<()> {
                 std::fs::copy(&elf, corpus.join(format!("seed-{name}")))?;
             }
         }
-        Seeds::LineTables => line_table_seeds(corpus)?,
-        Seeds::None => {}
+        Seeds::LineTables => python_seeds("linetable", LINE_TABLE, corpus)?,
+        Seeds::CodeObjects => python_seeds("code", CODE_OBJECT, corpus)?,
     }
     Ok(())
 }
@@ -204,10 +203,9 @@ fn elf_seeds() -> Result<Vec<(&'static str, PathBuf)>> {
         .collect()
 }
 
-/// Line tables of a real function, one seed per CPython found (3.9 lnotab, 3.10 PEP 626,
-/// 3.11+ PEP 657), laid out as the target's input: format, firstlineno, 4 offsets, table.
-fn line_table_seeds(corpus: &Path) -> Result<()> {
-    const DUMP: &str = r#"
+/// A real function's line table (3.9 lnotab, 3.10 PEP 626, 3.11+ PEP 657), laid out as the
+/// python_linetable input: format, firstlineno, 4 offsets, table.
+const LINE_TABLE: &str = r#"
 import struct, sys
 def f(items):
     total = 0
@@ -224,19 +222,69 @@ fmt, table = (0, c.co_lnotab) if v < (3, 10) else (1, c.co_linetable) if v == (3
 offsets = (0, 8, 20, len(c.co_code) - 2)
 sys.stdout.buffer.write(struct.pack("<Bi4Q", fmt, c.co_firstlineno, *offsets) + table)
 "#;
+
+/// A real code object with its file name, function name and line table, copied out of the
+/// interpreter's memory into one image (pointers between them moved along) and laid out as
+/// the python_code input: minor, runtime address, PyCode_Type, 3 frames, the image.
+const CODE_OBJECT: &str = r#"
+import ctypes, struct, sys
+def f(items):
+    total = 0
+    for i in items:
+        total += i
+    return total
+code = f.__code__
+v = sys.version_info
+name = code.co_qualname if v >= (3, 11) else code.co_name
+table = code.co_linetable if v >= (3, 10) else code.co_lnotab
+image, at = bytearray(0x100), {}
+for o in (code, code.co_filename, name, table):
+    at[id(o)] = len(image)
+    image += ctypes.string_at(id(o), sys.getsizeof(o)) + bytes(-sys.getsizeof(o) % 16)
+start = at[id(code)]
+for pos in range(start, start + sys.getsizeof(code) - 7, 8):
+    word = struct.unpack_from("<Q", image, pos)[0]
+    if word in at:
+        struct.pack_into("<Q", image, pos, at[word])
+frames = b"".join(struct.pack("<QQ", start, instr) for instr in (0, 4, 10))
+sys.stdout.buffer.write(struct.pack("<BQQ", v.minor - 8, 0, id(type(code))) + frames + image)
+"#;
+
+/// One seed per CPython found (3.9 to 3.13, on PATH or installed by pyenv), made by running
+/// `script` in it.
+fn python_seeds(kind: &str, script: &str, corpus: &Path) -> Result<()> {
+    let pyenv_versions = std::env::var_os("PYENV_ROOT")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".pyenv")))
+        .map(|root| root.join("versions"));
+    let installed: Vec<PathBuf> = pyenv_versions
+        .and_then(|dir| std::fs::read_dir(dir).ok())
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
     let mut found = 0;
     for minor in 9..=13 {
         let python = format!("python3.{minor}");
-        let Ok(out) = Command::new(&python).args(["-c", DUMP]).output() else {
-            continue;
-        };
-        if out.status.success() {
-            std::fs::write(corpus.join(format!("seed-{python}")), out.stdout)?;
+        let by_pyenv = installed
+            .iter()
+            .filter(|dir| {
+                dir.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with(&format!("3.{minor}.")))
+            })
+            .map(|dir| dir.join("bin").join(&python));
+        let seed = std::iter::once(PathBuf::from(&python))
+            .chain(by_pyenv)
+            .filter_map(|p| Command::new(p).args(["-c", script]).output().ok())
+            .find(|out| out.status.success());
+        if let Some(out) = seed {
+            std::fs::write(corpus.join(format!("seed-{kind}-{python}")), out.stdout)?;
             found += 1;
         }
     }
     if found == 0 {
-        eprintln!("fuzz: no python3.9..3.13 found; python_linetable starts from an empty corpus");
+        eprintln!("fuzz: no python3.9..3.13 found; the {kind} target starts from an empty corpus");
     }
     Ok(())
 }

@@ -113,6 +113,13 @@ where
             table.bad_fdes += 1;
             continue;
         };
+        // The rows hold 32-bit addresses: an FDE reaching past 4 GiB (garbage, in practice)
+        // goes like any bad one instead of costing the object its whole table.
+        let end = fde.initial_address().checked_add(fde.len());
+        if end.is_none_or(|end| end > u64::from(u32::MAX)) {
+            table.bad_fdes += 1;
+            continue;
+        }
         let signal = fde.cie().is_signal_trampoline();
         let Ok(mut rows) = fde.rows(section, bases, &mut ctx) else {
             table.bad_fdes += 1;

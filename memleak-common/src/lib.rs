@@ -32,6 +32,9 @@ pub enum AllocKind {
     KmemCacheFree = 18,
     PageFree = 19,
     PercpuFree = 20,
+    // Growth mode (--mode growth): the brk system call and first-write page faults.
+    Brk = 21,
+    PageFault = 22,
 }
 
 impl AllocKind {
@@ -52,22 +55,36 @@ impl AllocKind {
         AllocKind::Munmap,
     ];
 
+    /// The kind whose discriminant is `v`. A plain match: the compiler turns it into one
+    /// range check, which the BPF verifier accepts (a table lookup it may not).
     pub fn from_u32(v: u32) -> Option<AllocKind> {
-        const KERNEL: [AllocKind; 8] = [
-            AllocKind::Kmalloc,
-            AllocKind::KmemCacheAlloc,
-            AllocKind::PageAlloc,
-            AllocKind::PercpuAlloc,
-            AllocKind::Kfree,
-            AllocKind::KmemCacheFree,
-            AllocKind::PageFree,
-            AllocKind::PercpuFree,
-        ];
-        let v = v as usize;
-        Self::USER
-            .get(v)
-            .or_else(|| KERNEL.get(v.wrapping_sub(Self::USER.len())))
-            .copied()
+        use AllocKind::*;
+        Some(match v {
+            0 => Malloc,
+            1 => Calloc,
+            2 => Realloc,
+            3 => Reallocarray,
+            4 => PosixMemalign,
+            5 => AlignedAlloc,
+            6 => Memalign,
+            7 => Valloc,
+            8 => Pvalloc,
+            9 => Mmap,
+            10 => Mremap,
+            11 => Free,
+            12 => Munmap,
+            13 => Kmalloc,
+            14 => KmemCacheAlloc,
+            15 => PageAlloc,
+            16 => PercpuAlloc,
+            17 => Kfree,
+            18 => KmemCacheFree,
+            19 => PageFree,
+            20 => PercpuFree,
+            21 => Brk,
+            22 => PageFault,
+            _ => return None,
+        })
     }
 
     /// Releases memory rather than allocating it.
@@ -107,6 +124,8 @@ impl AllocKind {
             AllocKind::KmemCacheFree => "kmem_cache_free",
             AllocKind::PageFree => "mm_page_free",
             AllocKind::PercpuFree => "percpu_free_percpu",
+            AllocKind::Brk => "brk",
+            AllocKind::PageFault => "page_fault",
         }
     }
 
@@ -262,6 +281,19 @@ pub struct KernelLayout {
 /// pointers are small offsets, so the three key spaces never meet.
 pub const PAGE_KEY_TAG: u64 = 1 << 62;
 
+/// `--mode growth`: where the fields sit in the tracepoint records it reads. The syscall
+/// tracepoints' layout is fixed by the ABI (`__syscall_nr`, then the arguments or `ret` as
+/// longs); userspace checks all of them against the `format` files before attaching.
+pub mod growth {
+    /// The first argument of a `syscalls:sys_enter_*` record; argument n is 8·n further.
+    pub const SYSCALL_ARGS: u32 = 16;
+    /// `ret` of a `syscalls:sys_exit_*` record.
+    pub const SYSCALL_RET: u32 = 16;
+    /// `address` and `error_code` of an `exceptions:page_fault_{user,kernel}` record.
+    pub const FAULT_ADDRESS: u32 = 8;
+    pub const FAULT_ERROR_CODE: u32 = 24;
+}
+
 /// Globals in the BPF object that userspace sets before load.
 pub mod globals {
     pub const MIN_SIZE: &str = "MIN_SIZE";
@@ -285,4 +317,22 @@ mod pod {
     unsafe impl aya::Pod for PyFrame {}
     unsafe impl aya::Pod for KernelLayout {}
     unsafe impl aya::Pod for StackRecord {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AllocKind;
+
+    /// `kind` travels as a u32 through the maps: every kind must come back as itself.
+    #[test]
+    fn every_kind_round_trips() {
+        let mut seen = 0;
+        for v in 0..64 {
+            if let Some(kind) = AllocKind::from_u32(v) {
+                assert_eq!(kind as u32, v);
+                seen += 1;
+            }
+        }
+        assert_eq!(seen, AllocKind::PageFault as u32 + 1);
+    }
 }

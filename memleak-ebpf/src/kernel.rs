@@ -1,15 +1,18 @@
 //! Kernel mode (no -p, as BCC): the kmem and percpu tracepoints, with kernel stacks. Field
 //! offsets come from userspace (`KERNEL_LAYOUT`), read from the tracepoints' format files.
+//! Kernel stacks are stored by content in `STACKS`, as user stacks are: the kernel's own
+//! stack-id map loses a stack whenever two hash to one bucket.
 
 use aya_ebpf::{
-    helpers::bpf_get_current_pid_tgid,
+    EbpfContext,
+    helpers::{bpf_get_current_pid_tgid, generated::bpf_get_stack},
     macros::{map, tracepoint},
-    maps::StackTrace,
-    programs::{TracePointContext, tracing::StackIdContext},
+    maps::PerCpuArray,
+    programs::TracePointContext,
 };
-use memleak_common::{AllocKind, DEFAULT_MAX_STACKS, KernelLayout, PAGE_KEY_TAG};
+use memleak_common::{AllocKind, KernelLayout, MAX_NATIVE_FRAMES, PAGE_KEY_TAG, StackRecord};
 
-use crate::{ALLOCS, PAGE_SIZE, TARGET_TGID, global, release, stack_id, store, wanted};
+use crate::{ALLOCS, PAGE_SIZE, TARGET_TGID, global, release, stack_id, store, unwind, wanted};
 
 #[unsafe(no_mangle)]
 static KERNEL_LAYOUT: KernelLayout = KernelLayout {
@@ -29,11 +32,30 @@ static KERNEL_LAYOUT: KernelLayout = KernelLayout {
     _pad: 0,
 };
 
+/// This CPU's kernel stack being taken (a record is 1.5 KiB; the BPF stack is 512 bytes).
 #[map]
-static KSTACKS: StackTrace = StackTrace::with_max_entries(DEFAULT_MAX_STACKS, 0);
+static KSTACK: PerCpuArray<StackRecord> = PerCpuArray::with_max_entries(1, 0);
+
+/// The kernel stack of the current tracepoint hit, stored by content; `Err`: −errno.
+#[inline(always)]
+fn kernel_stack(ctx: &TracePointContext) -> Result<i64, i32> {
+    const BYTES: u32 = (MAX_NATIVE_FRAMES * 8) as u32;
+    let rec = KSTACK.get_ptr_mut(0).ok_or(-1)?;
+    unsafe {
+        let got = bpf_get_stack(ctx.as_ptr(), (*rec).native.as_mut_ptr() as *mut _, BYTES, 0);
+        if got < 0 {
+            return Err(got as i32);
+        }
+        (*rec).native_len = (got / 8) as u32;
+        (*rec).python_len = 0;
+        // A full buffer may have cut the outermost frames off.
+        (*rec).truncated = (got as u32 == BYTES) as u32;
+    }
+    unwind::store(rec)
+}
 
 #[inline(always)]
-fn field<T>(ctx: &TracePointContext, offset: u32) -> Option<T> {
+pub(crate) fn field<T>(ctx: &TracePointContext, offset: u32) -> Option<T> {
     unsafe { ctx.read_at::<T>(offset as usize) }.ok()
 }
 
@@ -52,7 +74,7 @@ fn allocated(ctx: &TracePointContext, kind: AllocKind, key: Option<u64>, size: O
     {
         return 0;
     }
-    let id = stack_id(ctx.get_stackid(&KSTACKS, 0));
+    let id = stack_id(kernel_stack(ctx));
     store(&ALLOCS, key, size, kind, id, 0);
     0
 }

@@ -3,12 +3,14 @@
 //! Entry probes park the call's arguments in `INFLIGHT` (keyed by thread); one return probe,
 //! shared by every allocating function, turns the result into an `ALLOCS`/`MMAPS` entry with
 //! the caller's stack. Frees and munmaps are entry-only. Everything lost is counted.
+//! `growth` fills the same maps from tracepoints instead (`--mode growth`).
 #![no_std]
 #![no_main]
 // The BPF target has no AtomicU64; the intrinsic lowers to the BPF atomic add.
 #![allow(internal_features)]
 #![feature(core_intrinsics)]
 
+mod growth;
 mod kernel;
 mod process;
 mod python;
@@ -19,7 +21,7 @@ use core::{ffi::c_void, ptr::read_volatile};
 use aya_ebpf::{
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_probe_read_user,
-        generated::bpf_for_each_map_elem,
+        generated::{bpf_for_each_map_elem, bpf_loop},
     },
     macros::{map, uprobe, uretprobe},
     maps::{HashMap, PerCpuArray, RingBuf},
@@ -55,7 +57,7 @@ pub(crate) static TARGET_TGID: u32 = 0;
 pub(crate) static ALLOCS: HashMap<u64, AllocInfo> =
     HashMap::with_max_entries(DEFAULT_MAX_ALLOCS, 0);
 #[map]
-static MMAPS: HashMap<u64, AllocInfo> = HashMap::with_max_entries(DEFAULT_MAX_MMAPS, 0);
+pub(crate) static MMAPS: HashMap<u64, AllocInfo> = HashMap::with_max_entries(DEFAULT_MAX_MMAPS, 0);
 #[map]
 static COMBINED: HashMap<i64, CombinedAlloc> = HashMap::with_max_entries(DEFAULT_MAX_COMBINED, 0);
 #[map]
@@ -73,7 +75,7 @@ pub(crate) fn global<T: Copy>(g: &T) -> T {
 }
 
 #[inline(always)]
-fn count(c: Counter) {
+pub(crate) fn count(c: Counter) {
     if let Some(p) = COUNTERS.get_ptr_mut(c as u32) {
         unsafe { *p += 1 }
     }
@@ -437,7 +439,7 @@ fn trace(kind: AllocKind, addr: u64, size: u64, old_addr: u64, stack_id: i64) {
 }
 
 #[inline(always)]
-fn page_align(len: u64) -> u64 {
+pub(crate) fn page_align(len: u64) -> u64 {
     let page = global(&PAGE_SIZE);
     (len + page - 1) & !(page - 1)
 }
@@ -454,16 +456,47 @@ struct Overlap {
     found: u64,
 }
 
-fn unmap(addr: u64, len: u64) {
-    let hi = addr + len;
-    // Fast path: the range starts where a tracked mapping starts (the common whole munmap).
-    if let Some(info) = unsafe { MMAPS.get(&addr) }.copied() {
-        trim(addr, info, addr, hi);
-        return;
+/// Takes [addr, addr + len) out of every tracked mapping it overlaps. One munmap may cover
+/// several mmaps (a brk shrink, a munmap of neighbours): one `bpf_loop` step per piece.
+pub(crate) fn unmap(addr: u64, len: u64) {
+    let mut range = [addr, addr + len];
+    unsafe {
+        bpf_loop(
+            MAX_UNMAP_PIECES,
+            unmap_piece as *mut c_void,
+            &raw mut range as *mut c_void,
+            0,
+        );
     }
-    // Otherwise look for the mapping that contains `addr` (a tail or middle cut).
+}
+
+/// `bpf_loop` callback: cuts [lo, hi) out of one tracked mapping; 1 stops the loop.
+extern "C" fn unmap_piece(_index: u64, range: *mut [u64; 2]) -> i64 {
+    let [addr, hi] = unsafe { *range };
+    // Fast path: the range starts where a tracked mapping starts (the common whole munmap).
+    let start = if unsafe { MMAPS.get(&addr) }.is_some() {
+        addr
+    } else {
+        match overlap(addr, hi) {
+            Some(start) => start,
+            None => return 1,
+        }
+    };
+    let Some(info) = unsafe { MMAPS.get(&start) }.copied() else {
+        return 1;
+    };
+    trim(start, info, addr, hi);
+    // Mappings do not overlap: one that covers the whole range was the only one.
+    (start <= addr && start + info.size >= hi) as i64
+}
+
+/// A munmap cuts at most this many tracked mappings (bounded for the verifier).
+const MAX_UNMAP_PIECES: u32 = 16;
+
+/// The start of some tracked mapping that overlaps [lo, hi).
+fn overlap(lo: u64, hi: u64) -> Option<u64> {
     let mut o = Overlap {
-        lo: addr,
+        lo,
         hi,
         start: 0,
         found: 0,
@@ -476,11 +509,7 @@ fn unmap(addr: u64, len: u64) {
             0,
         );
     }
-    if o.found != 0 {
-        if let Some(info) = unsafe { MMAPS.get(&o.start) }.copied() {
-            trim(o.start, info, addr, hi);
-        }
-    }
+    (o.found != 0).then_some(o.start)
 }
 
 extern "C" fn find_overlap(

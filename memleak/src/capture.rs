@@ -557,7 +557,7 @@ pub fn read_source_line(pid: u32, file: &str, line: u32) -> Option<String> {
 #[cfg(test)]
 pub mod tests {
     use super::*;
-    use crate::model::{Lost, StackUsage};
+    use crate::model::{Lost, Measure, StackUsage};
 
     pub const MIB: u64 = 1 << 20;
 
@@ -608,11 +608,13 @@ pub mod tests {
             let total_bytes = usage.iter().map(|s| s.bytes).sum();
             let total_count = usage.iter().map(|s| s.count).sum();
             let snapshot = Snapshot {
+                measure: Measure::Allocations,
                 unix_time: 1_790_000_000.0 + at,
                 elapsed_s: at,
                 stacks: usage,
                 total_bytes,
                 total_count,
+                mapped: None,
                 lost: Lost::default(),
                 recorded: 0,
                 released: 0,

@@ -135,6 +135,13 @@ pub struct Args {
     #[arg(long)]
     pub python_allocators: bool,
 
+    /// What to measure. `alloc`: every block the allocator hands out and not back, by the
+    /// stack that asked for it. `growth`: no function is hooked, only the kernel's memory
+    /// system calls and page faults: which code made resident memory grow (first write to a
+    /// page) and which mapped address space, still held; almost free for the target.
+    #[arg(long, value_enum, default_value_t = Mode::Alloc)]
+    pub mode: Mode,
+
     /// Say what was attached where, and map usage.
     #[arg(short, long)]
     pub verbose: bool,
@@ -158,6 +165,12 @@ pub struct Args {
     /// Capacity of the per-stack totals map (--combined-only).
     #[arg(long, default_value_t = DEFAULT_MAX_COMBINED, value_name = "N")]
     pub max_combined: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    Alloc,
+    Growth,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -207,6 +220,24 @@ impl Args {
             && min > max
         {
             return Err(format!("--min-size {min} is larger than --max-size {max}"));
+        }
+        if self.mode == Mode::Growth {
+            if self.pid.is_none() && self.command.is_none() {
+                return Err("--mode growth traces a process: give -p PID or -c COMMAND".into());
+            }
+            let unsupported = [
+                ("--kernel", self.kernel),
+                ("--combined-only", self.combined_only),
+                ("--trace", self.trace),
+                ("--python-allocators", self.python_allocators),
+                ("--obj", self.obj.is_some()),
+                ("--sample-bytes", self.sample_bytes.is_some()),
+            ];
+            if let Some((flag, _)) = unsupported.iter().find(|(_, on)| *on) {
+                return Err(format!(
+                    "{flag} is for the allocation mode, not --mode growth"
+                ));
+            }
         }
         if self.combined_only && self.show_allocs {
             return Err("--show-allocs needs the per-allocation map; drop --combined-only".into());

@@ -9,14 +9,14 @@ use std::{
 use anyhow::{Context, Result};
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, MapData, PerCpuArray, StackTraceMap},
+    maps::{Array, HashMap, MapData, PerCpuArray},
 };
 use memleak_common::{AllocInfo, CombinedAlloc, Counter, StackRecord};
 
 use crate::{
     cli::SortKey,
     kallsyms::Kallsyms,
-    model::{Allocation, Class, Frame, Lost, Snapshot, StackUsage},
+    model::{Allocation, Class, Frame, Lost, Measure, Snapshot, StackUsage},
     python::{PythonTracking, classify},
     symbolize::Symbolizer,
     unwind,
@@ -45,47 +45,19 @@ impl Names {
     }
 }
 
-/// Where the stacks are: user stacks from the unwinder, kernel stacks from the kernel's walk.
-enum Stacks {
-    User(HashMap<MapData, u64, StackRecord>),
-    Kernel(StackTraceMap<MapData>),
-}
-
-impl Stacks {
-    /// A stack's native frame addresses (innermost first), Python frames, and whether the
-    /// walk stopped before the outermost frame.
-    fn read(&self, stack_id: i64) -> Option<unwind::Stack> {
-        match self {
-            Stacks::User(map) => unwind::read_stack(map, stack_id),
-            Stacks::Kernel(map) => {
-                let trace = map.get(&u32::try_from(stack_id).ok()?, 0).ok()?;
-                Some(unwind::Stack {
-                    native: trace.frames().iter().map(|f| f.ip).collect(),
-                    python: Vec::new(),
-                    truncated: false,
-                })
-            }
-        }
-    }
-
-    /// The ids of the user stacks stored so far.
-    fn user_ids(&self) -> Vec<i64> {
-        match self {
-            Stacks::User(map) => map.keys().flatten().map(|id| id as i64).collect(),
-            Stacks::Kernel(_) => Vec::new(),
-        }
-    }
-}
-
 pub struct Collector {
     allocs: HashMap<MapData, u64, AllocInfo>,
     mmaps: HashMap<MapData, u64, AllocInfo>,
     combined: HashMap<MapData, i64, CombinedAlloc>,
-    stacks: Stacks,
+    /// Every stack by content hash: user stacks from the unwinder, or kernel stacks.
+    stacks: HashMap<MapData, u64, StackRecord>,
     counters: PerCpuArray<MapData, u64>,
     /// When the target last exec'd (kernel clock); `None` in kernel mode.
     last_exec: Option<Array<MapData, u64>>,
     exec_seen: u64,
+    /// The target is a started command that has not exec'd yet: what its first exec drops
+    /// is memleak's own fork's doing, not worth a word.
+    launching: bool,
     /// The traced process (0 in kernel mode).
     pid: u32,
     pub names: Names,
@@ -105,10 +77,11 @@ pub struct Query {
     pub sort: SortKey,
     /// --sample-bytes: kept blocks smaller than this stand for this many bytes.
     pub sample_bytes: Option<u64>,
+    pub measure: Measure,
 }
 
 impl Collector {
-    pub fn new(ebpf: &mut Ebpf, pid: u32, names: Names) -> Result<Collector> {
+    pub fn new(ebpf: &mut Ebpf, pid: u32, names: Names, launching: bool) -> Result<Collector> {
         let mut take = |name: &str| {
             ebpf.take_map(name)
                 .with_context(|| format!("BPF object lacks map {name}"))
@@ -117,16 +90,14 @@ impl Collector {
             allocs: HashMap::try_from(take("ALLOCS")?)?,
             mmaps: HashMap::try_from(take("MMAPS")?)?,
             combined: HashMap::try_from(take("COMBINED")?)?,
-            stacks: match names {
-                Names::User(..) => Stacks::User(HashMap::try_from(take("STACKS")?)?),
-                Names::Kernel(_) => Stacks::Kernel(StackTraceMap::try_from(take("KSTACKS")?)?),
-            },
+            stacks: HashMap::try_from(take("STACKS")?)?,
             counters: PerCpuArray::try_from(take("COUNTERS")?)?,
             last_exec: match names {
                 Names::User(..) => Some(Array::try_from(take("LAST_EXEC")?)?),
                 Names::Kernel(_) => None,
             },
             exec_seen: 0,
+            launching,
             pid,
             names,
             frames: StdHashMap::new(),
@@ -142,62 +113,27 @@ impl Collector {
             .map(|d| d.as_secs_f64())
             .unwrap_or(0.0);
         let elapsed_s = self.started.elapsed().as_secs_f64();
-        let mut per_stack: StdHashMap<i64, StackUsage> = StdHashMap::new();
-        if q.combined_only {
-            for item in self.combined.iter() {
-                let (stack_id, c) = item?;
-                if c.number_of_allocs == 0 {
-                    continue;
-                }
-                let s = usage(&mut per_stack, stack_id);
-                s.bytes += c.total_size;
-                s.count += c.number_of_allocs;
-            }
-        } else {
-            let now = monotonic_ns();
-            for map in [&self.allocs, &self.mmaps] {
-                for item in map.iter() {
-                    // An entry freed between listing and reading is simply gone.
-                    let Ok((addr, info)) = item else { continue };
-                    let age_ms = now.saturating_sub(info.timestamp_ns) / 1_000_000;
-                    if age_ms < q.older_ms {
-                        continue;
-                    }
-                    let s = usage(&mut per_stack, info.stack_id);
-                    let (bytes, count) = scaled(info.size, q.sample_bytes);
-                    s.bytes += bytes;
-                    s.count += count;
-                    if q.show_allocs {
-                        s.allocations.push(Allocation {
-                            addr,
-                            size: info.size,
-                            age_ms,
-                        });
-                    }
-                }
-            }
-        }
-        let mut stacks: Vec<StackUsage> = per_stack.into_values().collect();
-        stacks.sort_by(|a, b| match q.sort {
-            SortKey::Size => (b.bytes, b.count).cmp(&(a.bytes, a.count)),
-            SortKey::Count => (b.count, b.bytes).cmp(&(a.count, a.bytes)),
-        });
-        for s in &mut stacks {
-            s.frames = self.frames_of(s.stack_id);
-            s.truncated = self.truncated.contains(&s.stack_id);
-            if let Some((class, frame)) = self.class_of(&s.frames) {
-                s.class = Some(class);
-                s.class_frame = Some(frame);
-            }
-            s.allocations.sort_by_key(|a| a.addr);
-        }
+        // Growth mode keeps resident pages in ALLOCS and mapped address space in MMAPS: two
+        // measures, never summed.
+        let (stacks, mapped) = match q.measure {
+            Measure::Allocations if q.combined_only => (self.combined_usage()?, None),
+            Measure::Allocations => (self.outstanding(&[&self.allocs, &self.mmaps], q), None),
+            Measure::ResidentPages => (
+                self.outstanding(&[&self.allocs], q),
+                Some(self.outstanding(&[&self.mmaps], q)),
+            ),
+        };
+        let stacks = self.ranked(stacks, q);
+        let mapped = mapped.map(|m| self.ranked(m, q));
         let counters = self.counters()?;
         Ok(Snapshot {
+            measure: q.measure,
             unix_time,
             elapsed_s,
             total_bytes: stacks.iter().map(|s| s.bytes).sum(),
             total_count: stacks.iter().map(|s| s.count).sum(),
             stacks,
+            mapped,
             lost: Lost {
                 allocs_map_full: counters[Counter::AllocsFull as usize],
                 stack_walks_failed: counters[Counter::StackLost as usize],
@@ -212,8 +148,75 @@ impl Collector {
         })
     }
 
+    /// `--combined-only`: the per-stack totals kept in BPF.
+    fn combined_usage(&self) -> Result<StdHashMap<i64, StackUsage>> {
+        let mut per_stack = StdHashMap::new();
+        for item in self.combined.iter() {
+            let (stack_id, c) = item?;
+            if c.number_of_allocs == 0 {
+                continue;
+            }
+            let s = usage(&mut per_stack, stack_id);
+            s.bytes += c.total_size;
+            s.count += c.number_of_allocs;
+        }
+        Ok(per_stack)
+    }
+
+    /// What the entries of `maps` old enough for the query add up to, per stack.
+    fn outstanding(
+        &self,
+        maps: &[&HashMap<MapData, u64, AllocInfo>],
+        q: &Query,
+    ) -> StdHashMap<i64, StackUsage> {
+        let mut per_stack = StdHashMap::new();
+        let now = monotonic_ns();
+        for map in maps {
+            for item in map.iter() {
+                // An entry freed between listing and reading is simply gone.
+                let Ok((addr, info)) = item else { continue };
+                let age_ms = now.saturating_sub(info.timestamp_ns) / 1_000_000;
+                if age_ms < q.older_ms {
+                    continue;
+                }
+                let s = usage(&mut per_stack, info.stack_id);
+                let (bytes, count) = scaled(info.size, q.sample_bytes);
+                s.bytes += bytes;
+                s.count += count;
+                if q.show_allocs {
+                    s.allocations.push(Allocation {
+                        addr,
+                        size: info.size,
+                        age_ms,
+                    });
+                }
+            }
+        }
+        per_stack
+    }
+
+    /// The stacks largest first (by the user's key), symbolized and classified.
+    fn ranked(&mut self, per_stack: StdHashMap<i64, StackUsage>, q: &Query) -> Vec<StackUsage> {
+        let mut stacks: Vec<StackUsage> = per_stack.into_values().collect();
+        stacks.sort_by(|a, b| match q.sort {
+            SortKey::Size => (b.bytes, b.count).cmp(&(a.bytes, a.count)),
+            SortKey::Count => (b.count, b.bytes).cmp(&(a.count, a.bytes)),
+        });
+        for s in &mut stacks {
+            s.frames = self.frames_of(s.stack_id);
+            s.truncated = self.truncated.contains(&s.stack_id);
+            if let Some((class, frame)) = self.class_of(&s.frames) {
+                s.class = Some(class);
+                s.class_frame = Some(frame);
+            }
+            s.allocations.sort_by_key(|a| a.addr);
+        }
+        stacks
+    }
+
     /// After the target exec'd: forgets what the old program held (exec freed it all) and
-    /// the old program's symbols. Returns how many allocations were dropped.
+    /// the old program's symbols. Returns how many allocations were dropped (none said for
+    /// a started command's own exec).
     pub fn after_exec(&mut self) -> Result<Option<usize>> {
         let Some(last_exec) = &self.last_exec else {
             return Ok(None);
@@ -239,7 +242,8 @@ impl Collector {
             *symbols = Symbolizer::new(self.pid);
         }
         self.frames.clear();
-        Ok(Some(dropped))
+        let launched = std::mem::take(&mut self.launching);
+        Ok(Some(if launched { 0 } else { dropped }))
     }
 
     /// The symbolized frames of a stack; a failed walk (negative id) has none.
@@ -254,7 +258,7 @@ impl Collector {
             native: ips,
             python: python_frames,
             truncated,
-        }) = self.stacks.read(stack_id)
+        }) = unwind::read_stack(&self.stacks, stack_id)
         else {
             return Vec::new();
         };
@@ -300,7 +304,8 @@ impl Collector {
         if !python {
             return;
         }
-        for id in self.stacks.user_ids() {
+        let ids: Vec<u64> = self.stacks.keys().flatten().collect();
+        for id in ids.into_iter().map(|id| id as i64) {
             if !self.frames.contains_key(&id) {
                 self.frames_of(id);
             }

@@ -28,10 +28,10 @@ use tokio::{
 
 use crate::{
     capture::Timeline,
-    cli::Args,
+    cli::{Args, Mode},
     collect::{Collector, Names, Query},
     kallsyms::Kallsyms,
-    model::Snapshot,
+    model::{Measure, Snapshot},
     proc_stats::ProcessContext,
     python::PythonTracking,
     report::live::LiveStatus,
@@ -108,7 +108,8 @@ async fn run(args: Args) -> Result<()> {
         }
     };
     let traced_pid = user_target.map_or(0, |t| t.pid);
-    let mut collector = Collector::new(&mut ebpf, traced_pid, names)?;
+    let launching = user_target.is_some_and(|t| t.child.is_some());
+    let mut collector = Collector::new(&mut ebpf, traced_pid, names, launching)?;
     // Python: found now, or after the exec of a started command (on the maps tick).
     if let Err(e) = collector.names.refresh() {
         eprintln!("memleak: {e:#}");
@@ -131,7 +132,15 @@ async fn run(args: Args) -> Result<()> {
         Some(t) => {
             t.release()?;
             if let Some(u) = unwinder.as_mut() {
-                u.follow_exec();
+                // The exec is done and every library mapped: learn them now, in case the
+                // command is gone before the next tick.
+                u.follow_exec(|| {
+                    if let Err(e) =
+                        note_exec(&mut collector).and_then(|()| collector.names.refresh())
+                    {
+                        eprintln!("memleak: {e:#}");
+                    }
+                });
             }
             match &args.command {
                 Some(cmd) => println!("Attaching to \"{cmd}\" (pid {}), Ctrl+C to quit.", t.pid),
@@ -155,8 +164,12 @@ async fn run(args: Args) -> Result<()> {
         combined_only: args.combined_only,
         sort: args.sort,
         sample_bytes: args.sample_bytes,
+        measure: match args.mode {
+            Mode::Alloc => Measure::Allocations,
+            Mode::Growth => Measure::ResidentPages,
+        },
     };
-    let title = format!("Top {} stacks with outstanding allocations:", args.top);
+    let title = query.measure.title(args.top);
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let period = args.period();
@@ -275,17 +288,10 @@ fn write_reports(args: &Args, timeline: &Timeline) -> Result<()> {
 }
 
 fn setup(args: &Args, target: &Target) -> Result<(aya::Ebpf, unwind::Unwinder)> {
-    let (alloc_lib, libc) = match &args.obj {
-        // A static binary holds its own mmap wrappers: use -O for those too.
-        Some(obj) => {
-            let alloc_lib = target.library(obj)?;
-            let libc = target.library("libc").unwrap_or_else(|_| alloc_lib.clone());
-            (alloc_lib, libc)
-        }
-        None => {
-            let libc = target.library("libc")?;
-            (libc.clone(), libc)
-        }
+    // The allocator's library and libc; growth mode hooks neither.
+    let libs = match args.mode {
+        Mode::Alloc => Some(allocator_libraries(args, target)?),
+        Mode::Growth => None,
     };
     let mut ebpf = probes::load(args, Some(target.pid), None)?;
     let mut unwinder = unwind::Unwinder::new(&mut ebpf, target.pid, args.unwind)?;
@@ -294,19 +300,36 @@ fn setup(args: &Args, target: &Target) -> Result<(aya::Ebpf, unwind::Unwinder)> 
     if target.child.is_none() {
         unwinder.refresh()?;
     } else {
-        unwinder.prepare(&mut ebpf, &target.exe, &[&libc, &alloc_lib])?;
+        let libc = target.library("libc").ok();
+        let preload: Vec<&std::path::Path> = match &libs {
+            Some((alloc_lib, libc)) => vec![libc, alloc_lib],
+            None => libc.iter().map(|p| p.as_path()).collect(),
+        };
+        unwinder.prepare(&mut ebpf, &target.exe, &preload)?;
     }
     if args.verbose {
         eprint!("memleak: {}", unwinder.summary());
     }
-    let attached = probes::attach(
+    let Some((alloc_lib, libc)) = libs else {
+        // A started command's break belongs to memleak's fork until the exec; its first brk
+        // call after the exec tells the program's own.
+        let brk = match target.child {
+            Some(_) => 0,
+            None => procmaps::program_break(target.pid)?,
+        };
+        probes::attach_growth(&mut ebpf, brk)?;
+        if let Some(note) = proc_stats::huge_page_note() {
+            eprintln!("memleak: {note}");
+        }
+        return Ok((ebpf, unwinder));
+    };
+    let mut attached = probes::attach(
         &mut ebpf,
         target.pid,
         &alloc_lib,
         &args.symbols_prefix,
         &libc,
     )?;
-    let mut attached = attached;
     if args.python_allocators {
         let runtime = python::PythonRuntime::detect(target.pid)?.context(
             "--python-allocators: no CPython in this process (with -c, attach with -p once it runs)",
@@ -326,6 +349,25 @@ fn setup(args: &Args, target: &Target) -> Result<(aya::Ebpf, unwind::Unwinder)> 
         }
     }
     Ok((ebpf, unwinder))
+}
+
+/// The library whose allocator is hooked and the libc whose mmap family is.
+fn allocator_libraries(
+    args: &Args,
+    target: &Target,
+) -> Result<(std::path::PathBuf, std::path::PathBuf)> {
+    match &args.obj {
+        // A static binary holds its own mmap wrappers: use -O for those too.
+        Some(obj) => {
+            let alloc_lib = target.library(obj)?;
+            let libc = target.library("libc").unwrap_or_else(|_| alloc_lib.clone());
+            Ok((alloc_lib, libc))
+        }
+        None => {
+            let libc = target.library("libc")?;
+            Ok((libc.clone(), libc))
+        }
+    }
 }
 
 /// Drops what an exec'd-away program held, and says so. (-c's own first exec drops nothing

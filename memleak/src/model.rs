@@ -80,9 +80,49 @@ impl Lost {
     }
 }
 
+/// What a snapshot's `stacks` measure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Measure {
+    /// Blocks the allocator handed out and did not get back (the allocation mode).
+    Allocations,
+    /// Pages the process wrote to first and has not unmapped since (`--mode growth`): where
+    /// resident memory grew. Each counts one page.
+    ResidentPages,
+}
+
+impl Measure {
+    /// What one counted item is, for tables ("N bytes in M allocations").
+    pub fn unit(self) -> &'static str {
+        match self {
+            Measure::Allocations => "allocations",
+            Measure::ResidentPages => "pages",
+        }
+    }
+
+    /// What the stacks' bytes are, in a sentence ("12 MiB outstanding").
+    pub fn held(self) -> &'static str {
+        match self {
+            Measure::Allocations => "outstanding",
+            Measure::ResidentPages => "resident",
+        }
+    }
+
+    /// The heading of a table of the top `top` stacks.
+    pub fn title(self, top: usize) -> String {
+        match self {
+            Measure::Allocations => format!("Top {top} stacks with outstanding allocations:"),
+            Measure::ResidentPages => format!(
+                "Top {top} stacks that grew resident memory (pages written first, not unmapped since):"
+            ),
+        }
+    }
+}
+
 /// The state of the target at one instant: what is outstanding, per stack.
 #[derive(Clone, Debug, Serialize)]
 pub struct Snapshot {
+    pub measure: Measure,
     /// Seconds since the Unix epoch.
     pub unix_time: f64,
     /// Seconds since tracing started.
@@ -91,6 +131,10 @@ pub struct Snapshot {
     pub stacks: Vec<StackUsage>,
     pub total_bytes: u64,
     pub total_count: u64,
+    /// `--mode growth`: anonymous address space mapped by mmap, mremap and brk and still
+    /// mapped, per stack of the system call (largest first; `count` is mappings).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mapped: Option<Vec<StackUsage>>,
     pub lost: Lost,
     /// Allocations recorded and releases matched since the start (running totals).
     pub recorded: u64,

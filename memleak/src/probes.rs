@@ -5,6 +5,7 @@ use std::{collections::HashMap, num::NonZeroU32, path::Path};
 use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
+    maps::Array,
     programs::{
         TracePoint, UProbe,
         uprobe::{UProbeAttachLocation, UProbeScope},
@@ -70,7 +71,6 @@ pub fn load(args: &Args, target_pid: Option<u32>, kernel: Option<&KernelLayout>)
         .map_max_entries("ALLOCS", args.max_allocs)
         .map_max_entries("MMAPS", args.max_mmaps)
         .map_max_entries("STACKS", args.max_stacks)
-        .map_max_entries("KSTACKS", args.max_stacks)
         .map_max_entries("INFLIGHT", args.max_inflight)
         .map_max_entries("COMBINED", args.max_combined)
         .load(BPF_OBJECT)
@@ -272,29 +272,95 @@ fn ensure_tracefs() -> Result<()> {
 /// Reads where each field the kernel programs need sits in its tracepoint record.
 pub fn kernel_layout() -> Result<KernelLayout> {
     ensure_tracefs()?;
-    let offset = |category: &str, event: &str, field: &str| -> Result<u32> {
-        let path = format!("{TRACEFS}/events/{category}/{event}/format");
-        let text = std::fs::read_to_string(&path).with_context(|| {
-            format!("this kernel has no {category}:{event} tracepoint ({path})")
-        })?;
-        format_offset(&text, field).with_context(|| format!("{path} has no field {field}"))
-    };
     Ok(KernelLayout {
-        kmalloc_ptr: offset("kmem", "kmalloc", "ptr")?,
-        kmalloc_bytes: offset("kmem", "kmalloc", "bytes_alloc")?,
-        kfree_ptr: offset("kmem", "kfree", "ptr")?,
-        cache_alloc_ptr: offset("kmem", "kmem_cache_alloc", "ptr")?,
-        cache_alloc_bytes: offset("kmem", "kmem_cache_alloc", "bytes_alloc")?,
-        cache_free_ptr: offset("kmem", "kmem_cache_free", "ptr")?,
-        page_alloc_pfn: offset("kmem", "mm_page_alloc", "pfn")?,
-        page_alloc_order: offset("kmem", "mm_page_alloc", "order")?,
-        page_free_pfn: offset("kmem", "mm_page_free", "pfn")?,
-        page_free_order: offset("kmem", "mm_page_free", "order")?,
-        percpu_alloc_ptr: offset("percpu", "percpu_alloc_percpu", "ptr")?,
-        percpu_alloc_bytes: offset("percpu", "percpu_alloc_percpu", "bytes_alloc")?,
-        percpu_free_ptr: offset("percpu", "percpu_free_percpu", "ptr")?,
+        kmalloc_ptr: field_offset("kmem", "kmalloc", "ptr")?,
+        kmalloc_bytes: field_offset("kmem", "kmalloc", "bytes_alloc")?,
+        kfree_ptr: field_offset("kmem", "kfree", "ptr")?,
+        cache_alloc_ptr: field_offset("kmem", "kmem_cache_alloc", "ptr")?,
+        cache_alloc_bytes: field_offset("kmem", "kmem_cache_alloc", "bytes_alloc")?,
+        cache_free_ptr: field_offset("kmem", "kmem_cache_free", "ptr")?,
+        page_alloc_pfn: field_offset("kmem", "mm_page_alloc", "pfn")?,
+        page_alloc_order: field_offset("kmem", "mm_page_alloc", "order")?,
+        page_free_pfn: field_offset("kmem", "mm_page_free", "pfn")?,
+        page_free_order: field_offset("kmem", "mm_page_free", "order")?,
+        percpu_alloc_ptr: field_offset("percpu", "percpu_alloc_percpu", "ptr")?,
+        percpu_alloc_bytes: field_offset("percpu", "percpu_alloc_percpu", "bytes_alloc")?,
+        percpu_free_ptr: field_offset("percpu", "percpu_free_percpu", "ptr")?,
         _pad: 0,
     })
+}
+
+/// Where `field` sits in the records of tracepoint `category:event`.
+fn field_offset(category: &str, event: &str, field: &str) -> Result<u32> {
+    let path = format!("{TRACEFS}/events/{category}/{event}/format");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("this kernel has no {category}:{event} tracepoint ({path})"))?;
+    format_offset(&text, field).with_context(|| format!("{path} has no field {field}"))
+}
+
+/// Fields of a tracepoint record and their offsets.
+type Fields = &'static [(&'static str, u32)];
+
+/// `--mode growth`: the memory system calls and page faults, each program named for its event,
+/// with the record fields it reads and where `memleak_common::growth` expects them.
+const GROWTH_EVENTS: [(&str, &str, Fields); 9] = {
+    use memleak_common::growth::{FAULT_ADDRESS, FAULT_ERROR_CODE, SYSCALL_ARGS as A, SYSCALL_RET};
+    let fault: Fields = &[("address", FAULT_ADDRESS), ("error_code", FAULT_ERROR_CODE)];
+    let ret: Fields = &[("ret", SYSCALL_RET)];
+    [
+        ("exceptions", "page_fault_user", fault),
+        ("exceptions", "page_fault_kernel", fault),
+        (
+            "syscalls",
+            "sys_enter_mmap",
+            &[
+                ("addr", A),
+                ("len", A + 8),
+                ("prot", A + 16),
+                ("flags", A + 24),
+            ],
+        ),
+        ("syscalls", "sys_exit_mmap", ret),
+        (
+            "syscalls",
+            "sys_enter_munmap",
+            &[("addr", A), ("len", A + 8)],
+        ),
+        (
+            "syscalls",
+            "sys_enter_madvise",
+            &[("start", A), ("len_in", A + 8), ("behavior", A + 16)],
+        ),
+        (
+            "syscalls",
+            "sys_enter_mremap",
+            &[("addr", A), ("old_len", A + 8), ("new_len", A + 16)],
+        ),
+        ("syscalls", "sys_exit_mremap", ret),
+        ("syscalls", "sys_exit_brk", ret),
+    ]
+};
+
+/// `--mode growth`: hooks no function of the target, only tracepoints (each filtered to the
+/// target in BPF). `brk` is the target's current break (0: unknown until its next brk call).
+pub fn attach_growth(ebpf: &mut Ebpf, brk: u64) -> Result<()> {
+    ensure_tracefs()?;
+    for (category, event, fields) in GROWTH_EVENTS {
+        for &(field, expected) in fields {
+            let at = field_offset(category, event, field)?;
+            if at != expected {
+                bail!(
+                    "{category}:{event} has {field} at offset {at}, not {expected}: an unknown kernel layout"
+                );
+            }
+        }
+    }
+    let mut break_map: Array<_, u64> =
+        Array::try_from(ebpf.map_mut("BRK").context("BPF object lacks map BRK")?)?;
+    break_map.set(0, brk, 0)?;
+    let events: Vec<(&str, &str)> = GROWTH_EVENTS.iter().map(|&(c, e, _)| (c, e)).collect();
+    attach_tracepoints(ebpf, &events)?;
+    attach_tracepoints(ebpf, &[("sched", "sched_process_exec")])
 }
 
 /// `field:const void * ptr; offset:16; size:8;` (tab-separated) → 16 for `ptr`.

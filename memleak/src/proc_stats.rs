@@ -197,6 +197,15 @@ fn build_id(path: &Path) -> Option<String> {
     None
 }
 
+/// Growth mode counts a page per first-write fault; a transparent huge page brings 2 MiB in
+/// one fault. Says so when the kernel gives huge pages to every large enough mapping.
+pub fn huge_page_note() -> Option<String> {
+    let mode = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").ok()?;
+    mode.contains("[always]").then(|| {
+        "transparent huge pages are on for every mapping: a fault that brings in a huge page counts as one page, so resident growth may be undercounted (see AnonHugePages in /proc/PID/smaps)".to_string()
+    })
+}
+
 pub fn is_python_extension(path: &str) -> bool {
     let base = path.rsplit('/').next().unwrap_or(path);
     (base.contains(".cpython-") && base.ends_with(".so"))

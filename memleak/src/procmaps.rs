@@ -82,6 +82,26 @@ pub fn read(pid: u32) -> Result<Vec<Mapping>> {
     Ok(parse(&text))
 }
 
+/// The target's program break: the end of its `[heap]`, or where the heap will start when
+/// the process has not grown it yet (`start_brk` in /proc/PID/stat).
+pub fn program_break(pid: u32) -> Result<u64> {
+    if let Some(heap) = read(pid)?
+        .iter()
+        .find(|m| m.path.as_deref() == Some("[heap]"))
+    {
+        return Ok(heap.end);
+    }
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    start_brk(&stat).with_context(|| format!("{path} has no start_brk field"))
+}
+
+/// Field 47 of /proc/PID/stat; the command name (field 2) may hold spaces and parentheses.
+fn start_brk(stat: &str) -> Option<u64> {
+    let (_, after_comm) = stat.rsplit_once(')')?;
+    after_comm.split_whitespace().nth(47 - 3)?.parse().ok()
+}
+
 /// The path under which this process can open the target's file: through `/proc/PID/root`
 /// so a target in another mount namespace (a container) resolves inside its own root.
 pub fn host_path(pid: u32, target_path: &str) -> PathBuf {
@@ -123,6 +143,23 @@ pub fn find_library<'a>(maps: &'a [Mapping], name: &str) -> Option<&'a Mapping> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn start_brk_is_field_47_even_after_an_odd_command_name() {
+        // This process's own stat, with its name replaced by one holding ") (" and spaces.
+        let own = std::fs::read_to_string("/proc/self/stat").unwrap();
+        let rest = own.rsplit_once(')').unwrap().1;
+        let stat = format!("123 (a) (b c){rest}");
+        let field_47 = rest
+            .split_whitespace()
+            .nth(44)
+            .unwrap()
+            .parse::<u64>()
+            .unwrap();
+        assert_eq!(start_brk(&stat), Some(field_47));
+        assert_ne!(field_47, 0, "start_brk of a running process");
+        assert_eq!(start_brk("123 (a) S 1 2"), None);
+    }
 
     #[test]
     fn parses_file_anonymous_and_deleted() {

@@ -6,7 +6,7 @@ use std::fmt::Write;
 
 use crate::{
     capture::{Analysis, StackTrend, Timeline, Trend},
-    model::{Frame, FrameKind},
+    model::{Frame, FrameKind, Measure},
     proc_stats::ProcessContext,
 };
 
@@ -23,14 +23,16 @@ const MAX_WIDTH: usize = 96;
 pub fn render(timeline: &Timeline) -> String {
     let a = timeline.analyze();
     let mut out = String::new();
-    verdict(&mut out, timeline, &a);
-    stacks(&mut out, &a);
-    table(&mut out, &a);
+    // What the stacks hold: allocations not freed, or (growth mode) resident pages.
+    let measure = timeline.last().map_or(Measure::Allocations, |s| s.measure);
+    verdict(&mut out, timeline, &a, measure.held());
+    stacks(&mut out, &a, measure.unit());
+    table(&mut out, &a, measure.held());
     classes(&mut out, &a);
     out
 }
 
-fn verdict(out: &mut String, t: &Timeline, a: &Analysis) {
+fn verdict(out: &mut String, t: &Timeline, a: &Analysis, held: &str) {
     let v = &a.verdict;
     let last = a.points.last();
     let span = last.map_or(0.0, |p| p.elapsed_s);
@@ -44,7 +46,7 @@ fn verdict(out: &mut String, t: &Timeline, a: &Analysis) {
         let _ = writeln!(
             out,
             "VERDICT: not enough intervals to judge ({} of at least {}); \
-             {} outstanding",
+             {} {held}",
             a.points.len(),
             crate::capture::MIN_POINTS,
             bytes(outstanding)
@@ -53,7 +55,7 @@ fn verdict(out: &mut String, t: &Timeline, a: &Analysis) {
         let _ = writeln!(
             out,
             "VERDICT: LEAKING {}/min in {} growing stack{} \
-             ({} outstanding after {})",
+             ({} {held} after {})",
             signed_bytes(v.leak_rate_bytes_per_min),
             v.growing_stacks,
             plural(v.growing_stacks),
@@ -64,14 +66,14 @@ fn verdict(out: &mut String, t: &Timeline, a: &Analysis) {
         let _ = writeln!(
             out,
             "VERDICT: no leak: no stack grows steadily over {} \
-             ({} outstanding, {}/min overall)",
+             ({} {held}, {}/min overall)",
             duration(span),
             bytes(outstanding),
             signed_bytes(v.total.slope_per_min)
         );
     }
     let mut rates = format!(
-        "  {who}: outstanding {}/min (R² {:.2})",
+        "  {who}: {held} {}/min (R² {:.2})",
         signed_bytes(v.total.slope_per_min),
         v.total.r2
     );
@@ -133,7 +135,7 @@ fn verdict(out: &mut String, t: &Timeline, a: &Analysis) {
     }
 }
 
-fn stacks(out: &mut String, a: &Analysis) {
+fn stacks(out: &mut String, a: &Analysis, unit: &str) {
     let growing: Vec<&StackTrend> = a.growing().collect();
     let (title, shown): (&str, Vec<&StackTrend>) = if growing.is_empty() {
         let mut largest: Vec<&StackTrend> =
@@ -151,7 +153,7 @@ fn stacks(out: &mut String, a: &Analysis) {
     for (i, s) in shown.iter().take(listed).enumerate() {
         let _ = writeln!(
             out,
-            "#{:<2} {:>12}/min  R² {:.2}  {} in {} allocations  [{}]",
+            "#{:<2} {:>12}/min  R² {:.2}  {} in {} {unit}  [{}]",
             i + 1,
             signed_bytes(s.fit.slope_per_min),
             s.fit.r2,
@@ -191,14 +193,14 @@ fn frames(out: &mut String, s: &StackTrend) {
     }
 }
 
-fn table(out: &mut String, a: &Analysis) {
+fn table(out: &mut String, a: &Analysis, held: &str) {
     if a.points.is_empty() {
         return;
     }
     let _ = writeln!(
         out,
         "\n{:>9}  {:>11}  {:>13}  {:>11}  {:>13}",
-        "elapsed", "outstanding", "rate/min", "RSS", "RSS rate/min"
+        "elapsed", held, "rate/min", "RSS", "RSS rate/min"
     );
     let n = a.points.len();
     let rows: Vec<usize> = if n <= MAX_ROWS {

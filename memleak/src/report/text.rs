@@ -6,7 +6,7 @@
 use std::{collections::BTreeMap, fmt::Write};
 
 use crate::{
-    model::{Class, Lost, Snapshot},
+    model::{Class, Lost, Snapshot, StackUsage},
     symbolize::format_frame,
 };
 
@@ -16,12 +16,25 @@ pub fn table(snap: &Snapshot, title: &str, top: usize) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "[{}] {title}", clock(snap.unix_time));
     let _ = writeln!(out, "\t{}", lost_line(&snap.lost));
-    for s in snap.stacks.iter().take(top) {
+    stacks(&mut out, &snap.stacks, snap.measure.unit(), top);
+    if let Some(line) = class_line(snap) {
+        let _ = writeln!(out, "\t{line}");
+    }
+    if let Some(mapped) = &snap.mapped {
         let _ = writeln!(
             out,
-            "\t{} bytes in {} allocations from stack",
-            s.bytes, s.count
+            "[{}] Top {top} stacks that mapped address space (mmap/mremap/brk, still mapped):",
+            clock(snap.unix_time)
         );
+        stacks(&mut out, mapped, "mappings", top);
+    }
+    out
+}
+
+/// The top stacks, each as BCC prints it; `unit` names what `count` counts.
+fn stacks(out: &mut String, stacks: &[StackUsage], unit: &str, top: usize) {
+    for s in stacks.iter().take(top) {
+        let _ = writeln!(out, "\t{} bytes in {} {unit} from stack", s.bytes, s.count);
         if s.stack_id < 0 {
             let _ = writeln!(out, "\t\t[stack walk failed: {}]", s.stack_id);
         }
@@ -50,20 +63,16 @@ pub fn table(snap: &Snapshot, title: &str, top: usize) -> String {
             );
         }
     }
-    if snap.stacks.len() > top {
-        let rest = &snap.stacks[top..];
+    if stacks.len() > top {
+        let rest = &stacks[top..];
         let _ = writeln!(
             out,
-            "\t... {} more stacks hold {} bytes in {} allocations",
+            "\t... {} more stacks hold {} bytes in {} {unit}",
             rest.len(),
             rest.iter().map(|s| s.bytes).sum::<u64>(),
             rest.iter().map(|s| s.count).sum::<u64>()
         );
     }
-    if let Some(line) = class_line(snap) {
-        let _ = writeln!(out, "\t{line}");
-    }
-    out
 }
 
 /// Outstanding bytes per class over every stack (not only the top N), largest first;

@@ -241,9 +241,11 @@ impl Unwinder {
     }
 
     /// Right after a held command is released: waits (2 s at most) for it to stop at its
-    /// entry point, places the tables of everything mapped by then, and lets it run on. A
-    /// command that failed to start is left to the exit watcher.
-    pub fn follow_exec(&mut self) {
+    /// entry point, places the tables of everything mapped by then, runs `while_held` (the
+    /// libraries are all mapped: a command that exits within milliseconds must still be
+    /// symbolized) and lets it run on. A command that failed to start is left to the exit
+    /// watcher.
+    pub fn follow_exec(&mut self, while_held: impl FnOnce()) {
         let Some(hold) = self.hold.take() else {
             return;
         };
@@ -252,6 +254,7 @@ impl Unwinder {
             std::thread::sleep(Duration::from_millis(1));
         }
         let _ = self.refresh();
+        while_held();
         drop(hold);
         unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGCONT) };
     }

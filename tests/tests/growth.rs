@@ -1,0 +1,222 @@
+//! `--mode growth`: no uprobes, only the memory syscalls and page faults. The fixture maps,
+//! writes, reads, unmaps, madvises, mremaps and moves its break, and knows exactly which
+//! pages each of its functions still holds resident and which mappings are still there.
+
+use std::{path::Path, time::Duration};
+
+use anyhow::{Context, Result, bail};
+use memleak_tests::{
+    Finished, Report, Running, Scratch, basename, can_trace, describe_stack, expect_nothing_lost,
+    expect_success, frames, function_of, read_json, stacks_through, usage_of,
+};
+use serde_json::{Value, json};
+
+const FLAGS: [&str; 2] = ["-Wl,-z,now", "-O0"];
+
+#[test]
+fn growth_mode_with_a_started_command() -> Result<()> {
+    if !can_trace("growth_mode_with_a_started_command") {
+        return Ok(());
+    }
+    let scratch = Scratch::new("growth-c")?;
+    let fixture = scratch.compile("growth", "growth", &FLAGS)?;
+    let ledger = scratch.path("ledger.json");
+    let out = scratch.path("report.json");
+    let command = format!("{} {}", fixture.display(), ledger.display());
+    let run = Running::memleak(
+        &scratch,
+        &[
+            "--mode",
+            "growth",
+            "-c",
+            &command,
+            "-o",
+            "0",
+            "--json",
+            out.to_str().unwrap(),
+        ],
+        None,
+    )?
+    .wait(Duration::from_secs(60))?;
+    check(&run, &ledger, &out)
+}
+
+/// Pages written from Python code are that Python line's, through the interpreter's C code.
+#[test]
+fn growth_mode_names_python_lines() -> Result<()> {
+    if !can_trace("growth_mode_names_python_lines") {
+        return Ok(());
+    }
+    let python = "/root/.pyenv/versions/3.12.1/bin/python3.12";
+    if !Path::new(python).exists() {
+        eprintln!("\n*** SKIPPED growth_mode_names_python_lines: {python} is missing ***\n");
+        return Ok(());
+    }
+    let scratch = Scratch::new("growth-py")?;
+    let script = memleak_tests::workspace_root().join("tests/fixtures/growth.py");
+    let ledger = scratch.path("ledger.json");
+    let out = scratch.path("report.json");
+    let command = format!("{python} {} {}", script.display(), ledger.display());
+    let run = Running::memleak(
+        &scratch,
+        &[
+            "--mode",
+            "growth",
+            "-c",
+            &command,
+            "-o",
+            "0",
+            "--json",
+            out.to_str().unwrap(),
+        ],
+        None,
+    )?
+    .wait(Duration::from_secs(60))?;
+    check(&run, &ledger, &out)?;
+    let report = Report::read(&out)?;
+    for stack in stacks_through(report.final_snapshot(), "touch") {
+        if stack["class"] != "application" {
+            bail!(
+                "touch's pages are classed {}: {}",
+                stack["class"],
+                describe_stack(stack)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Attached to a running process: its program break comes from /proc.
+#[test]
+fn growth_mode_attached_by_pid() -> Result<()> {
+    if !can_trace("growth_mode_attached_by_pid") {
+        return Ok(());
+    }
+    let scratch = Scratch::new("growth-p")?;
+    let fixture = scratch.compile("growth", "growth", &FLAGS)?;
+    let ledger = scratch.path("ledger.json");
+    let go = scratch.path("go");
+    let out = scratch.path("report.json");
+    let target = Running::start(
+        &scratch,
+        "growth",
+        &fixture,
+        &[ledger.to_str().unwrap(), go.to_str().unwrap()],
+        None,
+    )?;
+    let pid = target.pid().to_string();
+    let tracer = Running::memleak(
+        &scratch,
+        &[
+            "--mode",
+            "growth",
+            "-p",
+            &pid,
+            "-o",
+            "0",
+            "--json",
+            out.to_str().unwrap(),
+        ],
+        None,
+    )?;
+    // Tracepoints leave no mark in the target: memleak's own word says it is attached.
+    wait_for_text(&scratch.path("memleak.stdout"), "Attaching to pid")?;
+    std::fs::write(&go, "")?;
+    let run = tracer.wait(Duration::from_secs(60))?;
+    drop(target);
+    check(&run, &ledger, &out)
+}
+
+fn wait_for_text(path: &Path, text: &str) -> Result<()> {
+    let start = std::time::Instant::now();
+    while !std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .contains(text)
+    {
+        if start.elapsed() > Duration::from_secs(30) {
+            bail!("{} never said {text:?}", path.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+fn check(run: &Finished, ledger: &Path, out: &Path) -> Result<()> {
+    expect_success(run)?;
+    if run.stdout.contains("exec'd a new program") {
+        bail!(
+            "a started command's own exec was announced\n{}",
+            run.transcript()
+        );
+    }
+    let ledger = read_json(ledger)?;
+    let report = Report::read(out)?;
+    let last = report.final_snapshot();
+    if last["measure"] != "resident-pages" {
+        bail!(
+            "the snapshot measures {}, not resident-pages",
+            last["measure"]
+        );
+    }
+    expect_nothing_lost(last)?;
+    let page = ledger["page"].as_u64().context("ledger without page")?;
+    let mut problems = Vec::new();
+
+    for site in ledger["resident"].as_array().into_iter().flatten() {
+        let function = site["function"].as_str().unwrap_or("?");
+        let pages = site["pages"].as_u64().unwrap_or(0);
+        let got = usage_of(last, function);
+        if (got.bytes, got.count) != (pages * page, pages) {
+            problems.push(format!(
+                "resident {function}: expected {pages} pages, memleak reports {} B in {}",
+                got.bytes, got.count
+            ));
+        }
+        // A page written by the site's own code: the site's frame is at the writing line
+        // (the faulting instruction itself, not the one before it). C sites write it
+        // themselves; a Python site writes through the interpreter's C code.
+        let line = site["line"].as_u64().unwrap_or(0);
+        let file = site["file"].as_str().unwrap_or("growth.c");
+        for stack in stacks_through(last, function).filter(|_| line > 0) {
+            let frame = frames(stack).iter().find(|f| function_of(f) == function);
+            let at = frame.map(|f| (f["file"].as_str().map(basename), f["line"].as_u64()));
+            if at != Some((Some(file), Some(line))) {
+                problems.push(format!(
+                    "resident {function}: expected the fault at {file}:{line}, got {}",
+                    describe_stack(stack)
+                ));
+            }
+        }
+    }
+    for function in ledger["absent"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+    {
+        for stack in stacks_through(last, function) {
+            problems.push(format!(
+                "{function} wrote nothing: {}",
+                describe_stack(stack)
+            ));
+        }
+    }
+
+    let mapped = json!({ "stacks": last["mapped"].clone() });
+    for site in ledger["mapped"].as_array().into_iter().flatten() {
+        let function = site["function"].as_str().unwrap_or("?");
+        let pages = site["pages"].as_u64().unwrap_or(0);
+        let mappings = site["mappings"].as_u64().unwrap_or(1);
+        let got = usage_of(&mapped, function);
+        if (got.bytes, got.count) != (pages * page, mappings) {
+            problems.push(format!(
+                "mapped {function}: expected {pages} pages in {mappings} mappings, memleak reports {} B in {}",
+                got.bytes, got.count
+            ));
+        }
+    }
+    if problems.is_empty() {
+        return Ok(());
+    }
+    bail!("{}\n{}", problems.join("\n"), run.stdout)
+}

@@ -10,7 +10,7 @@ use memleak_common::PyFrame;
 
 #[derive(Arbitrary, Debug)]
 struct Input {
-    /// 3.9 to 3.13 (and one unsupported minor, which must be refused).
+    /// 3.8 to 3.13 (and 3.14, unsupported, which must be refused).
     minor: u8,
     runtime_addr: u64,
     code_type: u64,

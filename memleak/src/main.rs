@@ -157,6 +157,7 @@ async fn run(args: Args) -> Result<()> {
     // A --duration run shows a status line instead of a table per interval.
     let tables_shown = args.duration.is_none();
     let mut live = LiveStatus::new();
+    let mut huge_pages_said = false;
 
     let query = Query {
         older_ms: args.older,
@@ -181,6 +182,9 @@ async fn run(args: Args) -> Result<()> {
         tokio::select! {
             _ = tables.tick() => {
                 note_exec(&mut collector)?;
+                if query.measure == Measure::ResidentPages && !huge_pages_said {
+                    huge_pages_said = say_huge_pages(pid);
+                }
                 let snap = collector.snapshot(&query)?;
                 live.clear();
                 if tables_shown {
@@ -318,9 +322,6 @@ fn setup(args: &Args, target: &Target) -> Result<(aya::Ebpf, unwind::Unwinder)> 
             None => procmaps::program_break(target.pid)?,
         };
         probes::attach_growth(&mut ebpf, brk)?;
-        if let Some(note) = proc_stats::huge_page_note() {
-            eprintln!("memleak: {note}");
-        }
         return Ok((ebpf, unwinder));
     };
     let mut attached = probes::attach(
@@ -368,6 +369,19 @@ fn allocator_libraries(
             Ok((libc.clone(), libc))
         }
     }
+}
+
+/// Growth mode: warns (and returns true) once the target holds transparent huge pages, whose
+/// faults bring 2 MiB each but count as one page.
+fn say_huge_pages(pid: u32) -> bool {
+    let bytes = proc_stats::huge_page_bytes(pid).unwrap_or(0);
+    if bytes > 0 {
+        eprintln!(
+            "memleak: pid {pid} holds {} MiB in transparent huge pages; growth mode counts one 4 KiB page per fault, so those regions are undercounted",
+            bytes >> 20
+        );
+    }
+    bytes > 0
 }
 
 /// Drops what an exec'd-away program held, and says so. (-c's own first exec drops nothing

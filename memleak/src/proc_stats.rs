@@ -197,13 +197,11 @@ fn build_id(path: &Path) -> Option<String> {
     None
 }
 
-/// Growth mode counts a page per first-write fault; a transparent huge page brings 2 MiB in
-/// one fault. Says so when the kernel gives huge pages to every large enough mapping.
-pub fn huge_page_note() -> Option<String> {
-    let mode = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").ok()?;
-    mode.contains("[always]").then(|| {
-        "transparent huge pages are on for every mapping: a fault that brings in a huge page counts as one page, so resident growth may be undercounted (see AnonHugePages in /proc/PID/smaps)".to_string()
-    })
+/// Bytes of the process in transparent huge pages (`AnonHugePages`). Growth mode counts one
+/// page per first-write fault, and a fault that brings in a huge page brings 2 MiB.
+pub fn huge_page_bytes(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    kib_field(&text, "AnonHugePages:")
 }
 
 pub fn is_python_extension(path: &str) -> bool {

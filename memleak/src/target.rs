@@ -98,7 +98,10 @@ impl Target {
             -1 => bail!("fork: {}", std::io::Error::last_os_error()),
             0 => unsafe {
                 // Child: only async-signal-safe calls. Wait for one byte (go) or EOF (the
-                // tracer died: go anyway), then become the command.
+                // tracer died: go anyway), then become the command. Should memleak die
+                // while the command is stopped at its entry point, the kernel sends it
+                // SIGCONT: it runs on untraced instead of staying stopped for good.
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGCONT);
                 libc::close(write_fd);
                 let mut b = 0u8;
                 libc::read(read_fd, (&raw mut b).cast(), 1);

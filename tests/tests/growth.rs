@@ -23,21 +23,7 @@ fn growth_mode_with_a_started_command() -> Result<()> {
     let ledger = scratch.path("ledger.json");
     let out = scratch.path("report.json");
     let command = format!("{} {}", fixture.display(), ledger.display());
-    let run = Running::memleak(
-        &scratch,
-        &[
-            "--mode",
-            "growth",
-            "-c",
-            &command,
-            "-o",
-            "0",
-            "--json",
-            out.to_str().unwrap(),
-        ],
-        None,
-    )?
-    .wait(Duration::from_secs(60))?;
+    let run = trace_command(&scratch, &command, &out)?;
     check(&run, &ledger, &out)
 }
 
@@ -57,21 +43,7 @@ fn growth_mode_names_python_lines() -> Result<()> {
     let ledger = scratch.path("ledger.json");
     let out = scratch.path("report.json");
     let command = format!("{python} {} {}", script.display(), ledger.display());
-    let run = Running::memleak(
-        &scratch,
-        &[
-            "--mode",
-            "growth",
-            "-c",
-            &command,
-            "-o",
-            "0",
-            "--json",
-            out.to_str().unwrap(),
-        ],
-        None,
-    )?
-    .wait(Duration::from_secs(60))?;
+    let run = trace_command(&scratch, &command, &out)?;
     check(&run, &ledger, &out)?;
     let report = Report::read(&out)?;
     for stack in stacks_through(report.final_snapshot(), "touch") {
@@ -125,6 +97,13 @@ fn growth_mode_attached_by_pid() -> Result<()> {
     let run = tracer.wait(Duration::from_secs(60))?;
     drop(target);
     check(&run, &ledger, &out)
+}
+
+/// `memleak --mode growth -c COMMAND` to its end, JSON in `out`.
+fn trace_command(scratch: &Scratch, command: &str, out: &Path) -> Result<Finished> {
+    let json = out.to_str().context("a UTF-8 path")?;
+    let args = ["--mode", "growth", "-c", command, "-o", "0", "--json", json];
+    Running::memleak(scratch, &args, None)?.wait(Duration::from_secs(60))
 }
 
 fn wait_for_text(path: &Path, text: &str) -> Result<()> {

@@ -15,7 +15,8 @@ use serde_json::Value;
 const TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The interpreters to test; a missing one is reported loudly and skipped.
-const PYTHONS: [(&str, &str); 6] = [
+const PYTHONS: [(&str, &str); 7] = [
+    ("3.8", "/root/.pyenv/versions/3.8.18/bin/python3.8"),
     ("3.9", "/root/.pyenv/versions/3.9.18/bin/python3.9"),
     ("3.10", "/root/.pyenv/versions/3.10.13/bin/python3.10"),
     ("3.11", "/root/.pyenv/versions/3.11.7/bin/python3.11"),

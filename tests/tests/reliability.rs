@@ -216,3 +216,36 @@ fn exec_drops_the_old_program_and_forks_are_reported() -> Result<()> {
     }
     Ok(())
 }
+
+/// memleak killed while its started command is stopped at the entry point (where the unwind
+/// tables are placed): the command must not stay stopped. It runs on and exits.
+#[test]
+fn sigkill_while_a_started_command_is_held_lets_it_run_on() -> Result<()> {
+    if !can_trace("sigkill_while_a_started_command_is_held_lets_it_run_on") {
+        return Ok(());
+    }
+    let scratch = Scratch::new("kill-held")?;
+    let tracer = Running::memleak(&scratch, &["-c", "sleep 1"], None)?;
+    let children = format!("/proc/{0}/task/{0}/children", tracer.pid());
+    let mut child = 0;
+    wait_until("memleak started the command", TIMEOUT, || {
+        child = std::fs::read_to_string(&children)?
+            .split_whitespace()
+            .next()
+            .map_or(0, |c| c.parse().unwrap_or(0));
+        Ok(child != 0)
+    })?;
+    let state = |pid: u32| -> Option<char> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat.rsplit_once(')')?.1.trim_start().chars().next()
+    };
+    // Stopped (T) at its entry point, after the exec: memleak is placing the tables.
+    wait_until("the command stops at its entry point", TIMEOUT, || {
+        Ok(state(child) == Some('T'))
+    })?;
+    tracer.signal(libc::SIGKILL);
+    wait_until("the orphaned command ends", Duration::from_secs(10), || {
+        Ok(!matches!(state(child), Some('T' | 'S' | 'R')))
+    })
+    .with_context(|| format!("the command stayed in state {:?}", state(child)))
+}

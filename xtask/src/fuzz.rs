@@ -203,7 +203,7 @@ fn elf_seeds() -> Result<Vec<(&'static str, PathBuf)>> {
         .collect()
 }
 
-/// A real function's line table (3.9 lnotab, 3.10 PEP 626, 3.11+ PEP 657), laid out as the
+/// A real function's line table (3.8–3.9 lnotab, 3.10 PEP 626, 3.11+ PEP 657), laid out as the
 /// python_linetable input: format, firstlineno, 4 offsets, table.
 const LINE_TABLE: &str = r#"
 import struct, sys
@@ -250,7 +250,7 @@ frames = b"".join(struct.pack("<QQ", start, instr) for instr in (0, 4, 10))
 sys.stdout.buffer.write(struct.pack("<BQQ", v.minor - 8, 0, id(type(code))) + frames + image)
 "#;
 
-/// One seed per CPython found (3.9 to 3.13, on PATH or installed by pyenv), made by running
+/// One seed per CPython found (3.8 to 3.13, on PATH or installed by pyenv), made by running
 /// `script` in it.
 fn python_seeds(kind: &str, script: &str, corpus: &Path) -> Result<()> {
     let pyenv_versions = std::env::var_os("PYENV_ROOT")
@@ -264,7 +264,7 @@ fn python_seeds(kind: &str, script: &str, corpus: &Path) -> Result<()> {
         .filter_map(|e| e.ok().map(|e| e.path()))
         .collect();
     let mut found = 0;
-    for minor in 9..=13 {
+    for minor in 8..=13 {
         let python = format!("python3.{minor}");
         let by_pyenv = installed
             .iter()
@@ -284,7 +284,7 @@ fn python_seeds(kind: &str, script: &str, corpus: &Path) -> Result<()> {
         }
     }
     if found == 0 {
-        eprintln!("fuzz: no python3.9..3.13 found; the {kind} target starts from an empty corpus");
+        eprintln!("fuzz: no python3.8..3.13 found; the {kind} target starts from an empty corpus");
     }
     Ok(())
 }

@@ -65,8 +65,8 @@ impl Layout {
         }
         let layout = match v.minor {
             // As 3.10 but f_lasti (a byte offset) is 8 bytes further and lines are in
-            // co_lnotab.
-            9 => {
+            // co_lnotab. 3.8's thread states, frames and code objects lie the same way.
+            8 | 9 => {
                 let base = Layout::for_version(Version { minor: 10, ..v })?;
                 Layout {
                     frames: PyOffsets {

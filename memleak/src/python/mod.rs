@@ -106,9 +106,10 @@ struct Symbols {
     version: Option<u64>,
     code_type: Option<u64>,
     /// With no `Py_Version` (before 3.11), the newest of these tells the version: only
-    /// 3.10+ has `PyAIter_Check`, only 3.9+ `PyModule_AddType`.
+    /// 3.10+ has `PyAIter_Check`, only 3.9+ `PyModule_AddType`, only 3.8+ `Py_RunMain`.
     aiter_check: bool,
     module_add_type: bool,
+    run_main: bool,
     /// Reference-count debugging: a debug build, whose structs have other layouts.
     ref_total: bool,
     /// Biased reference counting: a free-threaded (3.13t) build.
@@ -161,7 +162,12 @@ impl PythonRuntime {
                 minor: 9,
                 micro: None,
             },
-            None => bail!("{path}: Python older than 3.9 is not supported"),
+            None if symbols.run_main => Version {
+                major: 3,
+                minor: 8,
+                micro: None,
+            },
+            None => bail!("{path}: Python older than 3.8 is not supported"),
         };
         if symbols.ref_total {
             bail!("{path}: Python {version} is a debug build (Py_REF_DEBUG), not supported");
@@ -191,7 +197,7 @@ impl PythonRuntime {
         code_type: u64,
     ) -> Result<Self> {
         let layout = Layout::for_version(version).with_context(|| {
-            format!("{path}: Python {version} is not supported (3.9 to 3.13 are)")
+            format!("{path}: Python {version} is not supported (3.8 to 3.13 are)")
         })?;
         Ok(PythonRuntime {
             version,
@@ -408,6 +414,7 @@ impl Symbols {
                 "PyCode_Type" => s.code_type = Some(sym.address()),
                 "PyAIter_Check" => s.aiter_check = true,
                 "PyModule_AddType" => s.module_add_type = true,
+                "Py_RunMain" => s.run_main = true,
                 "_Py_RefTotal" | "_Py_GetRefTotal" => s.ref_total = true,
                 "_Py_MergeZeroLocalRefcount" | "_Py_brc_queue_object" => s.free_threaded = true,
                 _ => {}

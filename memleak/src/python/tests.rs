@@ -12,6 +12,7 @@ use crate::model::{Class, Frame, FrameKind};
 /// The interpreters to test with; a missing one is reported loudly and skipped.
 fn interpreters() -> Vec<(&'static str, &'static str)> {
     let all = [
+        ("3.8", "/root/.pyenv/versions/3.8.18/bin/python3.8"),
         ("3.9", "/root/.pyenv/versions/3.9.18/bin/python3.9"),
         ("3.10", "/root/.pyenv/versions/3.10.13/bin/python3.10"),
         ("3.11", "/root/.pyenv/versions/3.11.7/bin/python3.11"),
@@ -258,7 +259,7 @@ fn line_tables_match_cpython() {
         );
         let text = String::from_utf8(output.stdout).unwrap();
         let format = match label {
-            "3.9" => linetable::Format::Lnotab,
+            "3.8" | "3.9" => linetable::Format::Lnotab,
             "3.10" => linetable::Format::Pep626,
             _ => linetable::Format::Pep657,
         };

@@ -7,17 +7,15 @@ mod capture;
 mod cli;
 mod collect;
 mod kallsyms;
-mod model;
 mod placement;
 mod probes;
 mod proc_stats;
-mod procmaps;
-mod python;
 mod report;
-mod symbolize;
 mod target;
 mod trace;
-mod unwind;
+
+// The parsers live in the library (fuzzed there); `crate::model` etc. keep naming them here.
+use memleak::{model, procmaps, python, symbolize, unwind};
 
 use std::{process::ExitCode, time::Duration};
 

@@ -228,12 +228,14 @@ fn loader_lookup(exe: &Path, name: &str) -> Result<PathBuf> {
         })
 }
 
-/// PT_INTERP of an ELF executable.
+/// PT_INTERP of an ELF executable. Only the file and program headers are read, as the kernel
+/// does: a file cut after its loaded segments (no section headers) still runs.
 fn interpreter(data: &[u8]) -> Option<String> {
-    use object::read::elf::{ElfFile64, ProgramHeader};
-    let elf = ElfFile64::<object::Endianness>::parse(data).ok()?;
-    let endian = elf.endian();
-    elf.elf_program_headers().iter().find_map(|ph| {
+    use object::read::elf::{FileHeader, ProgramHeader};
+    let header = object::elf::FileHeader64::<object::Endianness>::parse(data).ok()?;
+    let endian = header.endian().ok()?;
+    let headers = header.program_headers(endian, data).ok()?;
+    headers.iter().find_map(|ph| {
         let interp = ph.interpreter(endian, data).ok()??;
         Some(String::from_utf8_lossy(interp).into_owned())
     })

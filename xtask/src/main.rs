@@ -2,6 +2,7 @@
 //! traces the bundled leaking program, `test` runs every test, `bench` measures overhead.
 
 mod bench;
+mod fuzz;
 mod load;
 mod setup;
 
@@ -24,7 +25,8 @@ enum Task {
     Build,
     /// Set up, build, start the bundled leaking demo and trace it for ~10 s.
     Demo,
-    /// Set up, build, and run every test (unit and integration; needs root).
+    /// Set up, build, and run every test (unit and integration; needs root), then every fuzz
+    /// target for 15 s.
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -48,6 +50,8 @@ enum Task {
     },
     /// Build, then run the load test (tests/tests/load.rs) for longer, 10 minutes by default.
     Load(load::Options),
+    /// Run the cargo-fuzz targets (fuzz/) for N seconds each; installs cargo-fuzz if missing.
+    Fuzz(fuzz::Options),
 }
 
 fn main() -> Result<()> {
@@ -71,6 +75,7 @@ fn main() -> Result<()> {
             },
         ),
         Task::Load(opts) => load::run_load(&build()?, &opts),
+        Task::Fuzz(opts) => fuzz::run_fuzz(&opts),
     }
 }
 
@@ -140,5 +145,17 @@ fn test(extra: &[String]) -> Result<()> {
             "--exclude",
             "memleak-ebpf",
         ])
-        .args(extra))
+        .args(extra))?;
+    // A filtered run is someone after a few tests, not the whole suite.
+    if !extra.is_empty() {
+        println!("fuzz: skipped (test arguments given); `cargo xtask fuzz` runs the targets");
+        return Ok(());
+    }
+    fuzz::run_fuzz(&fuzz::Options {
+        seconds: FUZZ_SECONDS_IN_TEST,
+        targets: Vec::new(),
+    })
 }
+
+/// Per fuzz target in `cargo xtask test`: 5 targets stay well under 3 minutes.
+const FUZZ_SECONDS_IN_TEST: u64 = 15;

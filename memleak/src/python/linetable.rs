@@ -1,5 +1,7 @@
 //! Instruction offset → source line, from the tables CPython keeps in every code object.
-//! All walk address ranges in bytes of bytecode, starting at `co_firstlineno`.
+//! All walk address ranges in bytes of bytecode, starting at `co_firstlineno`. The tables
+//! are read out of the target: a line that leaves the `i32` range is a corrupt table, and
+//! has no line.
 
 /// Which table a code object keeps, by version.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -30,7 +32,7 @@ pub fn lnotab_line(table: &[u8], firstlineno: i32, byte_offset: u64) -> Option<u
         if addr > byte_offset {
             break;
         }
-        line += pair[1] as i8 as i32;
+        line = line.checked_add(pair[1] as i8 as i32)?;
     }
     u32::try_from(line).ok()
 }
@@ -46,7 +48,7 @@ pub fn pep626_line(table: &[u8], firstlineno: i32, byte_offset: u64) -> Option<u
         let delta = pair[1] as i8;
         let known = delta != -128;
         if known {
-            line += delta as i32;
+            line = line.checked_add(delta as i32)?;
         }
         if (start..end).contains(&byte_offset) {
             return known.then(|| u32::try_from(line).ok()).flatten();
@@ -69,11 +71,11 @@ pub fn pep657_line(table: &[u8], firstlineno: i32, byte_offset: u64) -> Option<u
         let start = end;
         end += ((head & 7) as u64 + 1) * 2;
         let known = kind != 15;
-        line += match kind {
+        line = line.checked_add(match kind {
             10..=12 => (kind - 10) as i32,
             13 | 14 => signed_varint(&table[pos + 1..]),
             _ => 0,
-        };
+        })?;
         if (start..end).contains(&byte_offset) {
             return known.then(|| u32::try_from(line).ok()).flatten();
         }
@@ -101,5 +103,20 @@ fn signed_varint(bytes: &[u8]) -> i32 {
         -((value >> 1) as i32)
     } else {
         (value >> 1) as i32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by the python_linetable fuzz target: lines past `i32::MAX` overflowed.
+    #[test]
+    fn line_past_i32_is_none() {
+        assert_eq!(lnotab_line(&[2, 1, 2, 1], i32::MAX, 3), None);
+        assert_eq!(pep626_line(&[2, 1], i32::MAX, 0), None);
+        // Kind 13: a signed varint delta of +1.
+        assert_eq!(pep657_line(&[0x80 | 13 << 3, 2], i32::MAX, 0), None);
+        assert_eq!(pep657_line(&[0x80 | 13 << 3, 2], 7, 0), Some(8));
     }
 }

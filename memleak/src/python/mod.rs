@@ -1,11 +1,13 @@
 //! Python-aware tracing: find the CPython runtime in a target, walk its threads' frames the
 //! way the BPF program does, and turn recorded frames (code object, instruction) into
-//! file, function and line by reading the target's memory.
+//! file, function and line by reading the target's memory. Every pointer read there may be
+//! garbage: a field's address is a wrapping add to it, and a read there fails like any
+//! other read of a bad pointer.
 
 mod btf;
 mod classify;
 mod layout;
-mod linetable;
+pub mod linetable;
 mod memory;
 mod splice;
 #[cfg(test)]
@@ -30,7 +32,7 @@ use crate::procmaps::{self, Mapping};
 pub use classify::classify;
 pub use layout::Version;
 use layout::{BYTES_DATA, BYTES_SIZE, Layout, OB_TYPE, UNICODE_LENGTH, UNICODE_STATE};
-use memory::Memory;
+pub use memory::Memory;
 pub use threads::PythonTracking;
 
 /// CPython's own allocator entry points, each with the libc function it behaves like, for
@@ -140,7 +142,7 @@ impl PythonRuntime {
     }
 
     fn new(pid: u32, path: &str, bias: u64, runtime: u64, symbols: &Symbols) -> Result<Self> {
-        let memory = Memory::new(pid);
+        let memory = Memory::Process(pid);
         let version = match symbols.version {
             Some(addr) => {
                 let hex = memory.u32(bias.wrapping_add(addr))?;
@@ -173,12 +175,30 @@ impl PythonRuntime {
         if symbols.free_threaded {
             bail!("{path}: Python {version} is a free-threaded build, not supported");
         }
-        let layout = Layout::for_version(version).with_context(|| {
-            format!("{path}: Python {version} is not supported (3.8 to 3.13 are)")
-        })?;
         let code_type = symbols
             .code_type
             .with_context(|| format!("{path}: no PyCode_Type symbol"))?;
+        Self::in_memory(
+            memory,
+            path,
+            version,
+            bias.wrapping_add(runtime),
+            bias.wrapping_add(code_type),
+        )
+    }
+
+    /// The runtime of a CPython `version` whose `_PyRuntime` and `PyCode_Type` are at these
+    /// addresses of `memory`. `detect` ends here; the fuzz targets start here, with a copy.
+    pub fn in_memory(
+        memory: Memory,
+        path: &str,
+        version: Version,
+        runtime_addr: u64,
+        code_type: u64,
+    ) -> Result<Self> {
+        let layout = Layout::for_version(version).with_context(|| {
+            format!("{path}: Python {version} is not supported (3.8 to 3.13 are)")
+        })?;
         Ok(PythonRuntime {
             version,
             interpreter_path: path.to_string(),
@@ -186,8 +206,8 @@ impl PythonRuntime {
             interpreter_modules: HashSet::new(),
             layout,
             memory,
-            runtime_addr: bias.wrapping_add(runtime),
-            code_type: bias.wrapping_add(code_type),
+            runtime_addr,
+            code_type,
             codes: HashMap::new(),
         })
     }
@@ -212,7 +232,7 @@ impl PythonRuntime {
         PyConfig {
             offsets: l.frames,
             task_fsbase,
-            interpreters_head: self.runtime_addr + l.runtime_interpreters_head,
+            interpreters_head: self.runtime_addr.wrapping_add(l.runtime_interpreters_head),
             interp_threads_head: l.interp_threads_head as u32,
             tstate_next: l.tstate_next as u32,
         }
@@ -220,24 +240,26 @@ impl PythonRuntime {
 
     /// Every thread state of every interpreter, read now.
     pub fn thread_states(&self) -> Result<Vec<ThreadState>> {
-        /// Bounds the walk when a list is being changed under us or is corrupt.
+        /// Bound the walk when a list is being changed under us or is corrupt (a cycle).
         const MAX_THREADS: usize = 65536;
+        const MAX_INTERPRETERS: usize = 4096;
         let l = &self.layout;
+        let m = &self.memory;
         let mut threads = Vec::new();
-        let mut interp = self
-            .memory
-            .u64(self.runtime_addr + l.runtime_interpreters_head)?;
-        while interp != 0 && threads.len() < MAX_THREADS {
-            let mut tstate = self.memory.u64(interp + l.interp_threads_head)?;
+        let mut interp = m.u64(self.runtime_addr.wrapping_add(l.runtime_interpreters_head))?;
+        let mut interpreters = 0;
+        while interp != 0 && threads.len() < MAX_THREADS && interpreters < MAX_INTERPRETERS {
+            interpreters += 1;
+            let mut tstate = m.u64(interp.wrapping_add(l.interp_threads_head))?;
             while tstate != 0 && threads.len() < MAX_THREADS {
-                let thread_id = self.memory.u64(tstate + l.frames.tstate_thread_id as u64)?;
+                let thread_id = m.u64(tstate.wrapping_add(l.frames.tstate_thread_id as u64))?;
                 threads.push(ThreadState {
                     addr: tstate,
                     thread_id,
                 });
-                tstate = self.memory.u64(tstate + l.tstate_next)?;
+                tstate = m.u64(tstate.wrapping_add(l.tstate_next))?;
             }
-            interp = self.memory.u64(interp + l.interp_next)?;
+            interp = m.u64(interp.wrapping_add(l.interp_next))?;
         }
         Ok(threads)
     }
@@ -337,8 +359,8 @@ impl PythonRuntime {
 
     /// A compact `str` object's text (code objects hold only compact ones).
     fn string(&self, addr: u64) -> Result<String> {
-        let length = self.memory.u64(addr + UNICODE_LENGTH)? as usize;
-        let state = self.memory.u32(addr + UNICODE_STATE)?;
+        let length = self.memory.u64(addr.wrapping_add(UNICODE_LENGTH))? as usize;
+        let state = self.memory.u32(addr.wrapping_add(UNICODE_STATE))?;
         let kind = (state >> 2) & 7;
         let compact = state & (1 << 5) != 0;
         let ascii = state & (1 << 6) != 0;
@@ -354,7 +376,9 @@ impl PythonRuntime {
         if !matches!(width, 1 | 2 | 4) {
             bail!("str at {addr:#x} has character width {width}");
         }
-        let raw = self.memory.read_vec(addr + data, length * width)?;
+        let raw = self
+            .memory
+            .read_vec(addr.wrapping_add(data), length * width)?;
         let text = raw
             .chunks_exact(width)
             .map(|c| {
@@ -368,11 +392,12 @@ impl PythonRuntime {
 
     /// A `bytes` object's content.
     fn bytes(&self, addr: u64) -> Result<Vec<u8>> {
-        let size = self.memory.u64(addr + BYTES_SIZE)?;
+        let size = self.memory.u64(addr.wrapping_add(BYTES_SIZE))?;
         if size > 1 << 24 {
             bail!("bytes at {addr:#x} claims {size} bytes");
         }
-        self.memory.read_vec(addr + BYTES_DATA, size as usize)
+        self.memory
+            .read_vec(addr.wrapping_add(BYTES_DATA), size as usize)
     }
 }
 
@@ -440,12 +465,14 @@ fn interpreter_candidates<'a>(maps: &'a [Mapping], exe: &str) -> Vec<(&'a str, &
 fn load_bias(file: &object::File, mapping: &Mapping) -> Option<u64> {
     file.segments().find_map(|seg| {
         let (offset, size) = seg.file_range();
-        (offset <= mapping.offset && mapping.offset < offset + size.max(1)).then(|| {
-            mapping
-                .start
-                .wrapping_sub(mapping.offset)
-                .wrapping_sub(seg.address().wrapping_sub(offset))
-        })
+        (offset <= mapping.offset && mapping.offset < offset.saturating_add(size.max(1))).then(
+            || {
+                mapping
+                    .start
+                    .wrapping_sub(mapping.offset)
+                    .wrapping_sub(seg.address().wrapping_sub(offset))
+            },
+        )
     })
 }
 

@@ -429,3 +429,27 @@ fn allocator_entry_points_are_in_every_interpreter() {
         }
     }
 }
+
+/// Found by the python_code fuzz target: a `_PyRuntime` address near the top of the address
+/// space overflowed. And an interpreter list that loops on itself without threads must end.
+#[test]
+fn thread_states_of_corrupt_memory_end() {
+    let version = Version {
+        major: 3,
+        minor: 11,
+        micro: None,
+    };
+    let runtime = |bytes: Vec<u8>, runtime_addr: u64| {
+        let memory = Memory::Copy { base: 0, bytes };
+        PythonRuntime::in_memory(memory, "/x/lib/libpython3.11.so", version, runtime_addr, 0)
+            .unwrap()
+    };
+    let wrapped = runtime(vec![0; 64], u64::MAX - 8).thread_states();
+    assert!(wrapped.unwrap_or_default().is_empty());
+    // 3.11: interpreters.head at _PyRuntime+40 → 0x100, whose `next` (+0) is itself and
+    // whose thread list (+16) is empty.
+    let mut memory = vec![0u8; 0x200];
+    memory[40..48].copy_from_slice(&0x100u64.to_le_bytes());
+    memory[0x100..0x108].copy_from_slice(&0x100u64.to_le_bytes());
+    assert_eq!(runtime(memory, 0).thread_states().unwrap(), vec![]);
+}

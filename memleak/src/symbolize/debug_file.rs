@@ -3,6 +3,8 @@
 //! places GDB looks); `dwz` moves DWARF shared by several binaries into a supplementary
 //! file named by `.gnu_debugaltlink`.
 
+use std::fs::File;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use object::{Object, ObjectSection};
@@ -57,7 +59,7 @@ impl Finder {
                 c.clone(),
             ]
             .into_iter()
-            .filter_map(|path| std::fs::read(path).ok())
+            .filter_map(|path| read_regular(&path))
             .find(|data| check(data))
             .map(|data| (data, c))
         })
@@ -111,4 +113,24 @@ fn belongs(data: &[u8], build_id: Option<&[u8]>, crc: Option<u32>) -> bool {
         (None, None) => false,
     };
     useful && matches
+}
+
+/// Larger than any debug file; `/proc/kcore` claims terabytes.
+const MAX_DEBUG_FILE: u64 = 8 << 30;
+
+/// A candidate's content, only if it is a regular file of a plausible size: its name comes
+/// from the binary, and a link naming a FIFO (whose open blocks), `/dev/zero`, or a `/proc`
+/// file (size 0, endless content) must not stall memleak. Reads at most the size it reports.
+fn read_regular(path: &Path) -> Option<Vec<u8>> {
+    let size = std::fs::metadata(path)
+        .ok()
+        .filter(|m| m.is_file() && (1..=MAX_DEBUG_FILE).contains(&m.len()))?
+        .len();
+    let mut data = Vec::new();
+    File::open(path)
+        .ok()?
+        .take(size)
+        .read_to_end(&mut data)
+        .ok()?;
+    Some(data)
 }

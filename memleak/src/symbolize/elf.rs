@@ -181,7 +181,7 @@ fn dwarf_section(obj: &object::File, id: gimli::SectionId) -> Result<Reader, Inf
     };
     let data = obj
         .section_by_name(id.name())
-        .and_then(|s| s.uncompressed_data().ok())
+        .and_then(|s| crate::sections::uncompressed(&s).ok())
         .unwrap_or_default();
     Ok(Reader::new(Arc::from(&*data), endian))
 }

@@ -57,7 +57,8 @@ enum Object {
     /// Opened when the maps were read, parsed on first use. The path is the target's view,
     /// where its separate debug file is searched.
     Opened(File, Option<String>),
-    /// The vDSO has no file: its image is copied out of the target's memory.
+    /// The vDSO has no file: its image is copied out of the target's memory (or handed in
+    /// whole: `of_image`).
     Image(Vec<u8>),
     Parsed(usize),
     /// Could not be opened or is not ELF: its addresses get a module but no name.
@@ -75,6 +76,24 @@ impl Symbolizer {
             by_build_id: HashMap::new(),
             missed: HashSet::new(),
         }
+    }
+
+    /// Names the addresses of one object file image instead of a process's: an address is
+    /// a file offset, as if the file were mapped whole at 0. The fuzz targets feed their
+    /// input through it; separate debug files are still looked up on this system.
+    pub fn of_image(module: &str, image: Vec<u8>) -> Symbolizer {
+        let mut symbolizer = Symbolizer::new(0);
+        symbolizer.files.push(MappedFile {
+            module: module.to_string(),
+            object: Object::Image(image),
+        });
+        symbolizer.regions = Some(vec![Region {
+            start: 0,
+            end: u64::MAX,
+            offset: 0,
+            file: Some(0),
+        }]);
+        symbolizer
     }
 
     /// One address → frames, innermost (inlined) first, then the outer function.

@@ -410,6 +410,31 @@ fn symbolize_stripped_binary_with_debuglink() {
     check_fixture(&mut Symbolizer::new(t.pid()), &t, "prog", true);
 }
 
+/// The debug link names a FIFO (a link could as well name `/dev/zero` or a `/proc` file):
+/// the candidate is skipped, not opened and read forever, and the frame stays unnamed.
+#[test]
+fn symbolize_debuglink_to_a_fifo_is_skipped() {
+    let b = Build::new("debuglink-fifo");
+    b.gcc(&["main.c", "fixture.c", "-o", "prog"]);
+    b.run("objcopy", &["--only-keep-debug", "prog", "prog.debug"]);
+    b.run(
+        "objcopy",
+        &["--strip-all", "--add-gnu-debuglink=prog.debug", "prog"],
+    );
+    std::fs::remove_file(b.path("prog.debug")).unwrap();
+    b.run("mkfifo", &["prog.debug"]);
+    let t = Target::start(&b.path("prog"), &[]);
+    let (pid, addr) = (t.pid(), t.addr("target_fn"));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(Symbolizer::new(pid).symbolize(addr, false)));
+    let frames = rx
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("symbolizing hung on the FIFO");
+    assert_eq!(frames.len(), 1);
+    assert_eq!(frames[0].function, None, "{frames:?}");
+    assert_eq!(frames[0].module.as_deref(), Some("prog"));
+}
+
 /// dwz moved the DWARF both programs share (here the inlined function's DIE and most names)
 /// into `common.debug`, named by a relative `.gnu_debugaltlink`.
 #[test]

@@ -5,7 +5,7 @@
 //! and keeps them current as libraries come and go. [`read_stack`] turns a stack id the BPF
 //! program recorded back into frame addresses.
 
-mod table;
+pub mod table;
 
 use std::{
     collections::HashMap,
@@ -374,7 +374,9 @@ fn entry_offset(data: &[u8]) -> Option<u64> {
     let entry = file.entry();
     file.segments().find_map(|s| {
         let (offset, size) = s.file_range();
-        (s.address() <= entry && entry < s.address() + size).then(|| offset + (entry - s.address()))
+        (s.address() <= entry && entry - s.address() < size)
+            .then(|| offset.checked_add(entry - s.address()))
+            .flatten()
     })
 }
 
@@ -407,8 +409,8 @@ fn read_mapped_file(pid: u32, m: &Mapping) -> Result<Vec<u8>> {
 fn bias(m: &Mapping, segments: &[(u64, u64, u64)]) -> Option<u64> {
     let (offset, _, vaddr) = segments
         .iter()
-        .find(|(offset, size, _)| *offset <= m.offset && m.offset < offset + size)?;
-    Some(m.start.wrapping_sub(vaddr + (m.offset - offset)))
+        .find(|(offset, size, _)| *offset <= m.offset && m.offset - offset < *size)?;
+    Some(m.start.wrapping_sub(vaddr.wrapping_add(m.offset - offset)))
 }
 
 /// The row array, mapped into this process (the map is `BPF_F_MMAPABLE`): a million rows are

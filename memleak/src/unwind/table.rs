@@ -72,9 +72,7 @@ pub fn build(data: &[u8]) -> Result<ObjectTable> {
         let eh_frame = EhFrame::new(bytes, LittleEndian);
         collect(&eh_frame, &bases, &mut spans, &mut table)?;
     } else if let Some(section) = file.section_by_name(".debug_frame") {
-        let bytes = section
-            .uncompressed_data()
-            .context("reading .debug_frame")?;
+        let bytes = crate::sections::uncompressed(&section).context("reading .debug_frame")?;
         let mut debug_frame = DebugFrame::new(&bytes, LittleEndian);
         debug_frame.set_address_size(8);
         collect(
@@ -115,6 +113,13 @@ where
             table.bad_fdes += 1;
             continue;
         };
+        // The rows hold 32-bit addresses: an FDE reaching past 4 GiB (garbage, in practice)
+        // goes like any bad one instead of costing the object its whole table.
+        let end = fde.initial_address().checked_add(fde.len());
+        if end.is_none_or(|end| end > u64::from(u32::MAX)) {
+            table.bad_fdes += 1;
+            continue;
+        }
         let signal = fde.cie().is_signal_trampoline();
         let Ok(mut rows) = fde.rows(section, bases, &mut ctx) else {
             table.bad_fdes += 1;

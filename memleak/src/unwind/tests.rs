@@ -239,3 +239,33 @@ fn system_libraries() {
         );
     }
 }
+
+/// An FDE reaching past 4 GiB (beyond what a row can hold) is skipped alone: the object keeps
+/// the rows of its other functions instead of losing its whole table.
+#[test]
+fn fde_past_4_gib_is_skipped_alone() {
+    use object::{Object, ObjectSection};
+    let dir = temp_dir("fde-past-4gib");
+    let data = std::fs::read(compile(&dir, &["-O2"])).unwrap();
+    let good = table::build(&data).unwrap();
+    let (offset, size) = object::File::parse(&*data)
+        .unwrap()
+        .section_by_name(".eh_frame")
+        .and_then(|s| s.file_range())
+        .unwrap();
+    // gcc's FDE: length, CIE pointer, pc_begin (pc-relative sdata4), pc_range (sdata4).
+    // Move the first FDE 2 GiB past its own field and make it 2 GiB long: it ends past 4 GiB.
+    let mut bad = data.clone();
+    let section = &mut bad[offset as usize..(offset + size) as usize];
+    let word = |s: &[u8], at: usize| i32::from_le_bytes(s[at..at + 4].try_into().unwrap());
+    let mut pos = 0;
+    while word(section, pos + 4) == 0 {
+        pos += 4 + word(section, pos) as usize;
+    }
+    section[pos + 8..pos + 12].copy_from_slice(&0x7fff_ff00i32.to_le_bytes());
+    section[pos + 12..pos + 16].copy_from_slice(&0x7fff_ff00i32.to_le_bytes());
+    let t = table::build(&bad).unwrap();
+    assert_eq!((t.fdes, t.bad_fdes), (good.fdes, good.bad_fdes + 1));
+    assert!(t.rows.len() > 1, "{t:?}");
+    let _ = std::fs::remove_dir_all(dir);
+}

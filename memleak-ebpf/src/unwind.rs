@@ -11,8 +11,8 @@ use core::{ffi::c_void, ptr::null_mut};
 use aya_ebpf::{
     bindings::{BPF_F_MMAPABLE, BPF_NOEXIST, pt_regs},
     helpers::{
-        bpf_probe_read_user,
-        generated::{bpf_loop, bpf_send_signal},
+        self,
+        generated::{bpf_loop, bpf_probe_read_user, bpf_send_signal},
     },
     macros::{map, uprobe},
     maps::{Array, HashMap, PerCpuArray},
@@ -46,9 +46,42 @@ struct Walk {
     ip: u64,
     sp: u64,
     bp: u64,
+    /// The first frame's `sp`: where `window` starts.
+    sp0: u64,
     control: UnwindControl,
     /// The mapping of the previous frame: callers are mostly in the same object.
     mapping: UnwindMapping,
+    /// Rows found by earlier walks on this CPU, by address: allocations come from a few
+    /// call sites, and a hit saves the two binary searches (most of a walk's cost).
+    cache: [CachedRow; ROW_CACHE_SLOTS],
+    /// The stack from the first frame's `sp` up, read at once: one read costs about what a
+    /// word costs, and a walk reads two words per frame. `window_len` bytes are valid.
+    window: [u64; WINDOW_WORDS],
+    window_len: u64,
+}
+
+const ROW_CACHE_SLOTS: usize = 1024;
+const WINDOW_WORDS: usize = 512;
+const WINDOW_BYTES: u64 = WINDOW_WORDS as u64 * 8;
+const PAGE: u64 = 4096;
+
+/// The row in force at `pc`, as [`find_row`] found it in the tables of `generation`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CachedRow {
+    pc: u64,
+    generation: u32,
+    cfa_offset: u16,
+    rbp_offset: i8,
+    kind: u8,
+}
+
+impl CachedRow {
+    /// The cache slot of `pc` (Fibonacci hashing: call sites are spread evenly).
+    #[inline(always)]
+    fn slot(pc: u64) -> usize {
+        (pc.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 54) as usize % ROW_CACHE_SLOTS
+    }
 }
 
 #[map]
@@ -76,15 +109,45 @@ pub fn walk(regs: *const pt_regs) -> Option<*mut StackRecord> {
     unsafe {
         (*w).ip = (*regs).rip;
         (*w).sp = (*regs).rsp;
+        (*w).sp0 = (*regs).rsp;
         (*w).bp = (*regs).rbp;
         (*w).control = control;
         (*w).mapping = UnwindMapping::default();
         (*w).rec.native_len = 0;
         (*w).rec.python_len = 0;
         (*w).rec.truncated = 1;
+        (*w).window_len = read_window(&mut (*w).window, (*regs).rsp);
         bpf_loop(MAX_NATIVE_FRAMES as u32, step as *mut c_void, null_mut(), 0);
         Some(&raw mut (*w).rec)
     }
+}
+
+/// Reads the stack from `sp` into `window` and returns how many bytes it got: the whole
+/// window, or (where the stack ends sooner) up to the end of `sp`'s page, or nothing.
+#[inline(always)]
+fn read_window(window: &mut [u64; WINDOW_WORDS], sp: u64) -> u64 {
+    let dst = window.as_mut_ptr().cast::<c_void>();
+    let src = sp as *const c_void;
+    if unsafe { bpf_probe_read_user(dst, WINDOW_BYTES as u32, src) } == 0 {
+        return WINDOW_BYTES;
+    }
+    let to_page_end = PAGE - (sp & (PAGE - 1));
+    if to_page_end <= WINDOW_BYTES
+        && unsafe { bpf_probe_read_user(dst, to_page_end as u32, src) } == 0
+    {
+        return to_page_end;
+    }
+    0
+}
+
+/// The stack word at `addr`: from the window when it holds it, else read from the target.
+#[inline(always)]
+fn stack_word(w: &Walk, addr: u64) -> Option<u64> {
+    let off = addr.wrapping_sub(w.sp0);
+    if off < w.window_len && off % 8 == 0 {
+        return w.window.get((off / 8) as usize).copied();
+    }
+    unsafe { helpers::bpf_probe_read_user(addr as *const u64) }.ok()
 }
 
 /// Hashes `rec` (native and Python frames) into a stack id and stores it unless a record
@@ -92,6 +155,10 @@ pub fn walk(regs: *const pt_regs) -> Option<*mut StackRecord> {
 #[inline(always)]
 pub fn store(rec: *mut StackRecord) -> Result<i64, i32> {
     let id = unsafe { hash(&*rec) };
+    // Most stacks were seen before: a lookup is cheaper than an insert that finds the key.
+    if unsafe { STACKS.get(id as u64) }.is_some() {
+        return Ok(id);
+    }
     match STACKS.insert(id as u64, unsafe { &*rec }, BPF_NOEXIST as u64) {
         Ok(()) => Ok(id),
         Err(e) if e == -EEXIST => Ok(id),
@@ -197,15 +264,13 @@ fn unwind_one(w: &mut Walk) -> i64 {
     if frame.cfa <= w.sp {
         return 1;
     }
-    let Ok(ra) = (unsafe { bpf_probe_read_user((frame.cfa - 8) as *const u64) }) else {
+    let Some(ra) = stack_word(w, frame.cfa - 8) else {
         return 1;
     };
     if frame.rbp_at != 0 {
-        match unsafe {
-            bpf_probe_read_user(frame.cfa.wrapping_add_signed(frame.rbp_at) as *const u64)
-        } {
-            Ok(bp) => w.bp = bp,
-            Err(_) => return 1,
+        match stack_word(w, frame.cfa.wrapping_add_signed(frame.rbp_at)) {
+            Some(bp) => w.bp = bp,
+            None => return 1,
         }
     }
     w.sp = frame.cfa;
@@ -225,9 +290,35 @@ const NO_INFO: UnwindRow = UnwindRow {
 };
 
 /// The row in force at `pc`; `NO_INFO` where the mapping has no row for it; `None` outside
-/// every known mapping.
+/// every known mapping. Through this CPU's cache.
 #[inline(always)]
 fn find_row(w: &mut Walk, pc: u64) -> Option<UnwindRow> {
+    let generation = w.control.generation;
+    let slot = w.cache.get_mut(CachedRow::slot(pc))?;
+    if slot.pc == pc && slot.generation == generation {
+        return Some(UnwindRow {
+            pc: 0,
+            cfa_offset: slot.cfa_offset,
+            rbp_offset: slot.rbp_offset,
+            kind: slot.kind,
+        });
+    }
+    let row = search_row(w, pc)?;
+    if let Some(slot) = w.cache.get_mut(CachedRow::slot(pc)) {
+        *slot = CachedRow {
+            pc,
+            generation,
+            cfa_offset: row.cfa_offset,
+            rbp_offset: row.rbp_offset,
+            kind: row.kind,
+        };
+    }
+    Some(row)
+}
+
+/// [`find_row`] without the cache: two binary searches.
+#[inline(always)]
+fn search_row(w: &mut Walk, pc: u64) -> Option<UnwindRow> {
     if !(w.mapping.start <= pc && pc < w.mapping.end) {
         w.mapping = find_mapping(&w.control, pc)?;
     }

@@ -51,9 +51,6 @@ struct Walk {
     control: UnwindControl,
     /// The mapping of the previous frame: callers are mostly in the same object.
     mapping: UnwindMapping,
-    /// Rows found by earlier walks on this CPU, by address: allocations come from a few
-    /// call sites, and a hit saves the two binary searches (most of a walk's cost).
-    cache: [CachedRow; ROW_CACHE_SLOTS],
     /// The stack's aligned blocks from the first frame's up, each read whole when the walk
     /// first needs a word of it: a read costs about the same for a word or a block, and a
     /// walk needs two words per frame. Aligned blocks never straddle a page, so a read never
@@ -63,8 +60,10 @@ struct Walk {
     block_state: [u8; WINDOW_BLOCKS],
 }
 
-const ROW_CACHE_SLOTS: usize = 1024;
-const WINDOW_BLOCKS: usize = 8;
+/// 32 KiB, the largest per-CPU value.
+const ROW_CACHE_SLOTS: usize = 2048;
+/// 16 KiB: an interpreter's stacks run deep.
+const WINDOW_BLOCKS: usize = 16;
 /// 1 KiB blocks: measured cheaper than whole pages (less copied) and than 512 B (more reads).
 const BLOCK_SHIFT: u64 = 10;
 const BLOCK_WORDS: usize = 128;
@@ -87,12 +86,17 @@ impl CachedRow {
     /// The cache slot of `pc` (Fibonacci hashing: call sites are spread evenly).
     #[inline(always)]
     fn slot(pc: u64) -> usize {
-        (pc.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 54) as usize % ROW_CACHE_SLOTS
+        (pc.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 53) as usize % ROW_CACHE_SLOTS
     }
 }
 
 #[map]
 static WALK: PerCpuArray<Walk> = PerCpuArray::with_max_entries(1, 0);
+
+/// Rows found by earlier walks on this CPU, by address: allocations come from a few call
+/// sites, and a hit saves the two binary searches (most of a walk's cost).
+#[map]
+static ROW_CACHE: PerCpuArray<[CachedRow; ROW_CACHE_SLOTS]> = PerCpuArray::with_max_entries(1, 0);
 
 const EEXIST: i32 = 17;
 const SIGSTOP: u32 = 19;
@@ -295,7 +299,8 @@ const NO_INFO: UnwindRow = UnwindRow {
 #[inline(always)]
 fn find_row(w: &mut Walk, pc: u64) -> Option<UnwindRow> {
     let generation = w.control.generation;
-    let slot = w.cache.get_mut(CachedRow::slot(pc))?;
+    let cache = unsafe { &mut *ROW_CACHE.get_ptr_mut(0)? };
+    let slot = cache.get_mut(CachedRow::slot(pc))?;
     if slot.pc == pc && slot.generation == generation {
         return Some(UnwindRow {
             pc: 0,
@@ -305,7 +310,7 @@ fn find_row(w: &mut Walk, pc: u64) -> Option<UnwindRow> {
         });
     }
     let row = search_row(w, pc)?;
-    if let Some(slot) = w.cache.get_mut(CachedRow::slot(pc)) {
+    if let Some(slot) = cache.get_mut(CachedRow::slot(pc)) {
         *slot = CachedRow {
             pc,
             generation,

@@ -145,20 +145,19 @@ pub fn walk(regs: *const pt_regs) -> Option<*mut StackRecord> {
 #[inline(always)]
 fn stack_word(w: &mut Walk, addr: u64) -> Option<u64> {
     let block = ((addr >> BLOCK_SHIFT).wrapping_sub(w.first_block)) as usize;
-    if addr % 8 == 0 {
-        if let (Some(state), Some(words)) = (w.block_state.get_mut(block), w.window.get_mut(block))
-        {
-            if *state == UNREAD {
-                let src = (addr & !((1 << BLOCK_SHIFT) - 1)) as *const c_void;
-                let size = (BLOCK_WORDS * 8) as u32;
-                let ok = unsafe { bpf_probe_read_user(words.as_mut_ptr().cast(), size, src) };
-                *state = if ok == 0 { READ } else { UNMAPPED };
-            }
-            if *state == UNMAPPED {
-                return None;
-            }
-            return words.get((addr as usize >> 3) % BLOCK_WORDS).copied();
+    if addr.is_multiple_of(8)
+        && let (Some(state), Some(words)) = (w.block_state.get_mut(block), w.window.get_mut(block))
+    {
+        if *state == UNREAD {
+            let src = (addr & !((1 << BLOCK_SHIFT) - 1)) as *const c_void;
+            let size = (BLOCK_WORDS * 8) as u32;
+            let ok = unsafe { bpf_probe_read_user(words.as_mut_ptr().cast(), size, src) };
+            *state = if ok == 0 { READ } else { UNMAPPED };
         }
+        if *state == UNMAPPED {
+            return None;
+        }
+        return words.get((addr as usize >> 3) % BLOCK_WORDS).copied();
     }
     unsafe { helpers::bpf_probe_read_user(addr as *const u64) }.ok()
 }

@@ -75,7 +75,9 @@ pub struct UnwindControl {
     pub count: u32,
     /// One of [`mode`].
     pub mode: u32,
-    pub _pad: u32,
+    /// Bumped by every publish (from 1): the walker's per-CPU row cache holds rows of one
+    /// generation only, so a changed table never serves a stale row.
+    pub generation: u32,
 }
 
 /// Map names, shared by the BPF program and the userspace loader.

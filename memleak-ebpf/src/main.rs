@@ -24,7 +24,7 @@ use aya_ebpf::{
         generated::{bpf_for_each_map_elem, bpf_loop},
     },
     macros::{map, uprobe, uretprobe},
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::{ProbeContext, RetProbeContext},
 };
 use memleak_common::{
@@ -60,8 +60,11 @@ pub(crate) static ALLOCS: HashMap<u64, AllocInfo> =
 pub(crate) static MMAPS: HashMap<u64, AllocInfo> = HashMap::with_max_entries(DEFAULT_MAX_MMAPS, 0);
 #[map]
 static COMBINED: HashMap<i64, CombinedAlloc> = HashMap::with_max_entries(DEFAULT_MAX_COMBINED, 0);
+/// Each thread's call in flight. An entry stays for the thread's life and is rewritten in
+/// place (`sp` 0: none in flight), which saves a map update and a delete per call; LRU so
+/// that the entries of exited threads make room.
 #[map]
-static INFLIGHT: HashMap<u64, InFlight> = HashMap::with_max_entries(DEFAULT_MAX_INFLIGHT, 0);
+static INFLIGHT: LruHashMap<u64, InFlight> = LruHashMap::with_max_entries(DEFAULT_MAX_INFLIGHT, 0);
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
 #[map]
@@ -97,12 +100,17 @@ fn sp_of(regs: *const aya_ebpf::bindings::pt_regs) -> u64 {
 fn enter(ctx: &ProbeContext, kind: AllocKind, size: Option<u64>, arg: u64) -> u32 {
     let id = bpf_get_current_pid_tgid();
     let sp = sp_of(ctx.regs);
-    if let Some(cur) = unsafe { INFLIGHT.get(&id) } {
-        if sp <= cur.sp {
-            return 0;
+    let slot = INFLIGHT.get_ptr_mut(&id);
+    if let Some(cur) = slot {
+        let cur_sp = unsafe { (*cur).sp };
+        if cur_sp != 0 {
+            if sp <= cur_sp {
+                return 0;
+            }
+            // A call from a shallower frame cannot be nested: the old entry's return never
+            // came.
+            count(Counter::StaleInflight);
         }
-        // A call from a shallower frame cannot be nested: the old entry's return never came.
-        count(Counter::StaleInflight);
     }
     // `None`: the size overflowed (calloc), so the call fails; keep owning nested calls.
     let wanted = size.is_some_and(wanted);
@@ -113,8 +121,13 @@ fn enter(ctx: &ProbeContext, kind: AllocKind, size: Option<u64>, arg: u64) -> u3
         kind: kind as u32,
         record: wanted as u32,
     };
-    if INFLIGHT.insert(&id, &call, 0).is_err() {
-        count(Counter::InflightFull);
+    match slot {
+        Some(cur) => unsafe { *cur = call },
+        None => {
+            if INFLIGHT.insert(&id, &call, 0).is_err() {
+                count(Counter::InflightFull);
+            }
+        }
     }
     0
 }
@@ -232,14 +245,17 @@ pub fn munmap_enter(ctx: ProbeContext) -> u32 {
 #[uretprobe]
 pub fn alloc_return(ctx: RetProbeContext) -> u32 {
     let id = bpf_get_current_pid_tgid();
-    let Some(call) = (unsafe { INFLIGHT.get(&id) }).copied() else {
+    let Some(slot) = INFLIGHT.get_ptr_mut(&id) else {
+        // Every probed return follows its entry, which left an entry: the LRU evicted it.
+        count(Counter::InflightFull);
         return 0;
     };
+    let call = unsafe { *slot };
     // A nested call returns with the stack pointer at or below the outer call's entry.
-    if sp_of(ctx.regs) <= call.sp {
+    if call.sp == 0 || sp_of(ctx.regs) <= call.sp {
         return 0;
     }
-    let _ = INFLIGHT.remove(&id);
+    unsafe { (*slot).sp = 0 };
     let ret: u64 = ctx.ret();
     let Some(kind) = AllocKind::from_u32(call.kind) else {
         return 0;
@@ -371,9 +387,17 @@ pub(crate) fn wanted(size: u64) -> bool {
     sampled && size >= global(&MIN_SIZE) && size <= global(&MAX_SIZE)
 }
 
-/// Forgets the allocation at `addr`, if it is tracked.
+/// Forgets the allocation at `addr`, if it is tracked. Without --trace and --combined-only
+/// nothing needs its record, so the delete alone does (one map operation, not two).
 #[inline(always)]
 pub(crate) fn release(map: &HashMap<u64, AllocInfo>, addr: u64, kind: AllocKind) {
+    let combined = global(&COMBINED_ONLY) != 0;
+    if !combined && global(&TRACE) == 0 {
+        if map.remove(&addr).is_ok() {
+            count(Counter::Released);
+        }
+        return;
+    }
     let Some(info) = (unsafe { map.get(&addr) }).copied() else {
         return;
     };
@@ -382,7 +406,7 @@ pub(crate) fn release(map: &HashMap<u64, AllocInfo>, addr: u64, kind: AllocKind)
         return;
     }
     count(Counter::Released);
-    if global(&COMBINED_ONLY) != 0 {
+    if combined {
         combined_sub(&info);
     }
     trace(kind, addr, info.size, 0, info.stack_id);

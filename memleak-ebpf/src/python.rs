@@ -6,7 +6,10 @@
 //! `task_struct` (offset from the kernel BTF, in `PY_CONFIG`). A thread started since
 //! userspace last scanned is searched for in the interpreter's thread list and added.
 
-use core::{ffi::c_void, ptr::null_mut};
+use core::{
+    ffi::c_void,
+    ptr::{null_mut, write_volatile},
+};
 
 use aya_ebpf::{
     helpers::{
@@ -101,10 +104,18 @@ pub fn read_frames(rec: *mut StackRecord) {
             0,
         );
     }
-    unsafe {
-        rec.python = (*w).frames;
-        rec.python_len = (*w).len;
+    // Only the frames read: a whole-array copy (512 bytes) cost more than reading them.
+    let len = unsafe { (*w).len } as usize;
+    for i in 0..MAX_PYTHON_FRAMES {
+        if i >= len {
+            break;
+        }
+        if let (Some(dst), Some(src)) = (rec.python.get_mut(i), unsafe { (*w).frames.get(i) }) {
+            // Volatile: LLVM would turn the loop back into a memcpy of the whole array.
+            unsafe { write_volatile(dst, *src) };
+        }
     }
+    rec.python_len = len as u32;
 }
 
 /// `bpf_loop` callback: reads one frame and moves to its caller; 1 stops the loop.

@@ -149,6 +149,8 @@ pub struct Unwinder {
     /// What the walker currently sees, to notice when the target's mappings change.
     published: Vec<UnwindMapping>,
     current_base: u32,
+    /// `UnwindControl::generation` of the last publish.
+    generation: u32,
     /// The probe that stops a started command at its entry point; `follow_exec` removes it
     /// (a later exec of the same program must not stop again) and continues the command.
     hold: Option<UProbeLink>,
@@ -182,6 +184,7 @@ impl Unwinder {
             objects: HashMap::new(),
             published: Vec::new(),
             current_base: MAX_UNWIND_MAPPINGS,
+            generation: 0,
             hold: None,
         };
         unwinder.publish(Vec::new())?;
@@ -350,9 +353,10 @@ impl Unwinder {
                 UnwindMode::Dwarf => mode::DWARF,
                 UnwindMode::Fp => mode::FRAME_POINTER,
             },
-            _pad: 0,
+            generation: self.generation.wrapping_add(1).max(1),
         };
         self.control.set(0, control, 0)?;
+        self.generation = control.generation;
         self.current_base = base;
         self.summary.mappings = table.len();
         self.published = table;

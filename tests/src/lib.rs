@@ -275,6 +275,21 @@ pub fn wait_for_file(path: &Path, timeout: Duration) -> Result<()> {
     Ok(())
 }
 
+/// Waits until the file at `path` (a process's captured output) contains `text`.
+pub fn wait_for_text(path: &Path, text: &str, timeout: Duration) -> Result<()> {
+    let start = Instant::now();
+    while !std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .contains(text)
+    {
+        if start.elapsed() > timeout {
+            bail!("{} never said {text:?} within {timeout:?}", path.display());
+        }
+        sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
 pub fn read_json(path: &Path) -> Result<Value> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;

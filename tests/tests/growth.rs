@@ -7,7 +7,7 @@ use std::{path::Path, time::Duration};
 use anyhow::{Context, Result, bail};
 use memleak_tests::{
     Finished, Report, Running, Scratch, basename, can_trace, describe_stack, expect_nothing_lost,
-    expect_success, frames, function_of, read_json, stacks_through, usage_of,
+    expect_success, frames, function_of, read_json, stacks_through, usage_of, wait_for_text,
 };
 use serde_json::{Value, json};
 
@@ -92,7 +92,11 @@ fn growth_mode_attached_by_pid() -> Result<()> {
         None,
     )?;
     // Tracepoints leave no mark in the target: memleak's own word says it is attached.
-    wait_for_text(&scratch.path("memleak.stdout"), "Attaching to pid")?;
+    wait_for_text(
+        &scratch.path("memleak.stdout"),
+        "Attaching to pid",
+        Duration::from_secs(30),
+    )?;
     std::fs::write(&go, "")?;
     let run = tracer.wait(Duration::from_secs(60))?;
     drop(target);
@@ -104,20 +108,6 @@ fn trace_command(scratch: &Scratch, command: &str, out: &Path) -> Result<Finishe
     let json = out.to_str().context("a UTF-8 path")?;
     let args = ["--mode", "growth", "-c", command, "-o", "0", "--json", json];
     Running::memleak(scratch, &args, None)?.wait(Duration::from_secs(60))
-}
-
-fn wait_for_text(path: &Path, text: &str) -> Result<()> {
-    let start = std::time::Instant::now();
-    while !std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .contains(text)
-    {
-        if start.elapsed() > Duration::from_secs(30) {
-            bail!("{} never said {text:?}", path.display());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
 }
 
 fn check(run: &Finished, ledger: &Path, out: &Path) -> Result<()> {

@@ -8,7 +8,7 @@ use std::{path::Path, process::Command, time::Duration};
 use anyhow::{Context, Result, bail, ensure};
 use memleak_tests::{
     Report, Running, Scratch, basename, can_trace, describe_stack, expect_success, frames, stacks,
-    wait_for_file,
+    wait_for_file, wait_for_text,
 };
 use serde_json::Value;
 
@@ -131,23 +131,6 @@ fn build_extension(python: &str, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Waits until the file at `path` contains `text`.
-fn wait_for_text(path: &Path, text: &str) -> Result<()> {
-    let start = std::time::Instant::now();
-    while !std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .contains(text)
-    {
-        ensure!(
-            start.elapsed() < TIMEOUT,
-            "{} never said {text:?}",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
-}
-
 /// Python frames of a stack as (function, file basename, line).
 fn python_frames(stack: &Value) -> Vec<(&str, &str, u64)> {
     frames(stack)
@@ -185,13 +168,15 @@ fn check(label: &str, python: &str) -> Result<()> {
         ],
         None,
     )?;
+    // memleak hooks the libc the process has mapped: not before the loader has mapped it.
+    target.wait_for_mapping("libc.so", TIMEOUT)?;
     let pid = target.pid().to_string();
     let tracer = Running::memleak(
         &scratch,
         &["-p", &pid, "--json", out.to_str().unwrap()],
         None,
     )?;
-    wait_for_text(&scratch.path("memleak.stdout"), "Attaching to pid")?;
+    wait_for_text(&scratch.path("memleak.stdout"), "Attaching to pid", TIMEOUT)?;
     std::fs::write(&go, "")?;
     wait_for_file(&done, TIMEOUT)?;
     // A few of memleak's 250 ms ticks, to read the newest stacks' code objects.

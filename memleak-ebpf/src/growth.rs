@@ -89,7 +89,7 @@ fn returned(ctx: &TracePointContext) -> Option<u64> {
 #[inline(always)]
 fn park(call: Syscall) {
     if SYSCALLS
-        .insert(&bpf_get_current_pid_tgid(), &call, 0)
+        .insert(bpf_get_current_pid_tgid(), call, 0)
         .is_err()
     {
         count(Counter::InflightFull);
@@ -99,8 +99,8 @@ fn park(call: Syscall) {
 #[inline(always)]
 fn unpark() -> Option<Syscall> {
     let id = bpf_get_current_pid_tgid();
-    let call = unsafe { SYSCALLS.get(&id) }.copied()?;
-    let _ = SYSCALLS.remove(&id);
+    let call = unsafe { SYSCALLS.get(id) }.copied()?;
+    let _ = SYSCALLS.remove(id);
     Some(call)
 }
 
@@ -118,7 +118,7 @@ fn walk_user(faulting_ip: bool) -> Result<i64, i32> {
     let regs = USER_REGS.get_ptr_mut(0).ok_or(-1)?;
     unsafe {
         let saved = bpf_task_pt_regs(bpf_get_current_task_btf()) as *const pt_regs;
-        *regs = bpf_probe_read_kernel(saved).map_err(|e| e as i32)?;
+        *regs = bpf_probe_read_kernel(saved)?;
     }
     let rec = unwind::walk(regs).ok_or(-1)?;
     if faulting_ip {
@@ -162,7 +162,7 @@ fn fault(ctx: &TracePointContext) {
     let size = global(&PAGE_SIZE);
     let page = addr & !(size - 1);
     // Counted already: a second write fault on the page (copy-on-write after a fork).
-    if unsafe { ALLOCS.get(&page) }.is_some() || !wanted(size) {
+    if unsafe { ALLOCS.get(page) }.is_some() || !wanted(size) {
         return;
     }
     store(
@@ -230,12 +230,12 @@ fn move_page(r: &Pages, page: u64) {
     if page < r.lo || page >= r.hi {
         return;
     }
-    let Some(info) = (unsafe { ALLOCS.get(&page) }).copied() else {
+    let Some(info) = (unsafe { ALLOCS.get(page) }).copied() else {
         return;
     };
-    let _ = ALLOCS.remove(&page);
+    let _ = ALLOCS.remove(page);
     if r.to != r.lo && page < r.keep {
-        if ALLOCS.insert(&(r.to + (page - r.lo)), &info, 0).is_err() {
+        if ALLOCS.insert(r.to + (page - r.lo), info, 0).is_err() {
             count(Counter::AllocsFull);
         }
     } else {
@@ -370,7 +370,7 @@ pub fn sys_exit_mremap(ctx: TracePointContext) -> u32 {
     }
     move_pages(&mut r);
     // A tracked mapping is now the mremap caller's, at its new size.
-    if unsafe { MMAPS.get(&old) }.is_some() {
+    if unsafe { MMAPS.get(old) }.is_some() {
         release(&MMAPS, old, AllocKind::Mremap);
         store(
             &MMAPS,

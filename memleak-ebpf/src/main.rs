@@ -100,7 +100,7 @@ fn sp_of(regs: *const aya_ebpf::bindings::pt_regs) -> u64 {
 fn enter(ctx: &ProbeContext, kind: AllocKind, size: Option<u64>, arg: u64) -> u32 {
     let id = bpf_get_current_pid_tgid();
     let sp = sp_of(ctx.regs);
-    let slot = INFLIGHT.get_ptr_mut(&id);
+    let slot = INFLIGHT.get_ptr_mut(id);
     if let Some(cur) = slot {
         let cur_sp = unsafe { (*cur).sp };
         if cur_sp != 0 {
@@ -124,7 +124,7 @@ fn enter(ctx: &ProbeContext, kind: AllocKind, size: Option<u64>, arg: u64) -> u3
     match slot {
         Some(cur) => unsafe { *cur = call },
         None => {
-            if INFLIGHT.insert(&id, &call, 0).is_err() {
+            if INFLIGHT.insert(id, call, 0).is_err() {
                 count(Counter::InflightFull);
             }
         }
@@ -245,7 +245,7 @@ pub fn munmap_enter(ctx: ProbeContext) -> u32 {
 #[uretprobe]
 pub fn alloc_return(ctx: RetProbeContext) -> u32 {
     let id = bpf_get_current_pid_tgid();
-    let Some(slot) = INFLIGHT.get_ptr_mut(&id) else {
+    let Some(slot) = INFLIGHT.get_ptr_mut(id) else {
         // Every probed return follows its entry, which left an entry: the LRU evicted it.
         count(Counter::InflightFull);
         return 0;
@@ -289,7 +289,7 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
         }
         AllocKind::Mremap => {
             // Only mappings we track move; an untracked one may be a file mapping.
-            if ret != MAP_FAILED && unsafe { MMAPS.get(&call.arg) }.is_some() {
+            if ret != MAP_FAILED && unsafe { MMAPS.get(call.arg) }.is_some() {
                 release(&MMAPS, call.arg, kind);
                 record(&ctx, &MMAPS, &call, kind, ret);
             }
@@ -357,11 +357,11 @@ pub(crate) fn store(
     let combined = global(&COMBINED_ONLY) != 0;
     if combined {
         // A block at the same address whose free we never saw is gone: take it out first.
-        if let Some(old) = unsafe { map.get(&addr) }.copied() {
+        if let Some(old) = unsafe { map.get(addr) }.copied() {
             combined_sub(&old);
         }
     }
-    if map.insert(&addr, &info, 0).is_err() {
+    if map.insert(addr, info, 0).is_err() {
         count(Counter::AllocsFull);
         return;
     }
@@ -378,7 +378,7 @@ pub(crate) fn store(
 #[inline(always)]
 pub(crate) fn wanted(size: u64) -> bool {
     let rate = global(&SAMPLE_RATE);
-    let sampled = rate <= 1 || unsafe { bpf_get_prandom_u32() } as u64 % rate == 0;
+    let sampled = rate <= 1 || (unsafe { bpf_get_prandom_u32() } as u64).is_multiple_of(rate);
     let every = global(&SAMPLE_BYTES);
     let sampled = sampled
         && (every == 0
@@ -393,15 +393,15 @@ pub(crate) fn wanted(size: u64) -> bool {
 pub(crate) fn release(map: &HashMap<u64, AllocInfo>, addr: u64, kind: AllocKind) {
     let combined = global(&COMBINED_ONLY) != 0;
     if !combined && global(&TRACE) == 0 {
-        if map.remove(&addr).is_ok() {
+        if map.remove(addr).is_ok() {
             count(Counter::Released);
         }
         return;
     }
-    let Some(info) = (unsafe { map.get(&addr) }).copied() else {
+    let Some(info) = (unsafe { map.get(addr) }).copied() else {
         return;
     };
-    if map.remove(&addr).is_err() {
+    if map.remove(addr).is_err() {
         // Another CPU freed it first (a double free in the target).
         return;
     }
@@ -413,7 +413,7 @@ pub(crate) fn release(map: &HashMap<u64, AllocInfo>, addr: u64, kind: AllocKind)
 }
 
 fn combined_add(stack_id: i64, size: u64) {
-    if let Some(c) = COMBINED.get_ptr_mut(&stack_id) {
+    if let Some(c) = COMBINED.get_ptr_mut(stack_id) {
         unsafe {
             atomic_add(&raw mut (*c).total_size, size);
             atomic_add(&raw mut (*c).number_of_allocs, 1);
@@ -424,13 +424,13 @@ fn combined_add(stack_id: i64, size: u64) {
         total_size: size,
         number_of_allocs: 1,
     };
-    if COMBINED.insert(&stack_id, &c, 0).is_err() {
+    if COMBINED.insert(stack_id, c, 0).is_err() {
         count(Counter::CombinedFull);
     }
 }
 
 fn combined_sub(info: &AllocInfo) {
-    if let Some(c) = COMBINED.get_ptr_mut(&info.stack_id) {
+    if let Some(c) = COMBINED.get_ptr_mut(info.stack_id) {
         unsafe {
             atomic_add(&raw mut (*c).total_size, info.size.wrapping_neg());
             atomic_add(&raw mut (*c).number_of_allocs, u64::MAX);
@@ -498,7 +498,7 @@ pub(crate) fn unmap(addr: u64, len: u64) {
 extern "C" fn unmap_piece(_index: u64, range: *mut [u64; 2]) -> i64 {
     let [addr, hi] = unsafe { *range };
     // Fast path: the range starts where a tracked mapping starts (the common whole munmap).
-    let start = if unsafe { MMAPS.get(&addr) }.is_some() {
+    let start = if unsafe { MMAPS.get(addr) }.is_some() {
         addr
     } else {
         match overlap(addr, hi) {
@@ -506,7 +506,7 @@ extern "C" fn unmap_piece(_index: u64, range: *mut [u64; 2]) -> i64 {
             None => return 1,
         }
     };
-    let Some(info) = unsafe { MMAPS.get(&start) }.copied() else {
+    let Some(info) = unsafe { MMAPS.get(start) }.copied() else {
         return 1;
     };
     trim(start, info, addr, hi);
@@ -557,7 +557,7 @@ extern "C" fn find_overlap(
 /// Removes [lo, hi) from the tracked mapping [start, start + size).
 fn trim(start: u64, info: AllocInfo, lo: u64, hi: u64) {
     let end = start + info.size;
-    let _ = MMAPS.remove(&start);
+    let _ = MMAPS.remove(start);
     count(Counter::Released);
     trace(AllocKind::Munmap, lo, hi - lo, 0, info.stack_id);
     if global(&COMBINED_ONLY) != 0 {
@@ -571,7 +571,7 @@ fn trim(start: u64, info: AllocInfo, lo: u64, hi: u64) {
             size: to - from,
             ..info
         };
-        if MMAPS.insert(&from, &part, 0).is_err() {
+        if MMAPS.insert(from, part, 0).is_err() {
             count(Counter::MunmapSplitLost);
         } else if global(&COMBINED_ONLY) != 0 {
             combined_add(info.stack_id, to - from);

@@ -168,10 +168,10 @@ fn step_one(w: &mut Walk) -> i64 {
 fn thread_state(w: *mut Walk, config: &PyConfig) -> Option<u64> {
     let fsbase_at = unsafe { bpf_get_current_task() } + config.task_fsbase;
     let fsbase: u64 = unsafe { bpf_probe_read_kernel(fsbase_at as *const u64) }.ok()?;
-    if let Some(&tstate) = unsafe { PY_THREADS.get(&fsbase) } {
-        if user::<u64>(tstate + config.offsets.tstate_thread_id as u64) == Some(fsbase) {
-            return Some(tstate);
-        }
+    if let Some(&tstate) = unsafe { PY_THREADS.get(fsbase) }
+        && user::<u64>(tstate + config.offsets.tstate_thread_id as u64) == Some(fsbase)
+    {
+        return Some(tstate);
     }
     let interp = user::<u64>(config.interpreters_head)?;
     let head = user::<u64>(interp + config.interp_threads_head as u64)?;
@@ -189,7 +189,7 @@ fn thread_state(w: *mut Walk, config: &PyConfig) -> Option<u64> {
         return None;
     }
     // Full map: the thread is searched for again next time; userspace's scan makes room.
-    let _ = PY_THREADS.insert(&fsbase, &tstate, 0);
+    let _ = PY_THREADS.insert(fsbase, tstate, 0);
     Some(tstate)
 }
 

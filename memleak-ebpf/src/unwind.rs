@@ -172,6 +172,8 @@ pub fn store(rec: *mut StackRecord) -> Result<i64, i32> {
     if unsafe { STACKS.get(id as u64) }.is_some() {
         return Ok(id);
     }
+    // By reference: a 1.5 KiB record copied by value would not fit the 512-byte BPF stack.
+    #[allow(clippy::needless_borrows_for_generic_args)]
     match STACKS.insert(id as u64, unsafe { &*rec }, BPF_NOEXIST as u64) {
         Ok(()) => Ok(id),
         Err(e) if e == -EEXIST => Ok(id),

@@ -149,7 +149,9 @@ pub struct AllocInfo {
     /// Id in the stack map; negative: the stack walk failed (−errno), counted in `STACK_LOST`.
     pub stack_id: i64,
     pub kind: u32,
-    pub _pad: u32,
+    /// How many times the target had exec'd when this was made (`EXECS`): entries of an
+    /// earlier program are gone.
+    pub execs: u32,
 }
 
 /// Native frames kept per stack (the kernel's own limit, PERF_MAX_STACK_DEPTH).
@@ -189,9 +191,10 @@ pub struct CombinedAlloc {
     pub number_of_allocs: u64,
 }
 
-/// A call between its entry and return probe, keyed by pid_tgid. `sp` is the stack pointer at
-/// entry: a call made while another is in flight on the thread (glibc's malloc calling mmap,
-/// realloc calling malloc) has a lower `sp` and is ignored, so the outer call owns the memory.
+/// A call between its entry and return probe, parked in its thread's slot (or by pid_tgid when
+/// another thread holds the slot); an idle slot keeps its thread (`tid`) until it exits. `sp` is the stack pointer at entry (0: none in flight): a
+/// call made while another is in flight on the thread (glibc's malloc calling mmap, realloc
+/// calling malloc) has a lower `sp` and is ignored, so the outer call owns the memory.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct InFlight {
@@ -199,10 +202,17 @@ pub struct InFlight {
     /// realloc/mremap: the old address; posix_memalign: the out-pointer.
     pub arg: u64,
     pub sp: u64,
+    /// The thread whose call this is.
+    pub tid: u32,
     pub kind: u32,
     /// 0: sampled out or outside the size filter; the call still owns its nested calls.
     pub record: u32,
+    pub _pad: u32,
 }
+
+/// Thread slots for calls in flight, at `tid % slots` (a power of two): with the default
+/// pid_max (32768) no two threads share one.
+pub const DEFAULT_THREAD_SLOTS: u32 = 1 << 15;
 
 /// An event for `--trace`.
 #[repr(C)]
@@ -227,7 +237,8 @@ pub enum Counter {
     AllocsFull = 0,
     /// A stack walk that failed (stack map full or hash collision).
     StackLost = 1,
-    /// An allocation not recorded because `INFLIGHT` was full.
+    /// An allocation not recorded because its entry was lost: `INFLIGHT` (calls of threads
+    /// whose slot another thread holds) was full, or two threads took one free slot at once.
     InflightFull = 2,
     /// `--combined-only` totals not updated because `COMBINED` was full.
     CombinedFull = 3,
@@ -305,6 +316,7 @@ pub mod globals {
     pub const PAGE_SIZE: &str = "PAGE_SIZE";
     pub const KERNEL_LAYOUT: &str = "KERNEL_LAYOUT";
     pub const TARGET_TGID: &str = "TARGET_TGID";
+    pub const SLOT_MASK: &str = "SLOT_MASK";
 }
 
 #[cfg(feature = "user")]

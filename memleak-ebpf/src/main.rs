@@ -1,6 +1,6 @@
 //! Kernel side of memleak: uprobes on the allocator entry points of one process.
 //!
-//! Entry probes park the call's arguments in `INFLIGHT` (keyed by thread); one return probe,
+//! Entry probes park the call's arguments in the thread's slot (`SLOTS`); one return probe,
 //! shared by every allocating function, turns the result into an `ALLOCS`/`MMAPS` entry with
 //! the caller's stack. Frees and munmaps are entry-only. Everything lost is counted.
 //! `growth` fills the same maps from tracepoints instead (`--mode growth`).
@@ -24,13 +24,13 @@ use aya_ebpf::{
         generated::{bpf_for_each_map_elem, bpf_loop},
     },
     macros::{map, uprobe, uretprobe},
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::{ProbeContext, RetProbeContext},
 };
 use memleak_common::{
     AllocInfo, AllocKind, COUNTER_COUNT, CombinedAlloc, Counter, DEFAULT_MAX_ALLOCS,
-    DEFAULT_MAX_COMBINED, DEFAULT_MAX_INFLIGHT, DEFAULT_MAX_MMAPS, InFlight, MAP_ANONYMOUS,
-    MAP_FAILED, TraceEvent,
+    DEFAULT_MAX_COMBINED, DEFAULT_MAX_INFLIGHT, DEFAULT_MAX_MMAPS, DEFAULT_THREAD_SLOTS, InFlight,
+    MAP_ANONYMOUS, MAP_FAILED, TraceEvent,
 };
 
 // Globals set by userspace before load (names in `memleak_common::globals`).
@@ -52,6 +52,9 @@ pub(crate) static PAGE_SIZE: u64 = 4096;
 /// The traced process (its tgid). Kernel mode: 0 for every process, or the -p filter.
 #[unsafe(no_mangle)]
 pub(crate) static TARGET_TGID: u32 = 0;
+/// `SLOTS` entries − 1 (a power of two − 1).
+#[unsafe(no_mangle)]
+static SLOT_MASK: u32 = DEFAULT_THREAD_SLOTS - 1;
 
 #[map]
 pub(crate) static ALLOCS: HashMap<u64, AllocInfo> =
@@ -60,9 +63,13 @@ pub(crate) static ALLOCS: HashMap<u64, AllocInfo> =
 pub(crate) static MMAPS: HashMap<u64, AllocInfo> = HashMap::with_max_entries(DEFAULT_MAX_MMAPS, 0);
 #[map]
 static COMBINED: HashMap<i64, CombinedAlloc> = HashMap::with_max_entries(DEFAULT_MAX_COMBINED, 0);
-/// Each thread's call in flight. An entry stays for the thread's life and is rewritten in
-/// place (`sp` 0: none in flight), which saves a map update and a delete per call; LRU so
-/// that the entries of exited threads make room.
+/// Each thread's call in flight, in the slot `tid & SLOT_MASK`: an array slot costs no hash
+/// lookup on the hot path. A free slot (`tid` 0) goes to the first thread that calls in it,
+/// which alone writes it (`sp` 0: no call in flight) until `sched_process_exit` frees it.
+#[map]
+static SLOTS: Array<InFlight> = Array::with_max_entries(DEFAULT_THREAD_SLOTS, 0);
+/// Calls of threads whose slot another thread holds, by pid_tgid, deleted at return; LRU so
+/// that calls whose return never came make room.
 #[map]
 static INFLIGHT: LruHashMap<u64, InFlight> = LruHashMap::with_max_entries(DEFAULT_MAX_INFLIGHT, 0);
 #[map]
@@ -92,6 +99,56 @@ fn sp_of(regs: *const aya_ebpf::bindings::pt_regs) -> u64 {
 // ---------------------------------------------------------------------------------------------
 // Entry probes
 
+/// Where a thread's call is parked.
+#[derive(Clone, Copy)]
+enum Park {
+    /// The thread's slot: it holds it, or the slot is free and the thread has nothing parked
+    /// in `INFLIGHT`.
+    Slot(*mut InFlight),
+    /// `INFLIGHT`: another thread holds the slot (or held it when this call came).
+    Spilled(Option<*mut InFlight>),
+}
+
+impl Park {
+    #[inline(always)]
+    fn of(id: u64) -> Option<Park> {
+        let tid = id as u32;
+        let slot = SLOTS.get_ptr_mut(tid & global(&SLOT_MASK))?;
+        let owner = unsafe { (*slot).tid };
+        if owner == tid {
+            return Some(Park::Slot(slot));
+        }
+        // Rare: the thread's first call, or two threads whose ids share a slot.
+        let spilled = INFLIGHT.get_ptr_mut(id);
+        Some(if owner == 0 && spilled.is_none() {
+            Park::Slot(slot)
+        } else {
+            Park::Spilled(spilled)
+        })
+    }
+
+    /// The call parked for thread `tid`, if any.
+    #[inline(always)]
+    fn call(self, tid: u32) -> Option<*mut InFlight> {
+        let p = match self {
+            Park::Slot(p) | Park::Spilled(Some(p)) => p,
+            Park::Spilled(None) => return None,
+        };
+        unsafe { ((*p).tid == tid && (*p).sp != 0).then_some(p) }
+    }
+}
+
+/// Frees the slot of an exiting thread of the target, for the next thread that maps to it.
+#[inline(always)]
+pub(crate) fn forget_thread(id: u64) {
+    let tid = id as u32;
+    if let Some(slot) = SLOTS.get_ptr_mut(tid & global(&SLOT_MASK))
+        && unsafe { (*slot).tid } == tid
+    {
+        unsafe { *slot = InFlight::default() };
+    }
+}
+
 /// Parks an allocating call until its return. Calls nested inside an in-flight call on the
 /// same thread (a lower stack pointer) are ignored: the outer call owns the memory. So is a
 /// tail call (the same stack pointer: glibc's reallocarray jumps to realloc); the kernel then
@@ -99,18 +156,17 @@ fn sp_of(regs: *const aya_ebpf::bindings::pt_regs) -> u64 {
 #[inline(always)]
 fn enter(ctx: &ProbeContext, kind: AllocKind, size: Option<u64>, arg: u64) -> u32 {
     let id = bpf_get_current_pid_tgid();
+    let tid = id as u32;
     let sp = sp_of(ctx.regs);
-    let slot = INFLIGHT.get_ptr_mut(id);
-    if let Some(cur) = slot {
-        let cur_sp = unsafe { (*cur).sp };
-        if cur_sp != 0 {
-            if sp <= cur_sp {
-                return 0;
-            }
-            // A call from a shallower frame cannot be nested: the old entry's return never
-            // came.
-            count(Counter::StaleInflight);
+    let Some(park) = Park::of(id) else {
+        return 0;
+    };
+    if let Some(cur) = park.call(tid) {
+        if sp <= unsafe { (*cur).sp } {
+            return 0;
         }
+        // A call from a shallower frame cannot be nested: the old entry's return never came.
+        count(Counter::StaleInflight);
     }
     // `None`: the size overflowed (calloc), so the call fails; keep owning nested calls.
     let wanted = size.is_some_and(wanted);
@@ -118,15 +174,16 @@ fn enter(ctx: &ProbeContext, kind: AllocKind, size: Option<u64>, arg: u64) -> u3
         size: size.unwrap_or(0),
         arg,
         sp,
+        tid,
         kind: kind as u32,
         record: wanted as u32,
+        _pad: 0,
     };
-    match slot {
-        Some(cur) => unsafe { *cur = call },
-        None => {
-            if INFLIGHT.insert(id, call, 0).is_err() {
-                count(Counter::InflightFull);
-            }
+    match park {
+        Park::Slot(p) | Park::Spilled(Some(p)) => unsafe { *p = call },
+        // A failure is counted at the return, which cannot find the call.
+        Park::Spilled(None) => {
+            let _ = INFLIGHT.insert(id, call, 0);
         }
     }
     0
@@ -245,17 +302,28 @@ pub fn munmap_enter(ctx: ProbeContext) -> u32 {
 #[uretprobe]
 pub fn alloc_return(ctx: RetProbeContext) -> u32 {
     let id = bpf_get_current_pid_tgid();
-    let Some(slot) = INFLIGHT.get_ptr_mut(id) else {
-        // Every probed return follows its entry, which left an entry: the LRU evicted it.
-        count(Counter::InflightFull);
+    let Some(park) = Park::of(id) else {
         return 0;
     };
-    let call = unsafe { *slot };
+    let Some(parked) = park.call(id as u32) else {
+        // Every return follows an entry, which parked its call in the slot the thread holds
+        // or in `INFLIGHT`: the entry was lost.
+        if let Park::Spilled(None) = park {
+            count(Counter::InflightFull);
+        }
+        return 0;
+    };
+    let call = unsafe { *parked };
     // A nested call returns with the stack pointer at or below the outer call's entry.
-    if call.sp == 0 || sp_of(ctx.regs) <= call.sp {
+    if sp_of(ctx.regs) <= call.sp {
         return 0;
     }
-    unsafe { (*slot).sp = 0 };
+    match park {
+        Park::Slot(p) => unsafe { (*p).sp = 0 },
+        Park::Spilled(_) => {
+            let _ = INFLIGHT.remove(id);
+        }
+    }
     let ret: u64 = ctx.ret();
     let Some(kind) = AllocKind::from_u32(call.kind) else {
         return 0;
@@ -352,7 +420,7 @@ pub(crate) fn store(
         timestamp_ns: unsafe { bpf_ktime_get_ns() },
         stack_id,
         kind: kind as u32,
-        _pad: 0,
+        execs: process::execs(),
     };
     let combined = global(&COMBINED_ONLY) != 0;
     if combined {

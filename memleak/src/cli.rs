@@ -7,7 +7,7 @@ use clap::{Parser, ValueEnum};
 use crate::unwind::UnwindMode;
 use memleak_common::{
     DEFAULT_MAX_ALLOCS, DEFAULT_MAX_COMBINED, DEFAULT_MAX_INFLIGHT, DEFAULT_MAX_MMAPS,
-    DEFAULT_MAX_STACKS,
+    DEFAULT_MAX_STACKS, DEFAULT_THREAD_SLOTS,
 };
 
 #[derive(Parser, Debug)]
@@ -158,9 +158,14 @@ pub struct Args {
     #[arg(long, default_value_t = DEFAULT_MAX_STACKS, value_name = "N")]
     pub max_stacks: u32,
 
-    /// Capacity of the in-flight call map (threads inside an allocator at once).
+    /// Capacity of the in-flight call map (calls of threads that share a thread slot).
     #[arg(long, default_value_t = DEFAULT_MAX_INFLIGHT, value_name = "N")]
     pub max_inflight: u32,
+
+    /// Thread slots for calls in flight, a power of two: thread ids that differ by a multiple
+    /// of it share a slot and fall back to the in-flight map (slower).
+    #[arg(long, default_value_t = DEFAULT_THREAD_SLOTS, value_name = "N")]
+    pub thread_slots: u32,
 
     /// Capacity of the per-stack totals map (--combined-only).
     #[arg(long, default_value_t = DEFAULT_MAX_COMBINED, value_name = "N")]
@@ -252,6 +257,9 @@ impl Args {
             if v == 0 {
                 return Err(format!("{name} must be at least 1"));
             }
+        }
+        if !self.thread_slots.is_power_of_two() {
+            return Err("--thread-slots must be a power of two".into());
         }
         Ok(())
     }

@@ -53,8 +53,8 @@ pub struct Collector {
     stacks: HashMap<MapData, u64, StackRecord>,
     counters: PerCpuArray<MapData, u64>,
     /// When the target last exec'd (kernel clock); `None` in kernel mode.
-    last_exec: Option<Array<MapData, u64>>,
-    exec_seen: u64,
+    execs: Option<Array<MapData, u32>>,
+    execs_seen: u32,
     /// The target is a started command that has not exec'd yet: what its first exec drops
     /// is memleak's own fork's doing, not worth a word.
     launching: bool,
@@ -92,11 +92,11 @@ impl Collector {
             combined: HashMap::try_from(take("COMBINED")?)?,
             stacks: HashMap::try_from(take("STACKS")?)?,
             counters: PerCpuArray::try_from(take("COUNTERS")?)?,
-            last_exec: match names {
-                Names::User(..) => Some(Array::try_from(take("LAST_EXEC")?)?),
+            execs: match names {
+                Names::User(..) => Some(Array::try_from(take("EXECS")?)?),
                 Names::Kernel(_) => None,
             },
-            exec_seen: 0,
+            execs_seen: 0,
             launching,
             pid,
             names,
@@ -218,20 +218,20 @@ impl Collector {
     /// the old program's symbols. Returns how many allocations were dropped (none said for
     /// a started command's own exec).
     pub fn after_exec(&mut self) -> Result<Option<usize>> {
-        let Some(last_exec) = &self.last_exec else {
+        let Some(execs) = &self.execs else {
             return Ok(None);
         };
-        let when = last_exec.get(&0, 0)?;
-        if when <= self.exec_seen {
+        let current = execs.get(&0, 0)?;
+        if current <= self.execs_seen {
             return Ok(None);
         }
-        self.exec_seen = when;
+        self.execs_seen = current;
         let mut dropped = 0;
         for map in [&mut self.allocs, &mut self.mmaps] {
             let stale: Vec<u64> = map
                 .iter()
                 .filter_map(|item| item.ok())
-                .filter(|(_, info)| info.timestamp_ns < when)
+                .filter(|(_, info)| info.execs < current)
                 .map(|(addr, _)| addr)
                 .collect();
             for addr in stale {

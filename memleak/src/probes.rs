@@ -68,10 +68,12 @@ pub fn load(args: &Args, target_pid: Option<u32>, kernel: Option<&KernelLayout>)
         .override_global(globals::TRACE, &trace, true)
         .override_global(globals::COMBINED_ONLY, &combined_only, true)
         .override_global(globals::PAGE_SIZE, &page_size, true)
+        .override_global(globals::SLOT_MASK, &(args.thread_slots - 1), true)
         .map_max_entries("ALLOCS", args.max_allocs)
         .map_max_entries("MMAPS", args.max_mmaps)
         .map_max_entries("STACKS", args.max_stacks)
         .map_max_entries("INFLIGHT", args.max_inflight)
+        .map_max_entries("SLOTS", args.thread_slots)
         .map_max_entries("COMBINED", args.max_combined)
         .load(BPF_OBJECT)
         .context("loading the BPF program (kernel too old, or locked memory limit too low?)")
@@ -134,7 +136,13 @@ pub fn attach(
         }
         attached.push(hook(ebpf, kind, symbol, vaddr, object, pid)?);
     }
-    attach_tracepoints(ebpf, &[("sched", "sched_process_exec")])?;
+    attach_tracepoints(
+        ebpf,
+        &[
+            ("sched", "sched_process_exec"),
+            ("sched", "sched_process_exit"),
+        ],
+    )?;
     Ok(attached)
 }
 

@@ -154,6 +154,46 @@ pub struct AllocInfo {
     pub execs: u32,
 }
 
+/// One slot of `HEAP`, where user mode keeps its outstanding heap blocks (see [`heap`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HeapSlot {
+    /// The block's address, or [`heap::EMPTY`], [`heap::FREED`] or [`heap::BUSY`].
+    pub addr: u64,
+    pub info: AllocInfo,
+}
+
+/// `HEAP`: an open-addressing table in an array map (BPF_F_MMAPABLE). A block sits in one of
+/// [`PROBES`](heap::PROBES) slots from [`first_slot`](heap::first_slot)`(addr)`: the first one
+/// free when it was stored. A slot goes EMPTY → BUSY (taken by compare-and-swap) → address →
+/// FREED → BUSY → …, never back to EMPTY, so a search stops at the first EMPTY slot.
+pub mod heap {
+    /// Never used: a search for an address ends here.
+    pub const EMPTY: u64 = 0;
+    /// Freed: reusable, but a search goes on past it.
+    pub const FREED: u64 = 1;
+    /// Being written by the CPU that took it.
+    pub const BUSY: u64 = 2;
+    /// Slots a block may sit in, from its first.
+    pub const PROBES: u32 = 16;
+    pub const DEFAULT_BITS: u32 = 19;
+
+    /// The block's first slot in a table of 2^`bits` slots (Fibonacci hashing of the address
+    /// without its low four bits, which malloc's alignment leaves 0).
+    #[inline(always)]
+    pub fn first_slot(addr: u64, bits: u32) -> u32 {
+        ((addr >> 4).wrapping_mul(0x9e37_79b9_7f4a_7c15)).wrapping_shr(64 - bits) as u32
+    }
+
+    /// Table size (log2) for `max_allocs` blocks: twice as many slots, so probe runs stay short.
+    pub fn bits_for(max_allocs: u32) -> u32 {
+        (u64::from(max_allocs.max(1)) * 2)
+            .next_power_of_two()
+            .trailing_zeros()
+            .min(31)
+    }
+}
+
 /// Native frames kept per stack (the kernel's own limit, PERF_MAX_STACK_DEPTH).
 pub const MAX_NATIVE_FRAMES: usize = 127;
 /// Python frames kept per stack.
@@ -261,6 +301,7 @@ pub const MAP_ANONYMOUS: u64 = 0x20;
 pub const MAP_FAILED: u64 = u64::MAX;
 
 /// Default map sizes: together under 64 MiB of locked memory.
+/// User mode's `HEAP` has twice as many slots (`heap::DEFAULT_BITS`).
 pub const DEFAULT_MAX_ALLOCS: u32 = 1 << 18;
 pub const DEFAULT_MAX_MMAPS: u32 = 1 << 14;
 pub const DEFAULT_MAX_STACKS: u32 = 1 << 14;
@@ -317,12 +358,14 @@ pub mod globals {
     pub const KERNEL_LAYOUT: &str = "KERNEL_LAYOUT";
     pub const TARGET_TGID: &str = "TARGET_TGID";
     pub const SLOT_MASK: &str = "SLOT_MASK";
+    pub const HEAP_BITS: &str = "HEAP_BITS";
 }
 
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
     unsafe impl aya::Pod for AllocInfo {}
+    unsafe impl aya::Pod for HeapSlot {}
     unsafe impl aya::Pod for CombinedAlloc {}
     unsafe impl aya::Pod for InFlight {}
     unsafe impl aya::Pod for TraceEvent {}
@@ -346,5 +389,26 @@ mod tests {
             }
         }
         assert_eq!(seen, AllocKind::PageFault as u32 + 1);
+    }
+
+    /// Twice the capacity, a power of two; a first slot always inside the table, and
+    /// neighbouring malloc blocks spread over it.
+    #[test]
+    fn heap_table_geometry() {
+        extern crate std;
+        use super::heap::{bits_for, first_slot};
+        assert_eq!(bits_for(0), 1);
+        assert_eq!(bits_for(3), 3);
+        assert_eq!(bits_for(1 << 18), 19);
+        assert_eq!(bits_for(u32::MAX), 31);
+        for bits in [1, 3, 19, 31] {
+            for addr in [0x10u64, 0x5555_5555_92a0, 0x7fff_ffff_fff0, u64::MAX] {
+                assert!(u64::from(first_slot(addr, bits)) < 1 << bits);
+            }
+        }
+        let slots: std::collections::HashSet<u32> = (0..1024u64)
+            .map(|i| first_slot(0x5555_5555_9000 + 16 * i, 12))
+            .collect();
+        assert!(slots.len() > 1000, "{} distinct first slots", slots.len());
     }
 }

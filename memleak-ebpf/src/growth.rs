@@ -28,7 +28,7 @@ use memleak_common::{
 };
 
 use crate::{
-    ALLOCS, MMAPS, PAGE_SIZE, TARGET_TGID, count, global, kernel::field, page_align, python,
+    ALLOCS, MMAPS, PAGE_SIZE, TARGET_TGID, Table, count, global, kernel::field, page_align, python,
     release, stack_id, store, unmap, unwind, wanted,
 };
 
@@ -166,7 +166,7 @@ fn fault(ctx: &TracePointContext) {
         return;
     }
     store(
-        &ALLOCS,
+        Table::Map(&ALLOCS),
         page,
         size,
         AllocKind::PageFault,
@@ -298,7 +298,14 @@ pub fn sys_exit_mmap(ctx: TracePointContext) -> u32 {
     }
     // Anonymous memory only; a PROT_NONE reservation is not memory yet.
     if flags & MAP_ANONYMOUS != 0 && prot != PROT_NONE && wanted(len) {
-        store(&MMAPS, addr, len, AllocKind::Mmap, user_stack(false), 0);
+        store(
+            Table::Map(&MMAPS),
+            addr,
+            len,
+            AllocKind::Mmap,
+            user_stack(false),
+            0,
+        );
     }
     0
 }
@@ -371,9 +378,9 @@ pub fn sys_exit_mremap(ctx: TracePointContext) -> u32 {
     move_pages(&mut r);
     // A tracked mapping is now the mremap caller's, at its new size.
     if unsafe { MMAPS.get(old) }.is_some() {
-        release(&MMAPS, old, AllocKind::Mremap);
+        release(Table::Map(&MMAPS), old, AllocKind::Mremap);
         store(
-            &MMAPS,
+            Table::Map(&MMAPS),
             new,
             new_len,
             AllocKind::Mremap,
@@ -400,7 +407,14 @@ pub fn sys_exit_brk(ctx: TracePointContext) -> u32 {
     if new < old {
         forget(new, old);
     } else if wanted(new - old) {
-        store(&MMAPS, old, new - old, AllocKind::Brk, user_stack(false), 0);
+        store(
+            Table::Map(&MMAPS),
+            old,
+            new - old,
+            AllocKind::Brk,
+            user_stack(false),
+            0,
+        );
     }
     0
 }

@@ -12,7 +12,9 @@ use aya_ebpf::{
 };
 use memleak_common::{AllocKind, KernelLayout, MAX_NATIVE_FRAMES, PAGE_KEY_TAG, StackRecord};
 
-use crate::{ALLOCS, PAGE_SIZE, TARGET_TGID, global, release, stack_id, store, unwind, wanted};
+use crate::{
+    ALLOCS, PAGE_SIZE, TARGET_TGID, Table, global, release, stack_id, store, unwind, wanted,
+};
 
 #[unsafe(no_mangle)]
 static KERNEL_LAYOUT: KernelLayout = KernelLayout {
@@ -75,13 +77,13 @@ fn allocated(ctx: &TracePointContext, kind: AllocKind, key: Option<u64>, size: O
         return 0;
     }
     let id = stack_id(kernel_stack(ctx));
-    store(&ALLOCS, key, size, kind, id, 0);
+    store(Table::Map(&ALLOCS), key, size, kind, id, 0);
     0
 }
 
 fn freed(key: Option<u64>, kind: AllocKind) -> u32 {
     if let Some(key) = key.filter(|&k| k != 0) {
-        release(&ALLOCS, key, kind);
+        release(Table::Map(&ALLOCS), key, kind);
     }
     0
 }

@@ -1,8 +1,8 @@
 //! Kernel side of memleak: uprobes on the allocator entry points of one process.
 //!
 //! Entry probes park the call's arguments in the thread's slot (`SLOTS`); one return probe,
-//! shared by every allocating function, turns the result into an `ALLOCS`/`MMAPS` entry with
-//! the caller's stack. Frees and munmaps are entry-only. Everything lost is counted.
+//! shared by every allocating function, turns the result into a `HEAP` (`heap.rs`) or `MMAPS`
+//! entry with the caller's stack. Frees and munmaps are entry-only. Everything lost is counted.
 //! `growth` fills the same maps from tracepoints instead (`--mode growth`).
 #![no_std]
 #![no_main]
@@ -11,6 +11,7 @@
 #![feature(core_intrinsics)]
 
 mod growth;
+mod heap;
 mod kernel;
 mod process;
 mod python;
@@ -56,6 +57,7 @@ pub(crate) static TARGET_TGID: u32 = 0;
 #[unsafe(no_mangle)]
 static SLOT_MASK: u32 = DEFAULT_THREAD_SLOTS - 1;
 
+/// Kernel mode's allocations and growth mode's pages (user mode uses `HEAP`).
 #[map]
 pub(crate) static ALLOCS: HashMap<u64, AllocInfo> =
     HashMap::with_max_entries(DEFAULT_MAX_ALLOCS, 0);
@@ -281,7 +283,7 @@ pub fn mremap_enter(ctx: ProbeContext) -> u32 {
 pub fn free_enter(ctx: ProbeContext) -> u32 {
     let addr = arg(&ctx, 0);
     if addr != 0 {
-        release(&ALLOCS, addr, AllocKind::Free);
+        release(Table::Heap, addr, AllocKind::Free);
     }
     0
 }
@@ -333,38 +335,38 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
             if ret == 0 {
                 // realloc(p, 0) frees p; any other NULL is a failure that keeps the old block.
                 if call.size == 0 && call.arg != 0 {
-                    release(&ALLOCS, call.arg, kind);
+                    release(Table::Heap, call.arg, kind);
                 }
                 return 0;
             }
             if call.arg != 0 {
-                release(&ALLOCS, call.arg, kind);
+                release(Table::Heap, call.arg, kind);
             }
-            record(&ctx, &ALLOCS, &call, kind, ret);
+            record(&ctx, Table::Heap, &call, kind, ret);
         }
         AllocKind::PosixMemalign => {
             if ret != 0 {
                 return 0;
             }
             if let Ok(addr) = unsafe { bpf_probe_read_user(call.arg as *const u64) } {
-                record(&ctx, &ALLOCS, &call, kind, addr);
+                record(&ctx, Table::Heap, &call, kind, addr);
             }
         }
         AllocKind::Mmap => {
             if ret != MAP_FAILED {
-                record(&ctx, &MMAPS, &call, kind, ret);
+                record(&ctx, Table::Map(&MMAPS), &call, kind, ret);
             }
         }
         AllocKind::Mremap => {
             // Only mappings we track move; an untracked one may be a file mapping.
             if ret != MAP_FAILED && unsafe { MMAPS.get(call.arg) }.is_some() {
-                release(&MMAPS, call.arg, kind);
-                record(&ctx, &MMAPS, &call, kind, ret);
+                release(Table::Map(&MMAPS), call.arg, kind);
+                record(&ctx, Table::Map(&MMAPS), &call, kind, ret);
             }
         }
         _ => {
             if ret != 0 {
-                record(&ctx, &ALLOCS, &call, kind, ret);
+                record(&ctx, Table::Heap, &call, kind, ret);
             }
         }
     }
@@ -374,13 +376,7 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
 // ---------------------------------------------------------------------------------------------
 // Bookkeeping
 
-fn record(
-    ctx: &RetProbeContext,
-    map: &HashMap<u64, AllocInfo>,
-    call: &InFlight,
-    kind: AllocKind,
-    addr: u64,
-) {
+fn record(ctx: &RetProbeContext, table: Table, call: &InFlight, kind: AllocKind, addr: u64) {
     if call.record == 0 {
         return;
     }
@@ -392,7 +388,7 @@ fn record(
         }
         None => Err(-1),
     };
-    store(map, addr, call.size, kind, stack_id(walk), call.arg);
+    store(table, addr, call.size, kind, stack_id(walk), call.arg);
 }
 
 /// The stack id to store, or −errno (counted) when the walk failed.
@@ -404,11 +400,19 @@ pub(crate) fn stack_id(walk: Result<i64, i32>) -> i64 {
     })
 }
 
+/// Where outstanding allocations are kept.
+#[derive(Clone, Copy)]
+pub(crate) enum Table {
+    /// User mode's heap blocks.
+    Heap,
+    Map(&'static HashMap<u64, AllocInfo>),
+}
+
 /// Records an outstanding allocation (user or kernel) and its per-stack totals. Inlined:
 /// BPF calls take at most five arguments.
 #[inline(always)]
 pub(crate) fn store(
-    map: &HashMap<u64, AllocInfo>,
+    table: Table,
     addr: u64,
     size: u64,
     kind: AllocKind,
@@ -423,18 +427,27 @@ pub(crate) fn store(
         execs: process::execs(),
     };
     let combined = global(&COMBINED_ONLY) != 0;
-    if combined {
-        // A block at the same address whose free we never saw is gone: take it out first.
-        if let Some(old) = unsafe { map.get(addr) }.copied() {
-            combined_sub(&old);
+    // `Some`: a block at the same address whose free we never saw, now gone.
+    let stored = match table {
+        Table::Heap => heap::put(addr, info),
+        Table::Map(map) => {
+            let old = if combined {
+                unsafe { map.get(addr) }.copied()
+            } else {
+                None
+            };
+            map.insert(addr, info, 0).map(|()| old).map_err(|_| ())
         }
-    }
-    if map.insert(addr, info, 0).is_err() {
+    };
+    let Ok(replaced) = stored else {
         count(Counter::AllocsFull);
         return;
-    }
+    };
     count(Counter::Recorded);
     if combined {
+        if let Some(old) = replaced {
+            combined_sub(&old);
+        }
         combined_add(stack_id, size);
     }
     trace(kind, addr, size, old_addr, stack_id);
@@ -456,23 +469,28 @@ pub(crate) fn wanted(size: u64) -> bool {
 }
 
 /// Forgets the allocation at `addr`, if it is tracked. Without --trace and --combined-only
-/// nothing needs its record, so the delete alone does (one map operation, not two).
+/// nothing needs a map's record, so the delete alone does (one map operation, not two).
 #[inline(always)]
-pub(crate) fn release(map: &HashMap<u64, AllocInfo>, addr: u64, kind: AllocKind) {
+pub(crate) fn release(table: Table, addr: u64, kind: AllocKind) {
     let combined = global(&COMBINED_ONLY) != 0;
-    if !combined && global(&TRACE) == 0 {
-        if map.remove(addr).is_ok() {
-            count(Counter::Released);
+    let info = match table {
+        Table::Heap => heap::take(addr),
+        Table::Map(map) => {
+            if !combined && global(&TRACE) == 0 {
+                if map.remove(addr).is_ok() {
+                    count(Counter::Released);
+                }
+                return;
+            }
+            // `remove` fails when another CPU freed it first (a double free in the target).
+            unsafe { map.get(addr) }
+                .copied()
+                .filter(|_| map.remove(addr).is_ok())
         }
-        return;
-    }
-    let Some(info) = (unsafe { map.get(addr) }).copied() else {
+    };
+    let Some(info) = info else {
         return;
     };
-    if map.remove(addr).is_err() {
-        // Another CPU freed it first (a double free in the target).
-        return;
-    }
     count(Counter::Released);
     if combined {
         combined_sub(&info);

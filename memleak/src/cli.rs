@@ -205,6 +205,12 @@ impl Args {
     }
 
     /// Checks what clap cannot express; returns a one-line message for the user.
+    /// User-mode allocation tracking keeps heap blocks in the `HEAP` table; kernel and
+    /// growth mode keep theirs in the `ALLOCS` hash map.
+    pub fn heap_table(&self) -> bool {
+        !self.kernel && self.mode == Mode::Alloc
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         if self.period() < Duration::from_millis(100) {
             return Err("the interval must be at least 100 ms".into());

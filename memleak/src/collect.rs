@@ -15,6 +15,7 @@ use memleak_common::{AllocInfo, CombinedAlloc, Counter, StackRecord};
 
 use crate::{
     cli::SortKey,
+    heap::HeapTable,
     kallsyms::Kallsyms,
     model::{Allocation, Class, Frame, Lost, Measure, Snapshot, StackUsage},
     python::{PythonTracking, classify},
@@ -45,9 +46,33 @@ impl Names {
     }
 }
 
+/// Outstanding blocks: user mode's heap table, or a hash map (mappings; kernel and growth
+/// mode's allocations and pages).
+enum Blocks {
+    Heap(HeapTable),
+    Map(HashMap<MapData, u64, AllocInfo>),
+}
+
+impl Blocks {
+    /// Every block now. An entry freed while the map is listed is simply gone.
+    fn entries(&self) -> Vec<(u64, AllocInfo)> {
+        match self {
+            Blocks::Heap(table) => table.blocks().collect(),
+            Blocks::Map(map) => map.iter().filter_map(|item| item.ok()).collect(),
+        }
+    }
+
+    fn remove(&mut self, addr: u64) -> bool {
+        match self {
+            Blocks::Heap(table) => table.forget(addr),
+            Blocks::Map(map) => map.remove(&addr).is_ok(),
+        }
+    }
+}
+
 pub struct Collector {
-    allocs: HashMap<MapData, u64, AllocInfo>,
-    mmaps: HashMap<MapData, u64, AllocInfo>,
+    allocs: Blocks,
+    mmaps: Blocks,
     combined: HashMap<MapData, i64, CombinedAlloc>,
     /// Every stack by content hash: user stacks from the unwinder, or kernel stacks.
     stacks: HashMap<MapData, u64, StackRecord>,
@@ -81,14 +106,25 @@ pub struct Query {
 }
 
 impl Collector {
-    pub fn new(ebpf: &mut Ebpf, pid: u32, names: Names, launching: bool) -> Result<Collector> {
+    /// `heap`: heap blocks are in `HEAP` (user-mode allocation tracking), else in `ALLOCS`.
+    pub fn new(
+        ebpf: &mut Ebpf,
+        pid: u32,
+        names: Names,
+        launching: bool,
+        heap: bool,
+    ) -> Result<Collector> {
         let mut take = |name: &str| {
             ebpf.take_map(name)
                 .with_context(|| format!("BPF object lacks map {name}"))
         };
+        let allocs = match heap {
+            true => Blocks::Heap(HeapTable::new(take("HEAP")?)?),
+            false => Blocks::Map(HashMap::try_from(take("ALLOCS")?)?),
+        };
         Ok(Collector {
-            allocs: HashMap::try_from(take("ALLOCS")?)?,
-            mmaps: HashMap::try_from(take("MMAPS")?)?,
+            allocs,
+            mmaps: Blocks::Map(HashMap::try_from(take("MMAPS")?)?),
             combined: HashMap::try_from(take("COMBINED")?)?,
             stacks: HashMap::try_from(take("STACKS")?)?,
             counters: PerCpuArray::try_from(take("COUNTERS")?)?,
@@ -164,17 +200,11 @@ impl Collector {
     }
 
     /// What the entries of `maps` old enough for the query add up to, per stack.
-    fn outstanding(
-        &self,
-        maps: &[&HashMap<MapData, u64, AllocInfo>],
-        q: &Query,
-    ) -> StdHashMap<i64, StackUsage> {
+    fn outstanding(&self, maps: &[&Blocks], q: &Query) -> StdHashMap<i64, StackUsage> {
         let mut per_stack = StdHashMap::new();
         let now = monotonic_ns();
         for map in maps {
-            for item in map.iter() {
-                // An entry freed between listing and reading is simply gone.
-                let Ok((addr, info)) = item else { continue };
+            for (addr, info) in map.entries() {
                 let age_ms = now.saturating_sub(info.timestamp_ns) / 1_000_000;
                 if age_ms < q.older_ms {
                     continue;
@@ -229,13 +259,13 @@ impl Collector {
         let mut dropped = 0;
         for map in [&mut self.allocs, &mut self.mmaps] {
             let stale: Vec<u64> = map
-                .iter()
-                .filter_map(|item| item.ok())
+                .entries()
+                .into_iter()
                 .filter(|(_, info)| info.execs < current)
                 .map(|(addr, _)| addr)
                 .collect();
             for addr in stale {
-                dropped += map.remove(&addr).is_ok() as usize;
+                dropped += map.remove(addr) as usize;
             }
         }
         if let Names::User(symbols, _) = &mut self.names {

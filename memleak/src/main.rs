@@ -6,6 +6,7 @@
 mod capture;
 mod cli;
 mod collect;
+mod heap;
 mod kallsyms;
 mod placement;
 mod probes;
@@ -109,7 +110,7 @@ async fn run(args: Args) -> Result<()> {
     };
     let traced_pid = user_target.map_or(0, |t| t.pid);
     let launching = user_target.is_some_and(|t| t.child.is_some());
-    let mut collector = Collector::new(&mut ebpf, traced_pid, names, launching)?;
+    let mut collector = Collector::new(&mut ebpf, traced_pid, names, launching, args.heap_table())?;
     // Python: found now, or after the exec of a started command (on the maps tick).
     if let Err(e) = collector.names.refresh() {
         eprintln!("memleak: {e:#}");

@@ -11,7 +11,7 @@ use aya::{
         uprobe::{UProbeAttachLocation, UProbeScope},
     },
 };
-use memleak_common::{AllocKind, KernelLayout, globals};
+use memleak_common::{AllocKind, KernelLayout, globals, heap};
 
 use crate::{
     cli::Args,
@@ -58,6 +58,12 @@ pub fn load(args: &Args, target_pid: Option<u32>, kernel: Option<&KernelLayout>)
     let trace = args.trace as u8;
     let combined_only = args.combined_only as u8;
     let layout = kernel.copied().unwrap_or_default();
+    // Heap blocks go to HEAP in user mode and to ALLOCS otherwise; the other gets one entry.
+    let (heap_bits, allocs) = if args.heap_table() {
+        (heap::bits_for(args.max_allocs), 1)
+    } else {
+        (0, args.max_allocs)
+    };
     EbpfLoader::new()
         .override_global(globals::KERNEL_LAYOUT, &layout, true)
         .override_global(globals::TARGET_TGID, &target_tgid, true)
@@ -69,7 +75,9 @@ pub fn load(args: &Args, target_pid: Option<u32>, kernel: Option<&KernelLayout>)
         .override_global(globals::COMBINED_ONLY, &combined_only, true)
         .override_global(globals::PAGE_SIZE, &page_size, true)
         .override_global(globals::SLOT_MASK, &(args.thread_slots - 1), true)
-        .map_max_entries("ALLOCS", args.max_allocs)
+        .override_global(globals::HEAP_BITS, &heap_bits, true)
+        .map_max_entries("HEAP", 1 << heap_bits)
+        .map_max_entries("ALLOCS", allocs)
         .map_max_entries("MMAPS", args.max_mmaps)
         .map_max_entries("STACKS", args.max_stacks)
         .map_max_entries("INFLIGHT", args.max_inflight)

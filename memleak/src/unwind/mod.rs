@@ -11,10 +11,7 @@ use std::{
     collections::HashMap,
     fmt,
     num::NonZeroU32,
-    os::{
-        fd::{AsFd, AsRawFd},
-        unix::fs::MetadataExt,
-    },
+    os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -22,7 +19,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf,
-    maps::{Array, Map, MapData},
+    maps::{Array, MapData},
     programs::{
         UProbe,
         uprobe::{UProbeLink, UProbeScope},
@@ -36,7 +33,10 @@ use memleak_common::{
 };
 use object::{Object, ObjectSegment};
 
-use crate::procmaps::{self, Mapping};
+use crate::{
+    mapped::MappedArray,
+    procmaps::{self, Mapping},
+};
 
 /// `--unwind`: how the BPF program walks native stacks.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -164,17 +164,17 @@ impl Unwinder {
             ebpf.take_map(name)
                 .with_context(|| format!("BPF object has no map {name}"))
         };
-        let Map::Array(rows) = take(ebpf, maps::ROWS)? else {
-            bail!("{} is not an array", maps::ROWS);
-        };
+        let rows = RowArea(MappedArray::new(
+            take(ebpf, maps::ROWS)?,
+            "unwind row array",
+        )?);
         let mappings = Array::try_from(take(ebpf, maps::MAPPINGS)?)?;
         let control = Array::try_from(take(ebpf, maps::CONTROL)?)?;
-        let rows = RowArea::map(rows)?;
         let mut unwinder = Unwinder {
             pid,
             mode,
             summary: Summary {
-                max_rows: rows.len,
+                max_rows: rows.0.capacity() as u32,
                 ..Default::default()
             },
             rows,
@@ -419,57 +419,21 @@ fn bias(m: &Mapping, segments: &[(u64, u64, u64)]) -> Option<u64> {
 
 /// The row array, mapped into this process (the map is `BPF_F_MMAPABLE`): a million rows are
 /// a memcpy instead of a million map updates.
-struct RowArea {
-    ptr: *mut UnwindRow,
-    len: u32,
-    /// Keeps the map (and so the mapping) alive.
-    _map: MapData,
-}
-
-// The mapping is plain shared memory owned by `_map`.
-unsafe impl Send for RowArea {}
+struct RowArea(MappedArray<UnwindRow>);
 
 impl RowArea {
-    fn map(map: MapData) -> Result<RowArea> {
-        let len = map.info()?.max_entries();
-        let bytes = len as usize * size_of::<UnwindRow>();
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                map.fd().as_fd().as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error()).context("mapping the unwind row array");
-        }
-        Ok(RowArea {
-            ptr: ptr.cast(),
-            len,
-            _map: map,
-        })
-    }
-
     fn write(&mut self, first: u32, rows: &[UnwindRow]) -> Result<()> {
         let end = first as usize + rows.len();
-        if end > self.len as usize {
-            bail!("the unwind row array is full ({} rows)", self.len);
-        }
-        // In bounds (checked above) of a mapping this struct owns.
-        unsafe {
-            std::ptr::copy_nonoverlapping(rows.as_ptr(), self.ptr.add(first as usize), rows.len())
+        let Some(dst) = self
+            .0
+            .entry(first as usize)
+            .filter(|_| end <= self.0.capacity())
+        else {
+            bail!("the unwind row array is full ({} rows)", self.0.capacity());
         };
+        // In bounds (checked above) of the mapping.
+        unsafe { std::ptr::copy_nonoverlapping(rows.as_ptr(), dst, rows.len()) };
         Ok(())
-    }
-}
-
-impl Drop for RowArea {
-    fn drop(&mut self) {
-        let bytes = self.len as usize * size_of::<UnwindRow>();
-        unsafe { libc::munmap(self.ptr.cast(), bytes) };
     }
 }
 

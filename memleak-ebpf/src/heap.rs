@@ -31,11 +31,13 @@ fn slot(addr: u64, probe: u32) -> Option<*mut HeapSlot> {
     HEAP.get_ptr_mut(first_slot(addr, bits).wrapping_add(probe) & mask)
 }
 
-/// Compare-and-swap of a slot's address; false when another CPU changed it first.
+/// Compare-and-swap of a slot's address; false when another CPU changed it first. SeqCst and
+/// the volatile accesses around it keep the compiler from moving the slot's `info` across it
+/// (the instruction is the same for every ordering).
 #[inline(always)]
 fn swap(s: *mut HeapSlot, old: u64, new: u64) -> bool {
     let (_, done) = unsafe {
-        atomic_cxchg::<u64, { AtomicOrdering::Relaxed }, { AtomicOrdering::Relaxed }>(
+        atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
             &raw mut (*s).addr,
             old,
             new,
@@ -57,8 +59,8 @@ pub(crate) fn put(addr: u64, info: AllocInfo) -> Result<Option<AllocInfo>, ()> {
             };
             let seen = unsafe { read_volatile(&raw const (*s).addr) };
             if seen == addr {
-                let old = unsafe { (*s).info };
-                unsafe { (*s).info = info };
+                let old = unsafe { read_volatile(&raw const (*s).info) };
+                unsafe { write_volatile(&raw mut (*s).info, info) };
                 return Ok(Some(old));
             }
             if (seen == EMPTY || seen == FREED) && free.is_none() {
@@ -75,8 +77,9 @@ pub(crate) fn put(addr: u64, info: AllocInfo) -> Result<Option<AllocInfo>, ()> {
             return Err(());
         };
         if swap(s, seen, BUSY) {
+            // The address last: readers take a slot whose address they know as complete.
             unsafe {
-                (*s).info = info;
+                write_volatile(&raw mut (*s).info, info);
                 write_volatile(&raw mut (*s).addr, addr);
             }
             return Ok(None);
@@ -93,7 +96,7 @@ pub(crate) fn take(addr: u64) -> Option<AllocInfo> {
         let s = slot(addr, probe)?;
         let seen = unsafe { read_volatile(&raw const (*s).addr) };
         if seen == addr {
-            let info = unsafe { (*s).info };
+            let info = unsafe { read_volatile(&raw const (*s).info) };
             return swap(s, addr, FREED).then_some(info);
         }
         if seen == EMPTY {

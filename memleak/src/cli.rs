@@ -146,7 +146,8 @@ pub struct Args {
     #[arg(short, long)]
     pub verbose: bool,
 
-    /// Capacity of the outstanding-allocation map.
+    /// Outstanding allocations to keep (user mode: a table of twice as many slots, rounded up
+    /// to a power of two).
     #[arg(long, default_value_t = DEFAULT_MAX_ALLOCS, value_name = "N")]
     pub max_allocs: u32,
 

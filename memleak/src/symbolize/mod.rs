@@ -151,12 +151,17 @@ impl Symbolizer {
     }
 
     /// Re-reads the maps and opens the files of new executable mappings. When the target is
-    /// gone the last snapshot stays, with its files still open.
+    /// gone the last snapshot stays, with its files still open: that is what names the final
+    /// table of a command that exited. An exiting process (and a zombie) still has a maps
+    /// file, but an empty one, which a live process never has.
     pub fn refresh(&mut self) {
         let Ok(mut maps) = procmaps::read(self.pid) else {
             return;
         };
         maps.retain(|m| m.executable);
+        if maps.is_empty() {
+            return;
+        }
         maps.sort_by_key(|m| m.start);
         let regions = maps
             .iter()

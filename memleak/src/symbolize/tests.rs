@@ -516,13 +516,31 @@ fn symbolize_binary_replaced_on_disk() {
 }
 
 /// memleak prints its last table after the target died: files opened by `refresh()` while
-/// it lived are enough, even once the binary is gone from disk too.
+/// it lived are enough, even once the binary is gone from disk too. A refresh while the
+/// target is a zombie (its maps file is empty) keeps them: a short `-c` command's tables
+/// came out all `[unknown]` when the exit watcher's refresh hit that window.
 #[test]
 fn symbolize_after_target_exited() {
     let b = Build::new("exited");
     b.gcc(&["main.c", "fixture.c", "-o", "prog"]);
     let mut t = Target::start(&b.path("prog"), &[]);
     let mut sym = Symbolizer::new(t.pid());
+    sym.refresh();
+    unsafe { libc::kill(t.pid() as libc::pid_t, libc::SIGTERM) };
+    let zombie = || {
+        std::fs::read_to_string(format!("/proc/{}/stat", t.pid())).is_ok_and(|s| {
+            s.rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('Z'))
+        })
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !zombie() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the fixture did not exit"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
     sym.refresh();
     t.kill();
     std::fs::remove_file(b.path("prog")).unwrap();

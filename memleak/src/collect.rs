@@ -77,7 +77,7 @@ pub struct Collector {
     /// Every stack by content hash: user stacks from the unwinder, or kernel stacks.
     stacks: HashMap<MapData, u64, StackRecord>,
     counters: PerCpuArray<MapData, u64>,
-    /// When the target last exec'd (kernel clock); `None` in kernel mode.
+    /// How many times the target has exec'd (`EXECS`); `None` in kernel mode.
     execs: Option<Array<MapData, u32>>,
     execs_seen: u32,
     /// The target is a started command that has not exec'd yet: what its first exec drops
@@ -118,9 +118,10 @@ impl Collector {
             ebpf.take_map(name)
                 .with_context(|| format!("BPF object lacks map {name}"))
         };
-        let allocs = match heap {
-            true => Blocks::Heap(HeapTable::new(take("HEAP")?)?),
-            false => Blocks::Map(HashMap::try_from(take("ALLOCS")?)?),
+        let allocs = if heap {
+            Blocks::Heap(HeapTable::new(take("HEAP")?)?)
+        } else {
+            Blocks::Map(HashMap::try_from(take("ALLOCS")?)?)
         };
         Ok(Collector {
             allocs,

@@ -196,8 +196,16 @@ pub mod heap {
 
 /// Native frames kept per stack (the kernel's own limit, PERF_MAX_STACK_DEPTH).
 pub const MAX_NATIVE_FRAMES: usize = 127;
-/// Python frames kept per stack.
-pub const MAX_PYTHON_FRAMES: usize = 32;
+/// Python frames kept per stack: deep enough for real recursion, and a record (3 KiB) still
+/// fits the kernel's 4 KiB allocation class (`STACKS` allocates its entries as they come).
+pub const MAX_PYTHON_FRAMES: usize = 128;
+const _: () = assert!(
+    MAX_PYTHON_FRAMES.is_power_of_two(),
+    "the BPF walk masks indexes with it"
+);
+/// Frames of the Python chain the BPF walk follows at most: those past `MAX_PYTHON_FRAMES`
+/// are only counted (`StackRecord::python_dropped`).
+pub const MAX_PYTHON_STEPS: u32 = 2048;
 
 /// A Python frame as the BPF program sees it: the code object and where in it the frame is.
 /// Userspace turns it into file, function and line by reading the target's memory.
@@ -218,10 +226,15 @@ pub struct StackRecord {
     pub python_len: u32,
     /// Frames the unwinder could not walk past (0: it reached the outermost frame).
     pub truncated: u32,
-    pub _pad: u32,
+    /// Outer Python frames past `MAX_PYTHON_FRAMES`, counted but not kept; with
+    /// `PYTHON_DROPPED_MORE` set, the chain went on past `MAX_PYTHON_STEPS` too.
+    pub python_dropped: u32,
     pub native: [u64; MAX_NATIVE_FRAMES],
     pub python: [PyFrame; MAX_PYTHON_FRAMES],
 }
+
+/// Set in `StackRecord::python_dropped` when the count is a lower bound.
+pub const PYTHON_DROPPED_MORE: u32 = 1 << 31;
 
 /// Per-stack running totals, kept in BPF for `--combined-only`.
 #[repr(C)]
@@ -359,6 +372,7 @@ pub mod globals {
     pub const TARGET_TGID: &str = "TARGET_TGID";
     pub const SLOT_MASK: &str = "SLOT_MASK";
     pub const HEAP_BITS: &str = "HEAP_BITS";
+    pub const EMPTY_PROBES: &str = "EMPTY_PROBES";
 }
 
 #[cfg(feature = "user")]

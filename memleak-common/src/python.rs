@@ -124,6 +124,24 @@ pub const MAX_THREAD_SCAN: u32 = 256;
 
 pub const PY_CONFIG_MAP: &str = "PY_CONFIG";
 
+/// Ring buffer of `NewPythonStack`s: the code objects of each stack with Python frames, the
+/// moment it is first stored, so userspace reads them while they live (they die with their
+/// function, their module or the process). A full buffer drops some; userspace's periodic
+/// look at the stack map finds those stacks.
+pub const PY_NEW_STACKS_MAP: &str = "PY_NEW_STACKS";
+/// Room for about 250 stacks between two reads.
+pub const PY_NEW_STACKS_BYTES: u32 = 1 << 18;
+
+/// One record of `PY_NEW_STACKS_MAP`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct NewPythonStack {
+    pub len: u32,
+    pub _pad: u32,
+    /// `PyFrame::code` of the stack's frames, innermost first; `len` of them are set.
+    pub codes: [u64; crate::MAX_PYTHON_FRAMES],
+}
+
 /// Map: a thread's fs_base (its pthread_t) → its `PyThreadState` address, kept by userspace.
 pub const PY_THREADS_MAP: &str = "PY_THREADS";
 pub const MAX_PY_THREADS: u32 = 4096;

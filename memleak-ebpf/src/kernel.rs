@@ -34,7 +34,7 @@ static KERNEL_LAYOUT: KernelLayout = KernelLayout {
     _pad: 0,
 };
 
-/// This CPU's kernel stack being taken (a record is 1.5 KiB; the BPF stack is 512 bytes).
+/// This CPU's kernel stack being taken (a record is 3 KiB; the BPF stack is 512 bytes).
 #[map]
 static KSTACK: PerCpuArray<StackRecord> = PerCpuArray::with_max_entries(1, 0);
 
@@ -50,6 +50,7 @@ fn kernel_stack(ctx: &TracePointContext) -> Result<i64, i32> {
         }
         (*rec).native_len = (got / 8) as u32;
         (*rec).python_len = 0;
+        (*rec).python_dropped = 0;
         // A full buffer may have cut the outermost frames off.
         (*rec).truncated = (got as u32 == BYTES) as u32;
     }

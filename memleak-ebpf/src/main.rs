@@ -53,6 +53,10 @@ pub(crate) static PAGE_SIZE: u64 = 4096;
 /// The traced process (its tgid). Kernel mode: 0 for every process, or the -p filter.
 #[unsafe(no_mangle)]
 pub(crate) static TARGET_TGID: u32 = 0;
+/// Bench only (`--empty-probes`): the allocator probes return at once, so the bench measures
+/// what the traps alone cost.
+#[unsafe(no_mangle)]
+static EMPTY_PROBES: u8 = 0;
 /// `SLOTS` entries − 1 (a power of two − 1).
 #[unsafe(no_mangle)]
 static SLOT_MASK: u32 = DEFAULT_THREAD_SLOTS - 1;
@@ -157,6 +161,9 @@ pub(crate) fn forget_thread(id: u64) {
 /// runs both return probes at the one return, and the first takes the call.
 #[inline(always)]
 fn enter(ctx: &ProbeContext, kind: AllocKind, size: Option<u64>, arg: u64) -> u32 {
+    if global(&EMPTY_PROBES) != 0 {
+        return 0;
+    }
     let id = bpf_get_current_pid_tgid();
     let tid = id as u32;
     let sp = sp_of(ctx.regs);
@@ -282,7 +289,7 @@ pub fn mremap_enter(ctx: ProbeContext) -> u32 {
 #[uprobe]
 pub fn free_enter(ctx: ProbeContext) -> u32 {
     let addr = arg(&ctx, 0);
-    if addr != 0 {
+    if addr != 0 && global(&EMPTY_PROBES) == 0 {
         release(Table::Heap, addr, AllocKind::Free);
     }
     0
@@ -292,7 +299,7 @@ pub fn free_enter(ctx: ProbeContext) -> u32 {
 pub fn munmap_enter(ctx: ProbeContext) -> u32 {
     let addr = arg(&ctx, 0);
     let len = page_align(arg(&ctx, 1));
-    if addr != 0 && len != 0 {
+    if addr != 0 && len != 0 && global(&EMPTY_PROBES) == 0 {
         unmap(addr, len);
     }
     0
@@ -303,6 +310,9 @@ pub fn munmap_enter(ctx: ProbeContext) -> u32 {
 
 #[uretprobe]
 pub fn alloc_return(ctx: RetProbeContext) -> u32 {
+    if global(&EMPTY_PROBES) != 0 {
+        return 0;
+    }
     let id = bpf_get_current_pid_tgid();
     let Some(park) = Park::of(id) else {
         return 0;

@@ -6,10 +6,7 @@
 //! `task_struct` (offset from the kernel BTF, in `PY_CONFIG`). A thread started since
 //! userspace last scanned is searched for in the interpreter's thread list and added.
 
-use core::{
-    ffi::c_void,
-    ptr::{null_mut, write_volatile},
-};
+use core::{ffi::c_void, ptr::null_mut};
 
 use aya_ebpf::{
     helpers::{
@@ -17,13 +14,15 @@ use aya_ebpf::{
         generated::bpf_loop,
     },
     macros::map,
-    maps::{Array, HashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
+
+use crate::unwind;
 use memleak_common::{
-    MAX_PYTHON_FRAMES, PyFrame, StackRecord,
+    MAX_PYTHON_FRAMES, MAX_PYTHON_STEPS, PYTHON_DROPPED_MORE, StackRecord,
     python::{
-        ENTRY_FRAME, FRAME_BUF, FrameStep, MAX_PY_THREADS, MAX_THREAD_SCAN, NO_FIELD, PyConfig,
-        PyOffsets, decode_frame,
+        ENTRY_FRAME, FRAME_BUF, FrameStep, MAX_PY_THREADS, MAX_THREAD_SCAN, NO_FIELD,
+        NewPythonStack, PY_NEW_STACKS_BYTES, PyConfig, PyOffsets, decode_frame,
     },
 };
 
@@ -34,21 +33,44 @@ static PY_CONFIG: Array<PyConfig> = Array::with_max_entries(1, 0);
 #[map]
 static PY_THREADS: HashMap<u64, u64> = HashMap::with_max_entries(MAX_PY_THREADS, 0);
 
-/// The per-CPU state of one walk (the frames do not fit the 512-byte BPF stack).
+/// The per-CPU state of one walk; the frames go straight into the walk's record.
 #[repr(C)]
 struct Walk {
-    frames: [PyFrame; MAX_PYTHON_FRAMES],
     /// The bytes of the frame being decoded.
     buf: [u8; FRAME_BUF],
     offsets: PyOffsets,
     /// The next frame to read.
     frame: u64,
     len: u32,
+    /// Frames past `MAX_PYTHON_FRAMES`, only counted.
+    dropped: u32,
     tstate_next: u32,
     /// Thread search: the fs_base sought, the next thread state, the one found.
     fsbase: u64,
     cursor: u64,
     found: u64,
+}
+
+/// See `PY_NEW_STACKS_MAP`.
+#[map]
+static PY_NEW_STACKS: RingBuf = RingBuf::with_byte_size(PY_NEW_STACKS_BYTES, 0);
+
+/// Hands userspace the code objects of `rec`, a stack with Python frames just stored.
+#[inline(always)]
+pub fn announce(rec: &StackRecord) {
+    // A full buffer: userspace's periodic look at `STACKS` finds the stack instead.
+    let Some(mut entry) = PY_NEW_STACKS.reserve::<NewPythonStack>(0) else {
+        return;
+    };
+    let new = unsafe { &mut *entry.as_mut_ptr() };
+    new.len = rec.python_len;
+    for i in 0..MAX_PYTHON_FRAMES {
+        if i >= rec.python_len as usize {
+            break;
+        }
+        new.codes[i] = rec.python[i].code;
+    }
+    entry.submit(0);
 }
 
 #[map]
@@ -60,12 +82,15 @@ fn user<T>(addr: u64) -> Option<T> {
 }
 
 /// Fills `rec.python` with the current thread's Python frames, innermost first, each run of
-/// one evaluator activation ending with an `ENTRY_FRAME` mark. Leaves `python_len` 0 when the
-/// target runs no Python or the thread has no frames.
+/// one evaluator activation ending with an `ENTRY_FRAME` mark, and counts the outer frames
+/// past the cap in `rec.python_dropped`. Leaves `python_len` 0 when the target runs no Python
+/// or the thread has no frames. `rec` is the walk's record (`unwind::record`).
 #[inline(always)]
 pub fn read_frames(rec: *mut StackRecord) {
-    let rec = unsafe { &mut *rec };
-    rec.python_len = 0;
+    unsafe {
+        (*rec).python_len = 0;
+        (*rec).python_dropped = 0;
+    }
     let Some(config) = PY_CONFIG.get(0) else {
         return;
     };
@@ -94,43 +119,31 @@ pub fn read_frames(rec: *mut StackRecord) {
     unsafe {
         (*w).frame = frame;
         (*w).len = 0;
+        (*w).dropped = 0;
+        bpf_loop(MAX_PYTHON_STEPS, step as *mut c_void, null_mut(), 0);
+        // Frames left: the chain goes on past the steps taken.
+        let more = if (*w).frame != 0 {
+            PYTHON_DROPPED_MORE
+        } else {
+            0
+        };
+        (*rec).python_len = (*w).len;
+        (*rec).python_dropped = (*w).dropped | more;
     }
-    // Shim frames (3.12+) take steps without giving frames.
-    unsafe {
-        bpf_loop(
-            2 * MAX_PYTHON_FRAMES as u32,
-            step as *mut c_void,
-            null_mut(),
-            0,
-        );
-    }
-    // Only the frames read: a whole-array copy (512 bytes) cost more than reading them.
-    let len = unsafe { (*w).len } as usize;
-    for i in 0..MAX_PYTHON_FRAMES {
-        if i >= len {
-            break;
-        }
-        if let (Some(dst), Some(src)) = (rec.python.get_mut(i), unsafe { (*w).frames.get(i) }) {
-            // Volatile: LLVM would turn the loop back into a memcpy of the whole array.
-            unsafe { write_volatile(dst, *src) };
-        }
-    }
-    rec.python_len = len as u32;
 }
 
 /// `bpf_loop` callback: reads one frame and moves to its caller; 1 stops the loop.
 extern "C" fn step(_index: u64, _ctx: *mut c_void) -> i64 {
-    match PY_WALK.get_ptr_mut(0) {
-        Some(w) => unsafe { step_one(&mut *w) },
-        None => 1,
+    match (PY_WALK.get_ptr_mut(0), unwind::record()) {
+        (Some(w), Some(rec)) => unsafe { step_one(&mut *w, &mut *rec) },
+        _ => 1,
     }
 }
 
 #[inline(always)]
-fn step_one(w: &mut Walk) -> i64 {
+fn step_one(w: &mut Walk, rec: &mut StackRecord) -> i64 {
     let frame = w.frame;
-    let n = w.len as usize;
-    if frame == 0 || n >= MAX_PYTHON_FRAMES {
+    if frame == 0 {
         return 1;
     }
     let size = (w.offsets.frame_size as usize).min(FRAME_BUF);
@@ -140,18 +153,26 @@ fn step_one(w: &mut Walk) -> i64 {
     if unsafe { bpf_probe_read_user_buf(frame as *const u8, dst) }.is_err() {
         return 1;
     }
+    let n = w.len as usize;
     match decode_frame(&w.buf, &w.offsets) {
         Some(FrameStep::Python(f, previous)) => {
-            let Some(slot) = w.frames.get_mut(n) else {
-                return 1;
-            };
-            *slot = f;
-            w.len = n as u32 + 1;
+            match rec.python.get_mut(n) {
+                Some(slot) => {
+                    *slot = f;
+                    w.len = n as u32 + 1;
+                }
+                None => w.dropped += 1,
+            }
             w.frame = previous;
             0
         }
         Some(FrameStep::Shim(previous)) => {
-            if let Some(last) = n.checked_sub(1).and_then(|i| w.frames.get_mut(i)) {
+            // Past the cap the mark has no frame to go on. The mask is for the verifier (LLVM
+            // folds a `checked_sub` bound into an offset it cannot follow).
+            if w.dropped == 0
+                && n > 0
+                && let Some(last) = rec.python.get_mut((n - 1) % MAX_PYTHON_FRAMES)
+            {
                 last.instr |= ENTRY_FRAME;
             }
             w.frame = previous;

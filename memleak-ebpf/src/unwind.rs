@@ -2,14 +2,14 @@
 //! `memleak_common::unwind`), so stacks through code without frame pointers are whole.
 //!
 //! The walk runs in a `bpf_loop` callback, one frame per iteration, on a per-CPU scratch
-//! record (a `StackRecord` is 1.5 KiB; the BPF stack is 512 bytes). [`walk`] fills its native
+//! record (a `StackRecord` is 3 KiB; the BPF stack is 512 bytes). [`walk`] fills its native
 //! part; whoever wants Python frames fills those next; [`store`] then hashes the record into
 //! its stack id and stores it in `STACKS` once.
 
 use core::{ffi::c_void, ptr::null_mut};
 
 use aya_ebpf::{
-    bindings::{BPF_F_MMAPABLE, BPF_NOEXIST, pt_regs},
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, BPF_NOEXIST, pt_regs},
     helpers::{
         self, bpf_get_prandom_u32,
         generated::{bpf_loop, bpf_probe_read_user, bpf_send_signal},
@@ -25,6 +25,8 @@ use memleak_common::{
     },
 };
 
+use crate::python;
+
 /// Every object's rows, each object's sorted by `pc`. Userspace writes it through mmap.
 #[map]
 static UNWIND_ROWS: Array<UnwindRow> = Array::with_max_entries(MAX_UNWIND_ROWS, BPF_F_MMAPABLE);
@@ -35,8 +37,11 @@ static UNWIND_MAPPINGS: Array<UnwindMapping> = Array::with_max_entries(2 * MAX_U
 static UNWIND_CONTROL: Array<UnwindControl> = Array::with_max_entries(1, 0);
 
 /// Distinct stacks, keyed by the hash of their frames (the `stack_id` of allocations).
+/// Entries are allocated as stacks come: a 3 KiB record each, most of it Python room that
+/// most stacks leave empty.
 #[map]
-static STACKS: HashMap<u64, StackRecord> = HashMap::with_max_entries(DEFAULT_MAX_STACKS, 0);
+static STACKS: HashMap<u64, StackRecord> =
+    HashMap::with_max_entries(DEFAULT_MAX_STACKS, BPF_F_NO_PREALLOC);
 
 /// The per-CPU state of one walk: the record being filled and the registers of the frame
 /// being unwound.
@@ -136,10 +141,17 @@ pub fn walk(regs: *const pt_regs) -> Option<*mut StackRecord> {
         (*w).mapping = UnwindMapping::default();
         (*w).rec.native_len = 0;
         (*w).rec.python_len = 0;
+        (*w).rec.python_dropped = 0;
         (*w).rec.truncated = 1;
         bpf_loop(MAX_NATIVE_FRAMES as u32, step as *mut c_void, null_mut(), 0);
         Some(&raw mut (*w).rec)
     }
+}
+
+/// This CPU's record being filled: [`walk`] returned it.
+#[inline(always)]
+pub fn record() -> Option<*mut StackRecord> {
+    WALK.get_ptr_mut(0).map(|w| unsafe { &raw mut (*w).rec })
 }
 
 /// The stack word at `addr`: from the window when it covers `addr`, else read alone.
@@ -172,10 +184,15 @@ pub fn store(rec: *mut StackRecord) -> Result<i64, i32> {
     if unsafe { STACKS.get(id as u64) }.is_some() {
         return Ok(id);
     }
-    // By reference: a 1.5 KiB record copied by value would not fit the 512-byte BPF stack.
+    // By reference: a 3 KiB record copied by value would not fit the 512-byte BPF stack.
     #[allow(clippy::needless_borrows_for_generic_args)]
     match STACKS.insert(id as u64, unsafe { &*rec }, BPF_NOEXIST as u64) {
-        Ok(()) => Ok(id),
+        Ok(()) => {
+            if unsafe { (*rec).python_len } != 0 {
+                python::announce(unsafe { &*rec });
+            }
+            Ok(id)
+        }
         Err(e) if e == -EEXIST => Ok(id),
         Err(e) => Err(e),
     }
@@ -187,6 +204,7 @@ fn hash(rec: &StackRecord) -> i64 {
     const K: u64 = 0x517c_c1b7_2722_0a95;
     let mix = |h: u64, x: u64| (h.rotate_left(5) ^ x).wrapping_mul(K);
     let mut h = mix(u64::from(rec.native_len), u64::from(rec.python_len));
+    h = mix(h, u64::from(rec.python_dropped));
     for i in 0..MAX_NATIVE_FRAMES {
         if i >= rec.native_len as usize {
             break;

@@ -600,6 +600,7 @@ pub mod tests {
                         class: None,
                         class_frame: None,
                         truncated: false,
+                        python_cut: None,
                     }
                 })
                 .filter(|s| s.bytes > 0)

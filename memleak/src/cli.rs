@@ -135,6 +135,11 @@ pub struct Args {
     #[arg(long)]
     pub python_allocators: bool,
 
+    /// Bench only: the same probes, with programs that return at once, to measure the
+    /// trap's own cost (the floor memleak's work adds to).
+    #[arg(long, hide = true)]
+    pub empty_probes: bool,
+
     /// What to measure. `alloc`: every block the allocator hands out and not back, by the
     /// stack that asked for it. `growth`: no function is hooked, only the kernel's memory
     /// system calls and page faults: which code made resident memory grow (first write to a

@@ -17,7 +17,7 @@ use crate::{
     cli::SortKey,
     heap::HeapTable,
     kallsyms::Kallsyms,
-    model::{Allocation, Class, Frame, Lost, Measure, Snapshot, StackUsage},
+    model::{Allocation, Class, Frame, Lost, Measure, PythonCut, Snapshot, StackUsage},
     python::{PythonTracking, classify},
     symbolize::Symbolizer,
     unwind,
@@ -90,6 +90,10 @@ pub struct Collector {
     frames: StdHashMap<i64, Vec<Frame>>,
     /// Stacks whose walk stopped before the outermost frame.
     truncated: HashSet<i64>,
+    /// Stacks whose Python chain went on past the walk's cap.
+    python_cuts: StdHashMap<i64, PythonCut>,
+    /// Stacks whose code objects `learn_python` has read.
+    python_learned: HashSet<i64>,
     started: Instant,
 }
 
@@ -139,6 +143,8 @@ impl Collector {
             names,
             frames: StdHashMap::new(),
             truncated: HashSet::new(),
+            python_cuts: StdHashMap::new(),
+            python_learned: HashSet::new(),
             started: Instant::now(),
         })
     }
@@ -236,6 +242,7 @@ impl Collector {
         for s in &mut stacks {
             s.frames = self.frames_of(s.stack_id);
             s.truncated = self.truncated.contains(&s.stack_id);
+            s.python_cut = self.python_cuts.get(&s.stack_id).copied();
             if let Some((class, frame)) = self.class_of(&s.frames) {
                 s.class = Some(class);
                 s.class_frame = Some(frame);
@@ -273,6 +280,7 @@ impl Collector {
             *symbols = Symbolizer::new(self.pid);
         }
         self.frames.clear();
+        self.python_learned.clear();
         let launched = std::mem::take(&mut self.launching);
         Ok(Some(if launched { 0 } else { dropped }))
     }
@@ -289,12 +297,16 @@ impl Collector {
             native: ips,
             python: python_frames,
             truncated,
+            python_dropped,
         }) = unwind::read_stack(&self.stacks, stack_id)
         else {
             return Vec::new();
         };
         if truncated {
             self.truncated.insert(stack_id);
+        }
+        if let Some(cut) = PythonCut::from_record(python_dropped) {
+            self.python_cuts.insert(stack_id, cut);
         }
         let frames: Vec<Frame> = match &mut self.names {
             Names::User(symbols, python) => {
@@ -324,21 +336,25 @@ impl Collector {
         }
     }
 
-    /// Symbolizes the stacks not seen yet while the target is alive to be read: Python code
-    /// objects (names, lines) die with the process. Native frames can wait for the table, so
-    /// a target without Python costs nothing here.
-    pub fn learn_new_stacks(&mut self) {
-        let python = match &mut self.names {
-            Names::User(_, py) => py.runtime_mut().is_some(),
-            Names::Kernel(_) => false,
-        };
-        if !python {
+    /// Reads the code objects (names, lines) of the Python stacks not read yet while the
+    /// target lives: they die with their function, their module or the process. Native
+    /// frames can wait for the table. Most are read the moment they are stored (see
+    /// `python::learner`); this finds those a full ring buffer dropped.
+    pub fn learn_python(&mut self) {
+        let Names::User(_, python) = &mut self.names else {
             return;
-        }
-        let ids: Vec<u64> = self.stacks.keys().flatten().collect();
-        for id in ids.into_iter().map(|id| id as i64) {
-            if !self.frames.contains_key(&id) {
-                self.frames_of(id);
+        };
+        let Some(rt) = python.runtime_mut() else {
+            return;
+        };
+        for id in self.stacks.keys().flatten().map(|id| id as i64) {
+            if !self.python_learned.insert(id) {
+                continue;
+            }
+            if let Some(stack) = unwind::read_stack(&self.stacks, id) {
+                for &frame in &stack.python {
+                    rt.resolve(frame);
+                }
             }
         }
     }
@@ -370,6 +386,7 @@ fn usage(per_stack: &mut StdHashMap<i64, StackUsage>, stack_id: i64) -> &mut Sta
         class: None,
         class_frame: None,
         truncated: false,
+        python_cut: None,
     })
 }
 

@@ -120,6 +120,7 @@ async fn run(args: Args) -> Result<()> {
     } else {
         None
     };
+
     let mut exited: std::pin::Pin<Box<dyn std::future::Future<Output = String>>> = match &mut target
     {
         Some(t) => {
@@ -202,7 +203,7 @@ async fn run(args: Args) -> Result<()> {
                 if let Err(e) = collector.names.refresh() {
                     eprintln!("memleak: {e:#}");
                 }
-                collector.learn_new_stacks();
+                collector.learn_python();
                 // A failed re-read (the target is exiting) leaves the old tables in place.
                 if let Some(u) = unwinder.as_mut()
                     && let Ok(true) = u.refresh()

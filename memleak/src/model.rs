@@ -52,6 +52,28 @@ pub struct StackUsage {
     /// The walk stopped before the outermost frame (no unwind information, an unknown
     /// mapping, a corrupt stack): frames beyond the last one are missing.
     pub truncated: bool,
+    /// Outer Python frames past the walk's cap: counted, not kept.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub python_cut: Option<PythonCut>,
+}
+
+/// How many outermost Python frames a stack lacks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct PythonCut {
+    pub dropped: u32,
+    /// The chain went on past the frames counted: `dropped` is a lower bound.
+    pub at_least: bool,
+}
+
+impl PythonCut {
+    /// From `StackRecord::python_dropped`; `None` for a whole chain.
+    pub fn from_record(python_dropped: u32) -> Option<PythonCut> {
+        use memleak_common::PYTHON_DROPPED_MORE;
+        (python_dropped != 0).then_some(PythonCut {
+            dropped: python_dropped & !PYTHON_DROPPED_MORE,
+            at_least: python_dropped & PYTHON_DROPPED_MORE != 0,
+        })
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]

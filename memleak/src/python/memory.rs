@@ -4,6 +4,7 @@
 
 use anyhow::{Result, bail};
 
+#[derive(Clone)]
 pub enum Memory {
     /// A live process.
     Process(u32),

@@ -6,7 +6,9 @@
 
 mod btf;
 mod classify;
+mod codes;
 mod layout;
+mod learner;
 pub mod linetable;
 mod memory;
 mod splice;
@@ -14,7 +16,7 @@ mod splice;
 mod tests;
 mod threads;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
@@ -23,15 +25,16 @@ use memleak_common::{AllocKind, PyFrame};
 // The userspace twin of the BPF frame walk (`stack`), for the tests.
 #[cfg(test)]
 use memleak_common::{
-    MAX_PYTHON_FRAMES,
+    MAX_PYTHON_FRAMES, MAX_PYTHON_STEPS,
     python::{FRAME_BUF, FrameStep, NO_FIELD, decode_frame},
 };
 use object::{Object, ObjectSegment, ObjectSymbol};
 
 use crate::procmaps::{self, Mapping};
 pub use classify::classify;
+pub use codes::Codes;
+use layout::Layout;
 pub use layout::Version;
-use layout::{BYTES_DATA, BYTES_SIZE, Layout, OB_TYPE, UNICODE_LENGTH, UNICODE_STATE};
 pub use memory::Memory;
 pub use threads::PythonTracking;
 
@@ -85,18 +88,7 @@ pub struct PythonRuntime {
     memory: Memory,
     /// `_PyRuntime` and `PyCode_Type` in the target.
     runtime_addr: u64,
-    code_type: u64,
-    codes: HashMap<u64, Code>,
-}
-
-/// A code object as last read: the pointers identify it (a freed and reused address gets
-/// other strings), the rest is what a location needs.
-struct Code {
-    identity: [u64; 4],
-    file: String,
-    function: String,
-    firstlineno: i32,
-    linetable: Vec<u8>,
+    codes: Codes,
 }
 
 /// Symbols that tell what kind of interpreter an object file holds.
@@ -205,11 +197,15 @@ impl PythonRuntime {
             stdlib_dir: stdlib_dir(path, version),
             interpreter_modules: HashSet::new(),
             layout,
-            memory,
             runtime_addr,
-            code_type,
-            codes: HashMap::new(),
+            codes: Codes::new(memory.clone(), layout, code_type),
+            memory,
         })
+    }
+
+    /// The code objects read so far, shared with whoever reads new stacks' code objects.
+    pub fn codes(&self) -> Codes {
+        self.codes.clone()
     }
 
     /// The interpreter's object file, openable from here (through the target's root), to
@@ -279,7 +275,7 @@ impl PythonRuntime {
         let size = (o.frame_size as usize).min(FRAME_BUF);
         // Shim frames (3.12+) take steps without giving frames.
         let mut steps = 0;
-        while frame != 0 && frames.len() < MAX_PYTHON_FRAMES && steps < 2 * MAX_PYTHON_FRAMES {
+        while frame != 0 && frames.len() < MAX_PYTHON_FRAMES && steps < MAX_PYTHON_STEPS {
             steps += 1;
             m.read(frame, &mut buf[..size])?;
             match decode_frame(&buf, o).context("frame offsets out of bounds")? {
@@ -302,7 +298,7 @@ impl PythonRuntime {
     /// read any more and was never seen before.
     pub fn resolve(&mut self, frame: PyFrame) -> Option<PyLocation> {
         let (format, unit) = (self.layout.line_table, self.layout.instr_unit);
-        let code = self.code(frame.code)?;
+        let code = self.codes.get(frame.code)?;
         let instr = frame.instr & !ENTRY_FRAME;
         let line = match instr {
             UNKNOWN_INSTR => None,
@@ -313,91 +309,6 @@ impl PythonRuntime {
             function: code.function.clone(),
             line,
         })
-    }
-
-    /// The code object at `addr`, read or from the cache. A code object that died since we
-    /// cached it keeps its cached name: the frame was recorded while it was alive.
-    fn code(&mut self, addr: u64) -> Option<&Code> {
-        let l = self.layout;
-        let header_len = [
-            l.code_filename,
-            l.code_function,
-            l.code_linetable,
-            l.code_firstlineno,
-        ]
-        .into_iter()
-        .max()
-        .unwrap_or(0)
-            + 8;
-        let header = self.memory.read_vec(addr, header_len as usize).ok();
-        let field = |h: &[u8], at: u64| {
-            u64::from_le_bytes(h[at as usize..at as usize + 8].try_into().unwrap())
-        };
-        let live = header.filter(|h| field(h, OB_TYPE) == self.code_type);
-        let Some(h) = live else {
-            return self.codes.get(&addr);
-        };
-        let firstlineno = field(&h, l.code_firstlineno) as u32 as i32;
-        let identity = [
-            field(&h, l.code_filename),
-            field(&h, l.code_function),
-            field(&h, l.code_linetable),
-            firstlineno as u64,
-        ];
-        if self.codes.get(&addr).is_none_or(|c| c.identity != identity) {
-            let code = Code {
-                identity,
-                file: self.string(identity[0]).ok()?,
-                function: self.string(identity[1]).ok()?,
-                firstlineno,
-                linetable: self.bytes(identity[2]).ok()?,
-            };
-            self.codes.insert(addr, code);
-        }
-        self.codes.get(&addr)
-    }
-
-    /// A compact `str` object's text (code objects hold only compact ones).
-    fn string(&self, addr: u64) -> Result<String> {
-        let length = self.memory.u64(addr.wrapping_add(UNICODE_LENGTH))? as usize;
-        let state = self.memory.u32(addr.wrapping_add(UNICODE_STATE))?;
-        let kind = (state >> 2) & 7;
-        let compact = state & (1 << 5) != 0;
-        let ascii = state & (1 << 6) != 0;
-        if !compact || length > 1 << 16 {
-            bail!("str at {addr:#x} is not a compact string");
-        }
-        let data = if ascii {
-            self.layout.ascii_data
-        } else {
-            self.layout.compact_data
-        };
-        let width = if ascii { 1 } else { kind as usize };
-        if !matches!(width, 1 | 2 | 4) {
-            bail!("str at {addr:#x} has character width {width}");
-        }
-        let raw = self
-            .memory
-            .read_vec(addr.wrapping_add(data), length * width)?;
-        let text = raw
-            .chunks_exact(width)
-            .map(|c| {
-                let mut b = [0u8; 4];
-                b[..width].copy_from_slice(c);
-                char::from_u32(u32::from_le_bytes(b)).unwrap_or(char::REPLACEMENT_CHARACTER)
-            })
-            .collect();
-        Ok(text)
-    }
-
-    /// A `bytes` object's content.
-    fn bytes(&self, addr: u64) -> Result<Vec<u8>> {
-        let size = self.memory.u64(addr.wrapping_add(BYTES_SIZE))?;
-        if size > 1 << 24 {
-            bail!("bytes at {addr:#x} claims {size} bytes");
-        }
-        self.memory
-            .read_vec(addr.wrapping_add(BYTES_DATA), size as usize)
     }
 }
 

@@ -7,17 +7,19 @@ use std::collections::HashSet;
 use anyhow::{Context, Result};
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, MapData},
+    maps::{Array, HashMap, MapData, RingBuf},
 };
-use memleak_common::python::{PY_CONFIG_MAP, PY_THREADS_MAP, PyConfig};
+use memleak_common::python::{PY_CONFIG_MAP, PY_NEW_STACKS_MAP, PY_THREADS_MAP, PyConfig};
 
-use super::{PythonRuntime, btf, interpreter_files, layout::Version};
+use super::{PythonRuntime, btf, interpreter_files, layout::Version, learner};
 
 pub struct PythonTracking {
     pid: u32,
     config: Array<MapData, PyConfig>,
     threads: HashMap<MapData, u64, u64>,
     runtime: Option<PythonRuntime>,
+    /// New stacks' code objects, handed to the learner thread once CPython is found.
+    new_stacks: Option<RingBuf<MapData>>,
     /// The files last searched for CPython (see `interpreter_files`).
     looked_at: Vec<String>,
     /// Detection failed for good (an unsupported interpreter): stop trying.
@@ -36,6 +38,7 @@ impl PythonTracking {
             config: Array::try_from(take(PY_CONFIG_MAP)?)?,
             threads: HashMap::try_from(take(PY_THREADS_MAP)?)?,
             runtime: None,
+            new_stacks: Some(RingBuf::try_from(take(PY_NEW_STACKS_MAP)?)?),
             looked_at: Vec::new(),
             gave_up: false,
         })
@@ -82,6 +85,9 @@ impl PythonTracking {
 
     fn start(&mut self, runtime: PythonRuntime) -> Result<()> {
         let config = runtime.bpf_config(btf::task_fsbase_offset()? as u64);
+        if let Some(ring) = self.new_stacks.take() {
+            learner::spawn(ring, runtime.codes())?;
+        }
         self.runtime = Some(runtime);
         self.sync()?;
         // Threads first: once the config is there, the BPF program starts looking them up.

@@ -5,6 +5,8 @@
 
 use std::{collections::BTreeMap, fmt::Write};
 
+use memleak_common::MAX_PYTHON_FRAMES;
+
 use crate::{
     model::{Class, Lost, Snapshot, StackUsage},
     symbolize::format_frame,
@@ -48,6 +50,14 @@ fn stacks(out: &mut String, stacks: &[StackUsage], unit: &str, top: usize) {
         }
         for f in &s.frames {
             let _ = writeln!(out, "\t\t{:#018x}\t{}", f.addr, format_frame(f));
+        }
+        if let Some(cut) = s.python_cut {
+            let _ = writeln!(
+                out,
+                "\t\t[{}{} outer Python frames not recorded: the walk keeps {MAX_PYTHON_FRAMES}]",
+                if cut.at_least { "at least " } else { "" },
+                cut.dropped
+            );
         }
         if s.truncated {
             let _ = writeln!(

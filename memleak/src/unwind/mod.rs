@@ -59,6 +59,8 @@ pub struct Stack {
     /// The walk stopped before the outermost frame (unknown mapping, unreadable stack,
     /// unsupported rule, or the frame limit).
     pub truncated: bool,
+    /// `StackRecord::python_dropped`.
+    pub python_dropped: u32,
 }
 
 /// Looks up `stack_id` (an `AllocInfo::stack_id`) in the `STACKS` map.
@@ -74,6 +76,7 @@ pub fn read_stack<T: std::borrow::Borrow<MapData>>(
         native,
         python,
         truncated: rec.truncated != 0,
+        python_dropped: rec.python_dropped,
     })
 }
 

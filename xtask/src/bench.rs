@@ -4,8 +4,12 @@
 //!   total each tracer reports against the exact live set the program holds;
 //! - a CPython 3.11 JSON encode/decode loop, in seconds.
 //!
-//! memleak runs twice: in the allocation mode and in `--mode growth` (no uprobes; on churn
-//! over 100× as many pairs, as its cost is below a short round's noise).
+//! memleak runs three times: in the allocation mode, in `--mode growth` (no uprobes; on churn
+//! over 100× as many pairs, as its cost is below a short round's noise), and as the trap
+//! floor (`--empty-probes`: the same probes, programs that return at once), against which
+//! memleak's own work per call is told apart from the trap's. Python also gets memray (from
+//! PyPI, in a venv the bench makes), allocations at two Python stack depths, and a FastAPI
+//! service under wrk (`service`).
 //!
 //! Each workload prints `ready PID`, waits for a start line, prints its result and then holds its
 //! memory until a second line. The bench sends the start line only once the tracer's breakpoints
@@ -28,6 +32,9 @@ use anyhow::{Context, Result, bail};
 use object::{Object, ObjectSection, ObjectSymbol};
 
 use crate::{run, workspace_root};
+
+mod python;
+mod service;
 
 pub struct Options {
     pub with_bcc: bool,
@@ -67,6 +74,9 @@ sys.argv[0] = "/usr/sbin/memleak-bpfcc"
 runpy.run_path(sys.argv[0], run_name="__main__")
 "#;
 
+/// The tracer that is memleak's probes with nothing in them.
+const FLOOR: &str = "memleak floor";
+
 /// How long a tracer may take to put its probes in (BCC compiles C first).
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(180);
 const REPORT_INTERVAL_S: u32 = 1;
@@ -83,6 +93,7 @@ pub fn run_bench(memleak: &Path, opts: &Options) -> Result<()> {
     std::fs::write(&script, JSON_ROUNDTRIP)?;
 
     let mut tracers = vec![
+        Tracer::floor(memleak),
         Tracer::memleak("memleak".into(), memleak),
         Tracer::growth(memleak),
     ];
@@ -120,12 +131,15 @@ pub fn run_bench(memleak: &Path, opts: &Options) -> Result<()> {
         );
         let base = measure(churn_cmd(pairs), None, "ns_per_pair", &out)?;
         print_row("untraced", &base, None);
-        for t in tracers.iter().filter(|t| t.growth == growth) {
-            match measure(churn_cmd(pairs), Some(t), "ns_per_pair", &out) {
-                Ok(m) => print_row(&t.name, &m, Some(&base)),
-                Err(e) => println!("{:<14} failed: {e:#}", t.name),
-            }
-        }
+        let rows = measure_tracers(
+            &tracers,
+            |t| t.growth == growth,
+            &base,
+            &out,
+            || churn_cmd(pairs),
+            "ns_per_pair",
+        );
+        print_floor_ratio(&base, &rows);
     }
 
     match python311() {
@@ -142,16 +156,146 @@ pub fn run_bench(memleak: &Path, opts: &Options) -> Result<()> {
             };
             let base = measure(py_cmd(), None, "seconds", &out)?;
             print_row("untraced", &base, None);
-            for t in &tracers {
-                match measure(py_cmd(), Some(t), "seconds", &out) {
-                    Ok(m) => print_row(&t.name, &m, Some(&base)),
-                    Err(e) => println!("{:<14} failed: {e:#}", t.name),
+            let rows = measure_tracers(&tracers, |_| true, &base, &out, py_cmd, "seconds");
+            print_floor_ratio(&base, &rows);
+            let venv = python::venv(&python, &out);
+            match &venv {
+                Ok(venv) => {
+                    for native in [false, true] {
+                        let mut c = python::under_memray(venv, &out, native);
+                        c.arg(&script).arg(opts.rounds.to_string());
+                        let name = if native { "memray --native" } else { "memray" };
+                        match measure(c, None, "seconds", &out) {
+                            Ok(m) => print_row(name, &m, Some(&base)),
+                            Err(e) => println!("{name:<14} failed: {e:#}"),
+                        }
+                    }
                 }
+                Err(e) => println!("memray: not available: {e:#}"),
+            }
+            depth_bench(&python, &tracers, &out, opts.rounds)?;
+            match &venv {
+                Ok(venv) => service_bench(venv, &tracers, &out),
+                Err(e) => println!("\nSKIP the service: no venv: {e:#}"),
             }
         }
         Err(e) => println!("\nSKIP the Python workload: {e:#}"),
     }
     Ok(())
+}
+
+/// Runs the workload under each tracer that `wanted` picks and prints its row.
+fn measure_tracers<'t>(
+    tracers: &'t [Tracer],
+    wanted: impl Fn(&Tracer) -> bool,
+    base: &Measurement,
+    out: &Path,
+    cmd: impl Fn() -> Command,
+    key: &str,
+) -> Vec<(&'t Tracer, Measurement)> {
+    let mut rows = Vec::new();
+    for t in tracers.iter().filter(|t| wanted(t)) {
+        match measure(cmd(), Some(t), key, out) {
+            Ok(m) => {
+                print_row(&t.name, &m, Some(base));
+                rows.push((t, m));
+            }
+            Err(e) => println!("{:<14} failed: {e:#}", t.name),
+        }
+    }
+    rows
+}
+
+/// memleak's added cost as a multiple of the trap floor's (the target: at most 1.15×).
+fn print_floor_ratio(base: &Measurement, rows: &[(&Tracer, Measurement)]) {
+    let added = |name: &str| {
+        rows.iter()
+            .find(|(t, _)| t.name == name)
+            .map(|(_, m)| m.value - base.value)
+    };
+    if let (Some(floor), Some(memleak)) = (added(FLOOR), added("memleak")) {
+        println!(
+            "memleak's added cost / the floor's: {:.2}× ({memleak:.3} over untraced against {floor:.3})",
+            memleak / floor
+        );
+    }
+}
+
+/// The same allocations from 2 and from 40 Python frames deep: what a deep stack adds per
+/// traced allocation (the target: no more than a shallow one, ±10%).
+fn depth_bench(python: &Path, tracers: &[Tracer], out: &Path, rounds: u32) -> Result<()> {
+    let script = out.join("depth_churn.py");
+    std::fs::write(&script, python::DEPTH_CHURN)?;
+    println!(
+        "\n== allocations at a Python stack depth, ns added per 4 KiB bytearray (best of {rounds})"
+    );
+    let mut added = Vec::new();
+    for depth in [2, 40] {
+        let cmd = || {
+            let mut c = Command::new(python);
+            c.arg(&script).args([depth.to_string(), rounds.to_string()]);
+            c
+        };
+        let base = measure(cmd(), None, "seconds", out)?;
+        let mut row = format!(
+            "depth {depth:<3} untraced {:>7.0} ns",
+            per_alloc(base.value)
+        );
+        for t in tracers
+            .iter()
+            .filter(|t| t.name == FLOOR || t.name == "memleak")
+        {
+            let m = measure(cmd(), Some(t), "seconds", out)?;
+            let ns = per_alloc(m.value - base.value);
+            row += &format!("  {} +{ns:.0}", t.name);
+            if t.name == "memleak" {
+                added.push(ns);
+            }
+        }
+        println!("{row}");
+    }
+    if let [shallow, deep] = added[..] {
+        println!(
+            "memleak: 40 frames deep / 2 frames deep: {:.2}×",
+            deep / shallow
+        );
+    }
+    Ok(())
+}
+
+fn per_alloc(seconds: f64) -> f64 {
+    seconds / python::DEPTH_CHURN_ALLOCS * 1e9
+}
+
+/// The FastAPI service untraced, under every tracer and under memray: one round each.
+fn service_bench(venv: &Path, tracers: &[Tracer], out: &Path) {
+    println!("\n== FastAPI + uvicorn on the loopback, wrk 16 connections × 10 s (one round each)");
+    let base = match service::measure(venv, out, service::Server::Plain, None) {
+        Ok(b) => b,
+        Err(e) => return println!("service untraced failed: {e:#}"),
+    };
+    print_load("untraced", &base, &base);
+    for t in tracers {
+        match service::measure(venv, out, service::Server::Plain, Some(t)) {
+            Ok(l) => print_load(&t.name, &l, &base),
+            Err(e) => println!("{:<16} failed: {e:#}", t.name),
+        }
+    }
+    let memray = service::Server::Memray { native: false, out };
+    match service::measure(venv, out, memray, None) {
+        Ok(l) => print_load("memray", &l, &base),
+        Err(e) => println!("memray           failed: {e:#}"),
+    }
+}
+
+fn print_load(name: &str, l: &service::Load, base: &service::Load) {
+    println!(
+        "{name:<16} {:>8.0} req/s ({:.2} of untraced)  p50 {:>6.2} ms  p99 {:>6.2} ms",
+        l.requests_per_s,
+        l.requests_per_s / base.requests_per_s,
+        l.p50_ms,
+        l.p99_ms
+    );
 }
 
 /// A tracer command line, with the target's pid appended by [`Tracer::spawn`].
@@ -170,6 +314,15 @@ impl Tracer {
             name,
             program: path.to_path_buf(),
             args: vec![],
+            growth: false,
+        }
+    }
+
+    fn floor(path: &Path) -> Self {
+        Tracer {
+            name: FLOOR.into(),
+            program: path.to_path_buf(),
+            args: vec!["--empty-probes".into()],
             growth: false,
         }
     }

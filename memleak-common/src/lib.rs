@@ -88,19 +88,6 @@ impl AllocKind {
         })
     }
 
-    /// Releases memory rather than allocating it.
-    pub fn is_release(self) -> bool {
-        matches!(
-            self,
-            AllocKind::Free
-                | AllocKind::Munmap
-                | AllocKind::Kfree
-                | AllocKind::KmemCacheFree
-                | AllocKind::PageFree
-                | AllocKind::PercpuFree
-        )
-    }
-
     /// The C symbol, without any `--symbols-prefix`.
     pub fn symbol(self) -> &'static str {
         match self {

@@ -215,7 +215,6 @@ fn probe_offset(object: &Path, symbol: &str, entry_only: bool) -> Placement {
         Ok(code) => placement::choose_for_return(&code.bytes, code.vaddr, args),
         Err(e) => Placement {
             offset: 0,
-            sp_delta: 0,
             reason: format!("{e:#}; probing the entry"),
         },
     }

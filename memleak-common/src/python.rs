@@ -122,17 +122,14 @@ pub struct PyConfig {
 /// Thread states the BPF program looks through for a thread missing from the map.
 pub const MAX_THREAD_SCAN: u32 = 256;
 
-pub const PY_CONFIG_MAP: &str = "PY_CONFIG";
-
-/// Ring buffer of `NewPythonStack`s: the code objects of each stack with Python frames, the
-/// moment it is first stored, so userspace reads them while they live (they die with their
-/// function, their module or the process). A full buffer drops some; userspace's periodic
-/// look at the stack map finds those stacks.
-pub const PY_NEW_STACKS_MAP: &str = "PY_NEW_STACKS";
-/// Room for about 250 stacks between two reads.
+/// `PY_NEW_STACKS` (a ring buffer of `NewPythonStack`s): room for about 250 stacks between
+/// two reads.
 pub const PY_NEW_STACKS_BYTES: u32 = 1 << 18;
 
-/// One record of `PY_NEW_STACKS_MAP`.
+/// One record of `PY_NEW_STACKS`: the code objects of a stack with Python frames, the moment
+/// it is first stored, so userspace reads them while they live (they die with their
+/// function, their module or the process). A full buffer drops some; userspace's periodic
+/// look at the stack map finds those stacks.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct NewPythonStack {
@@ -142,8 +139,7 @@ pub struct NewPythonStack {
     pub codes: [u64; crate::MAX_PYTHON_FRAMES],
 }
 
-/// Map: a thread's fs_base (its pthread_t) → its `PyThreadState` address, kept by userspace.
-pub const PY_THREADS_MAP: &str = "PY_THREADS";
+/// Threads `PY_THREADS` holds (a thread's fs_base, its pthread_t → its `PyThreadState`).
 pub const MAX_PY_THREADS: u32 = 4096;
 
 #[cfg(feature = "user")]

@@ -8,34 +8,27 @@
 
 use core::{ffi::c_void, ptr::null_mut};
 
-use aya_ebpf::{
-    helpers::{
-        bpf_get_current_task, bpf_probe_read_kernel, bpf_probe_read_user, bpf_probe_read_user_buf,
-        generated::bpf_loop,
-    },
-    macros::map,
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
+use aya_ebpf::helpers::{
+    bpf_get_current_task, bpf_probe_read_kernel, bpf_probe_read_user, bpf_probe_read_user_buf,
+    generated::bpf_loop,
 };
 
-use crate::unwind;
 use memleak_common::{
     MAX_PYTHON_FRAMES, MAX_PYTHON_STEPS, PYTHON_DROPPED_MORE, StackRecord,
     python::{
-        ENTRY_FRAME, FRAME_BUF, FrameStep, MAX_PY_THREADS, MAX_THREAD_SCAN, NO_FIELD,
-        NewPythonStack, PY_NEW_STACKS_BYTES, PyConfig, PyOffsets, decode_frame,
+        ENTRY_FRAME, FRAME_BUF, FrameStep, MAX_THREAD_SCAN, NO_FIELD, NewPythonStack, PyConfig,
+        PyOffsets, decode_frame,
     },
 };
 
-/// Written by userspace once it finds CPython in the target; zero until then.
-#[map]
-static PY_CONFIG: Array<PyConfig> = Array::with_max_entries(1, 0);
-/// fs_base (pthread_t) → `PyThreadState` address.
-#[map]
-static PY_THREADS: HashMap<u64, u64> = HashMap::with_max_entries(MAX_PY_THREADS, 0);
+use crate::{
+    maps::{PY_CONFIG, PY_NEW_STACKS, PY_THREADS, PY_WALK},
+    unwind,
+};
 
 /// The per-CPU state of one walk; the frames go straight into the walk's record.
 #[repr(C)]
-struct Walk {
+pub(crate) struct Walk {
     /// The bytes of the frame being decoded.
     buf: [u8; FRAME_BUF],
     offsets: PyOffsets,
@@ -50,10 +43,6 @@ struct Walk {
     cursor: u64,
     found: u64,
 }
-
-/// See `PY_NEW_STACKS_MAP`.
-#[map]
-static PY_NEW_STACKS: RingBuf = RingBuf::with_byte_size(PY_NEW_STACKS_BYTES, 0);
 
 /// Hands userspace the code objects of `rec`, a stack with Python frames just stored.
 #[inline(always)]
@@ -72,9 +61,6 @@ pub fn announce(rec: &StackRecord) {
     }
     entry.submit(0);
 }
-
-#[map]
-static PY_WALK: PerCpuArray<Walk> = PerCpuArray::with_max_entries(1, 0);
 
 #[inline(always)]
 fn user<T>(addr: u64) -> Option<T> {

@@ -1,5 +1,5 @@
 //! Reads the code objects of each new Python stack the moment the BPF program stores it
-//! (`PY_NEW_STACKS_MAP`), on a thread of its own: the event loop may be busy (symbolizing a
+//! (`PY_NEW_STACKS`), on a thread of its own: the event loop may be busy (symbolizing a
 //! table, building the unwind tables of a library just loaded) for longer than a short script
 //! lives, and code objects die with their function, their module or the process.
 

@@ -146,7 +146,8 @@ pub fn attach(
         if hooked.insert((object, vaddr), kind).is_some() {
             continue;
         }
-        attached.push(hook(ebpf, kind, symbol, vaddr, object, pid)?);
+        let args = &placement::ARG_REGS;
+        attached.push(hook(ebpf, (kind, args), symbol, vaddr, object, pid)?);
     }
     attach_tracepoints(
         ebpf,
@@ -158,10 +159,11 @@ pub fn attach(
     Ok(attached)
 }
 
-/// Hooks one function that behaves like `kind` with that kind's programs, at its placement.
+/// Hooks one function that behaves like `kind` with that kind's programs, at its placement:
+/// the first emulated instruction reached with the registers `args` still intact.
 fn hook(
     ebpf: &mut Ebpf,
-    kind: AllocKind,
+    (kind, args): (AllocKind, &[placement::Reg]),
     symbol: String,
     vaddr: u64,
     object: &Path,
@@ -169,7 +171,7 @@ fn hook(
 ) -> Result<Attached> {
     let program = entry_program(kind).context("not a user-space allocator entry point")?;
     let entry_only = matches!(kind, AllocKind::Free | AllocKind::Munmap);
-    let place = probe_offset(object, &symbol, entry_only);
+    let place = probe_offset(object, &symbol, entry_only, args);
     attach_one(ebpf, program, &symbol, place.offset, object, pid)?;
     if !entry_only {
         // Same address as the entry probe: both share one breakpoint.
@@ -201,16 +203,39 @@ pub fn attach_python_allocators(ebpf: &mut Ebpf, pid: u32, object: &Path) -> Res
         let vaddr = *symbols
             .get(symbol)
             .with_context(|| format!("{} has no {symbol}", object.display()))?;
-        attached.push(hook(ebpf, kind, symbol.to_string(), vaddr, object, pid)?);
+        let args = python_args(kind);
+        attached.push(hook(
+            ebpf,
+            (kind, args),
+            symbol.to_string(),
+            vaddr,
+            object,
+            pid,
+        )?);
     }
     Ok(attached)
+}
+
+/// The argument registers the entry program of a CPython allocator reads. Only those must
+/// survive to the probe: `PyObject_Malloc` copies its size to %rsi first (`mov %rdi,%rsi`, an
+/// instruction the kernel single-steps) and reaches an emulated `js` with %rdi intact.
+fn python_args(kind: AllocKind) -> &'static [placement::Reg] {
+    let read = match kind {
+        AllocKind::Calloc | AllocKind::Realloc => 2,
+        _ => 1,
+    };
+    &placement::ARG_REGS[..read]
 }
 
 /// Where in `symbol` to probe so the kernel emulates the probed instruction (placement.rs).
 /// A function that also gets the return probe keeps its entry stack pointer there. Any
 /// trouble reading the code means the plain entry.
-fn probe_offset(object: &Path, symbol: &str, entry_only: bool) -> Placement {
-    let args = &placement::ARG_REGS;
+fn probe_offset(
+    object: &Path,
+    symbol: &str,
+    entry_only: bool,
+    args: &[placement::Reg],
+) -> Placement {
     match placement::function_code(object, symbol) {
         Ok(code) if entry_only => placement::choose(&code.bytes, code.vaddr, args),
         Ok(code) => placement::choose_for_return(&code.bytes, code.vaddr, args),

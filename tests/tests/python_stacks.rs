@@ -67,7 +67,7 @@ fn python_frames(stack: &Value) -> Vec<(String, String, u64)> {
 }
 
 /// The one stack whose innermost Python frame is `deep.py:5` and that holds `frames` of them.
-fn deep_stack<'a>(all: &'a [Value], depth: usize) -> Result<&'a Value> {
+fn deep_stack(all: &[Value], depth: usize) -> Result<&Value> {
     let want = expected_chain(depth);
     let found: Vec<&Value> = all
         .iter()

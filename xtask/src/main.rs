@@ -125,9 +125,9 @@ fn demo() -> Result<()> {
 }
 
 /// Debian packages some tests need: dwz (the symbolizer's dwz test), libc6-dbg (debug files
-/// found by build-id) and chromium (the HTML report is loaded in it). Without them those
-/// tests skip, loudly.
-const TEST_PACKAGES: [&str; 3] = ["dwz", "libc6-dbg", "chromium"];
+/// found by build-id), chromium (the HTML report is loaded in it), prometheus and golang-go
+/// (they scrape `--listen`'s pages). Without them those tests skip, loudly.
+const TEST_PACKAGES: [&str; 5] = ["dwz", "libc6-dbg", "chromium", "prometheus", "golang-go"];
 
 fn test(extra: &[String]) -> Result<()> {
     if let Err(e) = setup::ensure_debian_packages(&TEST_PACKAGES) {

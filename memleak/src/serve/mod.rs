@@ -30,7 +30,7 @@ use crate::{
 };
 
 /// Connections served at once; more are closed at once (a scraper retries next interval).
-const MAX_CONNECTIONS: usize = 32;
+const MAX_CONNECTIONS: usize = 64;
 /// Time a client has to send its request, and then to take the response.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);

@@ -1,6 +1,7 @@
 //! `--listen`: pages for the monitoring a fleet already runs. `/metrics` (Prometheus,
-//! OpenMetrics), `/debug/pprof/heap` (as Go's net/http/pprof serves it: `go tool pprof`,
-//! Parca, Alloy's pyroscope.scrape) and `/`, the HTML report, refreshed.
+//! OpenMetrics), `/debug/pprof/heap` and `/debug/pprof/allocs` (as Go's net/http/pprof serves
+//! them: `go tool pprof`, Parca, Alloy's pyroscope.scrape; `?seconds=` is ignored, the
+//! profile is always the current state) and `/`, the HTML report, refreshed.
 //!
 //! The pages are rendered once per interval into an immutable [`Pages`] that is swapped in
 //! whole; a connection only clones the `Arc` and writes bytes. So no client, however slow or
@@ -70,7 +71,9 @@ impl Pages {
                 };
                 (OK, format.content_type(), "", body.as_bytes())
             }
-            "/debug/pprof/heap" => (
+            // Parca's and Alloy's memory scrape asks for allocs by default: the same profile
+            // (its alloc_* values are in it too).
+            "/debug/pprof/heap" | "/debug/pprof/allocs" => (
                 OK,
                 "application/octet-stream",
                 "Content-Disposition: attachment; filename=\"heap\"\r\n\
@@ -82,7 +85,7 @@ impl Pages {
                 (404, "Not Found"),
                 "text/plain; charset=utf-8",
                 "",
-                b"memleak serves /metrics, /debug/pprof/heap and /\n",
+                b"memleak serves /metrics, /debug/pprof/heap, /debug/pprof/allocs and /\n",
             ),
         }
     }

@@ -352,3 +352,64 @@ fn stalled_clients_do_not_stall_tracing() -> Result<()> {
     drop(stalled);
     Ok(())
 }
+
+/// The live page refreshes itself and carries the chart; allocs is the heap profile; what is
+/// not served is refused with its status, and a HEAD gets the headers alone.
+#[test]
+fn pages_and_refusals() -> Result<()> {
+    if !can_trace("pages_and_refusals") {
+        return Ok(());
+    }
+    let scratch = Scratch::new("watch-pages")?;
+    let (_tracer, addr) = watched(&scratch, "hold", "1s")?;
+    wait_for_metric(addr, "memleak_intervals_total", 1.0)?;
+    let (head, page) = get(addr, "/", "")?;
+    let page = String::from_utf8_lossy(&page);
+    assert!(head.contains("Content-Type: text/html"), "{head}");
+    assert!(
+        page.contains("<meta http-equiv=\"refresh\" content=\"1\">"),
+        "{page}"
+    );
+    assert!(
+        page.contains("<svg") && page.contains("hold_blocks"),
+        "{page}"
+    );
+    let (_, heap) = get(addr, "/debug/pprof/heap", "")?;
+    let (head, allocs) = get(addr, "/debug/pprof/allocs", "")?;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(&allocs[..2], b"\x1f\x8b", "gzip");
+    assert!(heap.len().abs_diff(allocs.len()) < 64, "the same profile");
+    let (head, _) = get(addr, "/nothing", "")?;
+    assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+    let (head, om) = get(
+        addr,
+        "/metrics",
+        "Accept: application/openmetrics-text;version=1.0.0,text/plain;q=0.5\r\n",
+    )?;
+    assert!(
+        head.contains("application/openmetrics-text; version=1.0.0"),
+        "{head}"
+    );
+    assert!(om.ends_with(b"# EOF\n"));
+    for (request, status) in [
+        ("POST /metrics HTTP/1.1\r\n\r\n".to_string(), "405"),
+        ("HEAD /metrics HTTP/1.1\r\n\r\n".to_string(), "200"),
+        (
+            format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(9000)),
+            "431",
+        ),
+        ("NONSENSE\r\n\r\n".to_string(), "400"),
+    ] {
+        let mut s = TcpStream::connect(addr)?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(request.as_bytes())?;
+        let mut answer = String::new();
+        s.read_to_string(&mut answer)?;
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "{answer}"
+        );
+        assert!(answer.ends_with("\r\n\r\n"), "no body: {answer}");
+    }
+    Ok(())
+}

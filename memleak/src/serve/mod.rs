@@ -223,12 +223,13 @@ async fn read_head(stream: &mut TcpStream) -> std::io::Result<Option<Vec<u8>>> {
             return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
         buf.extend_from_slice(&chunk[..n]);
-        if let Some(len) = http::head_len(&buf) {
-            buf.truncate(len);
-            return Ok(Some(buf));
-        }
-        if buf.len() > http::MAX_HEAD {
-            return Ok(None);
+        match http::head_len(&buf) {
+            Some(len) if len <= http::MAX_HEAD => {
+                buf.truncate(len);
+                return Ok(Some(buf));
+            }
+            _ if buf.len() > http::MAX_HEAD => return Ok(None),
+            _ => {}
         }
     }
 }

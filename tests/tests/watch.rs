@@ -13,7 +13,9 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use memleak_tests::{Running, Scratch, can_trace, memleak_bin, run_memleak, wait_for_text};
+use memleak_tests::{
+    Running, Scratch, can_trace, in_ci, memleak_bin, run_memleak, skipped, wait_for_text,
+};
 use serde_json::Value;
 
 /// A fixture (tests/fixtures/watch.c, in `mode`) started by a memleak serving on a port of
@@ -72,10 +74,10 @@ fn tool(test: &str, name: &str) -> Option<PathBuf> {
         .find(|p| p.exists());
     if found.is_none() {
         assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
+            !in_ci(),
             "{test}: {name} is missing; `cargo xtask test` installs it"
         );
-        eprintln!("\n*** SKIPPED {test}: no {name} (cargo xtask test installs it) ***\n");
+        skipped(test, &format!("no {name}; cargo xtask test installs it"));
     }
     found
 }

@@ -119,7 +119,7 @@ impl Timeline {
     /// and the frames of stacks no kept interval holds.
     fn thin(&mut self) {
         let older = self.snapshots.len() / 2;
-        let keep = |i: usize| i >= older || i % 2 == 0;
+        let keep = |i: usize| i >= older || i.is_multiple_of(2);
         retain_indices(&mut self.snapshots, keep);
         retain_indices(&mut self.samples, keep);
         let held: HashSet<i64> = self

@@ -232,7 +232,7 @@ fn stack_families(pid: u32, stacks: &[StackTrend], top: usize) -> Vec<Family> {
         Family::new(
             "memleak_stack_outstanding_bytes",
             Kind::Gauge,
-            "Bytes held by one call path (stack=\"other\": every stack beyond the top N).",
+            "Bytes held by one call path (stack other: every stack beyond the top N, summed).",
         ),
         Family::new(
             "memleak_stack_outstanding_blocks",
@@ -440,6 +440,9 @@ mod tests {
         assert!(prom.contains("# TYPE memleak_lost_events_total counter\n"));
         assert!(prom.contains("memleak_self_resident_bytes 4096\n"));
         assert!(prom.contains("memleak_intervals_total 3\n"));
+        // OpenMetrics' HELP text may not hold a bare quote or backslash.
+        let mut helps = om.lines().filter(|l| l.starts_with("# HELP"));
+        assert!(helps.all(|l| !l.contains('"') && !l.contains('\\')));
         // Every sample follows its family's HELP and TYPE, once per family.
         for format in [&om, &prom] {
             let types = format.lines().filter(|l| l.starts_with("# TYPE")).count();

@@ -30,7 +30,8 @@ fn watched(scratch: &Scratch, mode: &str, interval: &str) -> Result<(Running, So
     let label = format!("memleak-{mode}");
     let tracer = Running::start(scratch, &label, &memleak_bin(), &args, None)?;
     let stdout = scratch.path(&format!("{label}.stdout"));
-    wait_for_text(&stdout, "ready", Duration::from_secs(20))?;
+    // Attaching takes seconds, more on a loaded machine.
+    wait_for_text(&stdout, "ready", Duration::from_secs(90))?;
     let text = std::fs::read_to_string(&stdout)?;
     let addr = text
         .split("Serving http://")
@@ -144,9 +145,9 @@ fn prometheus_alert_fires_for_a_leak_and_not_for_churn() -> Result<()> {
         if let Some(a) = now.iter().find(|a| a["state"] == "firing") {
             break a.clone();
         }
-        if start.elapsed() > Duration::from_secs(45) {
+        if start.elapsed() > Duration::from_secs(90) {
             bail!(
-                "no alert fired within 45 s; alerts: {now:?}\n{}",
+                "no alert fired within 90 s; alerts: {now:?}\n{}",
                 std::fs::read_to_string(scratch.path("prometheus.stderr")).unwrap_or_default()
             );
         }
@@ -212,7 +213,7 @@ fn go_pprof_reads_the_heap_endpoint() -> Result<()> {
         String::from_utf8_lossy(&out.stderr)
     );
     let inuse = inuse_space_total(&raw)?;
-    let run = tracer.interrupt(Duration::from_secs(20))?;
+    let run = tracer.interrupt(Duration::from_secs(60))?;
     let table = last_table_total(&run.stdout)?;
     assert_eq!(
         inuse, table,
@@ -233,7 +234,7 @@ fn wait_for_metric(addr: SocketAddr, series: &str, at_least: f64) -> Result<f64>
         if v >= at_least {
             return Ok(v);
         }
-        if start.elapsed() > Duration::from_secs(20) {
+        if start.elapsed() > Duration::from_secs(60) {
             bail!("{series} stayed at {v}, below {at_least}");
         }
         sleep(Duration::from_millis(100));
@@ -297,7 +298,7 @@ fn listen_errors_come_before_tracing() -> Result<()> {
             &scratch,
             &["--listen", listen, "-c", &command],
             None,
-            Duration::from_secs(20),
+            Duration::from_secs(60),
         )?;
         assert!(!run.status.success(), "{listen}: {}", run.transcript());
         let stderr = run.stderr.trim_end();
@@ -334,21 +335,22 @@ fn stalled_clients_do_not_stall_tracing() -> Result<()> {
         stalled.push(s);
     }
     sleep(Duration::from_secs(3));
+    // Had the stalled connections held the server, the scrape would wait out their 5 s to
+    // speak, and the intervals would have stopped; the margins are for a loaded machine.
     let asked = Instant::now();
     let (head, body) = get(addr, "/metrics", "")?;
     assert!(
-        asked.elapsed() < Duration::from_secs(1),
+        asked.elapsed() < Duration::from_secs(4),
         "a scrape waited {:?}",
         asked.elapsed()
     );
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     let elapsed = start.elapsed().as_secs_f64();
     let after = sample(&String::from_utf8_lossy(&body), "memleak_intervals_total").unwrap();
-    // 200 ms intervals: at least half of them taken while the clients stalled.
     let expected = elapsed / 0.2;
     assert!(
-        after - before >= expected * 0.5,
-        "{} intervals in {elapsed:.1} s",
+        after - before >= expected * 0.25,
+        "{} intervals of 200 ms in {elapsed:.1} s",
         after - before
     );
     drop(stalled);

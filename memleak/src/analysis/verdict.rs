@@ -84,7 +84,8 @@ pub fn verdict(
         .iter()
         .filter(|s| s.trend == Trend::Growing)
         .collect();
-    let leak_rate = growing.iter().map(|s| s.rate()).sum();
+    // A fold from 0.0, not sum(): an empty sum of f64 is -0.0.
+    let leak_rate = growing.iter().fold(0.0, |sum, s| sum + s.rate());
     let last_sample = points.iter().rev().find_map(|p| p.process.as_ref());
     let of = |trend| stacks.iter().filter(move |s| s.trend == trend);
     Verdict {

@@ -12,6 +12,7 @@ mod placement;
 mod probes;
 mod proc_stats;
 mod report;
+mod serve;
 mod stacks;
 mod target;
 mod timeline;
@@ -78,6 +79,10 @@ enum Stop {
 async fn run(args: Args) -> Result<()> {
     probes::preflight()?;
     check_outputs(&args)?;
+    let server = match args.listen_addr() {
+        Ok(Some(addr)) => Some(serve::Server::bind(addr, args.metrics_top, args.period())?),
+        _ => None,
+    };
     let mut target = match (&args.pid, &args.command) {
         (Some(pid), _) => Some(Target::existing(*pid)?),
         (None, Some(cmd)) => Some(Target::spawn(cmd)?),
@@ -159,7 +164,7 @@ async fn run(args: Args) -> Result<()> {
     let pid = target.as_ref().map_or(0, |t| t.pid);
     let mut timeline = Timeline::new(ProcessContext::read(pid), args.period().as_secs_f64());
     // A --duration run shows a status line instead of a table per interval.
-    let tables_shown = args.duration.is_none();
+    let tables_shown = args.duration.is_none() && server.is_none();
     let mut live = LiveStatus::new();
     let mut huge_pages_said = false;
 
@@ -194,9 +199,15 @@ async fn run(args: Args) -> Result<()> {
                 if tables_shown {
                     print!("{}", report::text::table(&snap, &collector.table, &title, args.top));
                 }
-                timeline.record(snap);
+                if timeline.record(snap) {
+                    // Thinned: stacks no kept interval holds leave the table too.
+                    collector.table.retain(&timeline.stack_ids());
+                }
+                if let Some(s) = &server {
+                    s.publish(&timeline, &collector.table);
+                }
                 live.update(&timeline, &collector.table, args.duration.map(|d| d.as_secs_f64()));
-                if args.intervals().is_some_and(|c| timeline.snapshots.len() as u64 >= c) {
+                if args.intervals().is_some_and(|c| timeline.intervals() >= c) {
                     break Stop::Count;
                 }
             }

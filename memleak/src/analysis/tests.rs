@@ -400,3 +400,51 @@ fn stacks_sharing_a_deciding_frame_are_told_apart() {
     assert_eq!(at(2).as_deref(), Some("c"));
     assert_eq!(at(3), None, "its deciding frame is its own");
 }
+
+#[test]
+fn a_long_run_is_thinned_to_bounded_points_over_its_whole_span() {
+    use crate::timeline::MAX_POINTS;
+    let run = timeline(&[leak(1)], 1.0, 2);
+    let template = run.timeline.snapshots[1].clone();
+    let context = ProcessContext {
+        pid: u32::MAX,
+        ..Default::default()
+    };
+    let mut t = Timeline::new(context, 1.0);
+    for i in 0..5000 {
+        let mut s = template.clone();
+        s.elapsed_s = i as f64;
+        s.stacks[0].bytes = i * MIB;
+        s.total_bytes = i * MIB;
+        t.push(s, None);
+    }
+    assert_eq!(t.intervals(), 5000);
+    assert!(t.snapshots.len() <= MAX_POINTS, "{}", t.snapshots.len());
+    assert_eq!(t.snapshots.len(), t.samples.len());
+    assert_eq!(t.snapshots[0].elapsed_s, 0.0, "the start stays");
+    assert_eq!(t.last().unwrap().elapsed_s, 4999.0);
+    let recent: Vec<f64> = t
+        .snapshots
+        .iter()
+        .rev()
+        .take(10)
+        .map(|s| s.elapsed_s)
+        .collect();
+    assert_eq!(
+        recent,
+        (4990..5000).rev().map(f64::from).collect::<Vec<_>>()
+    );
+    let a = analyze(&t, &run.table);
+    assert_eq!(a.stacks[0].trend, Trend::Growing);
+    assert!((a.stacks[0].rate() - 60.0 * MIB as f64).abs() < 1.0);
+    assert_eq!(
+        a.stacks[0].info.frames.len(),
+        3,
+        "a held stack keeps its frames"
+    );
+    let mut table = StackTable::default();
+    table.insert(1, StackInfo::default());
+    table.insert(9, StackInfo::default());
+    table.retain(&t.stack_ids());
+    assert!(table.entry(1).is_some() && table.entry(9).is_none());
+}

@@ -5,6 +5,7 @@ pub mod format;
 pub mod html;
 pub mod json;
 pub mod live;
+pub mod metrics;
 pub mod pprof;
 pub mod summary;
 pub mod text;

@@ -322,13 +322,16 @@ pub fn profile(a: &Analysis) -> Profile {
     b.profile
 }
 
+/// The profile, encoded and gzipped: the bytes of a `.pb.gz` file and of `/debug/pprof/heap`.
+pub fn gzipped(a: &Analysis) -> Vec<u8> {
+    let mut gz = GzEncoder::new(Vec::new(), Compression::default());
+    // Writing to a Vec cannot fail.
+    let _ = gz.write_all(&profile(a).encode_to_vec());
+    gz.finish().unwrap_or_default()
+}
+
 pub fn write(a: &Analysis, path: &Path) -> Result<()> {
-    let file =
-        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
-    let mut gz = GzEncoder::new(file, Compression::default());
-    gz.write_all(&profile(a).encode_to_vec())
-        .and_then(|()| gz.finish().map(drop))
-        .with_context(|| format!("writing {}", path.display()))
+    std::fs::write(path, gzipped(a)).with_context(|| format!("writing {}", path.display()))
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 
 mod attribution;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use serde::Serialize;
 
@@ -89,6 +89,11 @@ impl StackTable {
 
     pub fn insert(&mut self, id: i64, info: StackInfo) {
         self.stacks.insert(id, info);
+    }
+
+    /// Forgets every stack but `ids` (a long run's thinned timeline no longer holds them).
+    pub fn retain(&mut self, ids: &HashSet<i64>) {
+        self.stacks.retain(|id, _| ids.contains(id));
     }
 
     /// Reads the deciding source line of each of `ids` not read yet, through the target's

@@ -12,10 +12,10 @@ use serde_json::Value;
 /// `verdicts MODE SECONDS`, by the clock (absolute deadlines):
 /// - held:     one 5 MiB block taken at t = 1 s, never freed;
 /// - mmaps:    five 1 MiB anonymous mmaps at t = 0.6, 0.8, ... 1.4 s, never unmapped, and a
-///             steady leak of 64 KiB every 100 ms (640 KiB/s) beside them;
+///   steady leak of 64 KiB every 100 ms (640 KiB/s) beside them;
 /// - sawtooth: 1 MiB every 100 ms up to 8 MiB, then all freed and 600 ms with nothing;
 /// - apart:    64 KiB every 100 ms through leak_block, called from main and, as often,
-///             through chain_one -> chain_two -> chain_three.
+///   through chain_one -> chain_two -> chain_three.
 const VERDICTS_C: &str = r#"
 #include <stdlib.h>
 #include <string.h>

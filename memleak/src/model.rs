@@ -31,49 +31,17 @@ pub enum FrameKind {
     Python,
 }
 
-/// Outstanding memory attributed to one stack at one instant.
+/// Outstanding memory attributed to one stack at one instant. The stack itself (frames, class,
+/// explaining frame) is in the run's stack table, under `stack_id`.
 #[derive(Clone, Debug, Serialize)]
 pub struct StackUsage {
     /// The stack's id in the tracer (stable for the whole run); negative: the walk failed.
     pub stack_id: i64,
     pub bytes: u64,
     pub count: u64,
-    pub frames: Vec<Frame>,
     /// Outstanding allocations of this stack, filled with `--show-allocs` only.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub allocations: Vec<Allocation>,
-    /// Who holds the memory, when the target runs Python: application, cpython-internal,
-    /// c-extension or native-library.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub class: Option<Class>,
-    /// Index in `frames` of the frame that decided `class`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub class_frame: Option<usize>,
-    /// The walk stopped before the outermost frame (no unwind information, an unknown
-    /// mapping, a corrupt stack): frames beyond the last one are missing.
-    pub truncated: bool,
-    /// Outer Python frames past the walk's cap: counted, not kept.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub python_cut: Option<PythonCut>,
-}
-
-/// How many outermost Python frames a stack lacks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-pub struct PythonCut {
-    pub dropped: u32,
-    /// The chain went on past the frames counted: `dropped` is a lower bound.
-    pub at_least: bool,
-}
-
-impl PythonCut {
-    /// From `StackRecord::python_dropped`; `None` for a whole chain.
-    pub fn from_record(python_dropped: u32) -> Option<PythonCut> {
-        use memleak_common::PYTHON_DROPPED_MORE;
-        (python_dropped != 0).then_some(PythonCut {
-            dropped: python_dropped & !PYTHON_DROPPED_MORE,
-            at_least: python_dropped & PYTHON_DROPPED_MORE != 0,
-        })
-    }
 }
 
 #[derive(Clone, Debug, Serialize)]

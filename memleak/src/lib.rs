@@ -8,4 +8,5 @@ pub mod procmaps;
 pub mod python;
 mod sections;
 pub mod symbolize;
+pub mod target_files;
 pub mod unwind;

@@ -9,8 +9,8 @@ use serde::Serialize;
 use crate::{
     model::{Class, Frame, FrameKind, Snapshot},
     proc_stats::{self, ProcSample, ProcessContext},
-    procmaps,
 };
+use memleak::target_files::{TargetFiles, Withheld};
 
 /// Fewer intervals than this and no trend is claimed.
 pub const MIN_POINTS: usize = 3;
@@ -50,11 +50,13 @@ pub struct Timeline {
     classes: HashMap<i64, Class>,
     /// (file, line) → the line's text, read through the target's root while it runs.
     sources: HashMap<(String, u32), Option<String>>,
+    files: TargetFiles,
 }
 
 impl Timeline {
     pub fn new(context: ProcessContext) -> Self {
         Timeline {
+            files: TargetFiles::new(context.pid),
             context,
             snapshots: Vec::new(),
             final_state: None,
@@ -117,7 +119,6 @@ impl Timeline {
                 self.classes.insert(s.stack_id, class);
             }
         }
-        let pid = self.pid();
         for stack in snapshot.stacks.iter().take(SOURCE_LINES_KEPT) {
             let Some(frame) = deciding_frame(&stack.frames).map(|i| &stack.frames[i]) else {
                 continue;
@@ -127,7 +128,7 @@ impl Timeline {
             };
             self.sources
                 .entry((file.clone(), line))
-                .or_insert_with(|| read_source_line(pid, file, line));
+                .or_insert_with(|| read_source_line(&self.files, file, line));
         }
     }
 
@@ -276,7 +277,8 @@ pub struct StackTrend<'a> {
     /// Index in `frames` of the line that decides: the innermost application frame with a
     /// file and line.
     pub deciding_frame: Option<usize>,
-    /// That line's text, read from the target's own file; `None`: not readable.
+    /// That line's text, read from the target's own file as the target could, or
+    /// `[source withheld: why]`; `None`: no such file or line.
     pub deciding_source: Option<&'a str>,
     pub class: Option<&'a Class>,
 }
@@ -541,13 +543,21 @@ pub fn deciding_frame(frames: &[Frame]) -> Option<usize> {
         .or_else(|| frames.iter().position(located))
 }
 
-/// Line `line` (1-based) of the target's `file`, read through `/proc/PID/root`; `None` for a
-/// relative path, a missing file or a line past its end (no guessing).
-pub fn read_source_line(pid: u32, file: &str, line: u32) -> Option<String> {
+/// Larger than any source file (the SQLite amalgamation is 9 MB).
+const MAX_SOURCE_FILE: u64 = 16 << 20;
+
+/// Line `line` (1-based) of the target's `file`, read as the target could; `None` for a
+/// relative path, a missing file or a line past its end (no guessing). A file the policy
+/// withholds gives `[source withheld: why]` instead of its line.
+pub fn read_source_line(files: &TargetFiles, file: &str, line: u32) -> Option<String> {
     if !file.starts_with('/') || line == 0 {
         return None;
     }
-    let text = std::fs::read(procmaps::host_path(pid, file)).ok()?;
+    let text = match files.read(std::path::Path::new(file), MAX_SOURCE_FILE, b"") {
+        Ok(text) => text,
+        Err(Withheld::Missing | Withheld::TargetGone) => return None,
+        Err(why) => return Some(format!("[source withheld: {why}]")),
+    };
     let text = String::from_utf8_lossy(&text);
     text.lines()
         .nth(line as usize - 1)
@@ -819,14 +829,19 @@ pub mod tests {
         let file = dir.join("app.c");
         std::fs::write(&file, "int x;\n    p = malloc(4096);  \n").unwrap();
         let path = file.to_str().unwrap();
-        let me = std::process::id();
+        let me = TargetFiles::new(std::process::id());
         assert_eq!(
-            read_source_line(me, path, 2).as_deref(),
+            read_source_line(&me, path, 2).as_deref(),
             Some("p = malloc(4096);")
         );
-        assert_eq!(read_source_line(me, path, 3), None);
-        assert_eq!(read_source_line(me, "app.c", 1), None);
-        assert_eq!(read_source_line(u32::MAX, path, 1), None, "no such process");
+        assert_eq!(read_source_line(&me, path, 3), None);
+        assert_eq!(read_source_line(&me, "app.c", 1), None);
+        let gone = TargetFiles::new(u32::MAX);
+        assert_eq!(read_source_line(&gone, path, 1), None, "no such process");
+        assert_eq!(
+            read_source_line(&me, dir.to_str().unwrap(), 1).as_deref(),
+            Some("[source withheld: not a regular file]")
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

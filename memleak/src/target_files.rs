@@ -32,6 +32,10 @@ use std::{
     time::Duration,
 };
 
+/// The cap for object and debug files: larger than any real one (libtorch is 2 GiB), while
+/// `/proc/kcore` claims terabytes.
+pub const MAX_OBJECT_FILE: u64 = 8 << 30;
+
 /// How long a caller waits for one open and read before it gives up on it.
 pub const TIMEOUT: Duration = Duration::from_millis(750);
 

@@ -247,12 +247,14 @@ async fn run(args: Args) -> Result<()> {
     if let Some(snap) = final_state {
         timeline.record_final(snap);
     }
-    // Dropping `ebpf` detaches every probe; the target runs on unharmed while the reports
-    // are written.
+    // Reports before the probes go: each probe's detach waits out an RCU grace period
+    // (about 100 ms here, one probe at a time in the kernel), seconds for two dozen, and a
+    // signal must not wait for that to see the reports.
     drop(collector);
     drop(events);
+    let written = write_reports(&args, &timeline);
     drop(ebpf);
-    write_reports(&args, &timeline)
+    written
 }
 
 /// Creates the output files now, so a bad path fails before a long capture, not after it.
@@ -423,7 +425,12 @@ fn watch_exit(target: &mut Target) -> Result<oneshot::Receiver<String>> {
             events: libc::POLLIN,
             revents: 0,
         };
-        while unsafe { libc::poll(&mut p, 1, -1) } < 0 {}
+        // EINTR: again at once; anything else (ENOMEM) again after a pause, not in a spin.
+        while unsafe { libc::poll(&mut p, 1, -1) } < 0 {
+            if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
         let _ = tx.send(format!("(PID {pid}) exited"));
     });
     Ok(rx)

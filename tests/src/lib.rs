@@ -167,18 +167,7 @@ impl Running {
     /// Waits until the process maps an object whose path contains `name` (a `-p` target must
     /// have its libc mapped before memleak can find the allocator in it).
     pub fn wait_for_mapping(&self, name: &str, timeout: Duration) -> Result<()> {
-        let maps = format!("/proc/{}/maps", self.pid());
-        let start = Instant::now();
-        while !std::fs::read_to_string(&maps)
-            .unwrap_or_default()
-            .contains(name)
-        {
-            if start.elapsed() > timeout {
-                bail!("pid {} did not map {name} within {timeout:?}", self.pid());
-            }
-            sleep(Duration::from_millis(5));
-        }
-        Ok(())
+        wait_for_mapping(self.pid(), name, timeout)
     }
 
     pub fn signal(&self, signal: i32) {
@@ -512,4 +501,63 @@ pub fn expect_success(run: &Finished) -> Result<()> {
         bail!("memleak did not exit 0\n{}", run.transcript());
     }
     Ok(())
+}
+
+/// Waits until process `pid` maps an object whose path contains `name`.
+pub fn wait_for_mapping(pid: u32, name: &str, timeout: Duration) -> Result<()> {
+    let maps = format!("/proc/{pid}/maps");
+    let start = Instant::now();
+    while !std::fs::read_to_string(&maps)
+        .unwrap_or_default()
+        .contains(name)
+    {
+        if start.elapsed() > timeout {
+            bail!("pid {pid} did not map {name} within {timeout:?}");
+        }
+        sleep(Duration::from_millis(5));
+    }
+    Ok(())
+}
+
+/// Whether `tool` is on PATH (a test that needs it says SKIPPED without it).
+pub fn on_path(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// The PID of the descendant of `ancestor` whose executable path ends with `exe` (`unshare`
+/// forks, then `chroot` or `setpriv` execs the fixture).
+pub fn descendant_running(ancestor: u32, exe: &str, timeout: Duration) -> Result<u32> {
+    let start = Instant::now();
+    loop {
+        let mut pending = vec![ancestor];
+        while let Some(pid) = pending.pop() {
+            let path = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
+            if path.ends_with(exe) {
+                return Ok(pid);
+            }
+            pending.extend(children(pid));
+        }
+        if start.elapsed() > timeout {
+            bail!("no process running {exe} under pid {ancestor} within {timeout:?}");
+        }
+        sleep(Duration::from_millis(5));
+    }
+}
+
+fn children(pid: u32) -> Vec<u32> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten();
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+        .flat_map(|list| {
+            list.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<_>>()
+        })
+        .collect()
 }

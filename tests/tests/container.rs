@@ -11,7 +11,7 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use memleak_tests::{
     Ledger, Report, Running, Scratch, can_trace, check_against_ledger, descendant_running,
-    expect_success, on_path, wait_for_file, wait_for_mapping,
+    expect_success, on_path, skipped, wait_for_file, wait_for_mapping,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -27,7 +27,7 @@ fn attach_by_host_pid_to_a_chrooted_namespaced_target() -> Result<()> {
     }
     for tool in ["unshare", "chroot", "ldd"] {
         if !on_path(tool) {
-            eprintln!("\n*** SKIPPED (no `{tool}` on PATH): {test} ***\n");
+            skipped(test, &format!("no `{tool}` on PATH"));
             return Ok(());
         }
     }

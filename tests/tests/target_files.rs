@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use memleak_tests::{
-    Running, Scratch, can_trace, descendant_running, expect_success, on_path, read_json,
+    Running, Scratch, can_trace, descendant_running, expect_success, on_path, read_json, skipped,
     wait_for_mapping, wait_for_text,
 };
 use serde_json::Value;
@@ -219,7 +219,7 @@ fn an_absolute_symlink_in_the_targets_namespace_stays_in_its_root() -> Result<()
     }
     for tool in ["unshare", "setpriv", "mount"] {
         if !on_path(tool) {
-            eprintln!("\n*** SKIPPED (no `{tool}` on PATH): {test} ***\n");
+            skipped(test, &format!("no `{tool}` on PATH"));
             return Ok(());
         }
     }
@@ -290,7 +290,7 @@ fn a_debuglink_to_a_fifo_or_a_file_the_target_may_not_read_is_not_followed() -> 
         return Ok(());
     }
     if !on_path("objcopy") {
-        eprintln!("\n*** SKIPPED (no `objcopy` on PATH): {test} ***\n");
+        skipped(test, "no `objcopy` on PATH");
         return Ok(());
     }
     let scratch = Scratch::new("withheld-debuglink")?;

@@ -79,7 +79,10 @@ fn credentials_are_the_filesystem_ids_and_groups() {
         })
     );
     let no_groups = "Uid:\t0\t0\t0\t0\nGid:\t0\t0\t0\t0\nGroups:\t\n";
-    assert_eq!(Credentials::of_status(no_groups).unwrap().groups, vec![]);
+    assert_eq!(
+        Credentials::of_status(no_groups).unwrap().groups,
+        Vec::<u32>::new()
+    );
     assert_eq!(
         Credentials::of_status("Uid:\t0\t0\t0\n"),
         None,

@@ -91,6 +91,8 @@ pub struct Collector {
     /// Stacks whose walk stopped before the outermost frame.
     truncated: HashSet<i64>,
     started: Instant,
+    /// Allocator functions the process may call that are not hooked (reported as lost).
+    pub unhooked: Vec<String>,
 }
 
 /// What a snapshot should contain.
@@ -140,6 +142,7 @@ impl Collector {
             frames: StdHashMap::new(),
             truncated: HashSet::new(),
             started: Instant::now(),
+            unhooked: Vec::new(),
         })
     }
 
@@ -179,6 +182,7 @@ impl Collector {
                 trace_events_lost: counters[Counter::EventsLost as usize],
                 stale_inflight: counters[Counter::StaleInflight as usize],
                 munmap_splits_lost: counters[Counter::MunmapSplitLost as usize],
+                unhooked: self.unhooked.clone(),
             },
             recorded: counters[Counter::Recorded as usize],
             released: counters[Counter::Released as usize],

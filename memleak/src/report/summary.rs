@@ -126,6 +126,7 @@ fn verdict(out: &mut String, t: &Timeline, a: &Analysis, held: &str) {
             .flatten()
             .filter(|(_, n)| n.as_u64().is_some_and(|n| n > 0))
             .map(|(name, n)| format!("{name} {n}"))
+            .chain(lost.unhooked.iter().map(|f| format!("not hooked: {f}")))
             .collect();
         let _ = writeln!(
             out,

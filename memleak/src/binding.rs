@@ -342,16 +342,18 @@ fn env_value<'a>(environ: &'a [u8], name: &str) -> &'a str {
 }
 
 /// The preload list ld.so builds: `LD_PRELOAD` (split on spaces and colons), then the
-/// whitespace- or colon-separated entries of `/etc/ld.so.preload`.
+/// whitespace- or colon-separated entries of `/etc/ld.so.preload` (`#` starts a comment).
 fn preload_entries(env: &str, preload_file: &str) -> Vec<String> {
-    let split = |s: &str| -> Vec<String> {
-        s.split([' ', ':', '\t', '\n'])
+    let words = |s: &str| -> Vec<String> {
+        s.split([' ', ':', '\t'])
             .filter(|e| !e.is_empty())
             .map(str::to_string)
             .collect()
     };
-    let mut out = split(env);
-    out.extend(split(preload_file));
+    let mut out = words(env);
+    for line in preload_file.lines() {
+        out.extend(words(line.split('#').next().unwrap_or_default()));
+    }
     out
 }
 
@@ -691,6 +693,10 @@ fn label(h: &Hook) -> String {
     if data.windows(8).any(|w| w == b"mimalloc") {
         return "mimalloc".to_string();
     }
+    // musl's startup code, linked into every static musl executable.
+    if data.windows(22).any(|w| w == b"libc_start_main_stage2") {
+        return "musl".to_string();
+    }
     if h.symbol.starts_with("_rjem_") || h.symbol.starts_with("je_") {
         return format!("jemalloc (as {})", h.symbol);
     }
@@ -709,4 +715,298 @@ fn jemalloc_version(data: &[u8]) -> Option<String> {
     let text = std::str::from_utf8(&data[start..marker]).ok()?;
     let mut parts = text.split(['.', '-']);
     Some(format!("{}.{}", parts.next()?, parts.next()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::{process::Command, time::Duration};
+
+    const LIBC: &str = "/lib/x86_64-linux-gnu/libc.so.6";
+    const JEMALLOC: &str = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2";
+    const TCMALLOC: &str = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4";
+    /// What `musl-gcc` passes to gcc.
+    const MUSL_SPECS: &str = "/usr/lib/x86_64-linux-musl/musl-gcc.specs";
+
+    /// The files a test needs (`cargo xtask test` installs them); a missing one skips loudly.
+    fn have(test: &str, files: &[&str]) -> bool {
+        let missing: Vec<&&str> = files.iter().filter(|f| !Path::new(f).exists()).collect();
+        if !missing.is_empty() {
+            eprintln!("\n*** SKIPPED {test}: missing {missing:?} ***\n");
+        }
+        missing.is_empty()
+    }
+
+    fn hook<'p>(plan: &'p Plan, symbol: &str) -> &'p Hook {
+        plan.hooks
+            .iter()
+            .find(|h| h.symbol == symbol)
+            .unwrap_or_else(|| panic!("{symbol} not hooked: {plan:?}"))
+    }
+
+    #[test]
+    fn the_default_symbol_version_binds() {
+        if !have("the_default_symbol_version_binds", &[LIBC]) {
+            return;
+        }
+        let facts =
+            Facts::read_with(Path::new(LIBC), &|n| n == "realpath" || n == "memcpy").unwrap();
+        // realpath@@GLIBC_2.3 and realpath@GLIBC_2.2.5 (for old binaries) are both defined.
+        let all: Vec<&Def> = facts.defs.iter().filter(|d| d.name == "realpath").collect();
+        assert!(all.len() >= 2, "{all:?}");
+        let bound = facts.find("realpath", false).unwrap();
+        assert!(bound.exported);
+        assert_eq!(all.iter().filter(|d| d.exported).count(), 1, "{all:?}");
+        // memcpy@@GLIBC_2.14 is an IFUNC: noted as such, never hooked.
+        let memcpy = facts.find("memcpy", false).unwrap();
+        assert!(memcpy.ifunc, "{memcpy:?}");
+        assert_eq!(facts.soname.as_deref(), Some("libc.so.6"));
+        assert!(facts.needed.iter().any(|n| n.starts_with("ld-linux")));
+    }
+
+    #[test]
+    fn file_offsets_follow_the_load_segments() {
+        if !have("file_offsets_follow_the_load_segments", &[JEMALLOC]) {
+            return;
+        }
+        let facts = Facts::read(Path::new(JEMALLOC)).unwrap();
+        let malloc = facts.find("malloc", false).unwrap();
+        // The bytes at the file offset are the function's code (the first byte of the
+        // section data at the symbol's address).
+        let data = std::fs::read(JEMALLOC).unwrap();
+        let file = object::File::parse(&*data).unwrap();
+        use object::{Object, ObjectSection, ObjectSymbol};
+        let sym = file
+            .dynamic_symbols()
+            .find(|s| s.name() == Ok("malloc"))
+            .unwrap();
+        let section = file.section_by_index(sym.section_index().unwrap()).unwrap();
+        let code = section.data_range(sym.address(), 16).unwrap().unwrap();
+        let at = malloc.file_offset as usize;
+        assert_eq!(&data[at..at + 16], code);
+        assert_eq!(malloc.vaddr, sym.address());
+    }
+
+    /// Starts `sleep` with `preload`, waits until libc is mapped: (child, scope).
+    fn sleeping_with(preload: &str) -> (std::process::Child, Scope) {
+        let child = Command::new("sleep")
+            .arg("10")
+            .env("LD_PRELOAD", preload)
+            .spawn()
+            .unwrap();
+        let maps = format!("/proc/{}/maps", child.id());
+        for _ in 0..500 {
+            let text = std::fs::read_to_string(&maps).unwrap_or_default();
+            if text.contains("libc.so") && text.contains("/sleep") {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let scope = Scope::of_process(child.id()).unwrap();
+        (child, scope)
+    }
+
+    #[test]
+    fn a_preloaded_jemalloc_takes_the_malloc_family_and_libc_keeps_the_rest() {
+        if !have(
+            "a_preloaded_jemalloc_takes_the_malloc_family",
+            &[JEMALLOC, LIBC],
+        ) {
+            return;
+        }
+        let (mut child, scope) = sleeping_with(JEMALLOC);
+        let plan = scope.plan(&[]);
+        // The labels come from the files, read through the live process.
+        let summary = plan.summary();
+        let _ = child.kill();
+        let _ = child.wait();
+        for f in [
+            "malloc", "free", "calloc", "realloc", "memalign", "sdallocx", "_Znwm",
+        ] {
+            let h = hook(&plan, f);
+            assert!(h.object_name.ends_with("libjemalloc.so.2"), "{h:?}");
+            assert_eq!(h.origin, Origin::Preload);
+        }
+        // jemalloc has no pvalloc or reallocarray: libc's are the ones bound.
+        for f in ["pvalloc", "reallocarray", "mmap", "munmap", "mremap"] {
+            let h = hook(&plan, f);
+            assert!(h.object_name.ends_with("libc.so.6"), "{h:?}");
+            assert_eq!(h.origin, Origin::Needed);
+        }
+        assert!(
+            plan.absent.is_empty() && plan.unhooked.is_empty(),
+            "{plan:?}"
+        );
+        assert!(
+            summary.starts_with("allocator: jemalloc 5.") && summary.contains("(LD_PRELOAD)"),
+            "{summary}"
+        );
+        assert!(summary.ends_with("mmap family: libc"), "{summary}");
+    }
+
+    #[test]
+    fn tcmalloc_takes_the_mmap_family_too() {
+        if !have("tcmalloc_takes_the_mmap_family_too", &[TCMALLOC, LIBC]) {
+            return;
+        }
+        let (mut child, scope) = sleeping_with(TCMALLOC);
+        let plan = scope.plan(&[]);
+        let summary = plan.summary();
+        let _ = child.kill();
+        let _ = child.wait();
+        for f in ["malloc", "free", "mmap", "mmap64", "munmap", "mremap"] {
+            let h = hook(&plan, f);
+            assert!(h.object_name.contains("libtcmalloc_minimal"), "{h:?}");
+        }
+        // free and operator delete are one function there: hooked once.
+        let at_free = plan
+            .hooks
+            .iter()
+            .filter(|h| h.vaddr == hook(&plan, "free").vaddr)
+            .count();
+        assert_eq!(at_free, 1);
+        assert!(summary.contains("mmap family: tcmalloc"), "{summary}");
+    }
+
+    #[test]
+    fn the_scope_order_is_the_loaders() {
+        if !have("the_scope_order_is_the_loaders", &[JEMALLOC, LIBC]) {
+            return;
+        }
+        let (mut child, scope) = sleeping_with(JEMALLOC);
+        let _ = child.kill();
+        let _ = child.wait();
+        // The oracle: the dynamic loader's own listing of the same program and preload.
+        let out = Command::new("/lib64/ld-linux-x86-64.so.2")
+            .args(["--list", "/usr/bin/sleep"])
+            .env("LD_PRELOAD", JEMALLOC)
+            .output()
+            .unwrap();
+        let canonical = |p: &str| std::fs::canonicalize(p).unwrap();
+        let want: Vec<PathBuf> = loader_listing(&String::from_utf8_lossy(&out.stdout))
+            .iter()
+            .map(|(_, p)| canonical(p))
+            .collect();
+        let got: Vec<PathBuf> = scope.objects[1..]
+            .iter()
+            .filter(|o| o.origin != Origin::Loaded)
+            .map(|o| canonical(&o.name))
+            .collect();
+        assert_eq!(got, want);
+        assert_eq!(scope.objects[0].origin, Origin::Executable);
+    }
+
+    #[test]
+    fn a_static_executable_is_its_own_allocator() {
+        if !have("a_static_executable_is_its_own_allocator", &[MUSL_SPECS]) {
+            return;
+        }
+        let source = "#include <stdlib.h>\nint main(){return malloc(9)==0;}\n";
+        let (dir, exe) = compiled(source, &["-static", "-specs", MUSL_SPECS]);
+        let plan = Scope::of_command(&exe).unwrap().plan(&[]);
+        let summary = plan.summary();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(hook(&plan, "malloc").origin, Origin::Executable);
+        // Never called, so never linked in: skipped and named, not a refusal.
+        assert!(plan.absent.contains(&"free".to_string()), "{plan:?}");
+        assert!(summary.starts_with("allocator: musl"), "{summary}");
+    }
+
+    /// An executable with tikv-jemallocator's names, a custom `my_` allocator and a `je_`
+    /// allocator whose malloc is an IFUNC, all calling libc.
+    const PREFIXED: &str = r#"#include <stdlib.h>
+void *_rjem_malloc(size_t n) { return malloc(n); }
+void *_rjem_mallocx(size_t n, int flags) { return malloc(n); }
+void _rjem_sdallocx(void *p, size_t n, int flags) { free(p); }
+void _rjem_free(void *p) { free(p); }
+void *my_malloc(size_t n) { return malloc(n); }
+void my_free(void *p) { free(p); }
+static void *je_real(size_t n) { return malloc(n); }
+static void *(*je_pick(void))(size_t) { return je_real; }
+void *je_malloc(size_t n) __attribute__((ifunc("je_pick")));
+int main(void) { return 0; }
+"#;
+
+    /// Compiles `source` with gcc `flags` in a fresh directory: (directory, executable).
+    fn compiled(source: &str, flags: &[&str]) -> (PathBuf, PathBuf) {
+        static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("memleak-binding-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (src, exe) = (dir.join("p.c"), dir.join("p"));
+        std::fs::write(&src, source).unwrap();
+        let built = Command::new("gcc")
+            .args(flags)
+            .arg("-o")
+            .args([&exe, &src])
+            .status()
+            .unwrap();
+        assert!(built.success());
+        (dir, exe)
+    }
+
+    #[test]
+    fn prefixed_allocators_in_the_executable() {
+        let (dir, exe) = compiled(PREFIXED, &[]);
+        let scope = Scope::of_command(&exe).unwrap();
+        let plain = scope.plan(&[]);
+        let with_my = scope.plan(&["my_"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+        // Found by their known prefix, not exported, with jemalloc's own entry points.
+        assert_eq!(hook(&plain, "_rjem_malloc").origin, Origin::Executable);
+        assert_eq!(hook(&plain, "_rjem_mallocx").kind, AllocKind::Malloc);
+        assert_eq!(hook(&plain, "_rjem_sdallocx").kind, AllocKind::Free);
+        assert!(hook(&plain, "malloc").object_name.ends_with("libc.so.6"));
+        assert!(
+            plain.summary().contains("also _rjem_malloc"),
+            "{}",
+            plain.summary()
+        );
+        // An unknown prefix only when asked for.
+        assert!(!plain.hooks.iter().any(|h| h.symbol == "my_malloc"));
+        assert_eq!(hook(&with_my, "my_free").kind, AllocKind::Free);
+        // An IFUNC cannot be probed: named as not hooked, which makes the tables partial.
+        assert!(
+            plain.unhooked.iter().any(|u| u.starts_with("je_malloc in")),
+            "{:?}",
+            plain.unhooked
+        );
+    }
+
+    #[test]
+    fn environment_and_preload_file_entries() {
+        let environ = b"A=1\0LD_PRELOAD=/x/liba.so libb.so:libc.so\0LD_PRELOADX=no\0";
+        let env = env_value(environ, "LD_PRELOAD");
+        assert_eq!(env, "/x/liba.so libb.so:libc.so");
+        assert_eq!(env_value(environ, "B"), "");
+        assert_eq!(
+            preload_entries(env, "# none\n/etc/libd.so\n"),
+            ["/x/liba.so", "libb.so", "libc.so", "/etc/libd.so"]
+        );
+    }
+
+    #[test]
+    fn loader_listing_keeps_paths_in_order() {
+        let listing = "\tlinux-vdso.so.1 (0x00007ffd)\n\
+                       \tlibjemalloc.so.2 => /lib/libjemalloc.so.2 (0x7f01)\n\
+                       \tlibgone.so => not found\n\
+                       \t/lib64/ld-linux-x86-64.so.2 (0x7f02)\n";
+        assert_eq!(
+            loader_listing(listing),
+            [
+                (
+                    "libjemalloc.so.2".to_string(),
+                    "/lib/libjemalloc.so.2".to_string()
+                ),
+                (String::new(), "/lib64/ld-linux-x86-64.so.2".to_string()),
+            ]
+        );
+    }
+
+    #[test]
+    fn versions_from_banners() {
+        let data = b"xx\x005.3.0-0-g54eaed1d8b56b1aa528be3bdd1877e59c56fa90c\0";
+        assert_eq!(jemalloc_version(data).as_deref(), Some("5.3"));
+        assert_eq!(jemalloc_version(b"no version here"), None);
+    }
 }

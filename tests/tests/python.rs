@@ -146,8 +146,9 @@ fn python_frames(stack: &Value) -> Vec<(&str, &str, u64)> {
         .collect()
 }
 
-/// Traces the workload under one interpreter and checks every leak and the churn.
-fn check(label: &str, python: &str) -> Result<()> {
+/// Traces the workload under one interpreter, started with `env` added, and checks every
+/// leak and the churn.
+fn check(label: &str, python: &str, env: &[(&str, &str)]) -> Result<()> {
     let scratch = Scratch::new("python")?;
     let dir = scratch.path("");
     build_extension(python, &dir)?;
@@ -157,7 +158,7 @@ fn check(label: &str, python: &str) -> Result<()> {
     let (go, done) = (scratch.path("go"), scratch.path("done"));
     // Attached to a running interpreter: it reads the code objects of every stack while the
     // target lives. The extension is found next to the script (sys.path[0]).
-    let target = Running::start(
+    let target = Running::start_with_env(
         &scratch,
         "python",
         Path::new(python),
@@ -167,6 +168,7 @@ fn check(label: &str, python: &str) -> Result<()> {
             done.to_str().unwrap(),
         ],
         None,
+        env,
     )?;
     // memleak hooks the libc the process has mapped: not before the loader has mapped it.
     target.wait_for_mapping("libc.so", TIMEOUT)?;
@@ -257,10 +259,36 @@ fn python_leaks_at_their_lines() -> Result<()> {
             eprintln!("\n*** SKIPPED Python {label}: {python} is missing ***\n");
             continue;
         }
-        if let Err(e) = check(label, python) {
+        if let Err(e) = check(label, python, &[]) {
             failures.push(format!("{e:#}"));
         }
     }
     ensure!(failures.is_empty(), "{}", failures.join("\n\n"));
     Ok(())
+}
+
+/// A common fix for fragmentation: CPython run on jemalloc. Its malloc family is hooked in
+/// jemalloc with no flag, and every leak is still named at its Python line.
+#[test]
+fn python_on_preloaded_jemalloc() -> Result<()> {
+    const JEMALLOC: &str = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2";
+    let (label, python) = PYTHONS[4];
+    if !can_trace("python_on_preloaded_jemalloc") {
+        return Ok(());
+    }
+    for needed in [JEMALLOC, python] {
+        if !Path::new(needed).exists() {
+            ensure!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "{needed} is missing under CI"
+            );
+            eprintln!("\n*** SKIPPED python_on_preloaded_jemalloc: {needed} is missing ***\n");
+            return Ok(());
+        }
+    }
+    check(
+        &format!("{label} on jemalloc"),
+        python,
+        &[("LD_PRELOAD", JEMALLOC)],
+    )
 }

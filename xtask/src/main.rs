@@ -125,9 +125,16 @@ fn demo() -> Result<()> {
 }
 
 /// Debian packages some tests need: dwz (the symbolizer's dwz test), libc6-dbg (debug files
-/// found by build-id) and chromium (the HTML report is loaded in it). Without them those
-/// tests skip, loudly.
-const TEST_PACKAGES: [&str; 3] = ["dwz", "libc6-dbg", "chromium"];
+/// found by build-id), chromium (the HTML report is loaded in it), jemalloc, tcmalloc and
+/// musl (the allocator tests). Without them those tests skip, loudly (and fail under CI).
+const TEST_PACKAGES: [&str; 6] = [
+    "dwz",
+    "libc6-dbg",
+    "chromium",
+    "libjemalloc2",
+    "libtcmalloc-minimal4",
+    "musl-tools",
+];
 
 fn test(extra: &[String]) -> Result<()> {
     if let Err(e) = setup::ensure_debian_packages(&TEST_PACKAGES) {

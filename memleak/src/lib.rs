@@ -3,6 +3,7 @@
 //! the fuzz targets in `fuzz/` drive the very code the `memleak` binary runs.
 
 pub mod binding;
+pub mod bpf_map;
 pub mod mapped;
 pub mod model;
 pub mod procmaps;

@@ -14,20 +14,6 @@ const TIMEOUT: Duration = Duration::from_secs(60);
 const JEMALLOC: &str = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2";
 const TCMALLOC: &str = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4";
 
-/// True when `file` (installed by `cargo xtask test`) is there; says loudly that the test
-/// skips otherwise, and fails under CI, where the setup must have installed it.
-fn installed(test: &str, file: &str) -> bool {
-    if Path::new(file).exists() {
-        return true;
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "{test}: {file} is missing under CI"
-    );
-    eprintln!("\n*** SKIPPED {test}: {file} is missing ***\n");
-    false
-}
-
 /// The ledger against the report, nothing lost, and the allocator line starting `allocator`.
 fn expect_exact(scratch: &Scratch, run: &Finished, allocator: &str) -> Result<()> {
     expect_success(run)?;

@@ -3,27 +3,35 @@
 //! extension compiled against the interpreter's headers, ctypes calling libc malloc) and
 //! churns without leaking; memleak must name the Python function and line of each.
 
-use std::{path::Path, process::Command, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
 
 use anyhow::{Context, Result, bail, ensure};
 use memleak_tests::{
-    Report, Running, Scratch, basename, can_trace, describe_stack, expect_success, frames, stacks,
-    wait_for_file, wait_for_text,
+    Report, Running, Scratch, basename, can_trace, describe_stack, expect_success, frames,
+    installed, pyenv_python, skipped, stacks, wait_for_file, wait_for_text,
 };
 use serde_json::Value;
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 
-/// The interpreters to test; a missing one is reported loudly and skipped.
-const PYTHONS: [(&str, &str); 7] = [
-    ("3.8", "/root/.pyenv/versions/3.8.18/bin/python3.8"),
-    ("3.9", "/root/.pyenv/versions/3.9.18/bin/python3.9"),
-    ("3.10", "/root/.pyenv/versions/3.10.13/bin/python3.10"),
-    ("3.11", "/root/.pyenv/versions/3.11.7/bin/python3.11"),
-    ("3.12", "/root/.pyenv/versions/3.12.1/bin/python3.12"),
-    ("3.13", "/root/.pyenv/versions/3.13.0/bin/python3.13"),
-    ("3.11 Debian, static libpython", "/usr/bin/python3.11"),
-];
+/// The interpreters to test: pyenv's 3.8 to 3.13 and Debian's static 3.11; `None` where one
+/// is missing (reported loudly and skipped).
+fn pythons() -> Vec<(String, Option<PathBuf>)> {
+    let mut all: Vec<_> = ["3.8", "3.9", "3.10", "3.11", "3.12", "3.13"]
+        .into_iter()
+        .map(|v| (v.to_string(), pyenv_python(v)))
+        .collect();
+    let debian = PathBuf::from("/usr/bin/python3.11");
+    all.push((
+        "3.11 Debian, static libpython".to_string(),
+        debian.exists().then_some(debian),
+    ));
+    all
+}
 
 /// The workload. Line numbers matter: the test asserts them (see `LEAKS`).
 const SCRIPT: &str = r#"import ctypes, os, sys, threading, time
@@ -254,12 +262,12 @@ fn python_leaks_at_their_lines() -> Result<()> {
         return Ok(());
     }
     let mut failures = Vec::new();
-    for (label, python) in PYTHONS {
-        if !Path::new(python).exists() {
-            eprintln!("\n*** SKIPPED Python {label}: {python} is missing ***\n");
+    for (label, python) in pythons() {
+        let Some(python) = python else {
+            skipped(&format!("Python {label}"), "not installed");
             continue;
-        }
-        if let Err(e) = check(label, python, &[]) {
+        };
+        if let Err(e) = check(&label, &python.to_string_lossy(), &[]) {
             failures.push(format!("{e:#}"));
         }
     }
@@ -272,23 +280,17 @@ fn python_leaks_at_their_lines() -> Result<()> {
 #[test]
 fn python_on_preloaded_jemalloc() -> Result<()> {
     const JEMALLOC: &str = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2";
-    let (label, python) = PYTHONS[4];
-    if !can_trace("python_on_preloaded_jemalloc") {
+    let test = "python_on_preloaded_jemalloc";
+    if !can_trace(test) || !installed(test, JEMALLOC) {
         return Ok(());
     }
-    for needed in [JEMALLOC, python] {
-        if !Path::new(needed).exists() {
-            ensure!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "{needed} is missing under CI"
-            );
-            eprintln!("\n*** SKIPPED python_on_preloaded_jemalloc: {needed} is missing ***\n");
-            return Ok(());
-        }
-    }
+    let Some(python) = pyenv_python("3.12") else {
+        skipped(test, "no pyenv Python 3.12");
+        return Ok(());
+    };
     check(
-        &format!("{label} on jemalloc"),
-        python,
+        "3.12 on jemalloc",
+        &python.to_string_lossy(),
         &[("LD_PRELOAD", JEMALLOC)],
     )
 }

@@ -49,6 +49,8 @@ pub struct ScopeObject {
 #[derive(Debug)]
 pub struct Scope {
     pub objects: Vec<ScopeObject>,
+    /// Mapped ELF files that could not be read: what they define is unknown.
+    pub unreadable: Vec<String>,
 }
 
 /// What one ELF file says about binding.
@@ -172,20 +174,24 @@ impl Scope {
             .with_context(|| format!("cannot read /proc/{pid}/exe"))?
             .ino();
         let mut seen = HashSet::new();
-        let mut mapped = Vec::new();
+        let (mut mapped, mut unreadable) = (Vec::new(), Vec::new());
         for m in maps.iter().filter(|m| m.is_file()) {
             if !seen.insert((m.dev.clone(), m.inode)) {
                 continue;
             }
             let path = procmaps::mapped_file(pid, m);
-            if let Ok(facts) = Facts::read(&path) {
-                let name = m.path.clone().unwrap_or_default();
-                mapped.push(Mapped {
+            let name = m.path.clone().unwrap_or_default();
+            if !is_elf(&path) {
+                continue;
+            }
+            match Facts::read(&path) {
+                Ok(facts) => mapped.push(Mapped {
                     inode: m.inode,
                     name,
                     path,
                     facts,
-                });
+                }),
+                Err(e) => unreadable.push(format!("{e:#}")),
             }
         }
         let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
@@ -197,7 +203,9 @@ impl Scope {
                 .ok()
                 .map(|md| md.ino())
         };
-        order_scope(mapped, exe_inode, &preloads, inode_of)
+        let mut scope = order_scope(mapped, exe_inode, &preloads, inode_of)?;
+        scope.unreadable = unreadable;
+        Ok(scope)
     }
 
     /// The scope a command we start will have, before it runs: the executable and what its
@@ -212,7 +220,10 @@ impl Scope {
             facts,
         }];
         let Some(interp) = interpreter(exe)? else {
-            return Ok(Scope { objects });
+            return Ok(Scope {
+                objects,
+                unreadable: Vec::new(),
+            });
         };
         let out = std::process::Command::new(&interp)
             .arg("--list")
@@ -240,10 +251,13 @@ impl Scope {
                 facts,
             });
         }
-        Ok(Scope { objects })
+        Ok(Scope {
+            objects,
+            unreadable: Vec::new(),
+        })
     }
 
-    /// The executable's definitions that bind in it (all, when it is static).
+    /// The executable, first in the scope.
     fn executable(&self) -> Option<&ScopeObject> {
         self.objects
             .first()
@@ -294,11 +308,12 @@ fn order_scope(
         next += 1;
     }
     for i in 0..pool.len() {
-        if pool[i].is_some() {
-            place(&mut pool, &mut objects, i, Origin::Loaded);
-        }
+        place(&mut pool, &mut objects, i, Origin::Loaded);
     }
-    Ok(Scope { objects })
+    Ok(Scope {
+        objects,
+        unreadable: Vec::new(),
+    })
 }
 
 /// Moves mapped object `i` to the end of the scope.
@@ -397,11 +412,7 @@ impl Facts {
 
     /// Like [`Facts::read`], keeping the definitions whose names pass `keep`.
     fn read_with(path: &Path, keep: &dyn Fn(&str) -> bool) -> Result<Facts> {
-        use std::io::Read;
-        let mut magic = [0u8; 4];
-        let mut file =
-            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-        if file.read_exact(&mut magic).is_err() || magic != *b"\x7fELF" {
+        if !is_elf(path) {
             bail!("{} is not an ELF file", path.display());
         }
         let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
@@ -459,6 +470,14 @@ impl Facts {
     }
 }
 
+/// Whether `path` starts like an ELF file (maps also holds locale archives and caches).
+fn is_elf(path: &Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path).is_ok_and(|mut f| f.read_exact(&mut magic).is_ok())
+        && magic == *b"\x7fELF"
+}
+
 /// A defined global or weak function whose name passes `keep` (only a few are kept: a big
 /// executable has hundreds of thousands of symbols).
 fn definition<'d>(
@@ -485,7 +504,7 @@ fn definition<'d>(
         let in_segment = ph.p_type(endian) == elf::PT_LOAD
             && vaddr >= start
             && vaddr - start < ph.p_filesz(endian);
-        in_segment.then(|| vaddr - start + ph.p_offset(endian))
+        in_segment.then(|| (vaddr - start).checked_add(ph.p_offset(endian)))?
     })?;
     Some(Def {
         name: name.to_string(),
@@ -501,7 +520,10 @@ impl Scope {
     /// for each of `prefixes` (plus the known ones the executable defines) that allocator's
     /// malloc family, also at its first definition.
     pub fn plan(&self, prefixes: &[&str]) -> Plan {
-        let mut plan = Plan::default();
+        let mut plan = Plan {
+            unhooked: self.unreadable.clone(),
+            ..Plan::default()
+        };
         let malloc_owner = self.first("malloc", false).map(|(i, _)| i);
         for (base, kind, role) in ENTRY_POINTS {
             match self.first(base, false) {

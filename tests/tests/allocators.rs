@@ -7,7 +7,7 @@ use std::{path::Path, time::Duration};
 use anyhow::{Result, ensure};
 use memleak_tests::{
     Finished, Ledger, Report, Running, Scratch, can_trace, check_against_ledger,
-    expect_nothing_lost, expect_success, wait_for_file,
+    expect_nothing_lost, expect_success, installed, wait_for_file,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(60);

@@ -61,6 +61,9 @@ struct Facts {
     /// No interpreter and no `DT_NEEDED`: nothing is bound at run time.
     is_static: bool,
     defs: Vec<Def>,
+    /// Why the sections could not be read (a file cut after its loaded segments still
+    /// runs): what the object defines is unknown.
+    unknown: Option<String>,
 }
 
 /// A defined function whose name ends like an allocator entry point.
@@ -219,7 +222,8 @@ impl Scope {
             origin: Origin::Executable,
             facts,
         }];
-        let Some(interp) = interpreter(exe)? else {
+        let data = std::fs::read(exe).with_context(|| format!("reading {}", exe.display()))?;
+        let Some(interp) = interpreter(&data) else {
             return Ok(Scope {
                 objects,
                 unreadable: Vec::new(),
@@ -389,16 +393,14 @@ fn loader_listing(listing: &str) -> Vec<(String, String)> {
 
 /// PT_INTERP of an executable, read from the program headers only (a file cut after its
 /// loaded segments still runs).
-fn interpreter(exe: &Path) -> Result<Option<String>> {
-    let data = std::fs::read(exe).with_context(|| format!("reading {}", exe.display()))?;
-    let header = elf::FileHeader64::<object::Endianness>::parse(&*data)
-        .with_context(|| format!("{} is not a 64-bit ELF file", exe.display()))?;
-    let endian = header.endian()?;
-    let headers = header.program_headers(endian, &*data)?;
-    Ok(headers.iter().find_map(|ph| {
-        let interp = ph.interpreter(endian, &*data).ok()??;
+fn interpreter(data: &[u8]) -> Option<String> {
+    let header = elf::FileHeader64::<object::Endianness>::parse(data).ok()?;
+    let endian = header.endian().ok()?;
+    let headers = header.program_headers(endian, data).ok()?;
+    headers.iter().find_map(|ph| {
+        let interp = ph.interpreter(endian, data).ok()??;
         Some(String::from_utf8_lossy(interp).into_owned())
-    }))
+    })
 }
 
 impl Facts {
@@ -416,7 +418,14 @@ impl Facts {
             bail!("{} is not an ELF file", path.display());
         }
         let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        Facts::parse(&data, keep).with_context(|| format!("parsing {}", path.display()))
+        match Facts::parse(&data, keep) {
+            Ok(facts) => Ok(facts),
+            Err(e) => Ok(Facts {
+                is_static: interpreter(&data).is_none(),
+                unknown: Some(format!("what {} defines ({e:#})", path.display())),
+                ..Facts::default()
+            }),
+        }
     }
 
     fn parse(data: &[u8], keep: &dyn Fn(&str) -> bool) -> Result<Facts> {
@@ -520,8 +529,9 @@ impl Scope {
     /// for each of `prefixes` (plus the known ones the executable defines) that allocator's
     /// malloc family, also at its first definition.
     pub fn plan(&self, prefixes: &[&str]) -> Plan {
+        let unknown = self.objects.iter().filter_map(|o| o.facts.unknown.clone());
         let mut plan = Plan {
-            unhooked: self.unreadable.clone(),
+            unhooked: self.unreadable.iter().cloned().chain(unknown).collect(),
             ..Plan::default()
         };
         let malloc_owner = self.first("malloc", false).map(|(i, _)| i);

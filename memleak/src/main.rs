@@ -315,6 +315,7 @@ fn setup(args: &Args, target: &Target) -> Result<(aya::Ebpf, unwind::Unwinder, V
             None => target.library("libc").ok().into_iter().collect(),
         };
         preload.retain(|p| *p != target.exe);
+        preload.sort();
         preload.dedup();
         let preload: Vec<&std::path::Path> = preload.iter().map(|p| p.as_path()).collect();
         unwinder.prepare(&mut ebpf, &target.exe, &preload)?;

@@ -53,6 +53,17 @@ pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| !matches!(v.as_str(), "" | "0" | "false"))
 }
 
+/// True when `file` (installed by `cargo xtask test`) is there; otherwise says loudly that
+/// `test` skips, and fails under CI, whose setup must have installed it.
+pub fn installed(test: &str, file: &str) -> bool {
+    if Path::new(file).exists() {
+        return true;
+    }
+    assert!(!in_ci(), "{test}: {file} is missing under CI");
+    skipped(test, &format!("{file} is missing"));
+    false
+}
+
 /// Says loudly that `test` (or a part of it) does not run, and why.
 pub fn skipped(test: &str, why: &str) {
     eprintln!("\n*** SKIPPED ({why}): {test} ***\n");
@@ -99,18 +110,29 @@ impl Scratch {
     /// Compiles `tests/fixtures/<source>.c` with gcc into `<scratch>/<output>`:
     /// `-O0 -g -fno-omit-frame-pointer -pthread`, then `extra` (which may override them).
     pub fn compile(&self, source: &str, output: &str, extra: &[&str]) -> Result<PathBuf> {
+        self.compile_with("gcc", source, output, extra)
+    }
+
+    /// As [`Scratch::compile`] with another compiler driver (`musl-gcc`).
+    pub fn compile_with(
+        &self,
+        compiler: &str,
+        source: &str,
+        output: &str,
+        extra: &[&str],
+    ) -> Result<PathBuf> {
         let fixtures = workspace_root().join("tests/fixtures");
         let out = self.path(output);
-        let result = Command::new("gcc")
+        let result = Command::new(compiler)
             .args(["-O0", "-g", "-fno-omit-frame-pointer", "-pthread", "-o"])
             .arg(&out)
             .arg(fixtures.join(format!("{source}.c")))
             .args(extra)
             .output()
-            .context("running gcc")?;
+            .with_context(|| format!("running {compiler}"))?;
         if !result.status.success() {
             bail!(
-                "gcc {source}.c failed:\n{}",
+                "{compiler} {source}.c failed:\n{}",
                 String::from_utf8_lossy(&result.stderr)
             );
         }
@@ -162,10 +184,23 @@ impl Running {
         args: &[&str],
         stdin: Option<&str>,
     ) -> Result<Running> {
+        Running::start_with_env(scratch, label, program, args, stdin, &[])
+    }
+
+    /// As [`Running::start`], with `env` (name, value) added to the environment.
+    pub fn start_with_env(
+        scratch: &Scratch,
+        label: &str,
+        program: &Path,
+        args: &[&str],
+        stdin: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> Result<Running> {
         let stdout = scratch.path(&format!("{label}.stdout"));
         let stderr = scratch.path(&format!("{label}.stderr"));
         let mut child = Command::new(program)
             .args(args)
+            .envs(env.iter().copied())
             .stdin(if stdin.is_some() {
                 Stdio::piped()
             } else {

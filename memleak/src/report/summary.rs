@@ -163,6 +163,7 @@ fn lost(out: &mut String, a: &Analysis) {
         .flatten()
         .filter(|(_, n)| n.as_u64().is_some_and(|n| n > 0))
         .map(|(name, n)| format!("{name} {n}"))
+        .chain(lost.unhooked.iter().map(|f| format!("not hooked: {f}")))
         .collect();
     let _ = writeln!(
         out,

@@ -4,6 +4,7 @@
 
 pub mod mapped;
 pub mod model;
+pub mod owners;
 pub mod procmaps;
 pub mod python;
 mod sections;

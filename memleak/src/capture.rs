@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::{
     model::{Class, Frame, FrameKind, Snapshot},
+    owners::Findings,
     proc_stats::{self, ProcSample, ProcessContext},
     procmaps,
 };
@@ -50,6 +51,8 @@ pub struct Timeline {
     classes: HashMap<i64, Class>,
     /// (file, line) → the line's text, read through the target's root while it runs.
     sources: HashMap<(String, u32), Option<String>>,
+    /// What holds the largest stacks' memory, read from the target at the end of the run.
+    pub owners: Option<Findings>,
 }
 
 impl Timeline {
@@ -62,6 +65,7 @@ impl Timeline {
             frames: HashMap::new(),
             classes: HashMap::new(),
             sources: HashMap::new(),
+            owners: None,
         }
     }
 

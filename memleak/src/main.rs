@@ -16,7 +16,7 @@ mod target;
 mod trace;
 
 // The parsers live in the library (fuzzed there); `crate::model` etc. keep naming them here.
-use memleak::{model, procmaps, python, symbolize, unwind};
+use memleak::{model, owners, procmaps, python, symbolize, unwind};
 
 use std::{process::ExitCode, time::Duration};
 
@@ -228,7 +228,7 @@ async fn run(args: Args) -> Result<()> {
     };
 
     live.clear();
-    let final_state = match stop {
+    let final_state = match &stop {
         Stop::Count => None,
         Stop::Signal(why) => {
             println!("memleak: {why}; final state:");
@@ -247,12 +247,43 @@ async fn run(args: Args) -> Result<()> {
     if let Some(snap) = final_state {
         timeline.record_final(snap);
     }
+    // The target still runs (not when it exited): read who holds the largest stacks' memory.
+    if !args.no_owners && !matches!(stop, Stop::TargetExited(_)) {
+        timeline.owners = find_owners(&collector, &timeline, query.older_ms);
+    }
     // Dropping `ebpf` detaches every probe; the target runs on unharmed while the reports
     // are written.
     drop(collector);
     drop(events);
     drop(ebpf);
     write_reports(&args, &timeline)
+}
+
+/// Stacks whose owners are looked for: those the report shows first (growing, then holding).
+const OWNED_STACKS: usize = 8;
+
+/// The owners of the memory of the report's first stacks, read from the running target;
+/// `None` when it runs no Python.
+fn find_owners(
+    collector: &Collector,
+    timeline: &Timeline,
+    older_ms: u64,
+) -> Option<owners::Findings> {
+    let python = collector.python()?;
+    let analysis = timeline.analyze();
+    let stacks: std::collections::HashSet<i64> = analysis
+        .stacks
+        .iter()
+        .filter(|s| s.final_bytes() > 0 && s.trend != capture::Trend::Churn)
+        .take(OWNED_STACKS)
+        .map(|s| s.stack_id)
+        .collect();
+    let blocks = owners::Blocks::new(collector.blocks_of(&stacks, older_ms));
+    Some(owners::python::find(
+        python,
+        &blocks,
+        &owners::python::Limits::default(),
+    ))
 }
 
 /// Creates the output files now, so a bad path fails before a long capture, not after it.

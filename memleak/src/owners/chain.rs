@@ -1,7 +1,9 @@
 //! From each target object up its referrers to a root (a module's globals, a class's dict, a
 //! function's closure, an lru_cache's table), and that chain in words, grouped per stack.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use foldhash::{HashMap, HashMapExt};
 
 use super::{
     Owner, Root,
@@ -66,7 +68,7 @@ fn climb(walk: &Walk, target: u64) -> Chain {
         if visits > MAX_VISITS {
             break;
         }
-        for p in walk.parents.get(&node).into_iter().flatten() {
+        for p in walk.parents.get(&node).into_iter().flat_map(|ps| ps.iter()) {
             let root = match p.edge {
                 Edge::ModuleDict => Some(Root::ModuleGlobal),
                 Edge::ClassDict => Some(Root::ClassAttribute),
@@ -94,7 +96,7 @@ fn climb(walk: &Walk, target: u64) -> Chain {
             }
         }
     }
-    let first = walk.parents.get(&target).and_then(|p| p.first());
+    let first = walk.parents.get(&target).map(|p| p.first());
     Chain {
         path: first.map_or(Vec::new(), |p| vec![(target, p.edge)]),
         root: Root::Unrooted,

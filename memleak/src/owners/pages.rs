@@ -3,18 +3,27 @@
 //! system calls rather than millions. The target keeps running: what is read may be stale
 //! or torn, so every caller checks what it gets (types, bounds), and `fresh` reads again.
 
-use std::{cell::RefCell, collections::HashMap};
+use std::cell::RefCell;
+
+use foldhash::{HashMap, HashMapExt};
 
 use anyhow::{Result, bail};
 
 use crate::python::Memory;
 
 const CHUNK: u64 = 64 << 10;
+const PAGE: usize = 4096;
+
+/// 16 pages of the target and which of them could be read.
+struct Chunk {
+    bytes: Box<[u8]>,
+    readable: u16,
+}
 
 pub struct Pages<'a> {
     memory: &'a Memory,
-    /// Chunk address → its bytes; `None`: not readable whole (read such bytes directly).
-    chunks: RefCell<HashMap<u64, Option<Box<[u8]>>>>,
+    /// Chunk address → its bytes.
+    chunks: RefCell<HashMap<u64, Chunk>>,
     /// The most bytes kept; past it the cache starts over (counted in `resets`).
     budget: u64,
     stats: RefCell<Stats>,
@@ -55,7 +64,7 @@ impl<'a> Pages<'a> {
             let upto = end.min(chunk + CHUNK);
             let out = &mut buf[(at - addr) as usize..(upto - addr) as usize];
             if !self.copy_chunk(chunk, at, out) {
-                self.fresh(at, out)?;
+                bail!("reading {} bytes at {addr:#x}: not mapped", buf.len());
             }
             at = upto;
         }
@@ -83,7 +92,8 @@ impl<'a> Pages<'a> {
         Ok(u64::from_le_bytes(b))
     }
 
-    /// Copies `out` from the chunk at `chunk` (reading it first); false: not readable whole.
+    /// Copies `out` from the chunk at `chunk` (reading it first); false: some of `out` is
+    /// in a page that could not be read.
     fn copy_chunk(&self, chunk: u64, at: u64, out: &mut [u8]) -> bool {
         let mut chunks = self.chunks.borrow_mut();
         if !chunks.contains_key(&chunk) {
@@ -91,17 +101,36 @@ impl<'a> Pages<'a> {
                 chunks.clear();
                 self.stats.borrow_mut().resets += 1;
             }
-            let mut bytes = vec![0u8; CHUNK as usize].into_boxed_slice();
-            let whole = self.fresh(chunk, &mut bytes).is_ok();
-            chunks.insert(chunk, whole.then_some(bytes));
+            chunks.insert(chunk, self.read_chunk(chunk));
         }
-        match chunks.get(&chunk) {
-            Some(Some(bytes)) => {
-                let from = (at - chunk) as usize;
-                out.copy_from_slice(&bytes[from..from + out.len()]);
-                true
+        let Some(c) = chunks.get(&chunk) else {
+            return false;
+        };
+        let from = (at - chunk) as usize;
+        let pages = from / PAGE..(from + out.len()).div_ceil(PAGE);
+        if !pages.clone().all(|p| c.readable & (1 << p) != 0) {
+            return false;
+        }
+        out.copy_from_slice(&c.bytes[from..from + out.len()]);
+        true
+    }
+
+    /// A chunk in one read; if part of it is not mapped (arenas are 4 KiB aligned, not
+    /// 64 KiB), page by page.
+    fn read_chunk(&self, chunk: u64) -> Chunk {
+        let mut bytes = vec![0u8; CHUNK as usize].into_boxed_slice();
+        if self.fresh(chunk, &mut bytes).is_ok() {
+            return Chunk {
+                bytes,
+                readable: u16::MAX,
+            };
+        }
+        let mut readable = 0;
+        for (p, page) in bytes.chunks_mut(PAGE).enumerate() {
+            if self.fresh(chunk + (p * PAGE) as u64, page).is_ok() {
+                readable |= 1 << p;
             }
-            _ => false,
         }
+        Chunk { bytes, readable }
     }
 }

@@ -4,10 +4,9 @@
 //! blocks (the object itself, a bytearray's buffer, a list's item array, a dict's table) is
 //! a target; `chain` then climbs its referrers to a root and says it in words.
 
-use std::{
-    collections::{HashMap, HashSet},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
+
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 
 use anyhow::{Result, bail};
 
@@ -105,6 +104,22 @@ pub(super) struct Parent {
     pub edge: Edge,
 }
 
+/// An object's referrers: most have one, kept without an allocation.
+pub(super) struct Parents {
+    first: Parent,
+    more: Vec<Parent>,
+}
+
+impl Parents {
+    pub fn iter(&self) -> impl Iterator<Item = &Parent> {
+        std::iter::once(&self.first).chain(&self.more)
+    }
+
+    pub fn first(&self) -> &Parent {
+        &self.first
+    }
+}
+
 /// An object whose memory lies in the asked blocks: per stack, how many bytes.
 pub(super) struct Target {
     pub type_addr: u64,
@@ -123,7 +138,7 @@ pub(super) struct Walk<'a> {
     /// values, which the GC stops tracking) found inside them.
     gc: HashSet<u64>,
     untracked: Vec<u64>,
-    pub parents: HashMap<u64, Vec<Parent>>,
+    pub parents: HashMap<u64, Parents>,
     pub targets: HashMap<u64, Target>,
     /// Blocks already counted whole (a buffer has one owner).
     claimed: HashSet<u64>,
@@ -311,9 +326,19 @@ impl Walk<'_> {
                 return;
             }
         }
-        let parents = self.parents.entry(child).or_default();
-        if parents.len() < MAX_PARENTS {
-            parents.push(Parent { addr: parent, edge });
+        let p = Parent { addr: parent, edge };
+        match self.parents.get_mut(&child) {
+            Some(ps) if ps.more.len() + 1 < MAX_PARENTS => ps.more.push(p),
+            Some(_) => {}
+            None => {
+                self.parents.insert(
+                    child,
+                    Parents {
+                        first: p,
+                        more: Vec::new(),
+                    },
+                );
+            }
         }
     }
 
@@ -450,7 +475,7 @@ impl Walk<'_> {
     /// `n` pointer-sized words from `addr`, read 1 MiB at a time.
     pub(super) fn words(&self, addr: u64, n: u64) -> Result<Vec<u64>> {
         let mut out = Vec::with_capacity(n as usize);
-        let mut buf = vec![0u8; 1 << 20];
+        let mut buf = vec![0u8; n.min(1 << 17) as usize * 8];
         let mut done = 0;
         while done < n {
             let take = (n - done).min(1 << 17);
@@ -606,14 +631,15 @@ impl Walk<'_> {
 }
 
 /// The fields of a kind that point at a separately allocated buffer.
-fn buffer_fields(kind: Kind, o: &Objects) -> Vec<u64> {
-    match kind {
-        Kind::ByteArray => vec![BYTEARRAY_BYTES],
-        Kind::List => vec![o.list_items],
-        Kind::Dict => vec![o.dict_keys, o.dict_values],
-        Kind::Set => vec![SET_TABLE],
-        _ => Vec::new(),
-    }
+fn buffer_fields(kind: Kind, o: &Objects) -> impl Iterator<Item = u64> {
+    let fields = match kind {
+        Kind::ByteArray => [Some(BYTEARRAY_BYTES), None],
+        Kind::List => [Some(o.list_items), None],
+        Kind::Dict => [Some(o.dict_keys), Some(o.dict_values)],
+        Kind::Set => [Some(SET_TABLE), None],
+        _ => [None, None],
+    };
+    fields.into_iter().flatten()
 }
 
 fn kind_of(name: &str, flags: u64) -> Kind {

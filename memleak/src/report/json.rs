@@ -10,6 +10,7 @@ use serde::Serialize;
 use crate::{
     capture::{self, Analysis, Timeline},
     model::Snapshot,
+    owners::Findings,
     proc_stats::ProcessContext,
 };
 
@@ -30,6 +31,9 @@ struct Document<'a> {
     timeline: &'a [capture::Point],
     stacks: &'a [capture::StackTrend<'a>],
     classes: &'a [capture::ClassBytes<'a>],
+    /// What holds the first stacks' memory, read from the live target at the end.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    owners: Option<&'a Findings>,
 }
 
 /// The classification thresholds in force, so a reader knows what "growing" meant.
@@ -69,6 +73,7 @@ pub fn to_value(timeline: &Timeline) -> serde_json::Value {
         timeline: &a.points,
         stacks: &a.stacks,
         classes: &a.classes,
+        owners: timeline.owners.as_ref(),
     };
     serde_json::to_value(doc).expect("the document has only string keys and finite numbers")
 }
@@ -116,8 +121,10 @@ mod tests {
         let mut t = timeline(&[leak(1), cache(2), churn(3)], 2.0, 12);
         t.set_class(2, Class::CpythonInternal);
         t.context.cmdline = vec!["./leaker".into(), "12".into()];
+        t.owners = Some(crate::report::summary::tests::owners_of(1));
         let doc = to_value(&t);
         validate(&doc);
+        assert_eq!(doc["owners"]["owners"][0]["root"], "module-global");
         assert_eq!(doc["schema"], "memleak/1");
         assert_eq!(doc["snapshots"].as_array().unwrap().len(), 12);
         assert_eq!(

@@ -7,12 +7,15 @@ use std::fmt::Write;
 use crate::{
     capture::{Analysis, StackTrend, Timeline, Trend},
     model::{Frame, FrameKind, Measure},
+    owners::{Findings, Owner, Scan},
     proc_stats::ProcessContext,
 };
 
 /// Stacks shown with their frames; then up to MORE_STACKS more, one line each.
 const TOP_STACKS: usize = 3;
 const MORE_STACKS: usize = 5;
+/// Owners shown per stack.
+const OWNERS_SHOWN: usize = 3;
 /// Frames shown per stack: a window starting just inside the deciding frame.
 const MAX_FRAMES: usize = 6;
 /// Timeline rows shown; longer runs are thinned evenly (the first and last rows stay).
@@ -26,7 +29,10 @@ pub fn render(timeline: &Timeline) -> String {
     // What the stacks hold: allocations not freed, or (growth mode) resident pages.
     let measure = timeline.last().map_or(Measure::Allocations, |s| s.measure);
     verdict(&mut out, timeline, &a, measure.held());
-    stacks(&mut out, &a, measure.unit());
+    stacks(&mut out, &a, measure.unit(), timeline.owners.as_ref());
+    if let Some(found) = &timeline.owners {
+        scan(&mut out, &found.scan);
+    }
     table(&mut out, &a, measure.held());
     classes(&mut out, &a);
     out
@@ -52,15 +58,24 @@ fn verdict(out: &mut String, t: &Timeline, a: &Analysis, held: &str) {
             bytes(outstanding)
         );
     } else if v.leaking {
+        // The owner of the fastest growing stack's memory, when the walk found one.
+        let owner = t
+            .owners
+            .as_ref()
+            .and_then(|f| f.of(a.growing().next()?.stack_id).next());
         let _ = writeln!(
             out,
             "VERDICT: LEAKING {}/min in {} growing stack{} \
-             ({} {held} after {})",
+             ({} {held} after {}){}",
             signed_bytes(v.leak_rate_bytes_per_min),
             v.growing_stacks,
             plural(v.growing_stacks),
             bytes(outstanding),
-            duration(span)
+            duration(span),
+            owner.map_or(String::new(), |o| {
+                let held = format!("held by {}", owner_label(o));
+                format!(",\n         {}", clip(&held, MAX_WIDTH - 9))
+            })
         );
     } else {
         let _ = writeln!(
@@ -135,7 +150,7 @@ fn verdict(out: &mut String, t: &Timeline, a: &Analysis, held: &str) {
     }
 }
 
-fn stacks(out: &mut String, a: &Analysis, unit: &str) {
+fn stacks(out: &mut String, a: &Analysis, unit: &str, owners: Option<&Findings>) {
     let growing: Vec<&StackTrend> = a.growing().collect();
     let (title, shown): (&str, Vec<&StackTrend>) = if growing.is_empty() {
         let mut largest: Vec<&StackTrend> =
@@ -167,9 +182,43 @@ fn stacks(out: &mut String, a: &Analysis, unit: &str) {
                 let _ = writeln!(out, "    {line:>6} | {}", clip(text, MAX_WIDTH - 13));
             }
         }
+        for o in owners
+            .into_iter()
+            .flat_map(|f| f.of(s.stack_id))
+            .take(OWNERS_SHOWN)
+        {
+            let _ = writeln!(out, "    held: {}", clip(&owner_label(o), MAX_WIDTH - 10));
+            if let Some(advice) = &o.advice {
+                let _ = writeln!(out, "    fix:  {}", clip(advice, MAX_WIDTH - 10));
+            }
+        }
         if i < TOP_STACKS {
             frames(out, s);
         }
+    }
+}
+
+/// "59 × bytearray (1.0 MiB each) in list `_leak_store` of module `__main__`".
+pub fn owner_label(o: &Owner) -> String {
+    let each = bytes(o.bytes / o.count.max(1));
+    format!("{} × {} ({each} each) {}", o.count, o.type_name, o.held_by)
+}
+
+/// How much the owner walk read of the live process, and what it left out.
+fn scan(out: &mut String, s: &Scan) {
+    let _ = writeln!(
+        out,
+        "  owners, read from the live process: {} objects ({} GC-tracked) in {} ms; \
+         {} of {} blocks held{}",
+        s.objects_read,
+        s.gc_objects,
+        s.elapsed_ms,
+        s.blocks_owned,
+        s.blocks,
+        if s.complete { "" } else { "; incomplete" }
+    );
+    for skipped in &s.skipped {
+        let _ = writeln!(out, "    skipped: {skipped}");
     }
 }
 
@@ -353,9 +402,58 @@ pub fn duration(seconds: f64) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub mod tests {
     use super::*;
     use crate::capture::tests::{cache, churn, leak, timeline};
+    use crate::owners::Root;
+
+    /// What the owner walk finds for the user's service: the leak's bytearrays in a module list.
+    pub fn owners_of(stack_id: i64) -> Findings {
+        Findings {
+            owners: vec![Owner {
+                stack_id,
+                type_name: "bytearray".into(),
+                count: 59,
+                bytes: 59 << 20,
+                held_by: "in list `_leak_store` of module `__main__`".into(),
+                root: Root::ModuleGlobal,
+                advice: Some(
+                    "unbounded module-level list `_leak_store`: bound it or evict old entries"
+                        .into(),
+                ),
+            }],
+            scan: Scan {
+                gc_objects: 1000,
+                objects_read: 1200,
+                blocks: 59,
+                blocks_owned: 59,
+                complete: true,
+                ..Default::default()
+            },
+        }
+    }
+
+    #[test]
+    fn verdict_and_stack_name_the_owner_and_the_fix() {
+        let mut t = timeline(&[churn(3), leak(1)], 5.0, 25);
+        t.owners = Some(owners_of(1));
+        let text = render(&t);
+        let second = text.lines().nth(1).unwrap();
+        assert_eq!(
+            second.trim(),
+            "held by 59 × bytearray (1.0 MiB each) in list `_leak_store` of module `__main__`",
+            "{text}"
+        );
+        assert!(
+            text.contains("    fix:  unbounded module-level list `_leak_store`: bound it"),
+            "{text}"
+        );
+        assert!(
+            text.contains("owners, read from the live process: 1200 objects"),
+            "{text}"
+        );
+        assert!(text.lines().all(|l| l.chars().count() <= 100), "{text}");
+    }
 
     #[test]
     fn leak_report_leads_with_the_verdict_and_the_line() {

@@ -3,6 +3,7 @@
 //! layout change is a compile-time change on both.
 #![no_std]
 
+pub mod names;
 pub mod python;
 pub mod unwind;
 
@@ -85,19 +86,6 @@ impl AllocKind {
             22 => PageFault,
             _ => return None,
         })
-    }
-
-    /// Releases memory rather than allocating it.
-    pub fn is_release(self) -> bool {
-        matches!(
-            self,
-            AllocKind::Free
-                | AllocKind::Munmap
-                | AllocKind::Kfree
-                | AllocKind::KmemCacheFree
-                | AllocKind::PageFree
-                | AllocKind::PercpuFree
-        )
     }
 
     /// The C symbol, without any `--symbols-prefix`.
@@ -344,21 +332,6 @@ pub mod growth {
     /// `address` and `error_code` of an `exceptions:page_fault_{user,kernel}` record.
     pub const FAULT_ADDRESS: u32 = 8;
     pub const FAULT_ERROR_CODE: u32 = 24;
-}
-
-/// Globals in the BPF object that userspace sets before load.
-pub mod globals {
-    pub const MIN_SIZE: &str = "MIN_SIZE";
-    pub const MAX_SIZE: &str = "MAX_SIZE";
-    pub const SAMPLE_RATE: &str = "SAMPLE_RATE";
-    pub const SAMPLE_BYTES: &str = "SAMPLE_BYTES";
-    pub const TRACE: &str = "TRACE";
-    pub const COMBINED_ONLY: &str = "COMBINED_ONLY";
-    pub const PAGE_SIZE: &str = "PAGE_SIZE";
-    pub const KERNEL_LAYOUT: &str = "KERNEL_LAYOUT";
-    pub const TARGET_TGID: &str = "TARGET_TGID";
-    pub const SLOT_MASK: &str = "SLOT_MASK";
-    pub const HEAP_BITS: &str = "HEAP_BITS";
 }
 
 #[cfg(feature = "user")]

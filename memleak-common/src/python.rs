@@ -122,10 +122,7 @@ pub struct PyConfig {
 /// Thread states the BPF program looks through for a thread missing from the map.
 pub const MAX_THREAD_SCAN: u32 = 256;
 
-pub const PY_CONFIG_MAP: &str = "PY_CONFIG";
-
-/// Map: a thread's fs_base (its pthread_t) → its `PyThreadState` address, kept by userspace.
-pub const PY_THREADS_MAP: &str = "PY_THREADS";
+/// Threads `PY_THREADS` holds (a thread's fs_base, its pthread_t → its `PyThreadState`).
 pub const MAX_PY_THREADS: u32 = 4096;
 
 #[cfg(feature = "user")]

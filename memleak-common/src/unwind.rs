@@ -80,17 +80,6 @@ pub struct UnwindControl {
     pub generation: u32,
 }
 
-/// Map names, shared by the BPF program and the userspace loader.
-pub mod maps {
-    pub const ROWS: &str = "UNWIND_ROWS";
-    pub const MAPPINGS: &str = "UNWIND_MAPPINGS";
-    pub const CONTROL: &str = "UNWIND_CONTROL";
-    pub const STACKS: &str = "STACKS";
-}
-
-/// The uprobe that holds a started command at its entry point.
-pub const HOLD_AT_ENTRY: &str = "hold_at_entry";
-
 #[cfg(feature = "user")]
 mod pod {
     use super::*;

@@ -18,35 +18,33 @@ use aya_ebpf::{
         bpf_get_current_pid_tgid, bpf_probe_read_kernel,
         generated::{bpf_for_each_map_elem, bpf_get_current_task_btf, bpf_loop, bpf_task_pt_regs},
     },
-    macros::{map, tracepoint},
-    maps::{Array, HashMap, PerCpuArray},
+    macros::tracepoint,
     programs::TracePointContext,
 };
 use memleak_common::{
-    AllocInfo, AllocKind, Counter, DEFAULT_MAX_INFLIGHT, MAP_ANONYMOUS,
+    AllocInfo, AllocKind, Counter, MAP_ANONYMOUS,
     growth::{FAULT_ADDRESS, FAULT_ERROR_CODE, SYSCALL_ARGS, SYSCALL_RET},
+    named,
+    names::programs,
 };
 
 use crate::{
-    ALLOCS, MMAPS, PAGE_SIZE, TARGET_TGID, Table, count, global, kernel::field, page_align, python,
-    release, stack_id, store, unmap, unwind, wanted,
+    PAGE_SIZE, TARGET_TGID,
+    bookkeeping::{Table, count, page_align, release, stack_id, store, unmap, wanted},
+    global,
+    kernel::field,
+    maps::{ALLOCS, BRK, MMAPS, SYSCALLS, USER_REGS},
+    python, unwind,
 };
 
 /// A memory system call between its enter and exit tracepoints, keyed by pid_tgid.
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct Syscall {
+pub(crate) struct Syscall {
     a: u64,
     b: u64,
     c: u64,
 }
-
-#[map]
-static SYSCALLS: HashMap<u64, Syscall> = HashMap::with_max_entries(DEFAULT_MAX_INFLIGHT, 0);
-/// [0]: the target's program break; userspace seeds it from /proc, an exec clears it (the
-/// new program's first brk call tells it again).
-#[map]
-static BRK: Array<u64> = Array::with_max_entries(1, 0);
 
 /// The target exec'd: its old break means nothing in the new program.
 #[inline(always)]
@@ -55,9 +53,6 @@ pub fn forget_break() {
         unsafe { *cur = 0 };
     }
 }
-/// The user registers of the current thread, copied where the unwinder can read them.
-#[map]
-static USER_REGS: PerCpuArray<pt_regs> = PerCpuArray::with_max_entries(1, 0);
 
 const MAP_FIXED: u64 = 0x10;
 const PROT_NONE: u64 = 0;
@@ -418,3 +413,15 @@ pub fn sys_exit_brk(ctx: TracePointContext) -> u32 {
     }
     0
 }
+
+named!(
+    page_fault_user = programs::PAGE_FAULT_USER,
+    page_fault_kernel = programs::PAGE_FAULT_KERNEL,
+    sys_enter_mmap = programs::SYS_ENTER_MMAP,
+    sys_exit_mmap = programs::SYS_EXIT_MMAP,
+    sys_enter_munmap = programs::SYS_ENTER_MUNMAP,
+    sys_enter_madvise = programs::SYS_ENTER_MADVISE,
+    sys_enter_mremap = programs::SYS_ENTER_MREMAP,
+    sys_exit_mremap = programs::SYS_EXIT_MREMAP,
+    sys_exit_brk = programs::SYS_EXIT_BRK,
+);

@@ -9,19 +9,20 @@ use core::{
     ptr::{read_volatile, write_volatile},
 };
 
-use aya_ebpf::{bindings::BPF_F_MMAPABLE, macros::map, maps::Array};
 use memleak_common::{
     AllocInfo, HeapSlot,
     heap::{BUSY, DEFAULT_BITS, EMPTY, FREED, PROBES, first_slot},
+    named,
+    names::globals,
 };
 
-use crate::global;
+use crate::{global, maps::HEAP};
 
-#[map]
-static HEAP: Array<HeapSlot> = Array::with_max_entries(1 << DEFAULT_BITS, BPF_F_MMAPABLE);
 /// log2 of `HEAP`'s entries.
 #[unsafe(no_mangle)]
 static HEAP_BITS: u32 = DEFAULT_BITS;
+
+named!(HEAP_BITS = globals::HEAP_BITS);
 
 /// The `probe`th slot of `addr`'s run.
 #[inline(always)]

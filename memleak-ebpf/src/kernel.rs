@@ -6,14 +6,20 @@
 use aya_ebpf::{
     EbpfContext,
     helpers::{bpf_get_current_pid_tgid, generated::bpf_get_stack},
-    macros::{map, tracepoint},
-    maps::PerCpuArray,
+    macros::tracepoint,
     programs::TracePointContext,
 };
-use memleak_common::{AllocKind, KernelLayout, MAX_NATIVE_FRAMES, PAGE_KEY_TAG, StackRecord};
+use memleak_common::{
+    AllocKind, KernelLayout, MAX_NATIVE_FRAMES, PAGE_KEY_TAG, named,
+    names::{globals, programs},
+};
 
 use crate::{
-    ALLOCS, PAGE_SIZE, TARGET_TGID, Table, global, release, stack_id, store, unwind, wanted,
+    PAGE_SIZE, TARGET_TGID,
+    bookkeeping::{Table, release, stack_id, store, wanted},
+    global,
+    maps::{ALLOCS, KSTACK},
+    unwind,
 };
 
 #[unsafe(no_mangle)]
@@ -33,10 +39,6 @@ static KERNEL_LAYOUT: KernelLayout = KernelLayout {
     percpu_free_ptr: 0,
     _pad: 0,
 };
-
-/// This CPU's kernel stack being taken (a record is 1.5 KiB; the BPF stack is 512 bytes).
-#[map]
-static KSTACK: PerCpuArray<StackRecord> = PerCpuArray::with_max_entries(1, 0);
 
 /// The kernel stack of the current tracepoint hit, stored by content; `Err`: −errno.
 #[inline(always)]
@@ -158,3 +160,15 @@ pub fn percpu_alloc_percpu(ctx: TracePointContext) -> u32 {
 pub fn percpu_free_percpu(ctx: TracePointContext) -> u32 {
     freed(field(&ctx, layout().percpu_free_ptr), AllocKind::PercpuFree)
 }
+
+named!(
+    KERNEL_LAYOUT = globals::KERNEL_LAYOUT,
+    kmalloc = programs::KMALLOC,
+    kfree = programs::KFREE,
+    kmem_cache_alloc = programs::KMEM_CACHE_ALLOC,
+    kmem_cache_free = programs::KMEM_CACHE_FREE,
+    mm_page_alloc = programs::MM_PAGE_ALLOC,
+    mm_page_free = programs::MM_PAGE_FREE,
+    percpu_alloc_percpu = programs::PERCPU_ALLOC_PERCPU,
+    percpu_free_percpu = programs::PERCPU_FREE_PERCPU,
+);

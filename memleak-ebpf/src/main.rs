@@ -10,44 +10,46 @@
 #![allow(internal_features)]
 #![feature(core_intrinsics)]
 
+mod bookkeeping;
 mod growth;
 mod heap;
 mod kernel;
+mod maps;
 mod process;
 mod python;
 mod unwind;
 
-use core::{ffi::c_void, ptr::read_volatile};
+use core::ptr::read_volatile;
 
 use aya_ebpf::{
-    helpers::{
-        bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_ktime_get_ns, bpf_probe_read_user,
-        generated::{bpf_for_each_map_elem, bpf_loop},
-    },
-    macros::{map, uprobe, uretprobe},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user},
+    macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
 };
 use memleak_common::{
-    AllocInfo, AllocKind, COUNTER_COUNT, CombinedAlloc, Counter, DEFAULT_MAX_ALLOCS,
-    DEFAULT_MAX_COMBINED, DEFAULT_MAX_INFLIGHT, DEFAULT_MAX_MMAPS, DEFAULT_THREAD_SLOTS, InFlight,
-    MAP_ANONYMOUS, MAP_FAILED, TraceEvent,
+    AllocKind, Counter, DEFAULT_THREAD_SLOTS, InFlight, MAP_ANONYMOUS, MAP_FAILED, named,
+    names::{globals, programs},
 };
 
-// Globals set by userspace before load (names in `memleak_common::globals`).
+use crate::{
+    bookkeeping::{Table, count, page_align, release, stack_id, store, unmap, wanted},
+    maps::{INFLIGHT, MMAPS, SLOTS},
+};
+
+// Globals set by userspace before load.
 #[unsafe(no_mangle)]
-static MIN_SIZE: u64 = 0;
+pub(crate) static MIN_SIZE: u64 = 0;
 #[unsafe(no_mangle)]
-static MAX_SIZE: u64 = u64::MAX;
+pub(crate) static MAX_SIZE: u64 = u64::MAX;
 #[unsafe(no_mangle)]
-static SAMPLE_RATE: u64 = 1;
+pub(crate) static SAMPLE_RATE: u64 = 1;
 /// --sample-bytes: keep a block of `size` < N with probability size/N (0: off).
 #[unsafe(no_mangle)]
-static SAMPLE_BYTES: u64 = 0;
+pub(crate) static SAMPLE_BYTES: u64 = 0;
 #[unsafe(no_mangle)]
-static TRACE: u8 = 0;
+pub(crate) static TRACE: u8 = 0;
 #[unsafe(no_mangle)]
-static COMBINED_ONLY: u8 = 0;
+pub(crate) static COMBINED_ONLY: u8 = 0;
 #[unsafe(no_mangle)]
 pub(crate) static PAGE_SIZE: u64 = 4096;
 /// The traced process (its tgid). Kernel mode: 0 for every process, or the -p filter.
@@ -55,42 +57,25 @@ pub(crate) static PAGE_SIZE: u64 = 4096;
 pub(crate) static TARGET_TGID: u32 = 0;
 /// `SLOTS` entries − 1 (a power of two − 1).
 #[unsafe(no_mangle)]
-static SLOT_MASK: u32 = DEFAULT_THREAD_SLOTS - 1;
+pub(crate) static SLOT_MASK: u32 = DEFAULT_THREAD_SLOTS - 1;
 
-/// Kernel mode's allocations and growth mode's pages (user mode uses `HEAP`).
-#[map]
-pub(crate) static ALLOCS: HashMap<u64, AllocInfo> =
-    HashMap::with_max_entries(DEFAULT_MAX_ALLOCS, 0);
-#[map]
-pub(crate) static MMAPS: HashMap<u64, AllocInfo> = HashMap::with_max_entries(DEFAULT_MAX_MMAPS, 0);
-#[map]
-static COMBINED: HashMap<i64, CombinedAlloc> = HashMap::with_max_entries(DEFAULT_MAX_COMBINED, 0);
-/// Each thread's call in flight, in the slot `tid & SLOT_MASK`: an array slot costs no hash
-/// lookup on the hot path. A free slot (`tid` 0) goes to the first thread that calls in it,
-/// which alone writes it (`sp` 0: no call in flight) until `sched_process_exit` frees it.
-#[map]
-static SLOTS: Array<InFlight> = Array::with_max_entries(DEFAULT_THREAD_SLOTS, 0);
-/// Calls of threads whose slot another thread holds, by pid_tgid, deleted at return; LRU so
-/// that calls whose return never came make room.
-#[map]
-static INFLIGHT: LruHashMap<u64, InFlight> = LruHashMap::with_max_entries(DEFAULT_MAX_INFLIGHT, 0);
-#[map]
-static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
-#[map]
-static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
+named!(
+    MIN_SIZE = globals::MIN_SIZE,
+    MAX_SIZE = globals::MAX_SIZE,
+    SAMPLE_RATE = globals::SAMPLE_RATE,
+    SAMPLE_BYTES = globals::SAMPLE_BYTES,
+    TRACE = globals::TRACE,
+    COMBINED_ONLY = globals::COMBINED_ONLY,
+    PAGE_SIZE = globals::PAGE_SIZE,
+    TARGET_TGID = globals::TARGET_TGID,
+    SLOT_MASK = globals::SLOT_MASK,
+);
 
 #[inline(always)]
 pub(crate) fn global<T: Copy>(g: &T) -> T {
     // Userspace rewrites .rodata before load; volatile keeps the compiler from folding the
     // defaults in.
     unsafe { read_volatile(g) }
-}
-
-#[inline(always)]
-pub(crate) fn count(c: Counter) {
-    if let Some(p) = COUNTERS.get_ptr_mut(c as u32) {
-        unsafe { *p += 1 }
-    }
 }
 
 #[inline(always)]
@@ -391,281 +376,22 @@ fn record(ctx: &RetProbeContext, table: Table, call: &InFlight, kind: AllocKind,
     store(table, addr, call.size, kind, stack_id(walk), call.arg);
 }
 
-/// The stack id to store, or −errno (counted) when the walk failed.
-#[inline(always)]
-pub(crate) fn stack_id(walk: Result<i64, i32>) -> i64 {
-    walk.unwrap_or_else(|e| {
-        count(Counter::StackLost);
-        e as i64
-    })
-}
-
-/// Where outstanding allocations are kept.
-#[derive(Clone, Copy)]
-pub(crate) enum Table {
-    /// User mode's heap blocks.
-    Heap,
-    Map(&'static HashMap<u64, AllocInfo>),
-}
-
-/// Records an outstanding allocation (user or kernel) and its per-stack totals. Inlined:
-/// BPF calls take at most five arguments.
-#[inline(always)]
-pub(crate) fn store(
-    table: Table,
-    addr: u64,
-    size: u64,
-    kind: AllocKind,
-    stack_id: i64,
-    old_addr: u64,
-) {
-    let info = AllocInfo {
-        size,
-        timestamp_ns: unsafe { bpf_ktime_get_ns() },
-        stack_id,
-        kind: kind as u32,
-        execs: process::execs(),
-    };
-    let combined = global(&COMBINED_ONLY) != 0;
-    // `Some`: a block at the same address whose free we never saw, now gone.
-    let stored = match table {
-        Table::Heap => heap::put(addr, info),
-        Table::Map(map) => {
-            let old = if combined {
-                unsafe { map.get(addr) }.copied()
-            } else {
-                None
-            };
-            map.insert(addr, info, 0).map(|()| old).map_err(|_| ())
-        }
-    };
-    let Ok(replaced) = stored else {
-        count(Counter::AllocsFull);
-        return;
-    };
-    count(Counter::Recorded);
-    if combined {
-        if let Some(old) = replaced {
-            combined_sub(&old);
-        }
-        combined_add(stack_id, size);
-    }
-    trace(kind, addr, size, old_addr, stack_id);
-}
-
-/// Whether an allocation of `size` bytes is sampled in and inside the size filter. One in
-/// `SAMPLE_RATE` on average, as BCC's -s, but drawn at random: BCC's `ktime % N` depends on
-/// the clock's granularity (on some hosts it is never 0 mod 10).
-#[inline(always)]
-pub(crate) fn wanted(size: u64) -> bool {
-    let rate = global(&SAMPLE_RATE);
-    let sampled = rate <= 1 || (unsafe { bpf_get_prandom_u32() } as u64).is_multiple_of(rate);
-    let every = global(&SAMPLE_BYTES);
-    let sampled = sampled
-        && (every == 0
-            || size >= every
-            || (unsafe { bpf_get_prandom_u32() } as u64) % every < size);
-    sampled && size >= global(&MIN_SIZE) && size <= global(&MAX_SIZE)
-}
-
-/// Forgets the allocation at `addr`, if it is tracked. Without --trace and --combined-only
-/// nothing needs a map's record, so the delete alone does (one map operation, not two).
-#[inline(always)]
-pub(crate) fn release(table: Table, addr: u64, kind: AllocKind) {
-    let combined = global(&COMBINED_ONLY) != 0;
-    let info = match table {
-        Table::Heap => heap::take(addr),
-        Table::Map(map) => {
-            if !combined && global(&TRACE) == 0 {
-                if map.remove(addr).is_ok() {
-                    count(Counter::Released);
-                }
-                return;
-            }
-            // `remove` fails when another CPU freed it first (a double free in the target).
-            unsafe { map.get(addr) }
-                .copied()
-                .filter(|_| map.remove(addr).is_ok())
-        }
-    };
-    let Some(info) = info else {
-        return;
-    };
-    count(Counter::Released);
-    if combined {
-        combined_sub(&info);
-    }
-    trace(kind, addr, info.size, 0, info.stack_id);
-}
-
-fn combined_add(stack_id: i64, size: u64) {
-    if let Some(c) = COMBINED.get_ptr_mut(stack_id) {
-        unsafe {
-            atomic_add(&raw mut (*c).total_size, size);
-            atomic_add(&raw mut (*c).number_of_allocs, 1);
-        }
-        return;
-    }
-    let c = CombinedAlloc {
-        total_size: size,
-        number_of_allocs: 1,
-    };
-    if COMBINED.insert(stack_id, c, 0).is_err() {
-        count(Counter::CombinedFull);
-    }
-}
-
-fn combined_sub(info: &AllocInfo) {
-    if let Some(c) = COMBINED.get_ptr_mut(info.stack_id) {
-        unsafe {
-            atomic_add(&raw mut (*c).total_size, info.size.wrapping_neg());
-            atomic_add(&raw mut (*c).number_of_allocs, u64::MAX);
-        }
-    }
-}
-
-#[inline(always)]
-unsafe fn atomic_add(p: *mut u64, v: u64) {
-    use core::intrinsics::{AtomicOrdering, atomic_xadd};
-    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(p, v) };
-}
-
-fn trace(kind: AllocKind, addr: u64, size: u64, old_addr: u64, stack_id: i64) {
-    if global(&TRACE) == 0 {
-        return;
-    }
-    let ev = TraceEvent {
-        timestamp_ns: unsafe { bpf_ktime_get_ns() },
-        addr,
-        size,
-        old_addr,
-        stack_id,
-        tid: bpf_get_current_pid_tgid() as u32,
-        kind: kind as u32,
-    };
-    if EVENTS.output::<TraceEvent>(&ev, 0).is_err() {
-        count(Counter::EventsLost);
-    }
-}
-
-#[inline(always)]
-pub(crate) fn page_align(len: u64) -> u64 {
-    let page = global(&PAGE_SIZE);
-    (len + page - 1) & !(page - 1)
-}
-
-// ---------------------------------------------------------------------------------------------
-// munmap: a range may cover a whole tracked mapping, its head, its tail or its middle.
-
-/// What the scan over `MMAPS` found: the tracked mapping that overlaps [lo, hi).
-#[repr(C)]
-struct Overlap {
-    lo: u64,
-    hi: u64,
-    start: u64,
-    found: u64,
-}
-
-/// Takes [addr, addr + len) out of every tracked mapping it overlaps. One munmap may cover
-/// several mmaps (a brk shrink, a munmap of neighbours): one `bpf_loop` step per piece.
-pub(crate) fn unmap(addr: u64, len: u64) {
-    let mut range = [addr, addr + len];
-    unsafe {
-        bpf_loop(
-            MAX_UNMAP_PIECES,
-            unmap_piece as *mut c_void,
-            &raw mut range as *mut c_void,
-            0,
-        );
-    }
-}
-
-/// `bpf_loop` callback: cuts [lo, hi) out of one tracked mapping; 1 stops the loop.
-extern "C" fn unmap_piece(_index: u64, range: *mut [u64; 2]) -> i64 {
-    let [addr, hi] = unsafe { *range };
-    // Fast path: the range starts where a tracked mapping starts (the common whole munmap).
-    let start = if unsafe { MMAPS.get(addr) }.is_some() {
-        addr
-    } else {
-        match overlap(addr, hi) {
-            Some(start) => start,
-            None => return 1,
-        }
-    };
-    let Some(info) = unsafe { MMAPS.get(start) }.copied() else {
-        return 1;
-    };
-    trim(start, info, addr, hi);
-    // Mappings do not overlap: one that covers the whole range was the only one.
-    (start <= addr && start + info.size >= hi) as i64
-}
-
-/// A munmap cuts at most this many tracked mappings (bounded for the verifier).
-const MAX_UNMAP_PIECES: u32 = 16;
-
-/// The start of some tracked mapping that overlaps [lo, hi).
-fn overlap(lo: u64, hi: u64) -> Option<u64> {
-    let mut o = Overlap {
-        lo,
-        hi,
-        start: 0,
-        found: 0,
-    };
-    unsafe {
-        bpf_for_each_map_elem(
-            &raw const MMAPS as *mut c_void,
-            find_overlap as *mut c_void,
-            &raw mut o as *mut c_void,
-            0,
-        );
-    }
-    (o.found != 0).then_some(o.start)
-}
-
-extern "C" fn find_overlap(
-    _map: *mut c_void,
-    key: *const u64,
-    val: *const AllocInfo,
-    ctx: *mut Overlap,
-) -> u64 {
-    unsafe {
-        let start = *key;
-        let end = start + (*val).size;
-        if start < (*ctx).hi && (*ctx).lo < end {
-            (*ctx).start = start;
-            (*ctx).found = 1;
-            return 1;
-        }
-    }
-    0
-}
-
-/// Removes [lo, hi) from the tracked mapping [start, start + size).
-fn trim(start: u64, info: AllocInfo, lo: u64, hi: u64) {
-    let end = start + info.size;
-    let _ = MMAPS.remove(start);
-    count(Counter::Released);
-    trace(AllocKind::Munmap, lo, hi - lo, 0, info.stack_id);
-    if global(&COMBINED_ONLY) != 0 {
-        combined_sub(&info);
-    }
-    let keep = |from: u64, to: u64| {
-        if from >= to {
-            return;
-        }
-        let part = AllocInfo {
-            size: to - from,
-            ..info
-        };
-        if MMAPS.insert(from, part, 0).is_err() {
-            count(Counter::MunmapSplitLost);
-        } else if global(&COMBINED_ONLY) != 0 {
-            combined_add(info.stack_id, to - from);
-        }
-    };
-    keep(start, lo.max(start).min(end));
-    keep(hi.max(start).min(end), end);
-}
+named!(
+    malloc_enter = programs::MALLOC_ENTER,
+    calloc_enter = programs::CALLOC_ENTER,
+    realloc_enter = programs::REALLOC_ENTER,
+    reallocarray_enter = programs::REALLOCARRAY_ENTER,
+    posix_memalign_enter = programs::POSIX_MEMALIGN_ENTER,
+    aligned_alloc_enter = programs::ALIGNED_ALLOC_ENTER,
+    memalign_enter = programs::MEMALIGN_ENTER,
+    valloc_enter = programs::VALLOC_ENTER,
+    pvalloc_enter = programs::PVALLOC_ENTER,
+    mmap_enter = programs::MMAP_ENTER,
+    mremap_enter = programs::MREMAP_ENTER,
+    free_enter = programs::FREE_ENTER,
+    munmap_enter = programs::MUNMAP_ENTER,
+    alloc_return = programs::ALLOC_RETURN,
+);
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -3,17 +3,12 @@
 //! userspace drop those of an earlier program. An exiting thread frees its in-flight slot.
 
 use aya_ebpf::{
-    helpers::bpf_get_current_pid_tgid,
-    macros::{map, tracepoint},
-    maps::Array,
-    programs::TracePointContext,
+    helpers::bpf_get_current_pid_tgid, macros::tracepoint, programs::TracePointContext,
 };
 
-use crate::{TARGET_TGID, forget_thread, global, growth};
+use memleak_common::{named, names::programs};
 
-/// [0]: how many times the target has exec'd since memleak attached.
-#[map]
-static EXECS: Array<u32> = Array::with_max_entries(1, 0);
+use crate::{TARGET_TGID, forget_thread, global, growth, maps::EXECS};
 
 #[tracepoint]
 pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
@@ -43,3 +38,8 @@ pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
 pub(crate) fn execs() -> u32 {
     EXECS.get(0).copied().unwrap_or(0)
 }
+
+named!(
+    sched_process_exec = programs::SCHED_PROCESS_EXEC,
+    sched_process_exit = programs::SCHED_PROCESS_EXIT,
+);

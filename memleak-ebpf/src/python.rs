@@ -11,32 +11,23 @@ use core::{
     ptr::{null_mut, write_volatile},
 };
 
-use aya_ebpf::{
-    helpers::{
-        bpf_get_current_task, bpf_probe_read_kernel, bpf_probe_read_user, bpf_probe_read_user_buf,
-        generated::bpf_loop,
-    },
-    macros::map,
-    maps::{Array, HashMap, PerCpuArray},
+use aya_ebpf::helpers::{
+    bpf_get_current_task, bpf_probe_read_kernel, bpf_probe_read_user, bpf_probe_read_user_buf,
+    generated::bpf_loop,
 };
 use memleak_common::{
     MAX_PYTHON_FRAMES, PyFrame, StackRecord,
     python::{
-        ENTRY_FRAME, FRAME_BUF, FrameStep, MAX_PY_THREADS, MAX_THREAD_SCAN, NO_FIELD, PyConfig,
-        PyOffsets, decode_frame,
+        ENTRY_FRAME, FRAME_BUF, FrameStep, MAX_THREAD_SCAN, NO_FIELD, PyConfig, PyOffsets,
+        decode_frame,
     },
 };
 
-/// Written by userspace once it finds CPython in the target; zero until then.
-#[map]
-static PY_CONFIG: Array<PyConfig> = Array::with_max_entries(1, 0);
-/// fs_base (pthread_t) → `PyThreadState` address.
-#[map]
-static PY_THREADS: HashMap<u64, u64> = HashMap::with_max_entries(MAX_PY_THREADS, 0);
+use crate::maps::{PY_CONFIG, PY_THREADS, PY_WALK};
 
 /// The per-CPU state of one walk (the frames do not fit the 512-byte BPF stack).
 #[repr(C)]
-struct Walk {
+pub(crate) struct Walk {
     frames: [PyFrame; MAX_PYTHON_FRAMES],
     /// The bytes of the frame being decoded.
     buf: [u8; FRAME_BUF],
@@ -50,9 +41,6 @@ struct Walk {
     cursor: u64,
     found: u64,
 }
-
-#[map]
-static PY_WALK: PerCpuArray<Walk> = PerCpuArray::with_max_entries(1, 0);
 
 #[inline(always)]
 fn user<T>(addr: u64) -> Option<T> {

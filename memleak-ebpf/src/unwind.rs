@@ -9,39 +9,26 @@
 use core::{ffi::c_void, ptr::null_mut};
 
 use aya_ebpf::{
-    bindings::{BPF_F_MMAPABLE, BPF_NOEXIST, pt_regs},
+    bindings::{BPF_NOEXIST, pt_regs},
     helpers::{
         self, bpf_get_prandom_u32,
         generated::{bpf_loop, bpf_probe_read_user, bpf_send_signal},
     },
-    macros::{map, uprobe},
-    maps::{Array, HashMap, PerCpuArray},
+    macros::uprobe,
     programs::ProbeContext,
 };
 use memleak_common::{
-    DEFAULT_MAX_STACKS, MAX_NATIVE_FRAMES, StackRecord,
-    unwind::{
-        MAX_UNWIND_MAPPINGS, MAX_UNWIND_ROWS, UnwindControl, UnwindMapping, UnwindRow, cfa, mode,
-    },
+    MAX_NATIVE_FRAMES, StackRecord, named,
+    names::programs,
+    unwind::{MAX_UNWIND_MAPPINGS, UnwindControl, UnwindMapping, UnwindRow, cfa, mode},
 };
 
-/// Every object's rows, each object's sorted by `pc`. Userspace writes it through mmap.
-#[map]
-static UNWIND_ROWS: Array<UnwindRow> = Array::with_max_entries(MAX_UNWIND_ROWS, BPF_F_MMAPABLE);
-/// Two generations of the sorted mapping table; `UNWIND_CONTROL` says which is current.
-#[map]
-static UNWIND_MAPPINGS: Array<UnwindMapping> = Array::with_max_entries(2 * MAX_UNWIND_MAPPINGS, 0);
-#[map]
-static UNWIND_CONTROL: Array<UnwindControl> = Array::with_max_entries(1, 0);
-
-/// Distinct stacks, keyed by the hash of their frames (the `stack_id` of allocations).
-#[map]
-static STACKS: HashMap<u64, StackRecord> = HashMap::with_max_entries(DEFAULT_MAX_STACKS, 0);
+use crate::maps::{ROW_CACHE, STACKS, UNWIND_CONTROL, UNWIND_MAPPINGS, UNWIND_ROWS, WALK};
 
 /// The per-CPU state of one walk: the record being filled and the registers of the frame
 /// being unwound.
 #[repr(C)]
-struct Walk {
+pub(crate) struct Walk {
     rec: StackRecord,
     ip: u64,
     sp: u64,
@@ -82,7 +69,7 @@ const NOT_MAPPED: u8 = u8::MAX;
 /// The row in force at `pc`, as [`find_row`] found it in the tables of `generation`.
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct CachedRow {
+pub(crate) struct CachedRow {
     pc: u64,
     generation: u32,
     cfa_offset: u16,
@@ -98,14 +85,8 @@ impl CachedRow {
     }
 }
 
-#[map]
-static WALK: PerCpuArray<Walk> = PerCpuArray::with_max_entries(1, 0);
-
-/// Rows found by earlier walks on this CPU, by address: allocations come from a few call
-/// sites, and a hit saves the two binary searches (most of a walk's cost).
-#[map]
-static ROW_CACHE: PerCpuArray<[[CachedRow; ROW_CACHE_WAYS]; ROW_CACHE_SETS]> =
-    PerCpuArray::with_max_entries(1, 0);
+/// `ROW_CACHE`'s value: rows found by earlier walks on this CPU, by address.
+pub(crate) type RowCache = [[CachedRow; ROW_CACHE_WAYS]; ROW_CACHE_SETS];
 
 const EEXIST: i32 = 17;
 const SIGSTOP: u32 = 19;
@@ -425,3 +406,5 @@ fn halve(s: &mut Search, value_at: impl Fn(u32) -> Option<u64>) -> i64 {
     }
     0
 }
+
+named!(hold_at_entry = programs::HOLD_AT_ENTRY);

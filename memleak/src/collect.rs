@@ -6,14 +6,15 @@ use std::{
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use aya::{
     Ebpf,
     maps::{Array, HashMap, MapData, PerCpuArray},
 };
-use memleak_common::{AllocInfo, CombinedAlloc, Counter, StackRecord};
+use memleak_common::{AllocInfo, CombinedAlloc, Counter, StackRecord, names::maps};
 
 use crate::{
+    bpf_map,
     cli::SortKey,
     heap::HeapTable,
     kallsyms::Kallsyms,
@@ -115,23 +116,20 @@ impl Collector {
         launching: bool,
         heap: bool,
     ) -> Result<Collector> {
-        let mut take = |name: &str| {
-            ebpf.take_map(name)
-                .with_context(|| format!("BPF object lacks map {name}"))
-        };
+        let mut take = |name| bpf_map::take(ebpf, name);
         let allocs = if heap {
-            Blocks::Heap(HeapTable::new(take("HEAP")?)?)
+            Blocks::Heap(HeapTable::new(take(maps::HEAP)?)?)
         } else {
-            Blocks::Map(HashMap::try_from(take("ALLOCS")?)?)
+            Blocks::Map(HashMap::try_from(take(maps::ALLOCS)?)?)
         };
         Ok(Collector {
             allocs,
-            mmaps: Blocks::Map(HashMap::try_from(take("MMAPS")?)?),
-            combined: HashMap::try_from(take("COMBINED")?)?,
-            stacks: HashMap::try_from(take("STACKS")?)?,
-            counters: PerCpuArray::try_from(take("COUNTERS")?)?,
+            mmaps: Blocks::Map(HashMap::try_from(take(maps::MMAPS)?)?),
+            combined: HashMap::try_from(take(maps::COMBINED)?)?,
+            stacks: HashMap::try_from(take(maps::STACKS)?)?,
+            counters: PerCpuArray::try_from(take(maps::COUNTERS)?)?,
             execs: match names {
-                Names::User(..) => Some(Array::try_from(take("EXECS")?)?),
+                Names::User(..) => Some(Array::try_from(take(maps::EXECS)?)?),
                 Names::Kernel(_) => None,
             },
             execs_seen: 0,

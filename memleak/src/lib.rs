@@ -2,6 +2,7 @@
 //! ELF symbols and DWARF, `.eh_frame`, CPython's code objects in target memory. A library, so
 //! the fuzz targets in `fuzz/` drive the very code the `memleak` binary runs.
 
+pub mod bpf_map;
 pub mod mapped;
 pub mod model;
 pub mod owners;

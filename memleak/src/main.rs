@@ -12,11 +12,12 @@ mod placement;
 mod probes;
 mod proc_stats;
 mod report;
+mod serve;
 mod target;
 mod trace;
 
 // The parsers live in the library (fuzzed there); `crate::model` etc. keep naming them here.
-use memleak::{model, owners, procmaps, python, symbolize, unwind};
+use memleak::{bpf_map, model, owners, procmaps, python, symbolize, unwind};
 
 use std::{process::ExitCode, time::Duration};
 
@@ -75,6 +76,10 @@ enum Stop {
 async fn run(args: Args) -> Result<()> {
     probes::preflight()?;
     check_outputs(&args)?;
+    let server = match args.listen_addr() {
+        Ok(Some(addr)) => Some(serve::Server::bind(addr, args.metrics_top, args.period())?),
+        _ => None,
+    };
     let mut target = match (&args.pid, &args.command) {
         (Some(pid), _) => Some(Target::existing(*pid)?),
         (None, Some(cmd)) => Some(Target::spawn(cmd)?),
@@ -156,7 +161,7 @@ async fn run(args: Args) -> Result<()> {
     let pid = target.as_ref().map_or(0, |t| t.pid);
     let mut timeline = Timeline::new(ProcessContext::read(pid));
     // A --duration run shows a status line instead of a table per interval.
-    let tables_shown = args.duration.is_none();
+    let tables_shown = args.duration.is_none() && server.is_none();
     let mut live = LiveStatus::new();
     let mut huge_pages_said = false;
 
@@ -192,8 +197,11 @@ async fn run(args: Args) -> Result<()> {
                     print!("{}", report::text::table(&snap, &title, args.top));
                 }
                 timeline.record(snap);
+                if let Some(s) = &server {
+                    s.publish(&timeline);
+                }
                 live.update(&timeline, args.duration.map(|d| d.as_secs_f64()));
-                if args.intervals().is_some_and(|c| timeline.snapshots.len() as u64 >= c) {
+                if args.intervals().is_some_and(|c| timeline.intervals() >= c) {
                     break Stop::Count;
                 }
             }

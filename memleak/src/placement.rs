@@ -45,16 +45,13 @@ pub const ARG_REGS: [Reg; 6] = [
 pub struct Placement {
     /// Bytes from the function's start (the symbol's address).
     pub offset: u64,
-    /// The stack pointer at `offset` minus the one at entry (negative after `sub rsp`).
-    /// A probe that compares stack pointers with those seen at entry must subtract it.
-    pub sp_delta: i64,
     /// Why this offset, in one line (for `--verbose` and the logs).
     pub reason: String,
 }
 
 /// The placement for an entry-only probe (free, munmap): the first emulated instruction that
 /// every call passes with `preserved_regs` still holding the arguments. The stack pointer may
-/// have moved (see [`Placement::sp_delta`]).
+/// have moved by a known amount: nothing an entry-only probe reads depends on it.
 pub fn choose(code: &[u8], func_vaddr: u64, preserved_regs: &[Reg]) -> Placement {
     walk(code, func_vaddr, preserved_regs, Stack::MayMove)
 }
@@ -75,7 +72,6 @@ fn walk(code: &[u8], func_vaddr: u64, preserved_regs: &[Reg], stack: Stack) -> P
     let preserved: Vec<Reg> = preserved_regs.iter().map(|r| r.full_register()).collect();
     let landings = branch_targets(code, func_vaddr);
     let mut info = InstructionInfoFactory::new();
-    let mut sp_delta = 0i64;
     let mut decoder = Decoder::with_ip(64, code, func_vaddr, DecoderOptions::NONE);
     let stop = loop {
         if !decoder.can_decode() {
@@ -100,11 +96,7 @@ fn walk(code: &[u8], func_vaddr: u64, preserved_regs: &[Reg], stack: Stack) -> P
                     text(&instr)
                 )
             };
-            return Placement {
-                offset,
-                sp_delta,
-                reason,
-            };
+            return Placement { offset, reason };
         }
         // Past this point the instruction has run: it must fall through and keep the arguments.
         if instr.flow_control() != FlowControl::Next || instr.mnemonic() == Mnemonic::Syscall {
@@ -138,12 +130,10 @@ fn walk(code: &[u8], func_vaddr: u64, preserved_regs: &[Reg], stack: Stack) -> P
                     text(&instr)
                 );
             }
-            sp_delta += moved;
         }
     };
     Placement {
         offset: 0,
-        sp_delta: 0,
         reason: format!("no emulated instruction before {stop}; probing the entry"),
     }
 }
@@ -278,9 +268,8 @@ mod tests {
     const LIBC: &str = "/lib/x86_64-linux-gnu/libc.so.6";
     const BASE: u64 = 0x1000;
 
-    fn at(code: &[u8], regs: &[Reg]) -> (u64, i64) {
-        let p = choose(code, BASE, regs);
-        (p.offset, p.sp_delta)
+    fn at(code: &[u8], regs: &[Reg]) -> u64 {
+        choose(code, BASE, regs).offset
     }
 
     #[test]
@@ -288,16 +277,16 @@ mod tests {
         // test %rdi,%rdi; je +0x10; push %rbp; ...
         let code = [0x48, 0x85, 0xff, 0x0f, 0x84, 0x10, 0, 0, 0, 0x55, 0xc3];
         let p = choose(&code, BASE, &ARG_REGS[..1]);
-        assert_eq!((p.offset, p.sp_delta), (3, 0), "{}", p.reason);
+        assert_eq!(p.offset, 3, "{}", p.reason);
         assert!(p.reason.contains("je"), "{}", p.reason);
     }
 
     #[test]
     fn an_emulated_entry_stays_at_zero() {
         // push %r12 ; push %rbp
-        assert_eq!(at(&[0x41, 0x54, 0x55, 0xc3], &ARG_REGS), (0, 0));
+        assert_eq!(at(&[0x41, 0x54, 0x55, 0xc3], &ARG_REGS), 0);
         // nop ; mov %rdi,%rax
-        assert_eq!(at(&[0x90, 0x48, 0x89, 0xf8, 0xc3], &ARG_REGS), (0, 0));
+        assert_eq!(at(&[0x90, 0x48, 0x89, 0xf8, 0xc3], &ARG_REGS), 0);
     }
 
     #[test]
@@ -308,20 +297,17 @@ mod tests {
         assert_eq!(p.offset, 0);
         assert!(p.reason.contains("RDI"), "{}", p.reason);
         // A partial write (mov $0, %edi) counts too.
-        assert_eq!(
-            at(&[0xbf, 0, 0, 0, 0, 0x74, 0x00, 0xc3], &ARG_REGS[..1]),
-            (0, 0)
-        );
+        assert_eq!(at(&[0xbf, 0, 0, 0, 0, 0x74, 0x00, 0xc3], &ARG_REGS[..1]), 0);
         // ...but a register we do not read may change.
-        assert_eq!(at(&code, &[Register::RSI]), (3, 0));
+        assert_eq!(at(&code, &[Register::RSI]), 3);
     }
 
     #[test]
     fn implicit_writes_count() {
         // mul %rdx writes rdx:rax ; jo
         let code = [0x48, 0xf7, 0xe2, 0x70, 0x00, 0xc3];
-        assert_eq!(at(&code, &ARG_REGS[..3]), (0, 0));
-        assert_eq!(at(&code, &ARG_REGS[..2]), (3, 0));
+        assert_eq!(at(&code, &ARG_REGS[..3]), 0);
+        assert_eq!(at(&code, &ARG_REGS[..2]), 3);
     }
 
     #[test]
@@ -332,21 +318,21 @@ mod tests {
         assert_eq!(p.offset, 0);
         assert!(p.reason.contains("syscall"), "{}", p.reason);
         // cmp ; jmp *%rax (indirect, not emulated) ; nop
-        assert_eq!(at(&[0x48, 0x39, 0xf7, 0xff, 0xe0, 0x90], &ARG_REGS), (0, 0));
+        assert_eq!(at(&[0x48, 0x39, 0xf7, 0xff, 0xe0, 0x90], &ARG_REGS), 0);
     }
 
     #[test]
     fn single_stepped_nops_and_bad_prefixes_are_not_chosen() {
         // nopl 0(%rax) (0f 1f: single-stepped) ; ds je (refused by the kernel) ; push %rbx
         let code = [0x0f, 0x1f, 0x40, 0x00, 0x53, 0xc3];
-        assert_eq!(at(&code, &ARG_REGS), (4, 0));
+        assert_eq!(at(&code, &ARG_REGS), 4);
         let code = [0x48, 0x85, 0xff, 0x3e, 0x74, 0x00, 0xc3];
-        assert_eq!(at(&code, &ARG_REGS), (0, 0));
+        assert_eq!(at(&code, &ARG_REGS), 0);
         // xchg %eax,%r8d looks like a nop to the kernel: never chosen.
-        assert_eq!(at(&[0x41, 0x90, 0xc3], &[]), (0, 0));
+        assert_eq!(at(&[0x41, 0x90, 0xc3], &[]), 0);
         // push with REX.W is single-stepped; endbr64 too.
-        assert_eq!(at(&[0x48, 0x53, 0x53], &[]), (2, -8));
-        assert_eq!(at(&[0xf3, 0x0f, 0x1e, 0xfa, 0x55], &ARG_REGS), (4, 0));
+        assert_eq!(at(&[0x48, 0x53, 0x53], &[]), 2);
+        assert_eq!(at(&[0xf3, 0x0f, 0x1e, 0xfa, 0x55], &ARG_REGS), 4);
     }
 
     #[test]
@@ -355,12 +341,12 @@ mod tests {
         let code = [
             0x48, 0x83, 0xec, 0x18, 0x48, 0x89, 0x3c, 0x24, 0xe8, 0, 0, 0, 0, 0xc3,
         ];
-        assert_eq!(at(&code, &ARG_REGS), (8, -0x18));
+        assert_eq!(at(&code, &ARG_REGS), 8);
         let p = choose_for_return(&code, BASE, &ARG_REGS);
-        assert_eq!((p.offset, p.sp_delta), (0, 0));
+        assert_eq!(p.offset, 0);
         assert!(p.reason.contains("rsp"), "{}", p.reason);
         // and $-16,%rsp cannot be followed.
-        assert_eq!(at(&[0x48, 0x83, 0xe4, 0xf0, 0x55], &ARG_REGS), (0, 0));
+        assert_eq!(at(&[0x48, 0x83, 0xe4, 0xf0, 0x55], &ARG_REGS), 0);
     }
 
     #[test]
@@ -374,9 +360,9 @@ mod tests {
 
     #[test]
     fn truncated_or_garbage_code_falls_back_to_the_entry() {
-        assert_eq!(at(&[], &ARG_REGS), (0, 0));
-        assert_eq!(at(&[0x48, 0x85], &ARG_REGS), (0, 0));
-        assert_eq!(at(&[0x06, 0x74, 0x00], &ARG_REGS), (0, 0));
+        assert_eq!(at(&[], &ARG_REGS), 0);
+        assert_eq!(at(&[0x48, 0x85], &ARG_REGS), 0);
+        assert_eq!(at(&[0x06, 0x74, 0x00], &ARG_REGS), 0);
     }
 
     /// Placements in this machine's glibc. The expectations hold for Debian glibc 2.36
@@ -415,11 +401,8 @@ mod tests {
             } else {
                 choose(&f.bytes, f.vaddr, regs)
             };
-            eprintln!("{name}: +{} (sp {}) {}", p.offset, p.sp_delta, p.reason);
+            eprintln!("{name}: +{} {}", p.offset, p.reason);
             assert!(p.offset < f.bytes.len() as u64);
-            if returns {
-                assert_eq!(p.sp_delta, 0, "{name}");
-            }
             if is_236 {
                 assert_eq!(p.offset, expected, "{name}: {}", p.reason);
             }

@@ -11,7 +11,10 @@ use aya::{
         uprobe::{UProbeAttachLocation, UProbeScope},
     },
 };
-use memleak_common::{AllocKind, KernelLayout, globals, heap};
+use memleak_common::{
+    AllocKind, KernelLayout, heap,
+    names::{globals, maps, programs},
+};
 
 use crate::{
     cli::Args,
@@ -76,13 +79,13 @@ pub fn load(args: &Args, target_pid: Option<u32>, kernel: Option<&KernelLayout>)
         .override_global(globals::PAGE_SIZE, &page_size, true)
         .override_global(globals::SLOT_MASK, &(args.thread_slots - 1), true)
         .override_global(globals::HEAP_BITS, &heap_bits, true)
-        .map_max_entries("HEAP", 1 << heap_bits)
-        .map_max_entries("ALLOCS", allocs)
-        .map_max_entries("MMAPS", args.max_mmaps)
-        .map_max_entries("STACKS", args.max_stacks)
-        .map_max_entries("INFLIGHT", args.max_inflight)
-        .map_max_entries("SLOTS", args.thread_slots)
-        .map_max_entries("COMBINED", args.max_combined)
+        .map_max_entries(maps::HEAP, 1 << heap_bits)
+        .map_max_entries(maps::ALLOCS, allocs)
+        .map_max_entries(maps::MMAPS, args.max_mmaps)
+        .map_max_entries(maps::STACKS, args.max_stacks)
+        .map_max_entries(maps::INFLIGHT, args.max_inflight)
+        .map_max_entries(maps::SLOTS, args.thread_slots)
+        .map_max_entries(maps::COMBINED, args.max_combined)
         .load(BPF_OBJECT)
         .context("loading the BPF program (kernel too old, or locked memory limit too low?)")
 }
@@ -109,7 +112,7 @@ pub fn attach(
     for name in AllocKind::USER
         .into_iter()
         .filter_map(entry_program)
-        .chain(["alloc_return"])
+        .chain([programs::ALLOC_RETURN])
     {
         let prog: &mut UProbe = ebpf
             .program_mut(name)
@@ -147,8 +150,8 @@ pub fn attach(
     attach_tracepoints(
         ebpf,
         &[
-            ("sched", "sched_process_exec"),
-            ("sched", "sched_process_exit"),
+            ("sched", programs::SCHED_PROCESS_EXEC),
+            ("sched", programs::SCHED_PROCESS_EXIT),
         ],
     )?;
     Ok(attached)
@@ -169,7 +172,14 @@ fn hook(
     attach_one(ebpf, program, &symbol, place.offset, object, pid)?;
     if !entry_only {
         // Same address as the entry probe: both share one breakpoint.
-        attach_one(ebpf, "alloc_return", &symbol, place.offset, object, pid)?;
+        attach_one(
+            ebpf,
+            programs::ALLOC_RETURN,
+            &symbol,
+            place.offset,
+            object,
+            pid,
+        )?;
     }
     Ok(Attached {
         function: symbol,
@@ -205,7 +215,6 @@ fn probe_offset(object: &Path, symbol: &str, entry_only: bool) -> Placement {
         Ok(code) => placement::choose_for_return(&code.bytes, code.vaddr, args),
         Err(e) => Placement {
             offset: 0,
-            sp_delta: 0,
             reason: format!("{e:#}; probing the entry"),
         },
     }
@@ -231,33 +240,33 @@ fn attach_one(
 
 fn entry_program(kind: AllocKind) -> Option<&'static str> {
     Some(match kind {
-        AllocKind::Malloc => "malloc_enter",
-        AllocKind::Calloc => "calloc_enter",
-        AllocKind::Realloc => "realloc_enter",
-        AllocKind::Reallocarray => "reallocarray_enter",
-        AllocKind::PosixMemalign => "posix_memalign_enter",
-        AllocKind::AlignedAlloc => "aligned_alloc_enter",
-        AllocKind::Memalign => "memalign_enter",
-        AllocKind::Valloc => "valloc_enter",
-        AllocKind::Pvalloc => "pvalloc_enter",
-        AllocKind::Mmap => "mmap_enter",
-        AllocKind::Mremap => "mremap_enter",
-        AllocKind::Free => "free_enter",
-        AllocKind::Munmap => "munmap_enter",
+        AllocKind::Malloc => programs::MALLOC_ENTER,
+        AllocKind::Calloc => programs::CALLOC_ENTER,
+        AllocKind::Realloc => programs::REALLOC_ENTER,
+        AllocKind::Reallocarray => programs::REALLOCARRAY_ENTER,
+        AllocKind::PosixMemalign => programs::POSIX_MEMALIGN_ENTER,
+        AllocKind::AlignedAlloc => programs::ALIGNED_ALLOC_ENTER,
+        AllocKind::Memalign => programs::MEMALIGN_ENTER,
+        AllocKind::Valloc => programs::VALLOC_ENTER,
+        AllocKind::Pvalloc => programs::PVALLOC_ENTER,
+        AllocKind::Mmap => programs::MMAP_ENTER,
+        AllocKind::Mremap => programs::MREMAP_ENTER,
+        AllocKind::Free => programs::FREE_ENTER,
+        AllocKind::Munmap => programs::MUNMAP_ENTER,
         _ => return None,
     })
 }
 
 /// The kernel-mode tracepoints (category, event); each program is named for its event.
 const KERNEL_EVENTS: [(&str, &str); 8] = [
-    ("kmem", "kmalloc"),
-    ("kmem", "kfree"),
-    ("kmem", "kmem_cache_alloc"),
-    ("kmem", "kmem_cache_free"),
-    ("kmem", "mm_page_alloc"),
-    ("kmem", "mm_page_free"),
-    ("percpu", "percpu_alloc_percpu"),
-    ("percpu", "percpu_free_percpu"),
+    ("kmem", programs::KMALLOC),
+    ("kmem", programs::KFREE),
+    ("kmem", programs::KMEM_CACHE_ALLOC),
+    ("kmem", programs::KMEM_CACHE_FREE),
+    ("kmem", programs::MM_PAGE_ALLOC),
+    ("kmem", programs::MM_PAGE_FREE),
+    ("percpu", programs::PERCPU_ALLOC_PERCPU),
+    ("percpu", programs::PERCPU_FREE_PERCPU),
 ];
 
 const TRACEFS: &str = "/sys/kernel/tracing";
@@ -324,11 +333,11 @@ const GROWTH_EVENTS: [(&str, &str, Fields); 9] = {
     let fault: Fields = &[("address", FAULT_ADDRESS), ("error_code", FAULT_ERROR_CODE)];
     let ret: Fields = &[("ret", SYSCALL_RET)];
     [
-        ("exceptions", "page_fault_user", fault),
-        ("exceptions", "page_fault_kernel", fault),
+        ("exceptions", programs::PAGE_FAULT_USER, fault),
+        ("exceptions", programs::PAGE_FAULT_KERNEL, fault),
         (
             "syscalls",
-            "sys_enter_mmap",
+            programs::SYS_ENTER_MMAP,
             &[
                 ("addr", A),
                 ("len", A + 8),
@@ -336,24 +345,24 @@ const GROWTH_EVENTS: [(&str, &str, Fields); 9] = {
                 ("flags", A + 24),
             ],
         ),
-        ("syscalls", "sys_exit_mmap", ret),
+        ("syscalls", programs::SYS_EXIT_MMAP, ret),
         (
             "syscalls",
-            "sys_enter_munmap",
+            programs::SYS_ENTER_MUNMAP,
             &[("addr", A), ("len", A + 8)],
         ),
         (
             "syscalls",
-            "sys_enter_madvise",
+            programs::SYS_ENTER_MADVISE,
             &[("start", A), ("len_in", A + 8), ("behavior", A + 16)],
         ),
         (
             "syscalls",
-            "sys_enter_mremap",
+            programs::SYS_ENTER_MREMAP,
             &[("addr", A), ("old_len", A + 8), ("new_len", A + 16)],
         ),
-        ("syscalls", "sys_exit_mremap", ret),
-        ("syscalls", "sys_exit_brk", ret),
+        ("syscalls", programs::SYS_EXIT_MREMAP, ret),
+        ("syscalls", programs::SYS_EXIT_BRK, ret),
     ]
 };
 
@@ -371,12 +380,14 @@ pub fn attach_growth(ebpf: &mut Ebpf, brk: u64) -> Result<()> {
             }
         }
     }
-    let mut break_map: Array<_, u64> =
-        Array::try_from(ebpf.map_mut("BRK").context("BPF object lacks map BRK")?)?;
+    let brk_map = ebpf
+        .map_mut(maps::BRK)
+        .with_context(|| format!("BPF object lacks map {}", maps::BRK))?;
+    let mut break_map: Array<_, u64> = Array::try_from(brk_map)?;
     break_map.set(0, brk, 0)?;
     let events: Vec<(&str, &str)> = GROWTH_EVENTS.iter().map(|&(c, e, _)| (c, e)).collect();
     attach_tracepoints(ebpf, &events)?;
-    attach_tracepoints(ebpf, &[("sched", "sched_process_exec")])
+    attach_tracepoints(ebpf, &[("sched", programs::SCHED_PROCESS_EXEC)])
 }
 
 /// `field:const void * ptr; offset:16; size:8;` (tab-separated) → 16 for `ptr`.
@@ -434,7 +445,39 @@ fn function_symbols(path: &Path) -> Result<HashMap<String, u64>> {
 
 #[cfg(test)]
 mod tests {
-    use super::format_offset;
+    use std::collections::BTreeSet;
+
+    use memleak_common::names::{maps, programs};
+    use object::{Object, ObjectSection, ObjectSymbol};
+
+    use super::{BPF_OBJECT, format_offset};
+
+    /// The names of the symbols in the BPF object's sections that `section` accepts.
+    fn symbols_in(section: impl Fn(&str) -> bool) -> BTreeSet<String> {
+        let file = object::File::parse(BPF_OBJECT).unwrap();
+        file.symbols()
+            .filter(|s| s.is_global())
+            .filter(|s| {
+                let sec = s
+                    .section_index()
+                    .and_then(|i| file.section_by_index(i).ok());
+                sec.and_then(|sec| sec.name().ok().map(&section)) == Some(true)
+            })
+            .map(|s| s.name().unwrap().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn every_map_and_program_of_the_object_is_named_in_the_contract() {
+        let named = |all: &[&str]| all.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
+        assert_eq!(symbols_in(|s| s == "maps"), named(maps::ALL));
+        let probe = |s: &str| {
+            ["uprobe", "uretprobe", "tracepoint"]
+                .iter()
+                .any(|p| s.starts_with(p))
+        };
+        assert_eq!(symbols_in(probe), named(programs::ALL));
+    }
 
     #[test]
     fn reads_field_offsets_from_a_format_file() {

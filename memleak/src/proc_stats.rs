@@ -302,11 +302,11 @@ mod tests {
     /// A real CPython with a shared libpython: its version and its C extensions are found.
     #[test]
     fn reads_a_python_process() {
-        let python = "/root/.pyenv/versions/3.11.7/bin/python3.11";
-        if !Path::new(python).exists() {
-            eprintln!("SKIPPED reads_a_python_process: no {python}");
+        let Some(python) = memleak_tests::pyenv_python("3.11") else {
+            memleak_tests::skipped("reads_a_python_process", "no pyenv CPython 3.11");
             return;
-        }
+        };
+        let python = python.to_str().unwrap();
         let mut child = std::process::Command::new(python)
             .args([
                 "-c",

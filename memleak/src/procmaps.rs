@@ -10,18 +10,15 @@ use anyhow::{Context, Result};
 pub struct Mapping {
     pub start: u64,
     pub end: u64,
-    pub readable: bool,
-    pub writable: bool,
     pub executable: bool,
     /// File offset of `start`.
     pub offset: u64,
     pub dev: String,
     pub inode: u64,
     /// The path as the target sees it (inside its mount namespace); `None` for anonymous
-    /// mappings. `[heap]`, `[stack]`, `[vdso]`... are kept as they are.
+    /// mappings. `[heap]`, `[stack]`, `[vdso]`... are kept as they are; the ` (deleted)` of a
+    /// file deleted or replaced since it was mapped is cut off (map_files still opens it).
     pub path: Option<String>,
-    /// The file was deleted (or replaced) after it was mapped.
-    pub deleted: bool,
 }
 
 impl Mapping {
@@ -50,24 +47,18 @@ pub fn parse_line(line: &str) -> Option<Mapping> {
     if perms.len() < 4 {
         return None;
     }
-    let (path, deleted) = match rest {
-        "" => (None, false),
-        p => match p.strip_suffix(" (deleted)") {
-            Some(p) => (Some(p.to_string()), true),
-            None => (Some(p.to_string()), false),
-        },
+    let path = match rest {
+        "" => None,
+        p => Some(p.strip_suffix(" (deleted)").unwrap_or(p).to_string()),
     };
     Some(Mapping {
         start: u64::from_str_radix(start, 16).ok()?,
         end: u64::from_str_radix(end, 16).ok()?,
-        readable: perms[0] == b'r',
-        writable: perms[1] == b'w',
         executable: perms[2] == b'x',
         offset: u64::from_str_radix(offset, 16).ok()?,
         dev: dev.to_string(),
         inode: inode.parse().ok()?,
         path,
-        deleted,
     })
 }
 
@@ -174,7 +165,8 @@ mod tests {
         assert_eq!(maps[0].path.as_deref(), Some("/usr/bin/leaker"));
         assert!(maps[0].is_file() && !maps[0].executable);
         assert_eq!(maps[1].path, None);
-        assert!(maps[2].deleted && maps[2].executable && maps[2].offset == 0x1000);
+        assert_eq!(maps[2].path.as_deref(), Some("/tmp/gone"));
+        assert!(maps[2].executable && maps[2].offset == 0x1000);
         assert!(!maps[3].is_file());
     }
 

@@ -1,14 +1,14 @@
 //! `--trace`: every allocation and free as it happens, read from the BPF ring buffer.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use aya::{
     Ebpf,
     maps::{MapData, RingBuf},
 };
-use memleak_common::{AllocKind, TraceEvent};
+use memleak_common::{AllocKind, TraceEvent, names::maps};
 use tokio::io::unix::AsyncFd;
 
-use crate::{collect::Collector, symbolize::format_frame};
+use crate::{bpf_map, collect::Collector, symbolize::format_frame};
 
 pub struct Events {
     ring: AsyncFd<RingBuf<MapData>>,
@@ -16,9 +16,7 @@ pub struct Events {
 
 impl Events {
     pub fn new(ebpf: &mut Ebpf) -> Result<Events> {
-        let map = ebpf
-            .take_map("EVENTS")
-            .context("BPF object lacks map EVENTS")?;
+        let map = bpf_map::take(ebpf, maps::EVENTS)?;
         // Safety: the ring buffer owns its fd and outlives the registration (both live in
         // `Events`).
         let ring = unsafe { AsyncFd::register(RingBuf::try_from(map)?) }

@@ -27,11 +27,16 @@ pub fn memleak_bin() -> PathBuf {
         .unwrap_or_else(|| workspace_root().join("target/release/memleak"))
 }
 
-/// True when the test can run. Tracing needs root and a built memleak; without them the test
-/// says loudly that it skips (a silent pass would hide that nothing was tested).
+/// True when the test can run. Tracing needs root and a built memleak; without root the test
+/// says loudly that it skips (a silent pass would hide that nothing was tested), and under CI
+/// (`CI` set), where the run is root, it fails instead.
 pub fn can_trace(test: &str) -> bool {
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("\n*** SKIPPED (needs root): {test} ***\n");
+        assert!(
+            !in_ci(),
+            "{test} needs root: under CI a test that needs root may not skip"
+        );
+        skipped(test, "needs root");
         return false;
     }
     let bin = memleak_bin();
@@ -41,6 +46,47 @@ pub fn can_trace(test: &str) -> bool {
         bin.display()
     );
     true
+}
+
+/// Whether this is a CI run (`CI` set to anything but "", "0" or "false").
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !matches!(v.as_str(), "" | "0" | "false"))
+}
+
+/// Says loudly that `test` (or a part of it) does not run, and why.
+pub fn skipped(test: &str, why: &str) {
+    eprintln!("\n*** SKIPPED ({why}): {test} ***\n");
+}
+
+/// The interpreters to test: pyenv's 3.8 to 3.13 and Debian's static 3.11; `None` where one
+/// is missing (reported loudly and skipped).
+pub fn pythons() -> Vec<(String, Option<PathBuf>)> {
+    let mut all: Vec<_> = ["3.8", "3.9", "3.10", "3.11", "3.12", "3.13"]
+        .into_iter()
+        .map(|v| (v.to_string(), pyenv_python(v)))
+        .collect();
+    let debian = PathBuf::from("/usr/bin/python3.11");
+    all.push((
+        "3.11 Debian, static libpython".to_string(),
+        debian.exists().then_some(debian),
+    ));
+    all
+}
+
+/// pyenv's CPython `minor` ("3.11"): `<pyenv root>/versions/3.11.*/bin/python3.11`, the newest
+/// patch release if several are installed; `None` without pyenv or that version.
+pub fn pyenv_python(minor: &str) -> Option<PathBuf> {
+    let out = Command::new("pyenv").arg("root").output().ok()?;
+    let root = PathBuf::from(String::from_utf8(out.stdout).ok()?.trim());
+    let patch =
+        |name: &str| -> Option<u32> { name.strip_prefix(minor)?.strip_prefix('.')?.parse().ok() };
+    std::fs::read_dir(root.join("versions"))
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| Some((patch(e.file_name().to_str()?)?, e.path())))
+        .max()
+        .map(|(_, dir)| dir.join(format!("bin/python{minor}")))
+        .filter(|p| p.exists())
 }
 
 /// A directory for one test's fixtures and outputs, removed at the end of the test (kept if

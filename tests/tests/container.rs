@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 use memleak_tests::{
-    Ledger, Report, Running, Scratch, can_trace, check_against_ledger, expect_success,
+    Ledger, Report, Running, Scratch, can_trace, check_against_ledger, expect_success, skipped,
     wait_for_file,
 };
 
@@ -28,7 +28,7 @@ fn attach_by_host_pid_to_a_chrooted_namespaced_target() -> Result<()> {
     }
     for tool in ["unshare", "chroot", "ldd"] {
         if !on_path(tool) {
-            eprintln!("\n*** SKIPPED (no `{tool}` on PATH): {test} ***\n");
+            skipped(test, &format!("no `{tool}` on PATH"));
             return Ok(());
         }
     }

@@ -7,7 +7,8 @@ use std::{path::Path, time::Duration};
 use anyhow::{Context, Result, bail};
 use memleak_tests::{
     Finished, Report, Running, Scratch, basename, can_trace, describe_stack, expect_nothing_lost,
-    expect_success, frames, function_of, read_json, stacks_through, usage_of, wait_for_text,
+    expect_success, frames, function_of, pyenv_python, read_json, skipped, stacks_through,
+    usage_of, wait_for_text,
 };
 use serde_json::{Value, json};
 
@@ -33,11 +34,11 @@ fn growth_mode_names_python_lines() -> Result<()> {
     if !can_trace("growth_mode_names_python_lines") {
         return Ok(());
     }
-    let python = "/root/.pyenv/versions/3.12.1/bin/python3.12";
-    if !Path::new(python).exists() {
-        eprintln!("\n*** SKIPPED growth_mode_names_python_lines: {python} is missing ***\n");
+    let Some(python) = pyenv_python("3.12") else {
+        skipped("growth_mode_names_python_lines", "no pyenv CPython 3.12");
         return Ok(());
-    }
+    };
+    let python = python.display();
     let scratch = Scratch::new("growth-py")?;
     let script = memleak_tests::workspace_root().join("tests/fixtures/growth.py");
     let ledger = scratch.path("ledger.json");

@@ -6,19 +6,12 @@
 use std::{path::Path, time::Duration};
 
 use anyhow::{Result, ensure};
-use memleak_tests::{Running, Scratch, can_trace, expect_success, read_json, wait_for_text};
+use memleak_tests::{
+    Running, Scratch, can_trace, expect_success, pythons, read_json, skipped, wait_for_text,
+};
 use serde_json::Value;
 
 const TIMEOUT: Duration = Duration::from_secs(120);
-
-const PYTHONS: [(&str, &str); 6] = [
-    ("3.9", "/root/.pyenv/versions/3.9.18/bin/python3.9"),
-    ("3.10", "/root/.pyenv/versions/3.10.13/bin/python3.10"),
-    ("3.11", "/root/.pyenv/versions/3.11.7/bin/python3.11"),
-    ("3.12", "/root/.pyenv/versions/3.12.1/bin/python3.12"),
-    ("3.13", "/root/.pyenv/versions/3.13.0/bin/python3.13"),
-    ("3.11 Debian, static libpython", "/usr/bin/python3.11"),
-];
 
 /// Every holder keeps blocks of its own size, each a malloc of its own (over pymalloc's 512
 /// bytes), so each lands on a stack of its own. When `stop` appears the script checks that
@@ -28,7 +21,7 @@ const SCRIPT: &str = r#"import functools, os, sys, threading, time
 _leak_store = []
 
 def _leak_loop():
-    for _ in range(30):
+    while not os.path.exists(sys.argv[2]):  # it grows until the test is done
         _leak_store.append(bytearray(1 << 20))
         time.sleep(0.1)
 
@@ -61,8 +54,6 @@ for i in range(40):
     handler(150_000)
     lookup(i)
 t.join()
-while not os.path.exists(sys.argv[2]):
-    time.sleep(0.05)
 held = handler.__closure__[0].cell_contents
 intact = (
     all(len(b) == 1 << 20 and not any(b) for b in _leak_store)
@@ -143,7 +134,7 @@ fn check(label: &str, python: &str) -> Result<()> {
     let done = target.wait(TIMEOUT)?;
     let said = done.stdout.lines().last().unwrap_or("");
     ensure!(
-        said == "intact 30 300 40",
+        said.starts_with("intact ") && said.ends_with(" 300 40"),
         "Python {label}: the target says {said:?} after the walk"
     );
     let report = read_json(&out)?;
@@ -200,12 +191,13 @@ fn python_owners_are_named() -> Result<()> {
         return Ok(());
     }
     let mut failures = Vec::new();
-    for (label, python) in PYTHONS {
-        if !Path::new(python).exists() {
-            eprintln!("\n*** SKIPPED Python {label}: {python} is missing ***\n");
+    // 3.8 reads as well (the unit tests walk it); the issue asks for 3.9 on.
+    for (label, python) in pythons().into_iter().filter(|(l, _)| l != "3.8") {
+        let Some(python) = python else {
+            skipped(&format!("Python {label}"), "not installed");
             continue;
-        }
-        if let Err(e) = check(label, python) {
+        };
+        if let Err(e) = check(&label, &python.to_string_lossy()) {
             failures.push(format!("{e:#}"));
         }
     }

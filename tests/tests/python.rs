@@ -3,27 +3,20 @@
 //! extension compiled against the interpreter's headers, ctypes calling libc malloc) and
 //! churns without leaking; memleak must name the Python function and line of each.
 
-use std::{path::Path, process::Command, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
 
 use anyhow::{Context, Result, bail, ensure};
 use memleak_tests::{
-    Report, Running, Scratch, basename, can_trace, describe_stack, expect_success, frames, stacks,
-    wait_for_file, wait_for_text,
+    Report, Running, Scratch, basename, can_trace, describe_stack, expect_success, frames, pythons,
+    skipped, stacks, wait_for_file, wait_for_text,
 };
 use serde_json::Value;
 
 const TIMEOUT: Duration = Duration::from_secs(120);
-
-/// The interpreters to test; a missing one is reported loudly and skipped.
-const PYTHONS: [(&str, &str); 7] = [
-    ("3.8", "/root/.pyenv/versions/3.8.18/bin/python3.8"),
-    ("3.9", "/root/.pyenv/versions/3.9.18/bin/python3.9"),
-    ("3.10", "/root/.pyenv/versions/3.10.13/bin/python3.10"),
-    ("3.11", "/root/.pyenv/versions/3.11.7/bin/python3.11"),
-    ("3.12", "/root/.pyenv/versions/3.12.1/bin/python3.12"),
-    ("3.13", "/root/.pyenv/versions/3.13.0/bin/python3.13"),
-    ("3.11 Debian, static libpython", "/usr/bin/python3.11"),
-];
 
 /// The workload. Line numbers matter: the test asserts them (see `LEAKS`).
 const SCRIPT: &str = r#"import ctypes, os, sys, threading, time
@@ -252,12 +245,12 @@ fn python_leaks_at_their_lines() -> Result<()> {
         return Ok(());
     }
     let mut failures = Vec::new();
-    for (label, python) in PYTHONS {
-        if !Path::new(python).exists() {
-            eprintln!("\n*** SKIPPED Python {label}: {python} is missing ***\n");
+    for (label, python) in pythons() {
+        let Some(python) = python else {
+            skipped(&format!("Python {label}"), "not installed");
             continue;
-        }
-        if let Err(e) = check(label, python) {
+        };
+        if let Err(e) = check(&label, &python.to_string_lossy()) {
             failures.push(format!("{e:#}"));
         }
     }

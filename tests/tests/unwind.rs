@@ -15,7 +15,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail, ensure};
-use memleak_tests::{can_trace, memleak_bin};
+use memleak_tests::{can_trace, memleak_bin, pyenv_python, skipped};
 use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
 use serde_json::Value;
 
@@ -545,18 +545,18 @@ fn library_loaded_after_attach_gets_tables() -> Result<()> {
 /// `python keep.py` traced: the bytearrays' stack runs through the interpreter loop up to
 /// `Py_BytesMain` (python's `main` tail-calls it, so `main` itself is not on the stack), and
 /// on to the executable's entry.
-fn python_stack(test: &str, python: &str) -> Result<()> {
+fn python_stack(test: &str, python: Option<PathBuf>) -> Result<()> {
     if !can_trace(test) {
         return Ok(());
     }
-    if !Path::new(python).exists() {
-        eprintln!("\n*** SKIPPED ({python} not installed): {test} ***\n");
+    let Some(python) = python else {
+        skipped(test, "interpreter not installed");
         return Ok(());
-    }
+    };
     let scratch = Scratch::new(test)?;
     let script = scratch.path("keep.py");
     std::fs::write(&script, KEEP_PY)?;
-    let mut cmd = Command::new(python);
+    let mut cmd = Command::new(&python);
     cmd.arg(&script);
     let fixture = Fixture::start(cmd)?;
     let mut traced = trace(&scratch, fixture, &[])?;
@@ -582,7 +582,7 @@ fn python_stack(test: &str, python: &str) -> Result<()> {
         files[entry + 1..].iter().any(|f| f.starts_with("libc.so")),
         "no libc start code after Py_BytesMain: {shown}"
     );
-    let exe_name = Path::new(python)
+    let exe_name = python
         .canonicalize()?
         .file_name()
         .map(|n| n.to_string_lossy().into_owned());
@@ -595,13 +595,11 @@ fn python_stack(test: &str, python: &str) -> Result<()> {
 
 #[test]
 fn pyenv_python311_shared_libpython() -> Result<()> {
-    python_stack(
-        "pyenv_python311_shared_libpython",
-        "/root/.pyenv/versions/3.11.7/bin/python3.11",
-    )
+    python_stack("pyenv_python311_shared_libpython", pyenv_python("3.11"))
 }
 
 #[test]
 fn debian_python311_static() -> Result<()> {
-    python_stack("debian_python311_static", "/usr/bin/python3.11")
+    let debian = PathBuf::from("/usr/bin/python3.11");
+    python_stack("debian_python311_static", debian.exists().then_some(debian))
 }

@@ -52,7 +52,7 @@ sys.stdin.readline()
 #[test]
 fn names_the_holder_of_each_pattern() {
     for (label, python) in interpreters() {
-        let fixture = Fixture::start(python, HOLDERS, 1);
+        let fixture = Fixture::start(&python, HOLDERS, 1);
         let blocks: Vec<Block> = fixture.ready[0]
             .iter()
             .map(|w| {

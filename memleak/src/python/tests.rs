@@ -2,6 +2,7 @@
 //! knows its own lines, and checks what we read out of the running process.
 
 use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Stdio};
 
 use memleak_common::python::ENTRY_FRAME;
@@ -9,26 +10,21 @@ use memleak_common::python::ENTRY_FRAME;
 use super::*;
 use crate::model::{Class, Frame, FrameKind};
 
-/// The interpreters to test with; a missing one is reported loudly and skipped.
-pub(crate) fn interpreters() -> Vec<(&'static str, &'static str)> {
-    let all = [
-        ("3.8", "/root/.pyenv/versions/3.8.18/bin/python3.8"),
-        ("3.9", "/root/.pyenv/versions/3.9.18/bin/python3.9"),
-        ("3.10", "/root/.pyenv/versions/3.10.13/bin/python3.10"),
-        ("3.11", "/root/.pyenv/versions/3.11.7/bin/python3.11"),
-        ("3.12", "/root/.pyenv/versions/3.12.1/bin/python3.12"),
-        ("3.13", "/root/.pyenv/versions/3.13.0/bin/python3.13"),
-        ("3.11-debian-static", "/usr/bin/python3.11"),
-    ];
-    all.into_iter()
-        .filter(|(label, path)| {
-            let present = Path::new(path).exists();
-            if !present {
-                eprintln!("!!! SKIPPING Python {label}: {path} is missing");
-            }
-            present
-        })
-        .collect()
+/// The interpreters to test with: pyenv's 3.8 to 3.13 and Debian's static 3.11; a missing one
+/// is reported loudly and skipped.
+pub(crate) fn interpreters() -> Vec<(&'static str, String)> {
+    let debian = PathBuf::from("/usr/bin/python3.11");
+    let all = ["3.8", "3.9", "3.10", "3.11", "3.12", "3.13"]
+        .into_iter()
+        .map(|v| (v, memleak_tests::pyenv_python(v)))
+        .chain([("3.11-debian-static", debian.exists().then_some(debian))]);
+    all.filter_map(|(label, path)| {
+        if path.is_none() {
+            memleak_tests::skipped(&format!("Python {label}"), "not installed");
+        }
+        Some((label, path?.to_string_lossy().into_owned()))
+    })
+    .collect()
 }
 
 /// A running interpreter that printed its `ready` lines and waits on stdin; killed on drop.
@@ -157,7 +153,7 @@ fn settled(
 #[test]
 fn walks_threads_and_frames_with_exact_lines() {
     for (label, python) in interpreters() {
-        let fixture = Fixture::start(python, CALL_CHAIN, 2);
+        let fixture = Fixture::start(&python, CALL_CHAIN, 2);
         let worker_id: u64 = fixture.ready[0][0].parse().unwrap();
         let main_id: u64 = fixture.ready[1][0].parse().unwrap();
         let mut rt = PythonRuntime::detect(fixture.pid())
@@ -250,7 +246,7 @@ sys.stdout.write(f"ready {len(out)}\n" + "\n".join(out) + "\n")
 #[test]
 fn line_tables_match_cpython() {
     for (label, python) in interpreters() {
-        let output = Command::new(python)
+        let output = Command::new(&python)
             .arg("-c")
             .arg(DUMP_LINES)
             .output()
@@ -338,7 +334,7 @@ fn classifies_who_holds_the_memory() {
     let Some((_, path)) = interpreters().into_iter().find(|(l, _)| *l == "3.11") else {
         return;
     };
-    let fixture = Fixture::start(path, CALL_CHAIN, 2);
+    let fixture = Fixture::start(&path, CALL_CHAIN, 2);
     let rt = PythonRuntime::detect(fixture.pid()).unwrap().unwrap();
     let lib = "libpython3.11.so.1.0";
     let threading = format!("{}threading.py", rt.stdlib_dir);
@@ -413,7 +409,7 @@ fn classifies_who_holds_the_memory() {
 fn allocator_entry_points_are_in_every_interpreter() {
     use object::{Object, ObjectSymbol, SymbolKind};
     for (label, python) in interpreters() {
-        let fixture = Fixture::start(python, CALL_CHAIN, 2);
+        let fixture = Fixture::start(&python, CALL_CHAIN, 2);
         let rt = PythonRuntime::detect(fixture.pid()).unwrap().unwrap();
         let data = std::fs::read(rt.object_path()).unwrap();
         let file = object::File::parse(&*data).unwrap();
@@ -460,7 +456,7 @@ fn thread_states_of_corrupt_memory_end() {
 #[test]
 fn published_offsets_agree_with_the_table() {
     for (label, python) in interpreters() {
-        let fixture = Fixture::start(python, CALL_CHAIN, 2);
+        let fixture = Fixture::start(&python, CALL_CHAIN, 2);
         let rt = PythonRuntime::detect(fixture.pid()).unwrap().unwrap();
         if rt.version.minor < 13 {
             continue;

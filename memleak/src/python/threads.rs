@@ -9,9 +9,10 @@ use aya::{
     Ebpf,
     maps::{Array, HashMap, MapData},
 };
-use memleak_common::python::{PY_CONFIG_MAP, PY_THREADS_MAP, PyConfig};
+use memleak_common::{names::maps, python::PyConfig};
 
 use super::{PythonRuntime, btf, interpreter_files, layout::Version};
+use crate::bpf_map;
 
 pub struct PythonTracking {
     pid: u32,
@@ -27,14 +28,11 @@ pub struct PythonTracking {
 impl PythonTracking {
     /// Takes the Python maps out of the loaded program; nothing is read from the target yet.
     pub fn new(ebpf: &mut Ebpf, pid: u32) -> Result<PythonTracking> {
-        let mut take = |name: &str| {
-            ebpf.take_map(name)
-                .with_context(|| format!("BPF object lacks map {name}"))
-        };
+        let mut take = |name| bpf_map::take(ebpf, name);
         Ok(PythonTracking {
             pid,
-            config: Array::try_from(take(PY_CONFIG_MAP)?)?,
-            threads: HashMap::try_from(take(PY_THREADS_MAP)?)?,
+            config: Array::try_from(take(maps::PY_CONFIG)?)?,
+            threads: HashMap::try_from(take(maps::PY_THREADS)?)?,
             runtime: None,
             looked_at: Vec::new(),
             gave_up: false,

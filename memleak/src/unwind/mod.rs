@@ -27,13 +27,13 @@ use aya::{
 };
 use memleak_common::{
     PyFrame, StackRecord,
-    unwind::{
-        HOLD_AT_ENTRY, MAX_UNWIND_MAPPINGS, UnwindControl, UnwindMapping, UnwindRow, maps, mode,
-    },
+    names::{maps, programs},
+    unwind::{MAX_UNWIND_MAPPINGS, UnwindControl, UnwindMapping, UnwindRow, mode},
 };
 use object::{Object, ObjectSegment};
 
 use crate::{
+    bpf_map,
     mapped::MappedArray,
     procmaps::{self, Mapping},
 };
@@ -160,16 +160,12 @@ pub struct Unwinder {
 impl Unwinder {
     /// Takes the unwind maps out of `ebpf` and publishes an empty table; `refresh` fills it.
     pub fn new(ebpf: &mut Ebpf, pid: u32, mode: UnwindMode) -> Result<Unwinder> {
-        let take = |ebpf: &mut Ebpf, name: &str| {
-            ebpf.take_map(name)
-                .with_context(|| format!("BPF object has no map {name}"))
-        };
         let rows = RowArea(MappedArray::new(
-            take(ebpf, maps::ROWS)?,
+            bpf_map::take(ebpf, maps::UNWIND_ROWS)?,
             "unwind row array",
         )?);
-        let mappings = Array::try_from(take(ebpf, maps::MAPPINGS)?)?;
-        let control = Array::try_from(take(ebpf, maps::CONTROL)?)?;
+        let mappings = Array::try_from(bpf_map::take(ebpf, maps::UNWIND_MAPPINGS)?)?;
+        let control = Array::try_from(bpf_map::take(ebpf, maps::UNWIND_CONTROL)?)?;
         let mut unwinder = Unwinder {
             pid,
             mode,
@@ -231,8 +227,8 @@ impl Unwinder {
             return Ok(());
         };
         let prog: &mut UProbe = ebpf
-            .program_mut(HOLD_AT_ENTRY)
-            .with_context(|| format!("BPF object has no program {HOLD_AT_ENTRY}"))?
+            .program_mut(programs::HOLD_AT_ENTRY)
+            .with_context(|| format!("BPF object lacks program {}", programs::HOLD_AT_ENTRY))?
             .try_into()?;
         prog.load()?;
         let pid = NonZeroU32::new(self.pid).context("PID 0")?;

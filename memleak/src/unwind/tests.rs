@@ -207,17 +207,21 @@ fn gaps_between_functions_fall_back_to_frame_pointers() {
 /// Row counts and build time for the libraries a Python process spends its time in.
 #[test]
 fn system_libraries() {
+    // pyenv's python3.11 is bin/python3.11 beside lib/libpython3.11.so.1.0.
+    let libpython = memleak_tests::pyenv_python("3.11")
+        .and_then(|p| Some(p.parent()?.parent()?.join("lib/libpython3.11.so.1.0")));
     let libs = [
-        "/lib/x86_64-linux-gnu/libc.so.6",
-        "/root/.pyenv/versions/3.11.7/lib/libpython3.11.so.1.0",
-        "/usr/bin/python3.11",
+        Some("/lib/x86_64-linux-gnu/libc.so.6".into()),
+        libpython,
+        Some("/usr/bin/python3.11".into()),
     ];
     for lib in libs {
-        let path = Path::new(lib);
-        if !path.exists() {
-            eprintln!("SKIPPING {lib}: not installed");
+        let Some(path) = lib.filter(|p: &std::path::PathBuf| p.exists()) else {
+            memleak_tests::skipped("system_libraries", "a library is not installed");
             continue;
-        }
+        };
+        let path = path.as_path();
+        let lib = path.display();
         let data = std::fs::read(path).unwrap();
         let started = Instant::now();
         let table = table::build(&data).unwrap();

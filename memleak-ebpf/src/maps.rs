@@ -1,0 +1,139 @@
+//! Every map of the program, declared together as libbpf-tools' memleak.bpf.c does; each is
+//! named in `memleak_common::names::maps`, which userspace uses to find it.
+
+use aya_ebpf::{
+    bindings::{BPF_F_MMAPABLE, pt_regs},
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+};
+use memleak_common::{
+    AllocInfo, COUNTER_COUNT, CombinedAlloc, DEFAULT_MAX_ALLOCS, DEFAULT_MAX_COMBINED,
+    DEFAULT_MAX_INFLIGHT, DEFAULT_MAX_MMAPS, DEFAULT_MAX_STACKS, DEFAULT_THREAD_SLOTS, HeapSlot,
+    InFlight, StackRecord, heap, named,
+    names::maps,
+    python::{MAX_PY_THREADS, PyConfig},
+    unwind::{MAX_UNWIND_MAPPINGS, MAX_UNWIND_ROWS, UnwindControl, UnwindMapping, UnwindRow},
+};
+
+use crate::{growth::Syscall, python, unwind};
+
+// Outstanding allocations.
+
+/// User mode's heap blocks: an open-addressing table (`heap.rs`), read through mmap.
+#[map]
+pub(crate) static HEAP: Array<HeapSlot> =
+    Array::with_max_entries(1 << heap::DEFAULT_BITS, BPF_F_MMAPABLE);
+/// Kernel mode's allocations and growth mode's pages (user mode uses `HEAP`).
+#[map]
+pub(crate) static ALLOCS: HashMap<u64, AllocInfo> =
+    HashMap::with_max_entries(DEFAULT_MAX_ALLOCS, 0);
+#[map]
+pub(crate) static MMAPS: HashMap<u64, AllocInfo> = HashMap::with_max_entries(DEFAULT_MAX_MMAPS, 0);
+/// --combined-only: outstanding bytes and blocks per stack id.
+#[map]
+pub(crate) static COMBINED: HashMap<i64, CombinedAlloc> =
+    HashMap::with_max_entries(DEFAULT_MAX_COMBINED, 0);
+
+// Calls between their entry and their return.
+
+/// Each thread's call in flight, in the slot `tid & SLOT_MASK`: an array slot costs no hash
+/// lookup on the hot path. A free slot (`tid` 0) goes to the first thread that calls in it,
+/// which alone writes it (`sp` 0: no call in flight) until `sched_process_exit` frees it.
+#[map]
+pub(crate) static SLOTS: Array<InFlight> = Array::with_max_entries(DEFAULT_THREAD_SLOTS, 0);
+/// Calls of threads whose slot another thread holds, by pid_tgid, deleted at return; LRU so
+/// that calls whose return never came make room.
+#[map]
+pub(crate) static INFLIGHT: LruHashMap<u64, InFlight> =
+    LruHashMap::with_max_entries(DEFAULT_MAX_INFLIGHT, 0);
+/// Growth mode: a memory system call between its enter and exit tracepoints, by pid_tgid.
+#[map]
+pub(crate) static SYSCALLS: HashMap<u64, Syscall> =
+    HashMap::with_max_entries(DEFAULT_MAX_INFLIGHT, 0);
+
+// Stacks.
+
+/// Distinct stacks, keyed by the hash of their frames (the `stack_id` of allocations).
+#[map]
+pub(crate) static STACKS: HashMap<u64, StackRecord> =
+    HashMap::with_max_entries(DEFAULT_MAX_STACKS, 0);
+/// Every object's rows, each object's sorted by `pc`. Userspace writes it through mmap.
+#[map]
+pub(crate) static UNWIND_ROWS: Array<UnwindRow> =
+    Array::with_max_entries(MAX_UNWIND_ROWS, BPF_F_MMAPABLE);
+/// Two generations of the sorted mapping table; `UNWIND_CONTROL` says which is current.
+#[map]
+pub(crate) static UNWIND_MAPPINGS: Array<UnwindMapping> =
+    Array::with_max_entries(2 * MAX_UNWIND_MAPPINGS, 0);
+#[map]
+pub(crate) static UNWIND_CONTROL: Array<UnwindControl> = Array::with_max_entries(1, 0);
+/// This CPU's native walk (the record does not fit the 512-byte BPF stack).
+#[map]
+pub(crate) static WALK: PerCpuArray<unwind::Walk> = PerCpuArray::with_max_entries(1, 0);
+/// Rows found by earlier walks on this CPU, by address: allocations come from a few call
+/// sites, and a hit saves the two binary searches (most of a walk's cost).
+#[map]
+pub(crate) static ROW_CACHE: PerCpuArray<unwind::RowCache> = PerCpuArray::with_max_entries(1, 0);
+/// This CPU's kernel stack being taken (a record is 1.5 KiB; the BPF stack is 512 bytes).
+#[map]
+pub(crate) static KSTACK: PerCpuArray<StackRecord> = PerCpuArray::with_max_entries(1, 0);
+/// Growth mode: the user registers of the current thread, copied where the unwinder can read
+/// them.
+#[map]
+pub(crate) static USER_REGS: PerCpuArray<pt_regs> = PerCpuArray::with_max_entries(1, 0);
+
+// Python.
+
+/// Written by userspace once it finds CPython in the target; zero until then.
+#[map]
+pub(crate) static PY_CONFIG: Array<PyConfig> = Array::with_max_entries(1, 0);
+/// fs_base (pthread_t) → `PyThreadState` address.
+#[map]
+pub(crate) static PY_THREADS: HashMap<u64, u64> = HashMap::with_max_entries(MAX_PY_THREADS, 0);
+/// This CPU's Python walk.
+#[map]
+pub(crate) static PY_WALK: PerCpuArray<python::Walk> = PerCpuArray::with_max_entries(1, 0);
+
+// The target process.
+
+/// [0]: how many times the target has exec'd since memleak attached.
+#[map]
+pub(crate) static EXECS: Array<u32> = Array::with_max_entries(1, 0);
+/// [0]: the target's program break; userspace seeds it from /proc, an exec clears it (the
+/// new program's first brk call tells it again).
+#[map]
+pub(crate) static BRK: Array<u64> = Array::with_max_entries(1, 0);
+
+// What userspace reads besides the tables.
+
+/// Per-CPU counts of each `Counter` (what was recorded, and what was lost and why).
+#[map]
+pub(crate) static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
+/// --trace: one `TraceEvent` per allocation and release.
+#[map]
+pub(crate) static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
+
+named!(
+    HEAP = maps::HEAP,
+    ALLOCS = maps::ALLOCS,
+    MMAPS = maps::MMAPS,
+    COMBINED = maps::COMBINED,
+    SLOTS = maps::SLOTS,
+    INFLIGHT = maps::INFLIGHT,
+    SYSCALLS = maps::SYSCALLS,
+    STACKS = maps::STACKS,
+    UNWIND_ROWS = maps::UNWIND_ROWS,
+    UNWIND_MAPPINGS = maps::UNWIND_MAPPINGS,
+    UNWIND_CONTROL = maps::UNWIND_CONTROL,
+    WALK = maps::WALK,
+    ROW_CACHE = maps::ROW_CACHE,
+    KSTACK = maps::KSTACK,
+    USER_REGS = maps::USER_REGS,
+    PY_CONFIG = maps::PY_CONFIG,
+    PY_THREADS = maps::PY_THREADS,
+    PY_WALK = maps::PY_WALK,
+    EXECS = maps::EXECS,
+    BRK = maps::BRK,
+    COUNTERS = maps::COUNTERS,
+    EVENTS = maps::EVENTS,
+);

@@ -3,11 +3,11 @@
 //! cache in a class attribute, a list held by a closure and an unbounded lru_cache, under
 //! every interpreter here. The target checks its own data afterwards: the walk only reads.
 
-use std::{path::Path, time::Duration};
+use std::time::Duration;
 
 use anyhow::{Result, ensure};
 use memleak_tests::{
-    Running, Scratch, can_trace, expect_success, pythons, read_json, skipped, wait_for_text,
+    Running, Scratch, can_trace, expect_success, read_json, under_each_python, wait_for_text,
 };
 use serde_json::Value;
 
@@ -98,18 +98,7 @@ fn check(label: &str, python: &str) -> Result<()> {
     std::fs::write(&script, SCRIPT)?;
     let (go, stop) = (scratch.path("go"), scratch.path("stop"));
     let out = scratch.path("report.json");
-    let target = Running::start(
-        &scratch,
-        "python",
-        Path::new(python),
-        &[
-            script.to_str().unwrap(),
-            go.to_str().unwrap(),
-            stop.to_str().unwrap(),
-        ],
-        None,
-    )?;
-    target.wait_for_mapping("libc.so", TIMEOUT)?;
+    let target = Running::python(&scratch, python, &script, &[&go, &stop])?;
     wait_for_text(&scratch.path("python.stdout"), "ready", TIMEOUT)?;
     let pid = target.pid().to_string();
     let tracer = Running::memleak(
@@ -190,17 +179,6 @@ fn python_owners_are_named() -> Result<()> {
     if !can_trace("python_owners_are_named") {
         return Ok(());
     }
-    let mut failures = Vec::new();
     // 3.8 reads as well (the unit tests walk it); the issue asks for 3.9 on.
-    for (label, python) in pythons().into_iter().filter(|(l, _)| l != "3.8") {
-        let Some(python) = python else {
-            skipped(&format!("Python {label}"), "not installed");
-            continue;
-        };
-        if let Err(e) = check(&label, &python.to_string_lossy()) {
-            failures.push(format!("{e:#}"));
-        }
-    }
-    ensure!(failures.is_empty(), "{}", failures.join("\n\n"));
-    Ok(())
+    under_each_python(&["3.8"], check)
 }

@@ -3,16 +3,12 @@
 //! extension compiled against the interpreter's headers, ctypes calling libc malloc) and
 //! churns without leaking; memleak must name the Python function and line of each.
 
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-    time::Duration,
-};
+use std::{path::Path, process::Command, time::Duration};
 
 use anyhow::{Context, Result, bail, ensure};
 use memleak_tests::{
-    Report, Running, Scratch, basename, can_trace, describe_stack, expect_success, frames, pythons,
-    skipped, stacks, wait_for_file, wait_for_text,
+    Report, Running, Scratch, basename, can_trace, describe_stack, expect_success, frames, stacks,
+    under_each_python, wait_for_file, wait_for_text,
 };
 use serde_json::Value;
 
@@ -150,19 +146,7 @@ fn check(label: &str, python: &str) -> Result<()> {
     let (go, done) = (scratch.path("go"), scratch.path("done"));
     // Attached to a running interpreter: it reads the code objects of every stack while the
     // target lives. The extension is found next to the script (sys.path[0]).
-    let target = Running::start(
-        &scratch,
-        "python",
-        Path::new(python),
-        &[
-            script.to_str().unwrap(),
-            go.to_str().unwrap(),
-            done.to_str().unwrap(),
-        ],
-        None,
-    )?;
-    // memleak hooks the libc the process has mapped: not before the loader has mapped it.
-    target.wait_for_mapping("libc.so", TIMEOUT)?;
+    let target = Running::python(&scratch, python, &script, &[&go, &done])?;
     let pid = target.pid().to_string();
     let tracer = Running::memleak(
         &scratch,
@@ -244,16 +228,5 @@ fn python_leaks_at_their_lines() -> Result<()> {
     if !can_trace("python_leaks_at_their_lines") {
         return Ok(());
     }
-    let mut failures = Vec::new();
-    for (label, python) in pythons() {
-        let Some(python) = python else {
-            skipped(&format!("Python {label}"), "not installed");
-            continue;
-        };
-        if let Err(e) = check(&label, &python.to_string_lossy()) {
-            failures.push(format!("{e:#}"));
-        }
-    }
-    ensure!(failures.is_empty(), "{}", failures.join("\n\n"));
-    Ok(())
+    under_each_python(&[], check)
 }

@@ -86,6 +86,8 @@ pub struct Scan {
     pub bytes_read: u64,
     pub read_calls: u64,
     pub elapsed_ms: u64,
+    /// CPU time the walk took (the wall time is longer on a loaded machine).
+    pub cpu_ms: u64,
     /// False when a bound stopped the walk early.
     pub complete: bool,
     /// What was skipped and why ("12 objects whose type could not be read").
@@ -98,6 +100,17 @@ pub struct Findings {
     /// Largest first.
     pub owners: Vec<Owner>,
     pub scan: Scan,
+}
+
+/// CPU time of the calling thread, in ms.
+pub fn thread_cpu_ms() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid clock id and a timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
 }
 
 impl Findings {

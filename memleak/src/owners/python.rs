@@ -157,7 +157,7 @@ struct Skipped {
 
 /// Finds what holds the memory of `blocks` in the interpreter `rt` runs.
 pub fn find(rt: &PythonRuntime, blocks: &Blocks, limits: &Limits) -> Findings {
-    let started = Instant::now();
+    let (started, cpu) = (Instant::now(), super::thread_cpu_ms());
     let (memory, layout, runtime) = rt.parts();
     let mut walk = Walk {
         pages: Pages::new(memory, limits.cache_bytes),
@@ -229,6 +229,7 @@ pub fn find(rt: &PythonRuntime, blocks: &Blocks, limits: &Limits) -> Findings {
             bytes_read: stats.bytes_read,
             read_calls: stats.reads,
             elapsed_ms: started.elapsed().as_millis() as u64,
+            cpu_ms: super::thread_cpu_ms() - cpu,
             complete,
             skipped,
         },

@@ -208,11 +208,12 @@ pub fn owner_label(o: &Owner) -> String {
 fn scan(out: &mut String, s: &Scan) {
     let _ = writeln!(
         out,
-        "  owners, read from the live process: {} objects ({} GC-tracked) in {} ms; \
-         {} of {} blocks held{}",
+        "  owners: read from the live process, {} objects ({} GC-tracked) in {} ms \
+         ({} ms CPU)\n    {} of {} blocks found held by an object{}",
         s.objects_read,
         s.gc_objects,
         s.elapsed_ms,
+        s.cpu_ms,
         s.blocks_owned,
         s.blocks,
         if s.complete { "" } else { "; incomplete" }
@@ -449,7 +450,7 @@ pub mod tests {
             "{text}"
         );
         assert!(
-            text.contains("owners, read from the live process: 1200 objects"),
+            text.contains("owners: read from the live process, 1200 objects"),
             "{text}"
         );
         assert!(text.lines().all(|l| l.chars().count() <= 100), "{text}");

@@ -3,7 +3,7 @@
 //! The flow: `target` finds the process and its allocator, `probes` loads the BPF object and
 //! hooks it, `collect` turns the BPF maps into `model::Snapshot`s, and `report` prints them.
 
-mod capture;
+mod analysis;
 mod cli;
 mod collect;
 mod heap;
@@ -13,7 +13,9 @@ mod probes;
 mod proc_stats;
 mod report;
 mod serve;
+mod stacks;
 mod target;
+mod timeline;
 mod trace;
 
 // The parsers live in the library (fuzzed there); `crate::model` etc. keep naming them here.
@@ -29,7 +31,7 @@ use tokio::{
 };
 
 use crate::{
-    capture::Timeline,
+    analysis::Analysis,
     cli::{Args, Mode},
     collect::{Collector, Names, Query},
     kallsyms::Kallsyms,
@@ -39,6 +41,7 @@ use crate::{
     report::live::LiveStatus,
     symbolize::Symbolizer,
     target::Target,
+    timeline::Timeline,
 };
 
 fn main() -> ExitCode {
@@ -159,7 +162,7 @@ async fn run(args: Args) -> Result<()> {
         println!("Kernel allocations made by pid {} only.", t.pid);
     }
     let pid = target.as_ref().map_or(0, |t| t.pid);
-    let mut timeline = Timeline::new(ProcessContext::read(pid));
+    let mut timeline = Timeline::new(ProcessContext::read(pid), args.period().as_secs_f64());
     // A --duration run shows a status line instead of a table per interval.
     let tables_shown = args.duration.is_none() && server.is_none();
     let mut live = LiveStatus::new();
@@ -194,13 +197,16 @@ async fn run(args: Args) -> Result<()> {
                 let snap = collector.snapshot(&query)?;
                 live.clear();
                 if tables_shown {
-                    print!("{}", report::text::table(&snap, &title, args.top));
+                    print!("{}", report::text::table(&snap, &collector.table, &title, args.top));
                 }
-                timeline.record(snap);
+                if timeline.record(snap) {
+                    // Thinned: stacks no kept interval holds leave the table too.
+                    collector.table.retain(&timeline.stack_ids());
+                }
                 if let Some(s) = &server {
-                    s.publish(&timeline);
+                    s.publish(&timeline, &collector.table);
                 }
-                live.update(&timeline, args.duration.map(|d| d.as_secs_f64()));
+                live.update(&timeline, &collector.table, args.duration.map(|d| d.as_secs_f64()));
                 if args.intervals().is_some_and(|c| timeline.intervals() >= c) {
                     break Stop::Count;
                 }
@@ -259,12 +265,13 @@ async fn run(args: Args) -> Result<()> {
     if !args.no_owners && !matches!(stop, Stop::TargetExited(_)) {
         timeline.owners = find_owners(&collector, &timeline, query.older_ms);
     }
+    let table = std::mem::take(&mut collector.table);
     // Dropping `ebpf` detaches every probe; the target runs on unharmed while the reports
     // are written.
     drop(collector);
     drop(events);
     drop(ebpf);
-    write_reports(&args, &timeline)
+    write_reports(&args, &analysis::analyze(&timeline, &table))
 }
 
 /// Stacks whose owners are looked for: those the report shows first (growing, then holding).
@@ -278,11 +285,11 @@ fn find_owners(
     older_ms: u64,
 ) -> Option<owners::Findings> {
     let python = collector.python()?;
-    let analysis = timeline.analyze();
+    let analysis = analysis::analyze(timeline, &collector.table);
     let stacks: std::collections::HashSet<i64> = analysis
         .stacks
         .iter()
-        .filter(|s| s.final_bytes() > 0 && s.trend != capture::Trend::Churn)
+        .filter(|s| s.final_bytes() > 0 && s.trend != analysis::Trend::Churn)
         .take(OWNED_STACKS)
         .map(|s| s.stack_id)
         .collect();
@@ -310,23 +317,23 @@ fn check_outputs(args: &Args) -> Result<()> {
 }
 
 /// The report printed at the end, and the files asked for.
-fn write_reports(args: &Args, timeline: &Timeline) -> Result<()> {
-    let summary = report::summary::render(timeline);
+fn write_reports(args: &Args, analysis: &Analysis) -> Result<()> {
+    let summary = report::summary::render(analysis);
     print!("\n{summary}");
     if let Some(path) = &args.report {
         std::fs::write(path, &summary).with_context(|| format!("writing {}", path.display()))?;
     }
     if let Some(path) = &args.json {
-        report::json::write(timeline, path)?;
+        report::json::write(analysis, path)?;
     }
     if let Some(path) = &args.folded {
-        report::folded::write(timeline, path)?;
+        report::folded::write(analysis, path)?;
     }
     if let Some(path) = &args.pprof {
-        report::pprof::write(timeline, path)?;
+        report::pprof::write(analysis, path)?;
     }
     if let Some(path) = &args.html {
-        report::html::write(timeline, path)?;
+        report::html::write(analysis, path)?;
     }
     Ok(())
 }
@@ -438,7 +445,10 @@ fn note_exec(collector: &mut Collector) -> Result<()> {
 fn final_table(collector: &mut Collector, q: &Query, args: &Args, title: &str) -> Result<Snapshot> {
     note_exec(collector)?;
     let snap = collector.snapshot(q)?;
-    print!("{}", report::text::table(&snap, title, args.top));
+    print!(
+        "{}",
+        report::text::table(&snap, &collector.table, title, args.top)
+    );
     Ok(snap)
 }
 

@@ -7,8 +7,8 @@ use std::{path::Path, process::Command, time::Duration};
 
 use anyhow::{Context, Result, bail, ensure};
 use memleak_tests::{
-    Report, Running, Scratch, basename, can_trace, describe_stack, expect_success, frames, stacks,
-    under_each_python, wait_for_file, wait_for_text,
+    Report, Running, Scratch, basename, can_trace, describe_stack, expect_success, frames,
+    installed, pyenv_python, pythons, skipped, stacks, wait_for_file, wait_for_text,
 };
 use serde_json::Value;
 
@@ -135,8 +135,9 @@ fn python_frames(stack: &Value) -> Vec<(&str, &str, u64)> {
         .collect()
 }
 
-/// Traces the workload under one interpreter and checks every leak and the churn.
-fn check(label: &str, python: &str) -> Result<()> {
+/// Traces the workload under one interpreter, started with `env` added, and checks every
+/// leak and the churn.
+fn check(label: &str, python: &str, env: &[(&str, &str)]) -> Result<()> {
     let scratch = Scratch::new("python")?;
     let dir = scratch.path("");
     build_extension(python, &dir)?;
@@ -146,7 +147,20 @@ fn check(label: &str, python: &str) -> Result<()> {
     let (go, done) = (scratch.path("go"), scratch.path("done"));
     // Attached to a running interpreter: it reads the code objects of every stack while the
     // target lives. The extension is found next to the script (sys.path[0]).
-    let target = Running::python(&scratch, python, &script, &[&go, &done])?;
+    let target = Running::start_with_env(
+        &scratch,
+        "python",
+        Path::new(python),
+        &[
+            script.to_str().unwrap(),
+            go.to_str().unwrap(),
+            done.to_str().unwrap(),
+        ],
+        None,
+        env,
+    )?;
+    // memleak hooks the libc the process has mapped: not before the loader has mapped it.
+    target.wait_for_mapping("libc.so", TIMEOUT)?;
     let pid = target.pid().to_string();
     let tracer = Running::memleak(
         &scratch,
@@ -228,5 +242,36 @@ fn python_leaks_at_their_lines() -> Result<()> {
     if !can_trace("python_leaks_at_their_lines") {
         return Ok(());
     }
-    under_each_python(&[], check)
+    let mut failures = Vec::new();
+    for (label, python) in pythons() {
+        let Some(python) = python else {
+            skipped(&format!("Python {label}"), "not installed");
+            continue;
+        };
+        if let Err(e) = check(&label, &python.to_string_lossy(), &[]) {
+            failures.push(format!("{e:#}"));
+        }
+    }
+    ensure!(failures.is_empty(), "{}", failures.join("\n\n"));
+    Ok(())
+}
+
+/// A common fix for fragmentation: CPython run on jemalloc. Its malloc family is hooked in
+/// jemalloc with no flag, and every leak is still named at its Python line.
+#[test]
+fn python_on_preloaded_jemalloc() -> Result<()> {
+    const JEMALLOC: &str = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2";
+    let test = "python_on_preloaded_jemalloc";
+    if !can_trace(test) || !installed(test, JEMALLOC) {
+        return Ok(());
+    }
+    let Some(python) = pyenv_python("3.12") else {
+        skipped(test, "no pyenv Python 3.12");
+        return Ok(());
+    };
+    check(
+        "3.12 on jemalloc",
+        &python.to_string_lossy(),
+        &[("LD_PRELOAD", JEMALLOC)],
+    )
 }

@@ -29,6 +29,7 @@ use memleak_common::{
 use object::{Object, ObjectSegment, ObjectSymbol};
 
 use crate::procmaps::{self, Mapping};
+use crate::target_files::{MAX_OBJECT_FILE, TargetFiles};
 pub use classify::classify;
 pub use layout::Version;
 use layout::{BYTES_DATA, BYTES_SIZE, Layout, OB_TYPE, UNICODE_LENGTH, UNICODE_STATE};
@@ -123,9 +124,12 @@ impl PythonRuntime {
         let maps = procmaps::read(pid)?;
         let exe = executable(pid)?;
         for (path, first) in interpreter_candidates(&maps, &exe) {
-            let data = std::fs::read(procmaps::map_file_path(pid, first))
-                .or_else(|_| std::fs::read(procmaps::host_path(pid, path)))
-                .with_context(|| format!("reading {path}"))?;
+            let data = match std::fs::read(procmaps::map_file_path(pid, first)) {
+                Ok(data) => data,
+                Err(_) => TargetFiles::new(pid)
+                    .read(Path::new(path), MAX_OBJECT_FILE, b"\x7fELF")
+                    .map_err(|why| anyhow::anyhow!("reading {path}: {why}"))?,
+            };
             let file = object::File::parse(&*data).with_context(|| format!("parsing {path}"))?;
             let symbols = Symbols::of(&file);
             let Some(runtime) = symbols.runtime else {

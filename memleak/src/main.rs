@@ -19,7 +19,7 @@ mod timeline;
 mod trace;
 
 // The parsers live in the library (fuzzed there); `crate::model` etc. keep naming them here.
-use memleak::{bpf_map, model, procmaps, python, symbolize, unwind};
+use memleak::{bpf_map, model, owners, procmaps, python, symbolize, unwind};
 
 use std::{process::ExitCode, time::Duration};
 
@@ -246,7 +246,7 @@ async fn run(args: Args) -> Result<()> {
     };
 
     live.clear();
-    let final_state = match stop {
+    let final_state = match &stop {
         Stop::Count => None,
         Stop::Signal(why) => {
             println!("memleak: {why}; final state:");
@@ -265,6 +265,10 @@ async fn run(args: Args) -> Result<()> {
     if let Some(snap) = final_state {
         timeline.record_final(snap);
     }
+    // The target still runs (not when it exited): read who holds the largest stacks' memory.
+    if !args.no_owners && !matches!(stop, Stop::TargetExited(_)) {
+        timeline.owners = find_owners(&collector, &timeline, query.older_ms);
+    }
     let table = std::mem::take(&mut collector.table);
     // Reports before the probes go: each probe's detach waits out an RCU grace period
     // (about 100 ms here, one probe at a time in the kernel), seconds for two dozen, and a
@@ -274,6 +278,33 @@ async fn run(args: Args) -> Result<()> {
     let written = write_reports(&args, &analysis::analyze(&timeline, &table));
     drop(ebpf);
     written
+}
+
+/// Stacks whose owners are looked for: those the report shows first (growing, then holding).
+const OWNED_STACKS: usize = 8;
+
+/// The owners of the memory of the report's first stacks, read from the running target;
+/// `None` when it runs no Python.
+fn find_owners(
+    collector: &Collector,
+    timeline: &Timeline,
+    older_ms: u64,
+) -> Option<owners::Findings> {
+    let python = collector.python()?;
+    let analysis = analysis::analyze(timeline, &collector.table);
+    let stacks: std::collections::HashSet<i64> = analysis
+        .stacks
+        .iter()
+        .filter(|s| s.final_bytes() > 0 && s.trend != analysis::Trend::Churn)
+        .take(OWNED_STACKS)
+        .map(|s| s.stack_id)
+        .collect();
+    let blocks = owners::Blocks::new(collector.blocks_of(&stacks, older_ms));
+    Some(owners::python::find(
+        python,
+        &blocks,
+        &owners::python::Limits::default(),
+    ))
 }
 
 /// Creates the output files now, so a bad path fails before a long capture, not after it.

@@ -7,13 +7,13 @@
 mod btf;
 mod classify;
 mod codes;
-mod layout;
+pub(crate) mod layout;
 mod learner;
 pub mod linetable;
 mod memory;
 mod splice;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 mod threads;
 
 use std::collections::HashSet;
@@ -34,8 +34,8 @@ use crate::procmaps::{self, Mapping};
 use crate::target_files::{MAX_OBJECT_FILE, TargetFiles};
 pub use classify::classify;
 pub use codes::Codes;
-use layout::Layout;
 pub use layout::Version;
+use layout::{Layout, UNICODE_LENGTH, UNICODE_STATE};
 pub use memory::Memory;
 pub use threads::PythonTracking;
 
@@ -192,9 +192,15 @@ impl PythonRuntime {
         runtime_addr: u64,
         code_type: u64,
     ) -> Result<Self> {
-        let layout = Layout::for_version(version).with_context(|| {
+        let mut layout = Layout::for_version(version).with_context(|| {
             format!("{path}: Python {version} is not supported (3.8 to 3.13 are)")
         })?;
+        if version.minor >= 13 {
+            let raw = memory.read_vec(runtime_addr, layout::DEBUG_OFFSETS_LEN)?;
+            layout = layout
+                .published(version, &raw)
+                .with_context(|| format!("{path}: Python {version}"))?;
+        }
         Ok(PythonRuntime {
             version,
             interpreter_path: path.to_string(),
@@ -314,6 +320,52 @@ impl PythonRuntime {
             line,
         })
     }
+
+    /// What the owner walk reads through: the target's memory, its layout, `_PyRuntime`.
+    pub(crate) fn parts(&self) -> (&Memory, &Layout, u64) {
+        (&self.memory, &self.layout, self.runtime_addr)
+    }
+}
+
+/// A compact `str` object's text, read with `read` (the target's memory, or a copy of it).
+pub(crate) fn read_str(
+    read: &dyn Fn(u64, &mut [u8]) -> Result<()>,
+    layout: &Layout,
+    addr: u64,
+) -> Result<String> {
+    let (mut length, mut state) = ([0u8; 8], [0u8; 4]);
+    read(addr.wrapping_add(UNICODE_LENGTH), &mut length)?;
+    read(addr.wrapping_add(UNICODE_STATE), &mut state)?;
+    let (length, state) = (
+        u64::from_le_bytes(length) as usize,
+        u32::from_le_bytes(state),
+    );
+    let kind = (state >> 2) & 7;
+    let compact = state & (1 << 5) != 0;
+    let ascii = state & (1 << 6) != 0;
+    if !compact || length > 1 << 16 {
+        bail!("str at {addr:#x} is not a compact string");
+    }
+    let data = if ascii {
+        layout.ascii_data
+    } else {
+        layout.compact_data
+    };
+    let width = if ascii { 1 } else { kind as usize };
+    if !matches!(width, 1 | 2 | 4) {
+        bail!("str at {addr:#x} has character width {width}");
+    }
+    let mut raw = vec![0; length * width];
+    read(addr.wrapping_add(data), &mut raw)?;
+    let text = raw
+        .chunks_exact(width)
+        .map(|c| {
+            let mut b = [0u8; 4];
+            b[..width].copy_from_slice(c);
+            char::from_u32(u32::from_le_bytes(b)).unwrap_or(char::REPLACEMENT_CHARACTER)
+        })
+        .collect();
+    Ok(text)
 }
 
 impl Symbols {

@@ -120,9 +120,13 @@ impl PythonRuntime {
     /// Finds CPython in `pid`: `Ok(None)` when the process runs no Python, an error when it
     /// runs one we cannot read (too old, too new, debug or free-threaded build).
     pub fn detect(pid: u32) -> Result<Option<PythonRuntime>> {
-        let maps = procmaps::read(pid)?;
+        Self::detect_in(pid, &procmaps::read(pid)?)
+    }
+
+    /// `detect`, with the process's mappings already read.
+    pub fn detect_in(pid: u32, maps: &[Mapping]) -> Result<Option<PythonRuntime>> {
         let exe = executable(pid)?;
-        for (path, first) in interpreter_candidates(&maps, &exe) {
+        for (path, first) in interpreter_candidates(maps, &exe) {
             let data = std::fs::read(procmaps::map_file_path(pid, first))
                 .or_else(|_| std::fs::read(procmaps::host_path(pid, path)))
                 .with_context(|| format!("reading {path}"))?;
@@ -426,10 +430,9 @@ impl Symbols {
 
 /// The files `detect` looks in (the executable, every mapped libpython): while they stay
 /// the same, so does its answer, and it need not read them again.
-pub fn interpreter_files(pid: u32) -> Result<Vec<String>> {
-    let maps = procmaps::read(pid)?;
+pub fn interpreter_files(pid: u32, maps: &[Mapping]) -> Result<Vec<String>> {
     let exe = executable(pid)?;
-    let candidates = interpreter_candidates(&maps, &exe);
+    let candidates = interpreter_candidates(maps, &exe);
     Ok(candidates
         .into_iter()
         .map(|(path, _)| path.to_string())

@@ -10,7 +10,6 @@ pub mod table;
 use std::{
     collections::HashMap,
     fmt,
-    num::NonZeroU32,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     time::{Duration, Instant},
@@ -20,14 +19,10 @@ use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf,
     maps::{Array, MapData},
-    programs::{
-        UProbe,
-        uprobe::{UProbeLink, UProbeScope},
-    },
 };
 use memleak_common::{
     PyFrame, StackRecord,
-    names::{maps, programs},
+    names::maps,
     unwind::{MAX_UNWIND_MAPPINGS, UnwindControl, UnwindMapping, UnwindRow, mode},
 };
 use object::{Object, ObjectSegment};
@@ -151,14 +146,11 @@ pub struct Unwinder {
     current_base: u32,
     /// `UnwindControl::generation` of the last publish.
     generation: u32,
-    /// The probe that stops a started command at its entry point; `follow_exec` removes it
-    /// (a later exec of the same program must not stop again) and continues the command.
-    hold: Option<UProbeLink>,
     summary: Summary,
 }
 
 impl Unwinder {
-    /// Takes the unwind maps out of `ebpf` and publishes an empty table; `refresh` fills it.
+    /// Takes the unwind maps out of `ebpf` and publishes an empty table; `update` fills it.
     pub fn new(ebpf: &mut Ebpf, pid: u32, mode: UnwindMode) -> Result<Unwinder> {
         let rows = RowArea(MappedArray::new(
             bpf_map::take(ebpf, maps::UNWIND_ROWS)?,
@@ -181,7 +173,6 @@ impl Unwinder {
             published: Vec::new(),
             current_base: MAX_UNWIND_MAPPINGS,
             generation: 0,
-            hold: None,
         };
         unwinder.publish(Vec::new())?;
         Ok(unwinder)
@@ -191,23 +182,11 @@ impl Unwinder {
         &self.summary
     }
 
-    /// Re-reads the target's mappings; builds tables for new executable mappings (a dlopen)
-    /// and republishes if anything changed. Returns whether it did.
-    pub fn refresh(&mut self) -> Result<bool> {
-        if self.mode == UnwindMode::Fp {
-            return Ok(false);
-        }
-        let maps = procmaps::read(self.pid)?;
-        self.update(&maps)
-    }
-
     /// For a started command still held before its exec: builds the tables of the files it
-    /// will map (its executable, libc), and stops it at its executable's entry point, where
-    /// the dynamic loader has mapped every library and none of its code has run, until
-    /// `follow_exec` has placed them.
-    pub fn prepare(&mut self, ebpf: &mut Ebpf, exe: &Path, files: &[&Path]) -> Result<()> {
+    /// will map (its executable, libc), placed once it maps them (`update`).
+    pub fn prepare(&mut self, exe: &Path, files: &[&Path]) {
         if self.mode == UnwindMode::Fp {
-            return Ok(());
+            return;
         }
         for path in std::iter::once(&exe).chain(files) {
             let Ok(meta) = std::fs::metadata(path) else {
@@ -221,44 +200,14 @@ impl Unwinder {
                 self.objects.insert(key, loaded);
             }
         }
-        // A script has no entry point of its own: its interpreter's tables come with the
-        // maps refresh instead.
-        let Some(offset) = std::fs::read(exe).ok().and_then(|d| entry_offset(&d)) else {
-            return Ok(());
-        };
-        let prog: &mut UProbe = ebpf
-            .program_mut(programs::HOLD_AT_ENTRY)
-            .with_context(|| format!("BPF object lacks program {}", programs::HOLD_AT_ENTRY))?
-            .try_into()?;
-        prog.load()?;
-        let pid = NonZeroU32::new(self.pid).context("PID 0")?;
-        let link = prog
-            .attach(offset, exe, UProbeScope::OneProcess(pid))
-            .with_context(|| format!("attaching to the entry of {}", exe.display()))?;
-        self.hold = Some(prog.take_link(link)?);
-        Ok(())
     }
 
-    /// Right after a held command is released: waits (2 s at most) for it to stop at its
-    /// entry point, places the tables of everything mapped by then, runs `while_held` (the
-    /// libraries are all mapped: a command that exits within milliseconds must still be
-    /// symbolized) and lets it run on. A command that failed to start is left to the exit
-    /// watcher.
-    pub fn follow_exec(&mut self, while_held: impl FnOnce()) {
-        let Some(hold) = self.hold.take() else {
-            return;
-        };
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while !stopped(self.pid) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(1));
+    /// Takes the target's mappings (a maps tick's read): builds tables for new executable
+    /// mappings (a dlopen) and republishes if anything changed. Returns whether it did.
+    pub fn update(&mut self, maps: &[Mapping]) -> Result<bool> {
+        if self.mode == UnwindMode::Fp {
+            return Ok(false);
         }
-        let _ = self.refresh();
-        while_held();
-        drop(hold);
-        unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGCONT) };
-    }
-
-    fn update(&mut self, maps: &[Mapping]) -> Result<bool> {
         let mut table = Vec::new();
         for m in maps.iter().filter(|m| m.executable && m.is_file()) {
             let key = (m.dev.clone(), m.inode);
@@ -358,26 +307,6 @@ impl Unwinder {
         self.published = table;
         Ok(())
     }
-}
-
-/// Whether the process is in a group stop (`T` in `/proc/PID/stat`).
-fn stopped(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| rest.starts_with('T')))
-        .unwrap_or(false)
-}
-
-/// The file offset of an executable's entry point (what a uprobe attaches to).
-fn entry_offset(data: &[u8]) -> Option<u64> {
-    let file = object::File::parse(data).ok()?;
-    let entry = file.entry();
-    file.segments().find_map(|s| {
-        let (offset, size) = s.file_range();
-        (s.address() <= entry && entry - s.address() < size)
-            .then(|| offset.checked_add(entry - s.address()))
-            .flatten()
-    })
 }
 
 /// `st_dev` as `/proc/PID/maps` prints it.

@@ -5,6 +5,7 @@
 pub mod bpf_map;
 pub mod mapped;
 pub mod model;
+pub mod objects;
 pub mod procmaps;
 pub mod python;
 mod sections;

@@ -20,7 +20,7 @@ mod target;
 mod trace;
 
 // The parsers live in the library (fuzzed there); `crate::model` etc. keep naming them here.
-use memleak::{bpf_map, model, procmaps, python, symbolize, unwind};
+use memleak::{bpf_map, model, objects, procmaps, python, symbolize, unwind};
 
 use std::{process::ExitCode, time::Duration};
 

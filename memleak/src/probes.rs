@@ -18,6 +18,7 @@ use memleak_common::{
 
 use crate::{
     cli::Args,
+    objects,
     placement::{self, Placement},
 };
 
@@ -121,7 +122,8 @@ pub fn attach(
         prog.load()
             .with_context(|| format!("verifier rejected {name}"))?;
     }
-    let mut symbols: HashMap<&Path, HashMap<String, u64>> = HashMap::new();
+    // Each object's bytes stay in memory (`objects`) until every function is placed.
+    let mut symbols: HashMap<&Path, objects::Loaded> = HashMap::new();
     let mut hooked: HashMap<(&Path, u64), AllocKind> = HashMap::new();
     let mut attached = Vec::new();
     for kind in AllocKind::USER {
@@ -131,9 +133,9 @@ pub fn attach(
             (alloc_lib, format!("{prefix}{}", kind.symbol()))
         };
         if !symbols.contains_key(object) {
-            symbols.insert(object, function_symbols(object)?);
+            symbols.insert(object, objects::of_path(object)?);
         }
-        let Some(&vaddr) = symbols[object].get(&symbol) else {
+        let Some(&vaddr) = symbols[object].functions().get(&symbol) else {
             if matches!(kind, AllocKind::Malloc | AllocKind::Free) {
                 bail!(
                     "{} has no {symbol}: not an allocator (a static binary? name the object with -O, and its symbol prefix with --symbols-prefix)",
@@ -194,10 +196,11 @@ fn hook(
 /// forwards to malloc is a call nested in the in-flight outer one: counted once.
 pub fn attach_python_allocators(ebpf: &mut Ebpf, pid: u32, object: &Path) -> Result<Vec<Attached>> {
     let pid = NonZeroU32::new(pid).context("PID 0 is not a process")?;
-    let symbols = function_symbols(object)?;
+    let loaded = objects::of_path(object)?;
     let mut attached = Vec::new();
     for (symbol, kind) in crate::python::ALLOCATOR_ENTRY_POINTS {
-        let vaddr = *symbols
+        let vaddr = *loaded
+            .functions()
             .get(symbol)
             .with_context(|| format!("{} has no {symbol}", object.display()))?;
         attached.push(hook(ebpf, kind, symbol.to_string(), vaddr, object, pid)?);
@@ -422,25 +425,6 @@ fn attach_tracepoints(ebpf: &mut Ebpf, events: &[(&str, &str)]) -> Result<()> {
             .with_context(|| format!("attaching to tracepoint {category}:{event}"))?;
     }
     Ok(())
-}
-
-/// Defined function symbols (dynamic and static tables) → their virtual address.
-fn function_symbols(path: &Path) -> Result<HashMap<String, u64>> {
-    use object::{Object, ObjectSymbol, SymbolKind};
-    let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let file = object::File::parse(&*data)
-        .with_context(|| format!("{} is not an ELF object", path.display()))?;
-    let mut out = HashMap::new();
-    for sym in file.dynamic_symbols().chain(file.symbols()) {
-        if sym.kind() != SymbolKind::Text || sym.is_undefined() || sym.address() == 0 {
-            continue;
-        }
-        if let Ok(name) = sym.name() {
-            // Versioned dynamic names come as plain names from `object`.
-            out.entry(name.to_string()).or_insert(sym.address());
-        }
-    }
-    Ok(out)
 }
 
 #[cfg(test)]

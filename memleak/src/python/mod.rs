@@ -26,8 +26,9 @@ use memleak_common::{
     MAX_PYTHON_FRAMES,
     python::{FRAME_BUF, FrameStep, NO_FIELD, decode_frame},
 };
-use object::{Object, ObjectSegment, ObjectSymbol};
+use object::{Object, ObjectSymbol};
 
+use crate::objects;
 use crate::procmaps::{self, Mapping};
 pub use classify::classify;
 pub use layout::Version;
@@ -127,15 +128,15 @@ impl PythonRuntime {
     pub fn detect_in(pid: u32, maps: &[Mapping]) -> Result<Option<PythonRuntime>> {
         let exe = executable(pid)?;
         for (path, first) in interpreter_candidates(maps, &exe) {
-            let data = std::fs::read(procmaps::map_file_path(pid, first))
-                .or_else(|_| std::fs::read(procmaps::host_path(pid, path)))
-                .with_context(|| format!("reading {path}"))?;
-            let file = object::File::parse(&*data).with_context(|| format!("parsing {path}"))?;
+            let loaded =
+                objects::of_mapping(pid, first).with_context(|| format!("reading {path}"))?;
+            let file =
+                object::File::parse(&**loaded.bytes).with_context(|| format!("parsing {path}"))?;
             let symbols = Symbols::of(&file);
             let Some(runtime) = symbols.runtime else {
                 continue;
             };
-            let bias = load_bias(&file, first).with_context(|| {
+            let bias = loaded.object.bias(first).with_context(|| {
                 format!("{path}: no segment maps file offset {:#x}", first.offset)
             })?;
             let mut rt = Self::new(pid, path, bias, runtime, &symbols)?;
@@ -461,22 +462,6 @@ fn interpreter_candidates<'a>(maps: &'a [Mapping], exe: &str) -> Vec<(&'a str, &
         }
     }
     found
-}
-
-/// What to add to an ELF virtual address to get the target's address, from one mapping of
-/// the file.
-fn load_bias(file: &object::File, mapping: &Mapping) -> Option<u64> {
-    file.segments().find_map(|seg| {
-        let (offset, size) = seg.file_range();
-        (offset <= mapping.offset && mapping.offset < offset.saturating_add(size.max(1))).then(
-            || {
-                mapping
-                    .start
-                    .wrapping_sub(mapping.offset)
-                    .wrapping_sub(seg.address().wrapping_sub(offset))
-            },
-        )
-    })
 }
 
 /// `PREFIX/lib/pythonX.Y/` for an interpreter installed as `PREFIX/lib/libpython…` or

@@ -10,12 +10,18 @@ pub mod table;
 use std::{
     collections::HashMap,
     fmt,
-    os::unix::fs::MetadataExt,
-    path::{Path, PathBuf},
+    path::Path,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail};
+use crate::{
+    bpf_map,
+    mapped::MappedArray,
+    objects::{self, ObjectFile},
+    procmaps::Mapping,
+};
+use anyhow::{Result, bail};
 use aya::{
     Ebpf,
     maps::{Array, MapData},
@@ -24,13 +30,6 @@ use memleak_common::{
     PyFrame, StackRecord,
     names::maps,
     unwind::{MAX_UNWIND_MAPPINGS, UnwindControl, UnwindMapping, UnwindRow, mode},
-};
-use object::{Object, ObjectSegment};
-
-use crate::{
-    bpf_map,
-    mapped::MappedArray,
-    procmaps::{self, Mapping},
 };
 
 /// `--unwind`: how the BPF program walks native stacks.
@@ -127,8 +126,8 @@ impl fmt::Display for Summary {
 struct Loaded {
     first_row: u32,
     row_count: u32,
-    /// PT_LOAD segments as (file offset, file size, virtual address), to place mappings.
-    segments: Vec<(u64, u64, u64)>,
+    /// Its segments, to place its mappings; `None` when it could not be read.
+    object: Option<Arc<ObjectFile>>,
 }
 
 /// Owns the unwind maps of a loaded BPF program and keeps them in step with the target.
@@ -140,7 +139,7 @@ pub struct Unwinder {
     mappings: Array<MapData, UnwindMapping>,
     control: Array<MapData, UnwindControl>,
     /// Keyed by (device, inode): the same file mapped twice shares its rows.
-    objects: HashMap<(String, u64), Loaded>,
+    objects: HashMap<objects::Key, Loaded>,
     /// What the walker currently sees, to notice when the target's mappings change.
     published: Vec<UnwindMapping>,
     current_base: u32,
@@ -192,11 +191,9 @@ impl Unwinder {
             let Ok(meta) = std::fs::metadata(path) else {
                 continue;
             };
-            let key = (device(meta.dev()), meta.ino());
+            let key = objects::key_of(&meta);
             if !self.objects.contains_key(&key) {
-                let data =
-                    std::fs::read(path).with_context(|| format!("reading {}", path.display()));
-                let loaded = self.load(path.display().to_string(), data);
+                let loaded = self.load(path.display().to_string(), objects::of_path(path));
                 self.objects.insert(key, loaded);
             }
         }
@@ -212,15 +209,15 @@ impl Unwinder {
         for m in maps.iter().filter(|m| m.executable && m.is_file()) {
             let key = (m.dev.clone(), m.inode);
             if !self.objects.contains_key(&key) {
-                let data = read_mapped_file(self.pid, m);
-                let loaded = self.load(m.path.clone().unwrap_or_default(), data);
+                let object = objects::of_mapping(self.pid, m);
+                let loaded = self.load(m.path.clone().unwrap_or_default(), object);
                 self.objects.insert(key.clone(), loaded);
             }
             let loaded = &self.objects[&key];
             table.push(UnwindMapping {
                 start: m.start,
                 end: m.end,
-                bias: bias(m, &loaded.segments).unwrap_or(0),
+                bias: loaded.object.as_ref().and_then(|o| o.bias(m)).unwrap_or(0),
                 first_row: loaded.first_row,
                 row_count: loaded.row_count,
             });
@@ -235,9 +232,9 @@ impl Unwinder {
 
     /// Builds and stores the rows of one object file. Never fails: an object without a
     /// table is walked with frame pointers, and the summary says why.
-    fn load(&mut self, path: String, data: Result<Vec<u8>>) -> Loaded {
+    fn load(&mut self, path: String, object: Result<objects::Loaded>) -> Loaded {
         let started = Instant::now();
-        let result = data.and_then(|data| self.build_and_store(&data));
+        let result = object.and_then(|object| self.build_and_store(object));
         let build_time = started.elapsed();
         self.summary.build_time += build_time;
         self.summary.rows = self.next_row;
@@ -247,7 +244,7 @@ impl Unwinder {
                 let loaded = Loaded {
                     first_row: 0,
                     row_count: 0,
-                    segments: Vec::new(),
+                    object: None,
                 };
                 (loaded, 0, Some(format!("{e:#}")))
             }
@@ -262,16 +259,8 @@ impl Unwinder {
         loaded
     }
 
-    fn build_and_store(&mut self, data: &[u8]) -> Result<(Loaded, usize)> {
-        let file = object::File::parse(data).context("not an object file")?;
-        let segments = file
-            .segments()
-            .map(|s| {
-                let (offset, size) = s.file_range();
-                (offset, size, s.address())
-            })
-            .collect();
-        let table = table::build(data)?;
+    fn build_and_store(&mut self, object: objects::Loaded) -> Result<(Loaded, usize)> {
+        let table = table::build(&object.bytes)?;
         let row_count = u32::try_from(table.rows.len())?;
         let first_row = self.next_row;
         self.rows.write(first_row, &table.rows)?;
@@ -279,7 +268,7 @@ impl Unwinder {
         let loaded = Loaded {
             first_row,
             row_count,
-            segments,
+            object: Some(object.object),
         };
         Ok((loaded, table.unsupported))
     }
@@ -307,39 +296,6 @@ impl Unwinder {
         self.published = table;
         Ok(())
     }
-}
-
-/// `st_dev` as `/proc/PID/maps` prints it.
-fn device(dev: u64) -> String {
-    format!("{:02x}:{:02x}", libc::major(dev), libc::minor(dev))
-}
-
-/// The file behind a mapping: through `map_files` (the very file mapped, even if replaced
-/// on disk since), else by its path inside the target's root.
-fn read_mapped_file(pid: u32, m: &Mapping) -> Result<Vec<u8>> {
-    let candidates: [PathBuf; 2] = [
-        procmaps::map_file_path(pid, m),
-        procmaps::host_path(pid, m.path.as_deref().unwrap_or_default()),
-    ];
-    let mut last = None;
-    for p in &candidates {
-        match std::fs::read(p) {
-            Ok(data) => return Ok(data),
-            Err(e) => {
-                last = Some(anyhow::Error::new(e).context(format!("reading {}", p.display())))
-            }
-        }
-    }
-    Err(last.expect("two candidates"))
-}
-
-/// Runtime address − object address for mapping `m`: the PT_LOAD segment that holds the
-/// mapping's file offset says which object address the mapping starts at.
-fn bias(m: &Mapping, segments: &[(u64, u64, u64)]) -> Option<u64> {
-    let (offset, _, vaddr) = segments
-        .iter()
-        .find(|(offset, size, _)| *offset <= m.offset && m.offset - offset < *size)?;
-    Some(m.start.wrapping_sub(vaddr.wrapping_add(m.offset - offset)))
 }
 
 /// The row array, mapped into this process (the map is `BPF_F_MMAPABLE`): a million rows are

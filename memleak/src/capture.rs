@@ -2,7 +2,7 @@
 //! the same instants, and what they add up to: which stacks grow, how fast, how sure we are,
 //! and when the process runs out of memory at that pace. Every report format reads this.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use serde::Serialize;
 
@@ -33,6 +33,9 @@ pub const PLATEAU_MIN_LEVEL: f64 = 0.5;
 pub const PLATEAU_MAX_SPREAD: f64 = 0.25;
 /// Stacks whose deciding source line is read while the process is still there.
 const SOURCE_LINES_KEPT: usize = 20;
+/// Intervals kept. Past it, every other interval of the older half is dropped, so a run of
+/// days keeps its whole span, at a resolution that halves with age, in bounded memory.
+pub const MAX_POINTS: usize = 512;
 
 /// Everything recorded during one run.
 pub struct Timeline {
@@ -45,6 +48,8 @@ pub struct Timeline {
     pub final_state: Option<Snapshot>,
     /// `/proc` at each snapshot, then at the final state; `None`: unreadable (process gone).
     samples: Vec<Option<ProcSample>>,
+    /// Intervals recorded, including those thinned away.
+    intervals: u64,
     /// Each stack's frames, as last seen.
     frames: HashMap<i64, Vec<Frame>>,
     classes: HashMap<i64, Class>,
@@ -59,6 +64,7 @@ impl Timeline {
             snapshots: Vec::new(),
             final_state: None,
             samples: Vec::new(),
+            intervals: 0,
             frames: HashMap::new(),
             classes: HashMap::new(),
             sources: HashMap::new(),
@@ -98,6 +104,31 @@ impl Timeline {
         self.keep_frames(&snapshot);
         self.snapshots.push(snapshot);
         self.samples.push(sample);
+        self.intervals += 1;
+        if self.snapshots.len() > MAX_POINTS {
+            self.thin();
+        }
+    }
+
+    /// Intervals recorded since the start (more than `snapshots` holds once thinned).
+    pub fn intervals(&self) -> u64 {
+        self.intervals
+    }
+
+    /// Drops every other interval of the older half (the first one stays: the run's start),
+    /// and the frames of stacks no kept interval holds.
+    fn thin(&mut self) {
+        let older = self.snapshots.len() / 2;
+        let keep = |i: usize| i >= older || i.is_multiple_of(2);
+        retain_indices(&mut self.snapshots, keep);
+        retain_indices(&mut self.samples, keep);
+        let held: HashSet<i64> = self
+            .snapshots
+            .iter()
+            .flat_map(|s| s.stacks.iter().map(|u| u.stack_id))
+            .collect();
+        self.frames.retain(|id, _| held.contains(id));
+        self.classes.retain(|id, _| held.contains(id));
     }
 
     /// Notes the new state's frames in the table (dropping them from the state before it),
@@ -159,6 +190,14 @@ impl Timeline {
     pub fn analyze(&self) -> Analysis<'_> {
         Analysis::new(self)
     }
+}
+
+fn retain_indices<T>(v: &mut Vec<T>, keep: impl Fn(usize) -> bool) {
+    let mut i = 0;
+    v.retain(|_| {
+        i += 1;
+        keep(i - 1)
+    });
 }
 
 /// A least-squares line through a series, per minute.
@@ -891,6 +930,42 @@ pub mod tests {
             a.points[4].process.is_none(),
             "no process u32::MAX to sample"
         );
+    }
+
+    #[test]
+    fn a_long_run_is_thinned_to_bounded_points_over_its_whole_span() {
+        let template = timeline(&[leak(1)], 1.0, 2).snapshots.pop().unwrap();
+        let mut t = Timeline::new(ProcessContext {
+            pid: u32::MAX,
+            ..Default::default()
+        });
+        for i in 0..5000 {
+            let mut s = template.clone();
+            s.elapsed_s = i as f64;
+            s.stacks[0].bytes = i * MIB;
+            s.total_bytes = i * MIB;
+            t.push(s, None);
+        }
+        assert_eq!(t.intervals(), 5000);
+        assert!(t.snapshots.len() <= MAX_POINTS, "{}", t.snapshots.len());
+        assert_eq!(t.snapshots.len(), t.samples.len());
+        assert_eq!(t.snapshots[0].elapsed_s, 0.0, "the start stays");
+        assert_eq!(t.last().unwrap().elapsed_s, 4999.0);
+        let recent: Vec<f64> = t
+            .snapshots
+            .iter()
+            .rev()
+            .take(10)
+            .map(|s| s.elapsed_s)
+            .collect();
+        assert_eq!(
+            recent,
+            (4990..5000).rev().map(f64::from).collect::<Vec<_>>()
+        );
+        let a = t.analyze();
+        assert_eq!(a.stacks[0].trend, Trend::Growing);
+        assert!((a.stacks[0].fit.slope_per_min - 60.0 * MIB as f64).abs() < 1.0);
+        assert_eq!(t.frames(1).len(), 3, "a held stack keeps its frames");
     }
 
     impl Timeline {

@@ -1,6 +1,10 @@
 //! Command line, BCC memleak-compatible so a user's habits work.
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    net::{Ipv4Addr, SocketAddr, ToSocketAddrs},
+    path::PathBuf,
+    time::Duration,
+};
 
 use clap::{Parser, ValueEnum};
 
@@ -142,6 +146,16 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = Mode::Alloc)]
     pub mode: Mode,
 
+    /// While tracing, serve /metrics (Prometheus, OpenMetrics), /debug/pprof/heap (go tool
+    /// pprof, Parca, Alloy) and a live page at / on this address: `9100` or `:9100` (the
+    /// loopback), `0.0.0.0:9100`, `HOST:PORT`. The pages replace the per-interval tables.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub listen: Option<String>,
+
+    /// Stacks with series of their own on /metrics; the rest add up to one "other" series.
+    #[arg(long, default_value_t = 20, value_name = "N")]
+    pub metrics_top: usize,
+
     /// Say what was attached where, and map usage.
     #[arg(short, long)]
     pub verbose: bool,
@@ -212,6 +226,31 @@ impl Args {
         !self.kernel && self.mode == Mode::Alloc
     }
 
+    /// `--listen`'s address: a port alone (or `:PORT`) is on the loopback.
+    pub fn listen_addr(&self) -> Result<Option<SocketAddr>, String> {
+        let Some(text) = &self.listen else {
+            return Ok(None);
+        };
+        let bad = |why: &str| format!("--listen {text:?}: {why}");
+        let port_only = text.strip_prefix(':').unwrap_or(text);
+        if !port_only.is_empty() && port_only.bytes().all(|b| b.is_ascii_digit()) {
+            let port: u16 = port_only
+                .parse()
+                .map_err(|_| bad("the port must be 0 to 65535"))?;
+            return Ok(Some(SocketAddr::from((Ipv4Addr::LOCALHOST, port))));
+        }
+        if !text.contains(':') {
+            return Err(bad("expected PORT, :PORT or HOST:PORT"));
+        }
+        let mut addrs = text
+            .to_socket_addrs()
+            .map_err(|e| bad(&format!("not an address and port ({e})")))?;
+        addrs
+            .next()
+            .map(Some)
+            .ok_or_else(|| bad("the host has no address"))
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         if self.period() < Duration::from_millis(100) {
             return Err("the interval must be at least 100 ms".into());
@@ -265,6 +304,7 @@ impl Args {
                 return Err(format!("{name} must be at least 1"));
             }
         }
+        self.listen_addr()?;
         if !self.thread_slots.is_power_of_two() {
             return Err("--thread-slots must be a power of two".into());
         }

@@ -15,6 +15,7 @@ mod probes;
 mod proc_stats;
 mod process;
 mod report;
+mod serve;
 mod session;
 mod target;
 mod trace;
@@ -61,7 +62,12 @@ fn main() -> ExitCode {
 async fn run(args: Args) -> Result<()> {
     probes::preflight()?;
     check_outputs(&args)?;
-    let mut session = Session::start(&args)?;
+    // A bad --listen address fails before anything is traced.
+    let server = match args.listen_addr() {
+        Ok(Some(addr)) => Some(serve::Server::bind(addr, args.metrics_top, args.period())?),
+        _ => None,
+    };
+    let mut session = Session::start(&args, server)?;
     let mut exited = session.exit_watch()?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;

@@ -19,6 +19,7 @@ use crate::{
     process::{Exec, Process},
     python::{self, PythonTracking},
     report::{self, live::LiveStatus},
+    serve,
     symbolize::Symbolizer,
     target::Target,
     trace, unwind,
@@ -40,6 +41,8 @@ pub struct Session<'a> {
     /// Kernel mode's -p filter: only watched, to end when it exits.
     filter: Option<Target>,
     events: Option<trace::Events>,
+    /// `--listen`: the pages published every interval.
+    server: Option<serve::Server>,
     timeline: Timeline,
     query: Query,
     title: String,
@@ -50,7 +53,7 @@ pub struct Session<'a> {
 impl<'a> Session<'a> {
     /// Finds or starts the target, loads and attaches the BPF object, and lets a started
     /// command run.
-    pub fn start(args: &'a Args) -> Result<Session<'a>> {
+    pub fn start(args: &'a Args, server: Option<serve::Server>) -> Result<Session<'a>> {
         let target = match (&args.pid, &args.command) {
             (Some(pid), _) => Some(Target::existing(*pid)?),
             (None, Some(cmd)) => Some(Target::spawn(cmd)?),
@@ -85,6 +88,7 @@ impl<'a> Session<'a> {
             process,
             filter,
             events,
+            server,
             timeline: Timeline::new(ProcessContext::default()),
             live: LiveStatus::new(),
             huge_pages_said: false,
@@ -175,15 +179,19 @@ impl<'a> Session<'a> {
         }
         let snap = self.collector.snapshot(&self.query)?;
         self.live.clear();
-        // A --duration run shows a status line instead of a table per interval.
-        if self.args.duration.is_none() {
+        // A --duration run shows a status line instead of a table per interval; --listen
+        // shows pages.
+        if self.args.duration.is_none() && self.server.is_none() {
             print!("{}", report::text::table(&snap, &self.title, self.args.top));
         }
         self.timeline.record(snap);
+        if let Some(s) = &self.server {
+            s.publish(&self.timeline);
+        }
         let duration = self.args.duration.map(|d| d.as_secs_f64());
         self.live.update(&self.timeline, duration);
         let count = self.args.intervals();
-        Ok(count.is_some_and(|c| self.timeline.snapshots.len() as u64 >= c))
+        Ok(count.is_some_and(|c| self.timeline.intervals() >= c))
     }
 
     /// Every 250 ms: libraries appear right after exec and with every dlopen; the maps are

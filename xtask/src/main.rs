@@ -1,10 +1,12 @@
 //! Project tasks: `setup` installs what the build needs (idempotent, fast when done), `demo`
-//! traces the bundled leaking program, `test` runs every test, `bench` measures overhead.
+//! traces the bundled leaking program, `test` runs every test, `bench` measures overhead,
+//! `soak` measures memleak's own footprint over a long `--listen` run.
 
 mod bench;
 mod fuzz;
 mod load;
 mod setup;
+mod soak;
 
 use std::{path::PathBuf, process::Command};
 
@@ -50,6 +52,9 @@ enum Task {
     },
     /// Build, then run the load test (tests/tests/load.rs) for longer, 10 minutes by default.
     Load(load::Options),
+    /// Build, then run memleak --listen on the load fixture for an hour (by default), scraped
+    /// every interval, and print memleak's own RSS and CPU along the way.
+    Soak(soak::Options),
     /// Run the cargo-fuzz targets (fuzz/) for N seconds each; installs cargo-fuzz if missing.
     Fuzz(fuzz::Options),
 }
@@ -75,6 +80,7 @@ fn main() -> Result<()> {
             },
         ),
         Task::Load(opts) => load::run_load(&build()?, &opts),
+        Task::Soak(opts) => soak::run_soak(&build()?, &opts),
         Task::Fuzz(opts) => fuzz::run_fuzz(&opts),
     }
 }
@@ -125,9 +131,9 @@ fn demo() -> Result<()> {
 }
 
 /// Debian packages some tests need: dwz (the symbolizer's dwz test), libc6-dbg (debug files
-/// found by build-id) and chromium (the HTML report is loaded in it). Without them those
-/// tests skip, loudly.
-const TEST_PACKAGES: [&str; 3] = ["dwz", "libc6-dbg", "chromium"];
+/// found by build-id), chromium (the HTML report is loaded in it), prometheus and golang-go
+/// (they scrape `--listen`'s pages). Without them those tests skip, loudly.
+const TEST_PACKAGES: [&str; 5] = ["dwz", "libc6-dbg", "chromium", "prometheus", "golang-go"];
 
 fn test(extra: &[String]) -> Result<()> {
     if let Err(e) = setup::ensure_debian_packages(&TEST_PACKAGES) {

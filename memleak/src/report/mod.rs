@@ -4,6 +4,7 @@ pub mod folded;
 pub mod html;
 pub mod json;
 pub mod live;
+pub mod metrics;
 pub mod pprof;
 pub mod summary;
 pub mod text;

@@ -321,13 +321,16 @@ pub fn profile(timeline: &Timeline) -> Profile {
     b.profile
 }
 
+/// The profile, encoded and gzipped: the bytes of a `.pb.gz` file and of `/debug/pprof/heap`.
+pub fn gzipped(timeline: &Timeline) -> Vec<u8> {
+    let mut gz = GzEncoder::new(Vec::new(), Compression::default());
+    // Writing to a Vec cannot fail.
+    let _ = gz.write_all(&profile(timeline).encode_to_vec());
+    gz.finish().unwrap_or_default()
+}
+
 pub fn write(timeline: &Timeline, path: &Path) -> Result<()> {
-    let file =
-        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
-    let mut gz = GzEncoder::new(file, Compression::default());
-    gz.write_all(&profile(timeline).encode_to_vec())
-        .and_then(|()| gz.finish().map(drop))
-        .with_context(|| format!("writing {}", path.display()))
+    std::fs::write(path, gzipped(timeline)).with_context(|| format!("writing {}", path.display()))
 }
 
 #[cfg(test)]

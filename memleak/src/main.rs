@@ -67,10 +67,11 @@ async fn run(args: Args) -> Result<()> {
         Ok(Some(addr)) => Some(serve::Server::bind(addr, args.metrics_top, args.period())?),
         _ => None,
     };
-    let mut session = Session::start(&args, server)?;
-    let mut exited = session.exit_watch()?;
+    // Before the probes go in: a Ctrl+C from then on ends the run with its final report.
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
+    let mut session = Session::start(&args, server)?;
+    let mut exited = session.exit_watch()?;
     let period = args.period();
     let mut tables = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     let mut maps_tick = tokio::time::interval(Duration::from_millis(250));

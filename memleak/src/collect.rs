@@ -2,7 +2,7 @@
 //! symbolized. Knows the maps; knows nothing about output formats.
 
 use std::{
-    collections::{HashMap as StdHashMap, HashSet},
+    collections::HashMap as StdHashMap,
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -18,12 +18,16 @@ use crate::{
     cli::SortKey,
     heap::HeapTable,
     kallsyms::Kallsyms,
-    model::{Allocation, Class, Frame, Lost, Measure, Snapshot, StackUsage},
+    model::{Allocation, Frame, Lost, Measure, Snapshot, StackUsage},
     procmaps::Mapping,
-    python::{PythonTracking, classify},
+    python::PythonTracking,
+    stacks::{StackInfo, StackTable, attribute},
     symbolize::Symbolizer,
     unwind,
 };
+
+/// Stacks whose deciding source line is read at each snapshot, largest first.
+const SOURCE_LINES_READ: usize = 20;
 
 /// What turns a stack's addresses into frames.
 #[allow(clippy::large_enum_variant, reason = "one per run")]
@@ -94,11 +98,13 @@ pub struct Collector {
     /// Every stack by content hash: user stacks from the unwinder, or kernel stacks.
     stacks: HashMap<MapData, u64, StackRecord>,
     counters: PerCpuArray<MapData, u64>,
+    /// The exec generation of the program running now (`Process::new_exec`).
+    generation: u32,
+    /// The traced process (0 in kernel mode).
+    pid: u32,
     pub names: Names,
-    /// Symbolized stacks by id: ids are stable for the whole run.
-    frames: StdHashMap<i64, Vec<Frame>>,
-    /// Stacks whose walk stopped before the outermost frame.
-    truncated: HashSet<i64>,
+    /// Every stack seen, symbolized: what the snapshots' ids stand for.
+    pub table: StackTable,
     started: Instant,
 }
 
@@ -117,7 +123,7 @@ pub struct Query {
 
 impl Collector {
     /// `heap`: heap blocks are in `HEAP` (user-mode allocation tracking), else in `ALLOCS`.
-    pub fn new(ebpf: &mut Ebpf, names: Names, heap: bool) -> Result<Collector> {
+    pub fn new(ebpf: &mut Ebpf, pid: u32, names: Names, heap: bool) -> Result<Collector> {
         let mut take = |name| bpf_map::take(ebpf, name);
         let allocs = if heap {
             Blocks::Heap(HeapTable::new(take(maps::HEAP)?)?)
@@ -130,9 +136,10 @@ impl Collector {
             combined: HashMap::try_from(take(maps::COMBINED)?)?,
             stacks: HashMap::try_from(take(maps::STACKS)?)?,
             counters: PerCpuArray::try_from(take(maps::COUNTERS)?)?,
+            generation: 0,
+            pid,
             names,
-            frames: StdHashMap::new(),
-            truncated: HashSet::new(),
+            table: StackTable::default(),
             started: Instant::now(),
         })
     }
@@ -228,20 +235,16 @@ impl Collector {
             SortKey::Count => (b.count, b.bytes).cmp(&(a.count, a.bytes)),
         });
         for s in &mut stacks {
-            s.frames = self.frames_of(s.stack_id);
-            s.truncated = self.truncated.contains(&s.stack_id);
-            if let Some((class, frame)) = self.class_of(&s.frames) {
-                s.class = Some(class);
-                s.class_frame = Some(frame);
-            }
+            self.learn(s.stack_id);
             s.allocations.sort_by_key(|a| a.addr);
         }
+        let largest = stacks.iter().take(SOURCE_LINES_READ).map(|s| s.stack_id);
+        self.table.read_sources(self.pid, largest);
         stacks
     }
 
     /// After the target exec'd into exec generation `current`: forgets what the old program
-    /// held (exec freed it all) and its stacks' frames. Returns how many allocations were
-    /// dropped.
+    /// held (exec freed it all). Returns how many allocations were dropped.
     pub fn forget_before(&mut self, current: u32) -> usize {
         let mut dropped = 0;
         for map in [&mut self.allocs, &mut self.mmaps] {
@@ -255,29 +258,62 @@ impl Collector {
                 dropped += map.remove(addr) as usize;
             }
         }
-        self.frames.clear();
+        // Stacks seen again from now on are symbolized anew; the old program's keep their
+        // frames for the snapshots that hold them.
+        self.generation = current;
         dropped
     }
 
-    /// The symbolized frames of a stack; a failed walk (negative id) has none.
-    pub fn frames_of(&mut self, stack_id: i64) -> Vec<Frame> {
+    /// A stack from the table, symbolized now if it is new.
+    pub fn stack(&mut self, stack_id: i64) -> &StackInfo {
+        self.learn(stack_id);
+        self.table.get(stack_id)
+    }
+
+    /// Puts the stack in the table if it is not there from this program yet (symbolized,
+    /// attributed), and attributes it again once Python is found under it. A failed walk
+    /// (negative id) has no entry.
+    fn learn(&mut self, stack_id: i64) {
         if stack_id < 0 {
-            return Vec::new();
+            return;
         }
-        if let Some(f) = self.frames.get(&stack_id) {
-            return f.clone();
+        let attributed = self
+            .table
+            .entry(stack_id)
+            .filter(|s| s.generation == self.generation)
+            .map(|s| s.class.is_some());
+        let (frames, truncated) = match attributed {
+            Some(true) => return,
+            Some(false) if self.python_runtime().is_none() => return,
+            Some(false) => {
+                let s = self.table.get(stack_id);
+                (s.frames.clone(), s.truncated)
+            }
+            None => match self.symbolize(stack_id) {
+                Some(stack) => stack,
+                None => return,
+            },
+        };
+        let who = attribute(&frames, self.python_runtime());
+        let info = StackInfo::new(frames, truncated, self.generation, who);
+        self.table.insert(stack_id, info);
+    }
+
+    fn python_runtime(&mut self) -> Option<&crate::python::PythonRuntime> {
+        match &mut self.names {
+            Names::User(_, python) => python.runtime_mut().map(|rt| &*rt),
+            Names::Kernel(_) => None,
         }
-        let Some(unwind::Stack {
+    }
+
+    /// A stack's frames, innermost first, and whether the walk stopped short; `None`: the
+    /// stack is not in the map.
+    fn symbolize(&mut self, stack_id: i64) -> Option<(Vec<Frame>, bool)> {
+        let unwind::Stack {
             native: ips,
             python: python_frames,
             truncated,
-        }) = unwind::read_stack(&self.stacks, stack_id)
-        else {
-            return Vec::new();
-        };
-        if truncated {
-            self.truncated.insert(stack_id);
-        }
+        } = unwind::read_stack(&self.stacks, stack_id)?;
         let frames: Vec<Frame> = match &mut self.names {
             Names::User(symbols, python) => {
                 // Stacks are taken at the allocator's return: every address is a return
@@ -293,35 +329,19 @@ impl Collector {
             }
             Names::Kernel(k) => ips.iter().map(|&ip| k.frame(ip)).collect(),
         };
-        self.frames.insert(stack_id, frames.clone());
-        frames
-    }
-
-    /// Who holds a stack's memory (application, CPython internal, C extension, native
-    /// library) and the frame that decided it; `None` when the target runs no Python.
-    fn class_of(&mut self, frames: &[Frame]) -> Option<(Class, usize)> {
-        match &mut self.names {
-            Names::User(_, python) => python.runtime_mut().map(|rt| classify(frames, rt)),
-            Names::Kernel(_) => None,
-        }
+        Some((frames, truncated))
     }
 
     /// Symbolizes the stacks not seen yet while the target is alive to be read: Python code
     /// objects (names, lines) die with the process. Native frames can wait for the table, so
     /// a target without Python costs nothing here.
     pub fn learn_new_stacks(&mut self) {
-        let python = match &mut self.names {
-            Names::User(_, py) => py.runtime_mut().is_some(),
-            Names::Kernel(_) => false,
-        };
-        if !python {
+        if self.python_runtime().is_none() {
             return;
         }
         let ids: Vec<u64> = self.stacks.keys().flatten().collect();
         for id in ids.into_iter().map(|id| id as i64) {
-            if !self.frames.contains_key(&id) {
-                self.frames_of(id);
-            }
+            self.learn(id);
         }
     }
 
@@ -347,11 +367,7 @@ fn usage(per_stack: &mut StdHashMap<i64, StackUsage>, stack_id: i64) -> &mut Sta
         stack_id,
         bytes: 0,
         count: 0,
-        frames: Vec::new(),
         allocations: Vec::new(),
-        class: None,
-        class_frame: None,
-        truncated: false,
     })
 }
 

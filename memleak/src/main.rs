@@ -1,11 +1,11 @@
 //! memleak: which code of a live process holds native memory and does not give it back.
 //!
 //! The flow (ARCHITECTURE.md): `session` finds or starts the `target`, `probes` loads the BPF
-//! object and hooks it, `collect` turns the BPF maps into `model::Snapshot`s, `capture` keeps
-//! them as a timeline, and `report` prints them. This file parses the arguments and runs the
+//! object and hooks it, `collect` turns the BPF maps into `model::Snapshot`s, `timeline` keeps
+//! them, `analysis` works out what they add up to, and `report` prints it. This file parses the arguments and runs the
 //! session's loop.
 
-mod capture;
+mod analysis;
 mod cli;
 mod collect;
 mod heap;
@@ -17,7 +17,9 @@ mod process;
 mod report;
 mod serve;
 mod session;
+mod stacks;
 mod target;
+mod timeline;
 mod trace;
 
 // The parsers live in the library (fuzzed there); `crate::model` etc. keep naming them here.

@@ -31,27 +31,17 @@ pub enum FrameKind {
     Python,
 }
 
-/// Outstanding memory attributed to one stack at one instant.
+/// Outstanding memory attributed to one stack at one instant. The stack itself (frames, class,
+/// explaining frame) is in the run's stack table, under `stack_id`.
 #[derive(Clone, Debug, Serialize)]
 pub struct StackUsage {
     /// The stack's id in the tracer (stable for the whole run); negative: the walk failed.
     pub stack_id: i64,
     pub bytes: u64,
     pub count: u64,
-    pub frames: Vec<Frame>,
     /// Outstanding allocations of this stack, filled with `--show-allocs` only.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub allocations: Vec<Allocation>,
-    /// Who holds the memory, when the target runs Python: application, cpython-internal,
-    /// c-extension or native-library.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub class: Option<Class>,
-    /// Index in `frames` of the frame that decided `class`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub class_frame: Option<usize>,
-    /// The walk stopped before the outermost frame (no unwind information, an unknown
-    /// mapping, a corrupt stack): frames beyond the last one are missing.
-    pub truncated: bool,
 }
 
 #[derive(Clone, Debug, Serialize)]

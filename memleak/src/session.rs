@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use aya::Ebpf;
 
 use crate::{
-    capture::Timeline,
+    analysis::{self, Analysis},
     cli::{Args, Mode},
     collect::{Collector, Names, Query},
     kallsyms::Kallsyms,
@@ -22,6 +22,7 @@ use crate::{
     serve,
     symbolize::Symbolizer,
     target::Target,
+    timeline::Timeline,
     trace, unwind,
 };
 
@@ -73,7 +74,8 @@ impl<'a> Session<'a> {
                 (ebpf, Names::Kernel(Kallsyms::load()?), None, filter)
             }
         };
-        let collector = Collector::new(&mut ebpf, names, args.heap_table())?;
+        let pid = process.as_ref().map_or(0, Process::pid);
+        let collector = Collector::new(&mut ebpf, pid, names, args.heap_table())?;
         let events = match args.trace {
             true => Some(trace::Events::new(&mut ebpf)?),
             false => None,
@@ -89,13 +91,13 @@ impl<'a> Session<'a> {
             filter,
             events,
             server,
-            timeline: Timeline::new(ProcessContext::default()),
+            timeline: Timeline::new(ProcessContext::default(), args.period().as_secs_f64()),
             live: LiveStatus::new(),
             huge_pages_said: false,
         };
         session.run_target()?;
         let pid = session.target().map_or(0, |t| t.pid);
-        session.timeline = Timeline::new(ProcessContext::read(pid));
+        session.timeline = Timeline::new(ProcessContext::read(pid), args.period().as_secs_f64());
         Ok(session)
     }
 
@@ -181,15 +183,22 @@ impl<'a> Session<'a> {
         self.live.clear();
         // A --duration run shows a status line instead of a table per interval; --listen
         // shows pages.
+        let table = &mut self.collector.table;
         if self.args.duration.is_none() && self.server.is_none() {
-            print!("{}", report::text::table(&snap, &self.title, self.args.top));
+            print!(
+                "{}",
+                report::text::table(&snap, table, &self.title, self.args.top)
+            );
         }
-        self.timeline.record(snap);
+        if self.timeline.record(snap) {
+            // Thinned: stacks no kept interval holds leave the table too.
+            table.retain(&self.timeline.stack_ids());
+        }
         if let Some(s) = &self.server {
-            s.publish(&self.timeline);
+            s.publish(&self.timeline, table);
         }
         let duration = self.args.duration.map(|d| d.as_secs_f64());
-        self.live.update(&self.timeline, duration);
+        self.live.update(&self.timeline, table, duration);
         let count = self.args.intervals();
         Ok(count.is_some_and(|c| self.timeline.intervals() >= c))
     }
@@ -270,23 +279,28 @@ impl<'a> Session<'a> {
         if let Some(q) = query {
             self.check_exec()?;
             let snap = self.collector.snapshot(&q)?;
-            print!("{}", report::text::table(&snap, &self.title, self.args.top));
+            let table = &self.collector.table;
+            print!(
+                "{}",
+                report::text::table(&snap, table, &self.title, self.args.top)
+            );
             self.timeline.record_final(snap);
         }
         let Session {
             args,
             ebpf,
-            collector,
+            mut collector,
             events,
             timeline,
             ..
         } = self;
+        let table = std::mem::take(&mut collector.table);
         // Dropping `ebpf` detaches every probe; the target runs on unharmed while the reports
         // are written.
         drop(collector);
         drop(events);
         drop(ebpf);
-        write_reports(args, &timeline)
+        write_reports(args, &analysis::analyze(&timeline, &table))
     }
 }
 
@@ -412,23 +426,23 @@ fn say_huge_pages(pid: u32) -> bool {
 }
 
 /// The report printed at the end, and the files asked for.
-fn write_reports(args: &Args, timeline: &Timeline) -> Result<()> {
-    let summary = report::summary::render(timeline);
+fn write_reports(args: &Args, analysis: &Analysis) -> Result<()> {
+    let summary = report::summary::render(analysis);
     print!("\n{summary}");
     if let Some(path) = &args.report {
         std::fs::write(path, &summary).with_context(|| format!("writing {}", path.display()))?;
     }
     if let Some(path) = &args.json {
-        report::json::write(timeline, path)?;
+        report::json::write(analysis, path)?;
     }
     if let Some(path) = &args.folded {
-        report::folded::write(timeline, path)?;
+        report::folded::write(analysis, path)?;
     }
     if let Some(path) = &args.pprof {
-        report::pprof::write(timeline, path)?;
+        report::pprof::write(analysis, path)?;
     }
     if let Some(path) = &args.html {
-        report::html::write(timeline, path)?;
+        report::html::write(analysis, path)?;
     }
     Ok(())
 }

@@ -48,7 +48,8 @@ impl Events {
                 ),
                 _ => {
                     let site = collector
-                        .frames_of(ev.stack_id)
+                        .stack(ev.stack_id)
+                        .frames
                         .first()
                         .map(format_frame)
                         .unwrap_or_else(|| "[no stack]".into());

@@ -6,19 +6,21 @@ use std::{collections::BTreeMap, path::Path};
 use anyhow::{Context, Result};
 
 use crate::{
-    capture::Timeline,
+    analysis::Analysis,
     model::{Frame, FrameKind, Snapshot},
+    stacks::StackTable,
 };
 
 /// One line per distinct call path of `snapshot` (stacks that fold to the same names are
 /// added up), outermost frame first; stacks holding nothing are left out.
-pub fn lines(snapshot: &Snapshot) -> Vec<String> {
+pub fn lines(snapshot: &Snapshot, table: &StackTable) -> Vec<String> {
     let mut paths: BTreeMap<String, u64> = BTreeMap::new();
     for s in snapshot.stacks.iter().filter(|s| s.bytes > 0) {
-        let path = if s.frames.is_empty() {
+        let frames = &table.get(s.stack_id).frames;
+        let path = if frames.is_empty() {
             "[unknown]".to_string()
         } else {
-            let names: Vec<String> = s.frames.iter().rev().map(name).collect();
+            let names: Vec<String> = frames.iter().rev().map(name).collect();
             names.join(";")
         };
         *paths.entry(path).or_default() += s.bytes;
@@ -51,8 +53,9 @@ fn name(f: &Frame) -> String {
 }
 
 /// Writes the final snapshot's folded stacks to `path`.
-pub fn write(timeline: &Timeline, path: &Path) -> Result<()> {
-    let mut text = timeline.last().map(lines).unwrap_or_default().join("\n");
+pub fn write(a: &Analysis, path: &Path) -> Result<()> {
+    let last = a.timeline.last();
+    let mut text = last.map_or(vec![], |s| lines(s, a.table)).join("\n");
     text.push('\n');
     std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }
@@ -60,13 +63,13 @@ pub fn write(timeline: &Timeline, path: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::capture::tests::{cache, churn, leak, timeline};
+    use crate::analysis::tests::{cache, churn, leak, timeline};
 
     #[test]
     fn folded_values_add_up_to_the_snapshot_total() {
         let t = timeline(&[leak(1), cache(2), churn(3)], 1.0, 9);
-        let last = t.last().unwrap();
-        let lines = lines(last);
+        let last = t.timeline.last().unwrap();
+        let lines = lines(last, &t.table);
         let sum: u64 = lines
             .iter()
             .map(|l| l.rsplit_once(' ').unwrap().1.parse::<u64>().unwrap())

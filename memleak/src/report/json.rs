@@ -6,11 +6,13 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use serde::Serialize;
+use serde_json::{Value, json};
 
 use crate::{
-    capture::{self, Analysis, Timeline},
-    model::Snapshot,
+    analysis::{self, Analysis, classes},
+    model::{Snapshot, StackUsage},
     proc_stats::ProcessContext,
+    stacks::StackTable,
 };
 
 pub const SCHEMA: &str = "memleak/1";
@@ -19,17 +21,17 @@ pub const SCHEMA: &str = "memleak/1";
 struct Document<'a> {
     schema: &'static str,
     pid: u32,
-    /// Every interval's snapshot, oldest first, with its frames put back.
-    snapshots: Vec<serde_json::Value>,
+    /// Every interval's snapshot, oldest first, each stack joined with the stack table.
+    snapshots: Vec<Value>,
     /// The last snapshot (`null` before the first interval).
     #[serde(rename = "final")]
-    last: Option<&'a Snapshot>,
-    summary: &'a capture::Verdict,
+    last: Option<Value>,
+    summary: &'a analysis::Verdict,
     thresholds: Thresholds,
     process: &'a ProcessContext,
-    timeline: &'a [capture::Point],
-    stacks: &'a [capture::StackTrend<'a>],
-    classes: &'a [capture::ClassBytes<'a>],
+    timeline: &'a [analysis::Point],
+    stacks: &'a [analysis::StackTrend<'a>],
+    classes: &'a [analysis::ClassBytes],
 }
 
 /// The classification thresholds in force, so a reader knows what "growing" meant.
@@ -40,32 +42,38 @@ struct Thresholds {
     min_growth_bytes: f64,
     min_growth_r2: f64,
     min_recent_rate_share: f64,
+    max_held_blocks: u64,
     plateau_min_level: f64,
     plateau_max_spread: f64,
+    min_rate_span_intervals: f64,
+    named_min_share: f64,
+    named_min_bytes: u64,
 }
 
-pub fn to_value(timeline: &Timeline) -> serde_json::Value {
-    let a: Analysis = timeline.analyze();
+const THRESHOLDS: Thresholds = Thresholds {
+    min_points: classes::MIN_POINTS,
+    min_growth_blocks: classes::MIN_GROWTH_BLOCKS,
+    min_growth_bytes: classes::MIN_GROWTH_BYTES,
+    min_growth_r2: classes::MIN_GROWTH_R2,
+    min_recent_rate_share: classes::MIN_RECENT_RATE_SHARE,
+    max_held_blocks: classes::MAX_HELD_BLOCKS,
+    plateau_min_level: classes::PLATEAU_MIN_LEVEL,
+    plateau_max_spread: classes::PLATEAU_MAX_SPREAD,
+    min_rate_span_intervals: analysis::MIN_RATE_SPAN_INTERVALS,
+    named_min_share: analysis::verdict::NAMED_MIN_SHARE,
+    named_min_bytes: analysis::verdict::NAMED_MIN_BYTES,
+};
+
+pub fn to_value(a: &Analysis) -> Value {
+    let t = a.timeline;
     let doc = Document {
         schema: SCHEMA,
-        pid: timeline.pid(),
-        snapshots: timeline
-            .snapshots
-            .iter()
-            .map(|s| restored(timeline, s))
-            .collect(),
-        last: timeline.last(),
+        pid: t.pid(),
+        snapshots: t.snapshots.iter().map(|s| joined(s, a.table)).collect(),
+        last: t.last().map(|s| joined(s, a.table)),
         summary: &a.verdict,
-        thresholds: Thresholds {
-            min_points: capture::MIN_POINTS,
-            min_growth_blocks: capture::MIN_GROWTH_BLOCKS,
-            min_growth_bytes: capture::MIN_GROWTH_BYTES,
-            min_growth_r2: capture::MIN_GROWTH_R2,
-            min_recent_rate_share: capture::MIN_RECENT_RATE_SHARE,
-            plateau_min_level: capture::PLATEAU_MIN_LEVEL,
-            plateau_max_spread: capture::PLATEAU_MAX_SPREAD,
-        },
-        process: &timeline.context,
+        thresholds: THRESHOLDS,
+        process: &t.context,
         timeline: &a.points,
         stacks: &a.stacks,
         classes: &a.classes,
@@ -73,21 +81,30 @@ pub fn to_value(timeline: &Timeline) -> serde_json::Value {
     serde_json::to_value(doc).expect("the document has only string keys and finite numbers")
 }
 
-/// A stored snapshot as the collector made it: the timeline keeps older snapshots without
-/// their stacks' frames, and each stack's frames once.
-fn restored(timeline: &Timeline, snapshot: &Snapshot) -> serde_json::Value {
+/// A snapshot as readers of memleak/1 know it: each stack with its frames, truncation, class
+/// and the frame that decided the class, from the stack table.
+fn joined(snapshot: &Snapshot, table: &StackTable) -> Value {
     let mut value = serde_json::to_value(snapshot).expect("a snapshot serializes");
-    if let Some(stacks) = value["stacks"].as_array_mut() {
-        for (json, stack) in stacks.iter_mut().zip(&snapshot.stacks) {
-            json["frames"] =
-                serde_json::to_value(timeline.frames(stack.stack_id)).expect("frames serialize");
+    let join = |json: &mut Value, stacks: &[StackUsage]| {
+        for (json, stack) in json.as_array_mut().into_iter().flatten().zip(stacks) {
+            let info = table.get(stack.stack_id);
+            json["frames"] = json!(info.frames);
+            json["truncated"] = json!(info.truncated);
+            if let Some(class) = info.class {
+                json["class"] = json!(class);
+                json["class_frame"] = json!(info.deciding_frame);
+            }
         }
+    };
+    join(&mut value["stacks"], &snapshot.stacks);
+    if let Some(mapped) = &snapshot.mapped {
+        join(&mut value["mapped"], mapped);
     }
     value
 }
 
-pub fn write(timeline: &Timeline, path: &Path) -> Result<()> {
-    let text = serde_json::to_string_pretty(&to_value(timeline))?;
+pub fn write(a: &Analysis, path: &Path) -> Result<()> {
+    let text = serde_json::to_string_pretty(&to_value(a))?;
     std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))
 }
 
@@ -95,8 +112,12 @@ pub fn write(timeline: &Timeline, path: &Path) -> Result<()> {
 mod tests {
     use super::*;
     use crate::{
-        capture::tests::{cache, churn, leak, timeline},
+        analysis::{
+            analyze,
+            tests::{cache, churn, leak, timeline},
+        },
         model::Class,
+        timeline::Timeline,
     };
 
     const SCHEMA_TEXT: &str = include_str!("../../../docs/memleak-json.schema.json");
@@ -115,8 +136,8 @@ mod tests {
     fn document_validates_against_the_schema() {
         let mut t = timeline(&[leak(1), cache(2), churn(3)], 2.0, 12);
         t.set_class(2, Class::CpythonInternal);
-        t.context.cmdline = vec!["./leaker".into(), "12".into()];
-        let doc = to_value(&t);
+        t.timeline.context.cmdline = vec!["./leaker".into(), "12".into()];
+        let doc = to_value(&t.analyze());
         validate(&doc);
         assert_eq!(doc["schema"], "memleak/1");
         assert_eq!(doc["snapshots"].as_array().unwrap().len(), 12);
@@ -138,10 +159,13 @@ mod tests {
 
     #[test]
     fn empty_and_real_process_documents_validate() {
-        validate(&to_value(&Timeline::new(ProcessContext::default())));
-        let mut t = Timeline::new(ProcessContext::read(std::process::id()));
-        t.record(timeline(&[leak(1)], 1.0, 1).snapshots.pop().unwrap());
-        let doc = to_value(&t);
+        let table = StackTable::default();
+        let empty = Timeline::new(ProcessContext::default(), 1.0);
+        validate(&to_value(&analyze(&empty, &table)));
+        let mut t = Timeline::new(ProcessContext::read(std::process::id()), 1.0);
+        let one = timeline(&[leak(1)], 1.0, 1);
+        t.record(one.timeline.snapshots[0].clone());
+        let doc = to_value(&analyze(&t, &one.table));
         validate(&doc);
         assert!(doc["timeline"][0]["process"]["rss_bytes"].as_u64().unwrap() > 0);
     }
@@ -150,7 +174,7 @@ mod tests {
     fn schema_rejects_a_wrong_document() {
         let schema: serde_json::Value = serde_json::from_str(SCHEMA_TEXT).unwrap();
         let validator = jsonschema::validator_for(&schema).unwrap();
-        let mut doc = to_value(&timeline(&[leak(1)], 1.0, 3));
+        let mut doc = to_value(&timeline(&[leak(1)], 1.0, 3).analyze());
         assert!(validator.is_valid(&doc));
         doc["stacks"][0]["trend"] = "leaky".into();
         assert!(!validator.is_valid(&doc));

@@ -3,7 +3,12 @@
 
 use std::io::{IsTerminal, Write};
 
-use crate::{capture::Timeline, report::summary};
+use crate::{
+    analysis::analyze,
+    report::format::{bytes, duration, signed_bytes},
+    stacks::StackTable,
+    timeline::Timeline,
+};
 
 pub struct LiveStatus {
     enabled: bool,
@@ -19,11 +24,11 @@ impl LiveStatus {
     }
 
     /// Rewrites the status line after an interval; `duration_s`: the run's planned length.
-    pub fn update(&mut self, timeline: &Timeline, duration_s: Option<f64>) {
+    pub fn update(&mut self, timeline: &Timeline, table: &StackTable, duration_s: Option<f64>) {
         if !self.enabled {
             return;
         }
-        let line = line(timeline, duration_s);
+        let line = line(timeline, table, duration_s);
         let mut err = std::io::stderr().lock();
         // \r and "erase to end of line": the new line replaces the old one in place.
         let _ = write!(err, "\r\x1b[K{line}");
@@ -46,24 +51,28 @@ impl Default for LiveStatus {
     }
 }
 
-/// `[1m05s / 2m00s] outstanding 64.0 MiB  +60.0 MiB/min  2 growing`.
-pub fn line(timeline: &Timeline, duration_s: Option<f64>) -> String {
+/// `[1m05s / 2m00s] outstanding 64.0 MiB  leak rate +60.0 MiB/min in 2 growing`.
+pub fn line(timeline: &Timeline, table: &StackTable, duration_s: Option<f64>) -> String {
     let Some(last) = timeline.last() else {
         return "waiting for the first interval...".into();
     };
-    let a = timeline.analyze();
-    let elapsed = summary::duration(last.elapsed_s);
+    let v = analyze(timeline, table).verdict;
+    let elapsed = duration(last.elapsed_s);
     let clock = match duration_s {
-        Some(d) => format!("{elapsed} / {}", summary::duration(d)),
+        Some(d) => format!("{elapsed} / {}", duration(d)),
         None => elapsed,
     };
-    let mut s = format!(
-        "[{clock}] outstanding {}  {}/min",
-        summary::bytes(last.total_bytes),
-        summary::signed_bytes(a.verdict.total.slope_per_min)
-    );
-    if a.verdict.conclusive {
-        s += &format!("  {} growing", a.verdict.growing_stacks);
+    let mut s = format!("[{clock}] outstanding {}", bytes(last.total_bytes));
+    if !v.conclusive {
+        s += "  rate: not enough data yet";
+    } else if v.leaking {
+        s += &format!(
+            "  leak rate {}/min in {} growing",
+            signed_bytes(v.leak_rate_bytes_per_min),
+            v.growing_stacks
+        );
+    } else {
+        s += "  no stack grows";
     }
     s
 }
@@ -71,16 +80,21 @@ pub fn line(timeline: &Timeline, duration_s: Option<f64>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::capture::tests::{leak, timeline};
+    use crate::analysis::tests::{leak, timeline};
 
     #[test]
     fn status_line_shows_progress_and_rate() {
         let t = timeline(&[leak(1)], 5.0, 13);
         assert_eq!(
-            line(&t, Some(120.0)),
-            "[1m00s / 2m00s] outstanding 120.0 MiB  +120.0 MiB/min  1 growing"
+            line(&t.timeline, &t.table, Some(120.0)),
+            "[1m00s / 2m00s] outstanding 120.0 MiB  leak rate +120.0 MiB/min in 1 growing"
         );
-        let empty = Timeline::new(Default::default());
-        assert_eq!(line(&empty, None), "waiting for the first interval...");
+        let short = timeline(&[leak(1)], 5.0, 2);
+        assert!(line(&short.timeline, &short.table, None).ends_with("not enough data yet"));
+        let empty = Timeline::new(Default::default(), 1.0);
+        assert_eq!(
+            line(&empty, &t.table, None),
+            "waiting for the first interval..."
+        );
     }
 }

@@ -9,8 +9,9 @@
 use std::{collections::HashMap, fmt::Write};
 
 use crate::{
-    capture::{Analysis, StackTrend, Timeline},
+    analysis::{Analysis, StackTrend, Trend},
     model::{Frame, Lost},
+    timeline::Timeline,
 };
 
 /// Which text format the scraper asked for.
@@ -85,13 +86,8 @@ impl Family {
 }
 
 /// Every series of the run so far, rendered in `format`.
-pub fn render(
-    timeline: &Timeline,
-    analysis: &Analysis,
-    top: usize,
-    own: SelfUsage,
-    format: Format,
-) -> String {
+pub fn render(analysis: &Analysis, top: usize, own: SelfUsage, format: Format) -> String {
+    let timeline = analysis.timeline;
     let mut families = process_families(timeline, analysis);
     families.extend(stack_families(timeline.pid(), &analysis.stacks, top));
     if let Some(last) = timeline.last() {
@@ -108,6 +104,16 @@ fn process_families(timeline: &Timeline, a: &Analysis) -> Vec<Family> {
     let pid = timeline.pid().to_string();
     let pid = [("pid", pid.as_str())];
     let v = &a.verdict;
+    let mut growth = Family::new(
+        "memleak_process_growth_rate_bytes_per_second",
+        Kind::Gauge,
+        "Least-squares rate of all outstanding bytes (held and churn included) over the kept \
+         timeline; not the leak rate.",
+    );
+    // No sample without enough data for a rate.
+    if let Some(total) = v.total {
+        growth.add(&pid, total.slope_per_min / 60.0);
+    }
     let mut families = vec![
         Family::new(
             "memleak_process_outstanding_bytes",
@@ -121,16 +127,11 @@ fn process_families(timeline: &Timeline, a: &Analysis) -> Vec<Family> {
             "Blocks (allocations, or pages in growth mode) the traced process holds.",
         )
         .with(&pid, last.total_count as f64),
-        Family::new(
-            "memleak_process_growth_rate_bytes_per_second",
-            Kind::Gauge,
-            "Least-squares rate of the outstanding bytes over the kept timeline.",
-        )
-        .with(&pid, v.total.slope_per_min / 60.0),
+        growth,
         Family::new(
             "memleak_process_leak_rate_bytes_per_second",
             Kind::Gauge,
-            "Sum of the rates of the stacks judged growing.",
+            "The leak rate, the process's one rate: the sum of the rates of the stacks judged growing.",
         )
         .with(&pid, v.leak_rate_bytes_per_min / 60.0),
         Family::new(
@@ -186,8 +187,8 @@ impl Group {
     fn add(&mut self, s: &StackTrend) {
         self.bytes += s.final_bytes();
         self.blocks += s.final_count();
-        self.rate_per_min += s.fit.slope_per_min;
-        self.growing |= s.trend == crate::capture::Trend::Growing;
+        self.rate_per_min += s.rate();
+        self.growing |= s.trend == Trend::Growing;
     }
 }
 
@@ -197,12 +198,12 @@ fn top_groups(stacks: &[StackTrend], top: usize) -> (Vec<Group>, Option<Group>) 
     let mut groups: Vec<Group> = Vec::new();
     let mut index: HashMap<String, usize> = HashMap::new();
     for s in stacks {
-        let id = stable_id(s.frames);
+        let id = stable_id(&s.info.frames);
         let k = *index.entry(id.clone()).or_insert_with(|| {
             groups.push(Group {
                 id,
-                class: s.class.map_or("", |c| c.name()),
-                frame: s.deciding().map(frame_label).unwrap_or_default(),
+                class: s.info.class.map_or("", |c| c.name()),
+                frame: s.info.deciding().map(frame_label).unwrap_or_default(),
                 ..Default::default()
             });
             groups.len() - 1
@@ -381,7 +382,7 @@ fn exposition(families: &[Family], format: Format) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::capture::tests::{MIB, cache, churn, frame, leak, timeline};
+    use crate::analysis::tests::{MIB, cache, churn, frame, leak, timeline};
 
     fn lines_of<'a>(text: &'a str, name: &str) -> Vec<&'a str> {
         text.lines()
@@ -393,7 +394,7 @@ mod tests {
     fn stacks_beyond_the_top_are_summed_into_other() {
         let t = timeline(&[leak(1), cache(2), churn(3)], 1.0, 30);
         let a = t.analyze();
-        let text = render(&t, &a, 1, SelfUsage::default(), Format::Prometheus);
+        let text = render(&a, 1, SelfUsage::default(), Format::Prometheus);
         let bytes = lines_of(&text, "memleak_stack_outstanding_bytes");
         assert_eq!(bytes.len(), 2, "{text}");
         let leak_id = stable_id(&leak(1).frames);
@@ -406,7 +407,7 @@ mod tests {
                 58 * MIB
             )
         );
-        let last = t.last().unwrap();
+        let last = t.timeline.last().unwrap();
         let other = last.total_bytes - 58 * MIB;
         assert!(bytes[1].contains("stack=\"other\""), "{}", bytes[1]);
         assert!(bytes[1].ends_with(&format!(" {other}")), "{}", bytes[1]);
@@ -429,14 +430,14 @@ mod tests {
             cpu_seconds: 1.5,
             rss_bytes: 4096,
         };
-        let om = render(&t, &a, 10, own, Format::OpenMetrics);
+        let om = render(&a, 10, own, Format::OpenMetrics);
         assert!(om.ends_with("# EOF\n"));
         assert!(om.contains("# TYPE memleak_lost_events counter\n"));
         assert!(om.contains("memleak_lost_events_total{reason=\"allocs_map_full\"} 0\n"));
         assert!(om.contains(
             "# TYPE memleak_self_cpu_seconds counter\nmemleak_self_cpu_seconds_total 1.5\n"
         ));
-        let prom = render(&t, &a, 10, own, Format::Prometheus);
+        let prom = render(&a, 10, own, Format::Prometheus);
         assert!(prom.contains("# TYPE memleak_lost_events_total counter\n"));
         assert!(prom.contains("memleak_self_resident_bytes 4096\n"));
         assert!(prom.contains("memleak_intervals_total 3\n"));
@@ -468,7 +469,7 @@ mod tests {
         };
         let t = timeline(&[odd(1), odd(2)], 1.0, 5);
         let a = t.analyze();
-        let text = render(&t, &a, 10, SelfUsage::default(), Format::Prometheus);
+        let text = render(&a, 10, SelfUsage::default(), Format::Prometheus);
         let bytes = lines_of(&text, "memleak_stack_outstanding_bytes");
         assert_eq!(bytes.len(), 1, "{text}");
         assert!(

@@ -14,7 +14,7 @@ use flate2::{Compression, write::GzEncoder};
 use prost::Message;
 
 use crate::{
-    capture::{StackTrend, Timeline},
+    analysis::{Analysis, StackTrend},
     model::{Frame, FrameKind},
     proc_stats::ProcessContext,
 };
@@ -257,10 +257,11 @@ impl Builder {
     fn sample(&mut self, ctx: &ProcessContext, s: &StackTrend) {
         let mut ids = Vec::new();
         let mut start = 0;
-        for (i, f) in s.frames.iter().enumerate() {
+        let frames = &s.info.frames;
+        for (i, f) in frames.iter().enumerate() {
             // An inlined frame shares its location with the frames up to the next real one.
-            if !f.inlined || i + 1 == s.frames.len() {
-                ids.push(self.location(ctx, &s.frames[start..=i]));
+            if !f.inlined || i + 1 == frames.len() {
+                ids.push(self.location(ctx, &frames[start..=i]));
                 start = i + 1;
             }
         }
@@ -291,7 +292,8 @@ impl Builder {
 }
 
 /// The profile of the whole run: one sample per stack that held anything.
-pub fn profile(timeline: &Timeline) -> Profile {
+pub fn profile(a: &Analysis) -> Profile {
+    let timeline = a.timeline;
     let mut b = Builder::default();
     b.string("");
     b.profile.sample_type = vec![
@@ -314,23 +316,22 @@ pub fn profile(timeline: &Timeline) -> Profile {
         b.profile.time_nanos = ((last.unix_time - last.elapsed_s) * 1e9) as i64;
         b.profile.duration_nanos = (last.elapsed_s * 1e9) as i64;
     }
-    let analysis = timeline.analyze();
-    for s in analysis.stacks.iter().filter(|s| s.peak_bytes > 0) {
+    for s in a.stacks.iter().filter(|s| s.peak_bytes > 0) {
         b.sample(&timeline.context, s);
     }
     b.profile
 }
 
 /// The profile, encoded and gzipped: the bytes of a `.pb.gz` file and of `/debug/pprof/heap`.
-pub fn gzipped(timeline: &Timeline) -> Vec<u8> {
+pub fn gzipped(a: &Analysis) -> Vec<u8> {
     let mut gz = GzEncoder::new(Vec::new(), Compression::default());
     // Writing to a Vec cannot fail.
-    let _ = gz.write_all(&profile(timeline).encode_to_vec());
+    let _ = gz.write_all(&profile(a).encode_to_vec());
     gz.finish().unwrap_or_default()
 }
 
-pub fn write(timeline: &Timeline, path: &Path) -> Result<()> {
-    std::fs::write(path, gzipped(timeline)).with_context(|| format!("writing {}", path.display()))
+pub fn write(a: &Analysis, path: &Path) -> Result<()> {
+    std::fs::write(path, gzipped(a)).with_context(|| format!("writing {}", path.display()))
 }
 
 #[cfg(test)]
@@ -338,7 +339,13 @@ mod tests {
     use std::io::Read;
 
     use super::*;
-    use crate::capture::tests::{MIB, cache, churn, frame, leak, timeline};
+    use crate::{
+        analysis::{
+            analyze,
+            tests::{MIB, cache, churn, frame, leak, timeline},
+        },
+        stacks::StackInfo,
+    };
 
     fn read(path: &Path) -> Profile {
         let mut raw = Vec::new();
@@ -352,7 +359,7 @@ mod tests {
     fn profile_decodes_and_inuse_adds_up() {
         let t = timeline(&[leak(1), cache(2), churn(3)], 2.0, 12);
         let path = std::env::temp_dir().join(format!("memleak-{}.pb.gz", std::process::id()));
-        write(&t, &path).unwrap();
+        write(&t.analyze(), &path).unwrap();
         let p = read(&path);
         std::fs::remove_file(&path).unwrap();
         let s = |i: i64| p.string_table[i as usize].as_str();
@@ -371,7 +378,7 @@ mod tests {
             ]
         );
         assert_eq!(s(p.default_sample_type), "inuse_space");
-        let last = t.last().unwrap();
+        let last = t.timeline.last().unwrap();
         let inuse: i64 = p.sample.iter().map(|x| x.value[3]).sum();
         assert_eq!(inuse as u64, last.total_bytes);
         let objects: i64 = p.sample.iter().map(|x| x.value[2]).sum();
@@ -406,9 +413,10 @@ mod tests {
 
     #[test]
     fn native_frames_get_their_mapping_and_build_id() {
-        let mut t = crate::capture::Timeline::new(crate::proc_stats::ProcessContext::read(
-            std::process::id(),
-        ));
+        let mut t = crate::timeline::Timeline::new(
+            crate::proc_stats::ProcessContext::read(std::process::id()),
+            1.0,
+        );
         let here = Frame {
             addr: native_frames_get_their_mapping_and_build_id as fn() as usize as u64,
             ..frame("here", "/src/x.c", 1, "memleak")
@@ -417,10 +425,13 @@ mod tests {
             inlined: true,
             ..here.clone()
         };
-        let mut snapshot = timeline(&[leak(1)], 1.0, 3).snapshots.pop().unwrap();
-        snapshot.stacks[0].frames = vec![inlined, here];
+        let mut run = timeline(&[leak(1)], 1.0, 3);
+        let snapshot = run.timeline.snapshots.pop().unwrap();
+        let frames = vec![inlined, here];
+        run.table
+            .insert(1, StackInfo::new(frames, false, 0, Default::default()));
         t.push(snapshot, None);
-        let p = profile(&t);
+        let p = profile(&analyze(&t, &run.table));
         assert_eq!(
             p.sample[0].location_id.len(),
             1,

@@ -1,18 +1,19 @@
-//! The final report of a capture run, for a terminal: the answer first (leaking or not, how
-//! fast, when it runs out), then the stacks that grow with the line that allocates, then the
-//! run interval by interval. Fits in 100 columns and about one screen.
+//! The final report of a capture run, for a terminal: the answer first (leaking or not, the
+//! one rate, when it runs out), then every stack that matters with the line that allocates,
+//! then the run interval by interval. Fits in 100 columns and about one screen.
 
 use std::fmt::Write;
 
 use crate::{
-    capture::{Analysis, StackTrend, Timeline, Trend},
-    model::{Frame, FrameKind, Measure},
+    analysis::{Analysis, MIN_POINTS, Point, StackTrend, Trend, verdict},
+    model::Measure,
     proc_stats::ProcessContext,
+    report::format::{bytes, clip, duration, frame_label, plural, rate, signed_bytes},
 };
 
-/// Stacks shown with their frames; then up to MORE_STACKS more, one line each.
+/// Stacks shown with their frames; then up to MORE_STACKS more, a few lines each.
 const TOP_STACKS: usize = 3;
-const MORE_STACKS: usize = 5;
+const MORE_STACKS: usize = 12;
 /// Frames shown per stack: a window starting just inside the deciding frame.
 const MAX_FRAMES: usize = 6;
 /// Timeline rows shown; longer runs are thinned evenly (the first and last rows stay).
@@ -20,130 +21,171 @@ const MAX_ROWS: usize = 12;
 /// Columns kept of a frame or a source line.
 const MAX_WIDTH: usize = 96;
 
-pub fn render(timeline: &Timeline) -> String {
-    let a = timeline.analyze();
+pub fn render(a: &Analysis) -> String {
     let mut out = String::new();
     // What the stacks hold: allocations not freed, or (growth mode) resident pages.
-    let measure = timeline.last().map_or(Measure::Allocations, |s| s.measure);
-    verdict(&mut out, timeline, &a, measure.held());
-    stacks(&mut out, &a, measure.unit());
-    table(&mut out, &a, measure.held());
-    classes(&mut out, &a);
+    let measure = a
+        .timeline
+        .last()
+        .map_or(Measure::Allocations, |s| s.measure);
+    headline(&mut out, a, measure.held());
+    rates(&mut out, a, measure.held());
+    projection(&mut out, a);
+    if let Some(line) = process_line(&a.timeline.context) {
+        let _ = writeln!(out, "{}", clip(&line, MAX_WIDTH));
+    }
+    counts(&mut out, a);
+    lost(&mut out, a);
+    stacks(&mut out, a, measure.unit());
+    table(&mut out, a, measure.held());
+    classes(&mut out, a);
     out
 }
 
-fn verdict(out: &mut String, t: &Timeline, a: &Analysis, held: &str) {
+fn headline(out: &mut String, a: &Analysis, held: &str) {
     let v = &a.verdict;
     let last = a.points.last();
-    let span = last.map_or(0.0, |p| p.elapsed_s);
+    let span = last.map_or(0.0, |p| p.elapsed_s - a.points[0].elapsed_s);
     let outstanding = last.map_or(0, |p| p.outstanding_bytes);
-    // pid 0: the kernel's allocators (memleak without -p or -c).
-    let who = match t.pid() {
-        0 => "kernel".to_string(),
-        pid => format!("pid {pid}"),
-    };
-    if !v.conclusive {
-        let _ = writeln!(
+    let _ = if !v.conclusive {
+        writeln!(
             out,
-            "VERDICT: not enough intervals to judge ({} of at least {}); \
-             {} {held}",
+            "VERDICT: not enough data to judge ({} interval{} over {}; at least {MIN_POINTS} \
+             over one interval or more); {} {held}",
             a.points.len(),
-            crate::capture::MIN_POINTS,
+            plural(a.points.len()),
+            duration(span),
             bytes(outstanding)
-        );
+        )
     } else if v.leaking {
-        let _ = writeln!(
+        writeln!(
             out,
-            "VERDICT: LEAKING {}/min in {} growing stack{} \
-             ({} {held} after {})",
+            "VERDICT: LEAKING {}/min in {} growing stack{} ({} {held} after {})",
             signed_bytes(v.leak_rate_bytes_per_min),
             v.growing_stacks,
             plural(v.growing_stacks),
             bytes(outstanding),
             duration(span)
-        );
+        )
     } else {
-        let _ = writeln!(
+        writeln!(
             out,
-            "VERDICT: no leak: no stack grows steadily over {} \
-             ({} {held}, {}/min overall)",
+            "VERDICT: no leak: no stack grows steadily over {} ({} {held})",
             duration(span),
-            bytes(outstanding),
-            signed_bytes(v.total.slope_per_min)
-        );
-    }
-    let mut rates = format!(
-        "  {who}: {held} {}/min (R² {:.2})",
-        signed_bytes(v.total.slope_per_min),
-        v.total.r2
-    );
-    if let Some(rss) = v.rss {
-        let _ = write!(
-            rates,
-            ", RSS {}/min (R² {:.2})",
-            signed_bytes(rss.slope_per_min),
-            rss.r2
-        );
-    }
-    let _ = writeln!(out, "{rates}");
-    if let Some(p) = &v.projection {
-        match p.seconds {
-            Some(s) if v.leaking => {
-                let _ = writeln!(
-                    out,
-                    "  out of memory in about {} at that rate ({} left under {})",
-                    duration(s),
-                    bytes(p.headroom_bytes),
-                    p.limit
-                );
-            }
-            _ => {
-                let _ = writeln!(out, "  {} left under {}", bytes(p.headroom_bytes), p.limit);
-            }
-        }
-    }
-    if let Some(line) = process_line(&t.context) {
-        let _ = writeln!(out, "{}", clip(&line, MAX_WIDTH));
-    }
-    let count = |trend| a.stacks.iter().filter(|s| s.trend == trend).count();
-    let _ = writeln!(
-        out,
-        "  stacks: {} growing, {} plateau, {} churn{}",
-        count(Trend::Growing),
-        count(Trend::Plateau),
-        count(Trend::Churn),
-        match count(Trend::Unknown) {
-            0 => String::new(),
-            n => format!(", {n} not judged"),
-        }
-    );
-    if let Some(lost) = t.last().map(|s| &s.lost).filter(|l| !l.is_empty()) {
-        // The field names say what was lost; the tables explain each (text.rs).
-        let counts = serde_json::to_value(lost).unwrap_or_default();
-        let named: Vec<String> = counts
-            .as_object()
-            .into_iter()
-            .flatten()
-            .filter(|(_, n)| n.as_u64().is_some_and(|n| n > 0))
-            .map(|(name, n)| format!("{name} {n}"))
-            .collect();
+            bytes(outstanding)
+        )
+    };
+}
+
+/// The one rate, said once, then every other figure labelled for what it is.
+fn rates(out: &mut String, a: &Analysis, held: &str) {
+    let v = &a.verdict;
+    if v.leaking {
         let _ = writeln!(
             out,
-            "  warning: the tracer lost data, figures are lower bounds: {}",
-            named.join(", ")
+            "  leak rate {}/min: the sum of the growing stacks' rates (the process's rate)",
+            signed_bytes(v.leak_rate_bytes_per_min)
+        );
+    }
+    // pid 0: the kernel's allocators (memleak without -p or -c).
+    let who = match a.timeline.pid() {
+        0 => "kernel".to_string(),
+        pid => format!("pid {pid}"),
+    };
+    let mut line = format!("  {who}: all {held} bytes: {}", rate(v.total));
+    if v.total.is_some() {
+        line += ", held and churn included";
+    }
+    let _ = writeln!(out, "{line}");
+    if a.points.iter().any(|p| p.process.is_some()) {
+        let _ = writeln!(out, "  RSS (the kernel's count): {}", rate(v.rss));
+    }
+    if v.held_bytes > 0 {
+        let _ = writeln!(
+            out,
+            "  held: {} taken once and never released (not in any rate)",
+            bytes(v.held_bytes)
         );
     }
 }
 
+/// Time to the limit and the RSS expected in 1 h to 24 h at the leak rate.
+fn projection(out: &mut String, a: &Analysis) {
+    let v = &a.verdict;
+    let Some(p) = &v.projection else { return };
+    let _ = match p.seconds {
+        Some(s) if v.leaking => writeln!(
+            out,
+            "  out of memory in about {} at the leak rate ({} left under {})",
+            duration(s),
+            bytes(p.headroom_bytes),
+            p.limit
+        ),
+        _ => writeln!(out, "  {} left under {}", bytes(p.headroom_bytes), p.limit),
+    };
+    if v.leaking && !p.rss_at.is_empty() {
+        let at: Vec<String> = p
+            .rss_at
+            .iter()
+            .map(|r| format!("{}h {}", r.hours, bytes(r.rss_bytes)))
+            .collect();
+        let _ = writeln!(out, "  RSS expected at the leak rate in {}", at.join(", "));
+    }
+}
+
+fn counts(out: &mut String, a: &Analysis) {
+    let _ = writeln!(
+        out,
+        "  stacks: {} growing, {} plateau, {} churn, {} held{}",
+        a.count(Trend::Growing),
+        a.count(Trend::Plateau),
+        a.count(Trend::Churn),
+        a.count(Trend::Held),
+        match a.count(Trend::Unknown) {
+            0 => String::new(),
+            n => format!(", {n} not judged"),
+        }
+    );
+}
+
+fn lost(out: &mut String, a: &Analysis) {
+    let Some(lost) = a.timeline.last().map(|s| &s.lost).filter(|l| !l.is_empty()) else {
+        return;
+    };
+    // The field names say what was lost; the tables explain each (text.rs).
+    let counts = serde_json::to_value(lost).unwrap_or_default();
+    let named: Vec<String> = counts
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(_, n)| n.as_u64().is_some_and(|n| n > 0))
+        .map(|(name, n)| format!("{name} {n}"))
+        .collect();
+    let _ = writeln!(
+        out,
+        "  warning: the tracer lost data, figures are lower bounds: {}",
+        named.join(", ")
+    );
+}
+
+/// Every stack the verdict names; when none is, the largest holders.
 fn stacks(out: &mut String, a: &Analysis, unit: &str) {
-    let growing: Vec<&StackTrend> = a.growing().collect();
-    let (title, shown): (&str, Vec<&StackTrend>) = if growing.is_empty() {
+    let named: Vec<&StackTrend> = a.named().collect();
+    let (title, shown) = if named.is_empty() {
         let mut largest: Vec<&StackTrend> =
             a.stacks.iter().filter(|s| s.final_bytes() > 0).collect();
         largest.sort_by_key(|s| std::cmp::Reverse(s.final_bytes()));
-        ("Largest holders", largest)
+        ("Largest holders".to_string(), largest)
     } else {
-        ("Growing stacks", growing)
+        let bar = format!(
+            ">= {} or {:.0}% of all",
+            bytes(verdict::NAMED_MIN_BYTES),
+            verdict::NAMED_MIN_SHARE * 100.0
+        );
+        (
+            format!("Stacks that matter: growing, or keeping {bar}"),
+            named,
+        )
     };
     if shown.is_empty() {
         return;
@@ -151,46 +193,96 @@ fn stacks(out: &mut String, a: &Analysis, unit: &str) {
     let listed = shown.len().min(TOP_STACKS + MORE_STACKS);
     let _ = writeln!(out, "\n{title} ({listed} of {}):", shown.len());
     for (i, s) in shown.iter().take(listed).enumerate() {
+        stack(out, i, s, unit);
+    }
+    if listed < shown.len() {
+        let rest = &shown[listed..];
+        let kept: u64 = rest.iter().map(|s| s.kept_bytes).sum();
         let _ = writeln!(
             out,
-            "#{:<2} {:>12}/min  R² {:.2}  {} in {} {unit}  [{}]",
-            i + 1,
-            signed_bytes(s.fit.slope_per_min),
-            s.fit.r2,
-            bytes(s.final_bytes()),
-            s.final_count(),
-            s.trend.name()
+            "... {} more keep {} (every one in --json)",
+            rest.len(),
+            bytes(kept)
         );
-        if let Some(f) = s.deciding() {
-            let _ = writeln!(out, "    at {}", clip(&frame_label(f), MAX_WIDTH - 7));
-            if let (Some(line), Some(text)) = (f.line, s.deciding_source) {
-                let _ = writeln!(out, "    {line:>6} | {}", clip(text, MAX_WIDTH - 13));
-            }
+    }
+}
+
+/// `#1  +1.0 MiB/min  R² 0.99  16.0 MiB in 16 allocations  [growing]`, the deciding line,
+/// where it parts from a stack with the same one, and (for the first few) a frame window.
+fn stack(out: &mut String, i: usize, s: &StackTrend, unit: &str) {
+    let held = format!("{} in {} {unit}", bytes(s.final_bytes()), s.final_count());
+    let _ = match (s.trend, s.fit) {
+        (Trend::Growing, Some(f)) => writeln!(
+            out,
+            "#{:<2} {:>12}/min  R² {:.2}  {held}  [growing]",
+            i + 1,
+            signed_bytes(f.slope_per_min),
+            f.r2
+        ),
+        (Trend::Churn, _) => writeln!(
+            out,
+            "#{:<2} keeps {} (its floor), up to {}; now {held}  [churn]",
+            i + 1,
+            bytes(s.kept_bytes),
+            bytes(s.peak_bytes)
+        ),
+        (trend, _) => writeln!(out, "#{:<2} {held}  [{}]", i + 1, trend.name()),
+    };
+    if let Some(f) = s.info.deciding() {
+        let _ = writeln!(out, "    at {}", clip(&frame_label(f), MAX_WIDTH - 7));
+        if let (Some(line), Some(text)) = (f.line, &s.info.deciding_source) {
+            let _ = writeln!(out, "    {line:>6} | {}", clip(text, MAX_WIDTH - 13));
         }
-        if i < TOP_STACKS {
-            frames(out, s);
-        }
+    }
+    if let Some(f) = s.differs_at.map(|k| &s.info.frames[k]) {
+        let _ = writeln!(out, "    via {}", clip(&frame_label(f), MAX_WIDTH - 8));
+    }
+    if i < TOP_STACKS {
+        frames(out, s);
     }
 }
 
 /// A window of the stack's frames: from the one just inside the deciding frame outwards.
 fn frames(out: &mut String, s: &StackTrend) {
-    let first = s.deciding_frame.unwrap_or(0).saturating_sub(1);
-    let last = (first + MAX_FRAMES).min(s.frames.len());
+    let frames = &s.info.frames;
+    let first = s.info.deciding_frame.unwrap_or(0).saturating_sub(1);
+    let last = (first + MAX_FRAMES).min(frames.len());
     if first > 0 {
         let _ = writeln!(out, "        ... {first} inner frames");
     }
-    for (k, f) in s.frames.iter().enumerate().take(last).skip(first) {
-        let mark = if Some(k) == s.deciding_frame {
+    for (k, f) in frames.iter().enumerate().take(last).skip(first) {
+        let mark = if Some(k) == s.info.deciding_frame {
             '>'
         } else {
             ' '
         };
         let _ = writeln!(out, "      {mark} {}", clip(&frame_label(f), MAX_WIDTH - 8));
     }
-    if last < s.frames.len() {
-        let _ = writeln!(out, "        ... {} outer frames", s.frames.len() - last);
+    if last < frames.len() {
+        let _ = writeln!(out, "        ... {} outer frames", frames.len() - last);
     }
+}
+
+/// The rows shown of `n`: all, or MAX_ROWS spread evenly with the first and the last.
+fn rows_shown(n: usize) -> Vec<usize> {
+    if n <= MAX_ROWS {
+        return (0..n).collect();
+    }
+    let mut r: Vec<usize> = (0..MAX_ROWS - 1)
+        .map(|k| k * (n - 1) / (MAX_ROWS - 1))
+        .collect();
+    r.push(n - 1);
+    r
+}
+
+/// `+1.0 MiB` per minute from `q` to `p`; `-` over less than an interval.
+fn change(p: &Point, q: &Point, value: impl Fn(&Point) -> Option<u64>, min_span_s: f64) -> String {
+    let (Some(a), Some(b)) = (value(p), value(q)) else {
+        return "-".into();
+    };
+    let x = [q.elapsed_s, p.elapsed_s];
+    crate::analysis::Fit::of(&x, &[b as f64, a as f64], min_span_s)
+        .map_or("-".into(), |f| signed_bytes(f.slope_per_min))
 }
 
 fn table(out: &mut String, a: &Analysis, held: &str) {
@@ -202,52 +294,38 @@ fn table(out: &mut String, a: &Analysis, held: &str) {
         "\n{:>9}  {:>11}  {:>13}  {:>11}  {:>13}",
         "elapsed", held, "rate/min", "RSS", "RSS rate/min"
     );
-    let n = a.points.len();
-    let rows: Vec<usize> = if n <= MAX_ROWS {
-        (0..n).collect()
-    } else {
-        let mut r: Vec<usize> = (0..MAX_ROWS - 1)
-            .map(|k| k * (n - 1) / (MAX_ROWS - 1))
-            .collect();
-        r.push(n - 1);
-        r
-    };
-    let mut prev: Option<usize> = None;
+    let rows = rows_shown(a.points.len());
+    let rss = |x: &Point| x.process.as_ref().map(|s| s.rss_bytes);
+    let min_span = a.min_rate_span_s();
+    let mut prev: Option<&Point> = None;
     for &i in &rows {
         let p = &a.points[i];
         // Rates between the rows shown, so a thinned table still adds up.
-        let (rate, rss_rate) = match prev {
-            Some(j) => {
-                let q = &a.points[j];
-                let dt = (p.elapsed_s - q.elapsed_s) / 60.0;
-                let rss = |x: &crate::capture::Point| x.process.as_ref().map(|s| s.rss_bytes);
-                (
-                    signed_bytes((p.outstanding_bytes as f64 - q.outstanding_bytes as f64) / dt),
-                    match (rss(p), rss(q)) {
-                        (Some(a), Some(b)) => signed_bytes((a as f64 - b as f64) / dt),
-                        _ => "-".into(),
-                    },
-                )
-            }
+        let (rate, rss_rate) = match prev.filter(|_| a.verdict.conclusive) {
+            Some(q) => (
+                change(p, q, |x| Some(x.outstanding_bytes), min_span),
+                change(p, q, rss, min_span),
+            ),
             None => ("-".into(), "-".into()),
         };
-        let rss = p
-            .process
-            .as_ref()
-            .map_or("-".into(), |s| bytes(s.rss_bytes));
         let _ = writeln!(
             out,
             "{:>9}  {:>11}  {:>13}  {:>11}  {:>13}",
             duration(p.elapsed_s),
             bytes(p.outstanding_bytes),
             rate,
-            rss,
+            rss(p).map_or("-".into(), bytes),
             rss_rate
         );
-        prev = Some(i);
+        prev = Some(p);
     }
-    if rows.len() < n {
-        let _ = writeln!(out, "({} of {n} intervals shown)", rows.len());
+    if rows.len() < a.points.len() {
+        let _ = writeln!(
+            out,
+            "({} of {} intervals shown)",
+            rows.len(),
+            a.points.len()
+        );
     }
 }
 
@@ -284,89 +362,31 @@ fn process_line(ctx: &ProcessContext) -> Option<String> {
     (!parts.is_empty()).then(|| format!("  process: {}", parts.join("; ")))
 }
 
-/// `function+0x1a (file:line) [module]`, with what is known.
-pub fn frame_label(f: &Frame) -> String {
-    let mut s = match (&f.function, f.kind) {
-        (Some(name), FrameKind::Python) => name.clone(),
-        (Some(name), FrameKind::Native) => format!("{name}+{:#x}", f.function_offset),
-        (None, _) => match &f.module {
-            Some(m) => format!("{m}+{:#x}", f.module_offset),
-            None => format!("{:#x}", f.addr),
-        },
-    };
-    if let (Some(file), Some(line)) = (&f.file, f.line) {
-        let _ = write!(s, " ({file}:{line})");
-    }
-    if f.inlined {
-        s.push_str(" (inlined)");
-    }
-    if let (Some(m), Some(_)) = (&f.module, &f.function) {
-        let _ = write!(s, " [{m}]");
-    }
-    s
-}
-
-fn plural(n: usize) -> &'static str {
-    if n == 1 { "" } else { "s" }
-}
-
-fn clip(s: &str, width: usize) -> String {
-    if s.chars().count() <= width {
-        return s.to_string();
-    }
-    let mut t: String = s.chars().take(width.saturating_sub(3)).collect();
-    t.push_str("...");
-    t
-}
-
-/// 1.5 MiB, 512 B.
-pub fn bytes(b: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = b as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{b} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
-}
-
-/// +1.5 MiB, -512 B.
-pub fn signed_bytes(b: f64) -> String {
-    let sign = if b < 0.0 { '-' } else { '+' };
-    format!("{sign}{}", bytes(b.abs().round() as u64))
-}
-
-/// 45s, 2m05s, 3h20m, 4d2h.
-pub fn duration(seconds: f64) -> String {
-    let s = seconds.max(0.0).round() as u64;
-    match s {
-        0..60 => format!("{:.1}s", seconds.max(0.0)),
-        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
-        3600..86400 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
-        _ => format!("{}d{}h", s / 86400, s % 86400 / 3600),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::capture::tests::{cache, churn, leak, timeline};
+    use crate::analysis::tests::{cache, churn, held, leak, timeline};
 
     #[test]
     fn leak_report_leads_with_the_verdict_and_the_line() {
         let t = timeline(&[churn(3), cache(2), leak(1)], 5.0, 25);
-        let text = render(&t);
+        let text = render(&t.analyze());
         let first = text.lines().next().unwrap();
         assert!(
             first.contains("LEAKING +120.0 MiB/min in 1 growing stack"),
             "{text}"
         );
         assert!(text.contains("out of memory in about 2h"), "{text}");
+        assert!(
+            text.contains("leak rate +120.0 MiB/min: the sum of the growing stacks' rates"),
+            "{text}"
+        );
+        assert!(text.contains("all outstanding bytes: +"), "{text}");
+        assert!(
+            text.contains("RSS expected at the leak rate in 1h "),
+            "{text}"
+        );
+        assert!(text.contains(", 24h "), "{text}");
         assert!(
             text.contains("at leak_one+0x0 (/src/leaker.c:12) [leaker]"),
             "{text}"
@@ -379,11 +399,36 @@ mod tests {
     }
 
     #[test]
+    fn two_samples_give_no_rate() {
+        let text = render(&timeline(&[leak(1)], 1.0, 2).analyze());
+        assert!(text.starts_with("VERDICT: not enough data"), "{text}");
+        assert!(!text.contains("B/min"), "{text}");
+        assert!(
+            text.contains("all outstanding bytes: no rate (not enough data)"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn held_block_is_named_and_stacks_told_apart() {
+        let t = timeline(&[leak(1), held(2, 1.0)], 1.0, 10);
+        let text = render(&t.analyze());
+        assert!(text.contains("  held: 5.0 MiB taken once"), "{text}");
+        assert!(text.contains("5.0 MiB in 1 allocations  [held]"), "{text}");
+        assert!(
+            text.contains("1 growing, 0 plateau, 0 churn, 1 held"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn quiet_process_says_no_leak() {
         let t = timeline(&[cache(2), churn(3)], 2.0, 20);
-        let text = render(&t);
+        let text = render(&t.analyze());
         assert!(text.starts_with("VERDICT: no leak"), "{text}");
-        assert!(text.contains("Largest holders (2 of 2)"), "{text}");
+        // The churn stack's memory came and went: only the cache is named.
+        assert!(text.contains("Stacks that matter"), "{text}");
+        assert!(text.contains("(1 of 1):\n#1  40.0 MiB in"), "{text}");
         assert!(!text.contains("out of memory"), "{text}");
     }
 
@@ -416,7 +461,10 @@ mod tests {
 
     #[test]
     fn deep_stack_shows_a_window_around_the_deciding_frame() {
-        use crate::capture::tests::{Synthetic, frame};
+        use crate::{
+            analysis::tests::{Synthetic, frame},
+            model::Frame,
+        };
         let mut frames: Vec<Frame> = (0..5)
             .map(|i| frame(&format!("runtime{i}"), "/libc/x.c", i + 1, "libc.so.6"))
             .collect();
@@ -425,8 +473,9 @@ mod tests {
             id: 9,
             frames,
             bytes_at: Box::new(|t| (t as u64 + 1) << 20),
+            block: 4096,
         };
-        let text = render(&timeline(&[leak], 1.0, 10));
+        let text = render(&timeline(&[leak], 1.0, 10).analyze());
         let window: Vec<&str> = text
             .lines()
             .skip_while(|l| !l.contains("inner frames"))
@@ -447,20 +496,11 @@ mod tests {
     #[test]
     fn losses_are_named() {
         let mut t = timeline(&[leak(1)], 1.0, 4);
-        t.snapshots[3].lost.stack_walks_failed = 7;
-        let text = render(&t);
+        t.timeline.snapshots[3].lost.stack_walks_failed = 7;
+        let text = render(&t.analyze());
         assert!(
             text.contains("lower bounds: stack_walks_failed 7\n"),
             "{text}"
         );
-    }
-
-    #[test]
-    fn formats_units() {
-        assert_eq!(bytes(512), "512 B");
-        assert_eq!(bytes(3 << 20), "3.0 MiB");
-        assert_eq!(signed_bytes(-1536.0), "-1.5 KiB");
-        assert_eq!(duration(125.0), "2m05s");
-        assert_eq!(duration(4.0 * 3600.0 + 120.0), "4h02m");
     }
 }

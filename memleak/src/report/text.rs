@@ -7,17 +7,18 @@ use std::{collections::BTreeMap, fmt::Write};
 
 use crate::{
     model::{Class, Lost, Snapshot, StackUsage},
+    stacks::StackTable,
     symbolize::format_frame,
 };
 
 /// Renders one table. `title` follows the time stamp (e.g. "Top 10 stacks with outstanding
-/// allocations:"); `top` caps the stacks shown.
-pub fn table(snap: &Snapshot, title: &str, top: usize) -> String {
+/// allocations:"); `top` caps the stacks shown. The snapshot's ids are looked up in `table`.
+pub fn table(snap: &Snapshot, table: &StackTable, title: &str, top: usize) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "[{}] {title}", clock(snap.unix_time));
     let _ = writeln!(out, "\t{}", lost_line(&snap.lost));
-    stacks(&mut out, &snap.stacks, snap.measure.unit(), top);
-    if let Some(line) = class_line(snap) {
+    stacks(&mut out, &snap.stacks, table, snap.measure.unit(), top);
+    if let Some(line) = class_line(snap, table) {
         let _ = writeln!(out, "\t{line}");
     }
     if let Some(mapped) = &snap.mapped {
@@ -26,19 +27,20 @@ pub fn table(snap: &Snapshot, title: &str, top: usize) -> String {
             "[{}] Top {top} stacks that mapped address space (mmap/mremap/brk, still mapped):",
             clock(snap.unix_time)
         );
-        stacks(&mut out, mapped, "mappings", top);
+        stacks(&mut out, mapped, table, "mappings", top);
     }
     out
 }
 
 /// The top stacks, each as BCC prints it; `unit` names what `count` counts.
-fn stacks(out: &mut String, stacks: &[StackUsage], unit: &str, top: usize) {
+fn stacks(out: &mut String, stacks: &[StackUsage], table: &StackTable, unit: &str, top: usize) {
     for s in stacks.iter().take(top) {
+        let info = table.get(s.stack_id);
         let _ = writeln!(out, "\t{} bytes in {} {unit} from stack", s.bytes, s.count);
         if s.stack_id < 0 {
             let _ = writeln!(out, "\t\t[stack walk failed: {}]", s.stack_id);
         }
-        if let (Some(class), Some(frame)) = (s.class, s.class_frame.and_then(|i| s.frames.get(i))) {
+        if let (Some(class), Some(frame)) = (info.class, info.deciding()) {
             let _ = writeln!(
                 out,
                 "\t\tclass: {} (decided by {})",
@@ -46,10 +48,10 @@ fn stacks(out: &mut String, stacks: &[StackUsage], unit: &str, top: usize) {
                 format_frame(frame)
             );
         }
-        for f in &s.frames {
+        for f in &info.frames {
             let _ = writeln!(out, "\t\t{:#018x}\t{}", f.addr, format_frame(f));
         }
-        if s.truncated {
+        if info.truncated {
             let _ = writeln!(
                 out,
                 "\t\t[the walk stopped here: outer frames could not be unwound]"
@@ -77,10 +79,10 @@ fn stacks(out: &mut String, stacks: &[StackUsage], unit: &str, top: usize) {
 
 /// Outstanding bytes per class over every stack (not only the top N), largest first;
 /// `None` when the target runs no Python.
-fn class_line(snap: &Snapshot) -> Option<String> {
+fn class_line(snap: &Snapshot, table: &StackTable) -> Option<String> {
     let mut per_class: BTreeMap<Class, u64> = BTreeMap::new();
     for s in &snap.stacks {
-        if let Some(c) = s.class {
+        if let Some(c) = table.get(s.stack_id).class {
             *per_class.entry(c).or_default() += s.bytes;
         }
     }

@@ -21,13 +21,15 @@ use tokio::{
 };
 
 use crate::{
-    capture::Timeline,
+    analysis::{Analysis, analyze},
     proc_stats,
     report::{
         html,
         metrics::{self, Format, SelfUsage},
         pprof,
     },
+    stacks::StackTable,
+    timeline::Timeline,
 };
 
 /// Connections served at once; more are closed at once (a scraper retries next interval).
@@ -47,15 +49,14 @@ struct Pages {
 
 impl Pages {
     /// The one place the pages meet the run's analysis.
-    fn render(timeline: &Timeline, top: usize, refresh_s: u64) -> Pages {
-        let analysis = timeline.analyze();
+    fn render(analysis: &Analysis, top: usize, refresh_s: u64) -> Pages {
         let own = self_usage();
-        let text = |format| metrics::render(timeline, &analysis, top, own, format);
+        let text = |format| metrics::render(analysis, top, own, format);
         Pages {
             prometheus: text(Format::Prometheus),
             openmetrics: text(Format::OpenMetrics),
-            heap: pprof::gzipped(timeline),
-            live: live_page(timeline, refresh_s),
+            heap: pprof::gzipped(analysis),
+            live: live_page(analysis, refresh_s),
         }
     }
 
@@ -92,14 +93,14 @@ impl Pages {
 }
 
 /// The HTML report with a refresh every interval; a placeholder before the first one.
-fn live_page(timeline: &Timeline, refresh_s: u64) -> String {
+fn live_page(analysis: &Analysis, refresh_s: u64) -> String {
     let refresh = format!("<meta http-equiv=\"refresh\" content=\"{refresh_s}\">");
-    let page = match timeline.last() {
+    let page = match analysis.timeline.last() {
         None => Ok(String::from(
             "<!DOCTYPE html>\n<html><head><title>memleak</title></head>\
              <body><p>memleak: waiting for the first interval...</p></body></html>\n",
         )),
-        Some(_) => html::render(timeline),
+        Some(_) => html::render(analysis),
     };
     match page {
         Ok(page) => page.replacen("<head>", &format!("<head>{refresh}"), 1),
@@ -139,8 +140,9 @@ impl Server {
             TcpListener::from_std(listener).with_context(|| format!("--listen {addr}"))?;
         let local = listener.local_addr()?;
         let refresh_s = interval.as_secs().max(1);
-        let empty = Timeline::new(Default::default());
-        let (pages, rx) = watch::channel(Arc::new(Pages::render(&empty, top, refresh_s)));
+        let empty = Timeline::new(Default::default(), interval.as_secs_f64());
+        let first = Pages::render(&analyze(&empty, &StackTable::default()), top, refresh_s);
+        let (pages, rx) = watch::channel(Arc::new(first));
         tokio::spawn(accept(listener, rx));
         println!("Serving http://{local}/metrics, /debug/pprof/heap and / (a live page).");
         Ok(Server {
@@ -151,8 +153,8 @@ impl Server {
     }
 
     /// Renders the timeline just recorded and swaps it in for every later request.
-    pub fn publish(&self, timeline: &Timeline) {
-        let pages = Pages::render(timeline, self.top, self.refresh_s);
+    pub fn publish(&self, timeline: &Timeline, table: &StackTable) {
+        let pages = Pages::render(&analyze(timeline, table), self.top, self.refresh_s);
         self.pages.send_replace(Arc::new(pages));
     }
 }

@@ -1,0 +1,157 @@
+//! The one stack table of a run: each stack id's frames, whether its walk was cut short, who
+//! holds its memory and the frame that explains it, and that frame's source line. Snapshots
+//! carry ids only; every report looks stacks up here, so a stack reads the same everywhere.
+
+mod attribution;
+
+use std::collections::{HashMap, HashSet};
+
+use serde::Serialize;
+
+pub use attribution::{Attribution, attribute};
+
+use crate::{
+    model::{Class, Frame},
+    procmaps,
+};
+
+/// What the table knows of one stack. Its frames are as last symbolized.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct StackInfo {
+    /// Innermost first; empty only when the walk failed (a negative id) or the stack could
+    /// not be read.
+    pub frames: Vec<Frame>,
+    /// The walk stopped before the outermost frame: frames beyond the last are missing.
+    pub truncated: bool,
+    /// Who holds the memory, when the target runs Python.
+    pub class: Option<Class>,
+    /// Index in `frames` of the frame that explains the stack (see `attribute`).
+    pub deciding_frame: Option<usize>,
+    /// That frame's source line, read from the target's own file; `None`: not readable.
+    pub deciding_source: Option<String>,
+    /// The source line was looked for (found or not): it is read once.
+    #[serde(skip)]
+    pub source_read: bool,
+    /// The exec generation the frames were symbolized in.
+    #[serde(skip)]
+    pub generation: u32,
+}
+
+impl StackInfo {
+    pub fn new(frames: Vec<Frame>, truncated: bool, generation: u32, who: Attribution) -> Self {
+        StackInfo {
+            frames,
+            truncated,
+            class: who.class,
+            deciding_frame: who.frame,
+            deciding_source: None,
+            source_read: false,
+            generation,
+        }
+    }
+
+    pub fn deciding(&self) -> Option<&Frame> {
+        self.deciding_frame.and_then(|i| self.frames.get(i))
+    }
+}
+
+/// Stack id → what is known of it. Ids are stable for the whole run.
+#[derive(Debug, Default)]
+pub struct StackTable {
+    stacks: HashMap<i64, StackInfo>,
+}
+
+/// What a stack the table never saw reads as: no frames.
+static UNKNOWN: StackInfo = StackInfo {
+    frames: Vec::new(),
+    truncated: false,
+    class: None,
+    deciding_frame: None,
+    deciding_source: None,
+    source_read: false,
+    generation: 0,
+};
+
+impl StackTable {
+    /// The stack's entry; an unknown id (a failed walk) reads as a stack without frames.
+    pub fn get(&self, id: i64) -> &StackInfo {
+        self.stacks.get(&id).unwrap_or(&UNKNOWN)
+    }
+
+    pub fn entry(&self, id: i64) -> Option<&StackInfo> {
+        self.stacks.get(&id)
+    }
+
+    #[cfg(test)]
+    pub fn entry_mut(&mut self, id: i64) -> Option<&mut StackInfo> {
+        self.stacks.get_mut(&id)
+    }
+
+    pub fn insert(&mut self, id: i64, info: StackInfo) {
+        self.stacks.insert(id, info);
+    }
+
+    /// Forgets every stack but `ids` (a long run's thinned timeline no longer holds them).
+    pub fn retain(&mut self, ids: &HashSet<i64>) {
+        self.stacks.retain(|id, _| ids.contains(id));
+    }
+
+    /// Reads the deciding source line of each of `ids` not read yet, through the target's
+    /// root while it runs (its files may be gone, or out of reach, once it exits).
+    pub fn read_sources(&mut self, pid: u32, ids: impl Iterator<Item = i64>) {
+        for id in ids {
+            let Some(info) = self.stacks.get_mut(&id) else {
+                continue;
+            };
+            if std::mem::replace(&mut info.source_read, true) {
+                continue;
+            }
+            let Some(f) = info.deciding() else { continue };
+            if let (Some(file), Some(line)) = (&f.file, f.line) {
+                info.deciding_source = read_source_line(pid, file, line);
+            }
+        }
+    }
+}
+
+/// Line `line` (1-based) of the target's `file`, read through `/proc/PID/root`; `None` for a
+/// relative path, a missing file or a line past its end (no guessing).
+pub fn read_source_line(pid: u32, file: &str, line: u32) -> Option<String> {
+    if !file.starts_with('/') || line == 0 {
+        return None;
+    }
+    let text = std::fs::read(procmaps::host_path(pid, file)).ok()?;
+    let text = String::from_utf8_lossy(&text);
+    text.lines()
+        .nth(line as usize - 1)
+        .map(|l| l.trim().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_source_through_the_targets_root() {
+        let dir = std::env::temp_dir().join(format!("memleak-src-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("app.c");
+        std::fs::write(&file, "int x;\n    p = malloc(4096);  \n").unwrap();
+        let path = file.to_str().unwrap();
+        let me = std::process::id();
+        assert_eq!(
+            read_source_line(me, path, 2).as_deref(),
+            Some("p = malloc(4096);")
+        );
+        assert_eq!(read_source_line(me, path, 3), None);
+        assert_eq!(read_source_line(me, "app.c", 1), None);
+        assert_eq!(read_source_line(u32::MAX, path, 1), None, "no such process");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn unknown_ids_read_as_frameless() {
+        let t = StackTable::default();
+        assert!(t.get(-3).frames.is_empty() && t.entry(-3).is_none());
+    }
+}

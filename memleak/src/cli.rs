@@ -86,12 +86,13 @@ pub struct Args {
     #[arg(short = 'Z', long, value_name = "BYTES")]
     pub max_size: Option<u64>,
 
-    /// Hook the allocator in this library instead of libc (a path or a name such as
-    /// `libjemalloc`); mmap/munmap/mremap stay on libc.
+    /// Also hook the malloc family defined in this object (a path or a name such as
+    /// `libjemalloc`), beside the functions the process binds (found with no flag).
     #[arg(short = 'O', long, value_name = "LIB")]
     pub obj: Option<String>,
 
-    /// Prefix of the allocator's symbols in --obj (e.g. `je_`).
+    /// Also hook an allocator whose symbols carry this prefix (e.g. `je_`): in --obj, else
+    /// at their first definition in the process.
     #[arg(long, value_name = "PREFIX", default_value = "")]
     pub symbols_prefix: String,
 

@@ -106,6 +106,8 @@ pub struct Collector {
     /// Every stack seen, symbolized: what the snapshots' ids stand for.
     pub table: StackTable,
     started: Instant,
+    /// Allocator functions the process may call that are not hooked (reported as lost).
+    pub unhooked: Vec<String>,
 }
 
 /// What a snapshot should contain.
@@ -141,6 +143,7 @@ impl Collector {
             names,
             table: StackTable::default(),
             started: Instant::now(),
+            unhooked: Vec::new(),
         })
     }
 
@@ -180,6 +183,7 @@ impl Collector {
                 trace_events_lost: counters[Counter::EventsLost as usize],
                 stale_inflight: counters[Counter::StaleInflight as usize],
                 munmap_splits_lost: counters[Counter::MunmapSplitLost as usize],
+                unhooked: self.unhooked.clone(),
             },
             recorded: counters[Counter::Recorded as usize],
             released: counters[Counter::Released as usize],

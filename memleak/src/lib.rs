@@ -2,6 +2,7 @@
 //! ELF symbols and DWARF, `.eh_frame`, CPython's code objects in target memory. A library, so
 //! the fuzz targets in `fuzz/` drive the very code the `memleak` binary runs.
 
+pub mod binding;
 pub mod bpf_map;
 pub mod mapped;
 pub mod model;
@@ -10,4 +11,5 @@ pub mod procmaps;
 pub mod python;
 mod sections;
 pub mod symbolize;
+pub mod target_files;
 pub mod unwind;

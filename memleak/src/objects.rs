@@ -17,7 +17,10 @@ use std::{
 use anyhow::{Context, Result, anyhow};
 use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
 
-use crate::procmaps::{self, Mapping};
+use crate::{
+    procmaps::{self, Mapping},
+    target_files::{MAX_OBJECT_FILE, TargetFiles},
+};
 
 /// `st_dev` as `/proc/PID/maps` prints it, and the inode.
 pub type Key = (String, u64);
@@ -60,18 +63,31 @@ pub fn cached(key: &Key) -> Option<Arc<ObjectFile>> {
 /// even if deleted or replaced on disk since), else by its path inside the target's root if
 /// that is still the same inode.
 pub fn of_mapping(pid: u32, m: &Mapping) -> Result<Loaded> {
+    let key = (m.dev.clone(), m.inode);
     let by_map_files = procmaps::map_file_path(pid, m);
-    let by_path = procmaps::host_path(pid, m.path.as_deref().unwrap_or_default());
-    let same_inode = std::fs::metadata(&by_path).is_ok_and(|md| md.ino() == m.inode);
-    let candidates = std::iter::once(by_map_files).chain(same_inode.then_some(by_path));
-    get((m.dev.clone(), m.inode), candidates)
+    get(key, || match std::fs::read(&by_map_files) {
+        Ok(data) => Ok((by_map_files.clone(), data)),
+        // The path the target names, as the target could read it (target_files).
+        Err(_) => {
+            let path = Path::new(m.path.as_deref().unwrap_or_default());
+            TargetFiles::new(pid)
+                .read(path, MAX_OBJECT_FILE, b"\x7fELF")
+                .map(|data| (path.to_path_buf(), data))
+                .map_err(|why| anyhow!("reading {}: {why}", path.display()))
+        }
+    })
 }
 
 /// The object at `path` (a path this process opens: the target's file through its root or
 /// its `map_files`, or a file named on the command line).
 pub fn of_path(path: &Path) -> Result<Loaded> {
     let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
-    get(key_of(&meta), std::iter::once(path.to_path_buf()))
+    let read = || {
+        std::fs::read(path)
+            .map(|data| (path.to_path_buf(), data))
+            .with_context(|| format!("reading {}", path.display()))
+    };
+    get(key_of(&meta), read)
 }
 
 /// The cache key of a file, as its mappings would show it.
@@ -83,18 +99,19 @@ pub fn key_of(meta: &std::fs::Metadata) -> Key {
 
 /// The cached object and its bytes, read from the first candidate that opens when they are
 /// not in memory.
-fn get(key: Key, candidates: impl Iterator<Item = PathBuf>) -> Result<Loaded> {
+fn get(key: Key, read: impl Fn() -> Result<(PathBuf, Vec<u8>)>) -> Result<Loaded> {
     if let Some(object) = cached(&key) {
         let mut held = object.bytes.lock().expect("not poisoned");
         let bytes = match held.upgrade() {
             Some(bytes) => bytes,
-            None => read_first(candidates)?.1,
+            None => Arc::new(read()?.1),
         };
         *held = Arc::downgrade(&bytes);
         drop(held);
         return Ok(Loaded { object, bytes });
     }
-    let (path, bytes) = read_first(candidates)?;
+    let (path, bytes) = read()?;
+    let bytes = Arc::new(bytes);
     let object = Arc::new(ObjectFile::new(path, &bytes)?);
     *object.bytes.lock().expect("not poisoned") = Arc::downgrade(&bytes);
     OBJECTS
@@ -102,17 +119,6 @@ fn get(key: Key, candidates: impl Iterator<Item = PathBuf>) -> Result<Loaded> {
         .expect("not poisoned")
         .insert(key, object.clone());
     Ok(Loaded { object, bytes })
-}
-
-fn read_first(candidates: impl Iterator<Item = PathBuf>) -> Result<(PathBuf, Arc<Vec<u8>>)> {
-    let mut last = anyhow!("no file to read");
-    for path in candidates {
-        match std::fs::read(&path) {
-            Ok(data) => return Ok((path, Arc::new(data))),
-            Err(e) => last = anyhow::Error::new(e).context(format!("reading {}", path.display())),
-        }
-    }
-    Err(last)
 }
 
 /// PT_LOAD segments of `file`: (p_offset, p_filesz, p_vaddr).

@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use crate::{objects, procmaps};
+use memleak::target_files::TargetFiles;
 
 /// The target's memory at one instant (`/proc/PID/status`, plus the headroom around it).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -170,14 +171,16 @@ impl ProcessContext {
             let id = object.build_id.as_ref()?;
             return Some(id.iter().map(|b| format!("{b:02x}")).collect());
         }
-        build_id(&procmaps::map_file_path(self.pid, m))
-            .or_else(|| build_id(&procmaps::host_path(self.pid, path)))
+        std::fs::File::open(procmaps::map_file_path(self.pid, m))
+            .ok()
+            .or_else(|| TargetFiles::new(self.pid).open(Path::new(path)).ok())
+            .and_then(build_id)
     }
 }
 
 /// The GNU build-id note, hex. Only the file's first 64 KiB are read: the note lives in the
 /// first loaded segment, and a shared object can be a gigabyte (libtorch).
-fn build_id(path: &Path) -> Option<String> {
+fn build_id(file: std::fs::File) -> Option<String> {
     use std::io::Read;
 
     use object::{
@@ -186,11 +189,7 @@ fn build_id(path: &Path) -> Option<String> {
         read::elf::{FileHeader, ProgramHeader},
     };
     let mut head = Vec::with_capacity(64 << 10);
-    std::fs::File::open(path)
-        .ok()?
-        .take(64 << 10)
-        .read_to_end(&mut head)
-        .ok()?;
+    file.take(64 << 10).read_to_end(&mut head).ok()?;
     let header = FileHeader64::<Endianness>::parse(&*head).ok()?;
     let endian = header.endian().ok()?;
     for segment in header.program_headers(endian, &*head).ok()? {

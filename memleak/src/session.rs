@@ -3,7 +3,7 @@
 //! [`Session::start`] and runs its loop: [`Session::on_interval`] per table,
 //! [`Session::on_maps_tick`] every 250 ms, [`Session::finish`] at the end.
 
-use std::{future::Future, path::PathBuf, pin::Pin};
+use std::{future::Future, pin::Pin};
 
 use anyhow::{Context, Result};
 use aya::Ebpf;
@@ -60,22 +60,24 @@ impl<'a> Session<'a> {
             (None, Some(cmd)) => Some(Target::spawn(cmd)?),
             (None, None) => None,
         };
-        let (mut ebpf, names, process, filter) = match target {
+        let (mut ebpf, names, process, filter, unhooked) = match target {
             Some(t) if !args.kernel => {
-                let (mut ebpf, process) = attach_user(args, t)?;
+                let (mut ebpf, process, unhooked) = attach_user(args, t)?;
                 let python = Box::new(PythonTracking::new(&mut ebpf, process.pid())?);
                 let names = Names::User(Symbolizer::new(process.pid()), python);
-                (ebpf, names, Some(process), None)
+                (ebpf, names, Some(process), None, unhooked)
             }
             filter => {
                 let layout = probes::kernel_layout()?;
                 let mut ebpf = probes::load(args, args.pid, Some(&layout))?;
                 probes::attach_kernel(&mut ebpf)?;
-                (ebpf, Names::Kernel(Kallsyms::load()?), None, filter)
+                let names = Names::Kernel(Kallsyms::load()?);
+                (ebpf, names, None, filter, Vec::new())
             }
         };
         let pid = process.as_ref().map_or(0, Process::pid);
-        let collector = Collector::new(&mut ebpf, pid, names, args.heap_table())?;
+        let mut collector = Collector::new(&mut ebpf, pid, names, args.heap_table())?;
+        collector.unhooked = unhooked;
         let events = match args.trace {
             true => Some(trace::Events::new(&mut ebpf)?),
             false => None,
@@ -295,12 +297,14 @@ impl<'a> Session<'a> {
             ..
         } = self;
         let table = std::mem::take(&mut collector.table);
-        // Dropping `ebpf` detaches every probe; the target runs on unharmed while the reports
-        // are written.
+        // Reports before the probes go: each probe's detach waits out an RCU grace period
+        // (about 100 ms here, one probe at a time in the kernel), seconds for two dozen, and a
+        // signal must not wait for that to see the reports.
         drop(collector);
         drop(events);
+        let written = write_reports(args, &analysis::analyze(&timeline, &table));
         drop(ebpf);
-        write_reports(args, &analysis::analyze(&timeline, &table))
+        written
     }
 }
 
@@ -318,13 +322,14 @@ fn query(args: &Args) -> Query {
     }
 }
 
-/// Loads the BPF object for `target` and attaches it; a started command is killed on
-/// failure (it must not run on untraced).
-fn attach_user(args: &Args, mut target: Target) -> Result<(Ebpf, Process)> {
+/// Loads the BPF object for `target` and attaches it, with the allocator functions it may
+/// call that are not hooked; a started command is killed on failure (it must not run on
+/// untraced).
+fn attach_user(args: &Args, mut target: Target) -> Result<(Ebpf, Process, Vec<String>)> {
     match setup(args, &mut target) {
-        Ok((mut ebpf, unwinder)) => {
+        Ok((mut ebpf, unwinder, unhooked)) => {
             let process = Process::new(&mut ebpf, target, unwinder)?;
-            Ok((ebpf, process))
+            Ok((ebpf, process, unhooked))
         }
         Err(e) => {
             target.kill();
@@ -333,10 +338,12 @@ fn attach_user(args: &Args, mut target: Target) -> Result<(Ebpf, Process)> {
     }
 }
 
-fn setup(args: &Args, target: &mut Target) -> Result<(Ebpf, unwind::Unwinder)> {
-    // The allocator's library and libc; growth mode hooks neither.
-    let libs = match args.mode {
-        Mode::Alloc => Some(allocator_libraries(args, target)?),
+/// The BPF object with the target hooked, its unwinder, and the allocator functions it may
+/// call that are not hooked.
+fn setup(args: &Args, target: &mut Target) -> Result<(Ebpf, unwind::Unwinder, Vec<String>)> {
+    // What to hook; growth mode hooks no function.
+    let plan = match args.mode {
+        Mode::Alloc => Some(hook_plan(args, target)?),
         Mode::Growth => None,
     };
     let mut ebpf = probes::load(args, Some(target.pid), None)?;
@@ -347,18 +354,21 @@ fn setup(args: &Args, target: &mut Target) -> Result<(Ebpf, unwind::Unwinder)> {
     if target.child.is_none() {
         unwinder.update(&crate::procmaps::read(target.pid)?)?;
     } else {
-        let libc = target.library("libc").ok();
-        let preload: Vec<&std::path::Path> = match &libs {
-            Some((alloc_lib, libc)) => vec![libc, alloc_lib],
-            None => libc.iter().map(|p| p.as_path()).collect(),
+        let mut preload: Vec<std::path::PathBuf> = match &plan {
+            Some(plan) => plan.hooks.iter().map(|h| h.object.clone()).collect(),
+            None => target.library("libc").ok().into_iter().collect(),
         };
+        preload.retain(|p| *p != target.exe);
+        preload.sort();
+        preload.dedup();
+        let preload: Vec<&std::path::Path> = preload.iter().map(|p| p.as_path()).collect();
         unwinder.prepare(&target.exe, &preload);
         target.hold_at_entry(&mut ebpf)?;
     }
     if args.verbose {
         eprint!("memleak: {}", unwinder.summary());
     }
-    let Some((alloc_lib, libc)) = libs else {
+    let Some(plan) = plan else {
         // A started command's break belongs to memleak's fork until the exec; its first brk
         // call after the exec tells the program's own.
         let brk = match target.child {
@@ -366,15 +376,10 @@ fn setup(args: &Args, target: &mut Target) -> Result<(Ebpf, unwind::Unwinder)> {
             None => crate::procmaps::program_break(target.pid)?,
         };
         probes::attach_growth(&mut ebpf, brk)?;
-        return Ok((ebpf, unwinder));
+        return Ok((ebpf, unwinder, Vec::new()));
     };
-    let mut attached = probes::attach(
-        &mut ebpf,
-        target.pid,
-        &alloc_lib,
-        &args.symbols_prefix,
-        &libc,
-    )?;
+    println!("{}", plan.summary());
+    let mut attached = probes::attach(&mut ebpf, target.pid, &plan.hooks)?;
     if args.python_allocators {
         let runtime = python::PythonRuntime::detect(target.pid)?.context(
             "--python-allocators: no CPython in this process (with -c, attach with -p once it runs)",
@@ -386,30 +391,56 @@ fn setup(args: &Args, target: &mut Target) -> Result<(Ebpf, unwind::Unwinder)> {
         )?);
     }
     if args.verbose {
-        for a in &attached {
-            eprintln!(
-                "memleak: hooked {}+{} at {:#x} in {} ({})",
-                a.function, a.placement.offset, a.vaddr, a.object, a.placement.reason
-            );
-        }
+        say_hooks(&attached, &plan);
     }
-    Ok((ebpf, unwinder))
+    Ok((ebpf, unwinder, plan.unhooked))
 }
 
-/// The library whose allocator is hooked and the libc whose mmap family is.
-fn allocator_libraries(args: &Args, target: &Target) -> Result<(PathBuf, PathBuf)> {
-    match &args.obj {
-        // A static binary holds its own mmap wrappers: use -O for those too.
-        Some(obj) => {
-            let alloc_lib = target.library(obj)?;
-            let libc = target.library("libc").unwrap_or_else(|_| alloc_lib.clone());
-            Ok((alloc_lib, libc))
-        }
-        None => {
-            let libc = target.library("libc")?;
-            Ok((libc.clone(), libc))
-        }
+/// `--verbose`: where each probe went, and what was not hooked.
+fn say_hooks(attached: &[probes::Attached], plan: &memleak::binding::Plan) {
+    for a in attached {
+        let h = &a.hook;
+        eprintln!(
+            "memleak: hooked {}+{} at {:#x} in {} ({:?}; {})",
+            h.symbol, a.placement.offset, h.vaddr, h.object_name, h.origin, a.placement.reason
+        );
     }
+    for f in &plan.absent {
+        eprintln!("memleak: not hooked: {f} (no object in the process defines it)");
+    }
+    for f in &plan.unhooked {
+        eprintln!("memleak: not hooked: {f}");
+    }
+}
+
+/// What to hook: each entry point where the process binds it (binding.rs), plus the
+/// allocator `-O`/`--symbols-prefix` name.
+fn hook_plan(args: &Args, target: &Target) -> Result<memleak::binding::Plan> {
+    use memleak::binding::{self, Scope};
+    let scope = match target.child {
+        Some(_) => Scope::of_command(&target.exe)?,
+        None => Scope::of_process(target.pid)?,
+    };
+    let prefix = args.symbols_prefix.as_str();
+    let mut plan = match &args.obj {
+        Some(_) => scope.plan(&[]),
+        None => scope.plan(&[prefix]),
+    };
+    let wanted = format!("{prefix}malloc");
+    if let Some(obj) = &args.obj {
+        let path = target.library(obj)?;
+        let extra = binding::in_object(&path, prefix)?;
+        if !extra.hooks.iter().any(|h| h.symbol == wanted) {
+            anyhow::bail!("{} has no {wanted}: not an allocator", path.display());
+        }
+        plan.extend(extra);
+    }
+    if !plan.hooks.iter().any(|h| h.symbol == wanted) {
+        anyhow::bail!(
+            "no {wanted} in the process (a stripped static binary?): name the object that holds the allocator with -O, and its symbol prefix with --symbols-prefix"
+        );
+    }
+    Ok(plan)
 }
 
 /// Growth mode: warns (and returns true) once the target holds transparent huge pages, whose

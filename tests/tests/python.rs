@@ -12,7 +12,7 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 use memleak_tests::{
     Report, Running, Scratch, basename, can_trace, describe_stack, expect_success, frames,
-    pyenv_python, skipped, stacks, wait_for_file, wait_for_text,
+    installed, pyenv_python, skipped, stacks, wait_for_file, wait_for_text,
 };
 use serde_json::Value;
 
@@ -154,8 +154,9 @@ fn python_frames(stack: &Value) -> Vec<(&str, &str, u64)> {
         .collect()
 }
 
-/// Traces the workload under one interpreter and checks every leak and the churn.
-fn check(label: &str, python: &str) -> Result<()> {
+/// Traces the workload under one interpreter, started with `env` added, and checks every
+/// leak and the churn.
+fn check(label: &str, python: &str, env: &[(&str, &str)]) -> Result<()> {
     let scratch = Scratch::new("python")?;
     let dir = scratch.path("");
     build_extension(python, &dir)?;
@@ -164,7 +165,7 @@ fn check(label: &str, python: &str) -> Result<()> {
     let (go, done) = (scratch.path("go"), scratch.path("done"));
     // Attached to a running interpreter: it reads the code objects of every stack while the
     // target lives. The extension is found next to the script (sys.path[0]).
-    let target = Running::start(
+    let target = Running::start_with_env(
         &scratch,
         "python",
         Path::new(python),
@@ -174,6 +175,7 @@ fn check(label: &str, python: &str) -> Result<()> {
             done.to_str().unwrap(),
         ],
         None,
+        env,
     )?;
     let report = trace_work(&scratch, &target, &go, &done)?;
     let snapshot = report.final_snapshot();
@@ -271,7 +273,7 @@ fn python_leaks_at_their_lines() -> Result<()> {
             skipped(&format!("Python {label}"), "not installed");
             continue;
         };
-        if let Err(e) = check(&label, &python.to_string_lossy()) {
+        if let Err(e) = check(&label, &python.to_string_lossy(), &[]) {
             failures.push(format!("{e:#}"));
         }
     }
@@ -327,4 +329,24 @@ fn python_after_exec_is_tracked_afresh() -> Result<()> {
         top.join("\n  ")
     );
     Ok(())
+}
+
+/// A common fix for fragmentation: CPython run on jemalloc. Its malloc family is hooked in
+/// jemalloc with no flag, and every leak is still named at its Python line.
+#[test]
+fn python_on_preloaded_jemalloc() -> Result<()> {
+    const JEMALLOC: &str = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2";
+    let test = "python_on_preloaded_jemalloc";
+    if !can_trace(test) || !installed(test, JEMALLOC) {
+        return Ok(());
+    }
+    let Some(python) = pyenv_python("3.12") else {
+        skipped(test, "no pyenv Python 3.12");
+        return Ok(());
+    };
+    check(
+        "3.12 on jemalloc",
+        &python.to_string_lossy(),
+        &[("LD_PRELOAD", JEMALLOC)],
+    )
 }

@@ -45,6 +45,9 @@ pub fn render(a: &Analysis) -> String {
 fn headline(out: &mut String, a: &Analysis, held: &str) {
     let v = &a.verdict;
     let last = a.points.last();
+    // Since tracing started, as the table's elapsed column; the span the data covers (from
+    // the first interval) is what "not enough data" is about.
+    let elapsed = last.map_or(0.0, |p| p.elapsed_s);
     let span = last.map_or(0.0, |p| p.elapsed_s - a.points[0].elapsed_s);
     let outstanding = last.map_or(0, |p| p.outstanding_bytes);
     let _ = if !v.conclusive {
@@ -65,13 +68,13 @@ fn headline(out: &mut String, a: &Analysis, held: &str) {
             v.growing_stacks,
             plural(v.growing_stacks),
             bytes(outstanding),
-            duration(span)
+            duration(elapsed)
         )
     } else {
         writeln!(
             out,
             "VERDICT: no leak: no stack grows steadily over {} ({} {held})",
-            duration(span),
+            duration(elapsed),
             bytes(outstanding)
         )
     };
@@ -160,6 +163,7 @@ fn lost(out: &mut String, a: &Analysis) {
         .flatten()
         .filter(|(_, n)| n.as_u64().is_some_and(|n| n > 0))
         .map(|(name, n)| format!("{name} {n}"))
+        .chain(lost.unhooked.iter().map(|f| format!("not hooked: {f}")))
         .collect();
     let _ = writeln!(
         out,

@@ -140,6 +140,12 @@ pub struct Args {
     #[arg(long)]
     pub python_allocators: bool,
 
+    /// Do not look for the owners of the largest stacks' memory at the end of the run (a
+    /// Python target's objects and the module, class, closure or cache holding them, read
+    /// from outside without stopping the target).
+    #[arg(long)]
+    pub no_owners: bool,
+
     /// What to measure. `alloc`: every block the allocator hands out and not back, by the
     /// stack that asked for it. `growth`: no function is hooked, only the kernel's memory
     /// system calls and page faults: which code made resident memory grow (first write to a

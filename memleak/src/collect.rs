@@ -19,8 +19,9 @@ use crate::{
     heap::HeapTable,
     kallsyms::Kallsyms,
     model::{Allocation, Frame, Lost, Measure, Snapshot, StackUsage},
+    owners::Block,
     procmaps::Mapping,
-    python::PythonTracking,
+    python::{PythonRuntime, PythonTracking},
     stacks::{StackInfo, StackTable, attribute},
     symbolize::Symbolizer,
     unwind,
@@ -346,6 +347,31 @@ impl Collector {
         let ids: Vec<u64> = self.stacks.keys().flatten().collect();
         for id in ids.into_iter().map(|id| id as i64) {
             self.learn(id);
+        }
+    }
+
+    /// The outstanding blocks of `stacks` at least `older_ms` old (as the tables count
+    /// them), for the owner walk.
+    pub fn blocks_of(&self, stacks: &std::collections::HashSet<i64>, older_ms: u64) -> Vec<Block> {
+        let now = monotonic_ns();
+        [&self.allocs, &self.mmaps]
+            .iter()
+            .flat_map(|map| map.entries())
+            .filter(|(_, info)| stacks.contains(&info.stack_id))
+            .filter(|(_, info)| now.saturating_sub(info.timestamp_ns) / 1_000_000 >= older_ms)
+            .map(|(addr, info)| Block {
+                addr,
+                size: info.size,
+                stack_id: info.stack_id,
+            })
+            .collect()
+    }
+
+    /// The target's CPython, once found.
+    pub fn python(&self) -> Option<&PythonRuntime> {
+        match &self.names {
+            Names::User(_, python) => python.runtime(),
+            Names::Kernel(_) => None,
         }
     }
 

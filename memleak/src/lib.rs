@@ -7,6 +7,7 @@ pub mod bpf_map;
 pub mod mapped;
 pub mod model;
 pub mod objects;
+pub mod owners;
 pub mod procmaps;
 pub mod python;
 mod sections;

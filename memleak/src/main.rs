@@ -23,7 +23,7 @@ mod timeline;
 mod trace;
 
 // The parsers live in the library (fuzzed there); `crate::model` etc. keep naming them here.
-use memleak::{bpf_map, model, objects, procmaps, python, symbolize, unwind};
+use memleak::{bpf_map, model, objects, owners, procmaps, python, symbolize, unwind};
 
 use std::{process::ExitCode, time::Duration};
 

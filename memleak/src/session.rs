@@ -14,7 +14,7 @@ use crate::{
     collect::{Collector, Names, Query},
     kallsyms::Kallsyms,
     model::Measure,
-    probes,
+    owners, probes,
     proc_stats::{self, ProcessContext},
     process::{Exec, Process},
     python::{self, PythonTracking},
@@ -259,7 +259,8 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
-    /// The final table (when stopped by a signal or the target's exit), then the reports.
+    /// The final table (when stopped by a signal or the target's exit), the owners of the
+    /// largest stacks' memory, then the reports.
     pub fn finish(mut self, stop: Stop) -> Result<()> {
         self.live.clear();
         let query = match &stop {
@@ -288,6 +289,12 @@ impl<'a> Session<'a> {
             );
             self.timeline.record_final(snap);
         }
+        // The target still runs (not when it exited): read who holds the largest stacks'
+        // memory.
+        if !self.args.no_owners && !matches!(stop, Stop::TargetExited(_)) {
+            self.timeline.owners =
+                find_owners(&self.collector, &self.timeline, self.query.older_ms);
+        }
         let Session {
             args,
             ebpf,
@@ -306,6 +313,33 @@ impl<'a> Session<'a> {
         drop(ebpf);
         written
     }
+}
+
+/// Stacks whose owners are looked for: those the report shows first (growing, then holding).
+const OWNED_STACKS: usize = 8;
+
+/// The owners of the memory of the report's first stacks, read from the running target;
+/// `None` when it runs no Python.
+fn find_owners(
+    collector: &Collector,
+    timeline: &Timeline,
+    older_ms: u64,
+) -> Option<owners::Findings> {
+    let python = collector.python()?;
+    let analysis = analysis::analyze(timeline, &collector.table);
+    let stacks: std::collections::HashSet<i64> = analysis
+        .stacks
+        .iter()
+        .filter(|s| s.final_bytes() > 0 && s.trend != analysis::Trend::Churn)
+        .take(OWNED_STACKS)
+        .map(|s| s.stack_id)
+        .collect();
+    let blocks = owners::Blocks::new(collector.blocks_of(&stacks, older_ms));
+    Some(owners::python::find(
+        python,
+        &blocks,
+        &owners::python::Limits::default(),
+    ))
 }
 
 fn query(args: &Args) -> Query {

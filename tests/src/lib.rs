@@ -69,6 +69,43 @@ pub fn skipped(test: &str, why: &str) {
     eprintln!("\n*** SKIPPED ({why}): {test} ***\n");
 }
 
+/// The interpreters to test: pyenv's 3.8 to 3.13 and Debian's static 3.11; `None` where one
+/// is missing (reported loudly and skipped).
+pub fn pythons() -> Vec<(String, Option<PathBuf>)> {
+    let mut all: Vec<_> = ["3.8", "3.9", "3.10", "3.11", "3.12", "3.13"]
+        .into_iter()
+        .map(|v| (v.to_string(), pyenv_python(v)))
+        .collect();
+    let debian = PathBuf::from("/usr/bin/python3.11");
+    all.push((
+        "3.11 Debian, static libpython".to_string(),
+        debian.exists().then_some(debian),
+    ));
+    all
+}
+
+/// Runs `check(label, interpreter)` under every interpreter `pythons` lists but those in
+/// `skip`, a missing one skipped loudly; fails with every interpreter's failure.
+pub fn under_each_python(skip: &[&str], check: impl Fn(&str, &str) -> Result<()>) -> Result<()> {
+    let mut failures = Vec::new();
+    for (label, python) in pythons()
+        .into_iter()
+        .filter(|(l, _)| !skip.contains(&l.as_str()))
+    {
+        let Some(python) = python else {
+            skipped(&format!("Python {label}"), "not installed");
+            continue;
+        };
+        if let Err(e) = check(&label, &python.to_string_lossy()) {
+            failures.push(format!("{e:#}"));
+        }
+    }
+    if !failures.is_empty() {
+        bail!("{}", failures.join("\n\n"));
+    }
+    Ok(())
+}
+
 /// pyenv's CPython `minor` ("3.11"): `<pyenv root>/versions/3.11.*/bin/python3.11`, the newest
 /// patch release if several are installed; `None` without pyenv or that version.
 pub fn pyenv_python(minor: &str) -> Option<PathBuf> {
@@ -219,6 +256,23 @@ impl Running {
             stdout,
             stderr,
         })
+    }
+
+    /// `python script args…` (output in `python.stdout|.stderr`), once its libc is mapped:
+    /// memleak can then hook it with `-p`.
+    pub fn python(
+        scratch: &Scratch,
+        python: &str,
+        script: &Path,
+        args: &[&Path],
+    ) -> Result<Running> {
+        let mut argv = vec![script.to_str().context("script path")?];
+        for a in args {
+            argv.push(a.to_str().context("argument path")?);
+        }
+        let target = Running::start(scratch, "python", Path::new(python), &argv, None)?;
+        target.wait_for_mapping("libc.so", Duration::from_secs(120))?;
+        Ok(target)
     }
 
     /// memleak with `args`.

@@ -3,35 +3,16 @@
 //! extension compiled against the interpreter's headers, ctypes calling libc malloc) and
 //! churns without leaking; memleak must name the Python function and line of each.
 
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-    time::Duration,
-};
+use std::{path::Path, process::Command, time::Duration};
 
 use anyhow::{Context, Result, bail, ensure};
 use memleak_tests::{
     Report, Running, Scratch, basename, can_trace, describe_stack, expect_success, frames,
-    installed, pyenv_python, skipped, stacks, wait_for_file, wait_for_text,
+    installed, pyenv_python, pythons, skipped, stacks, wait_for_file, wait_for_text,
 };
 use serde_json::Value;
 
 const TIMEOUT: Duration = Duration::from_secs(120);
-
-/// The interpreters to test: pyenv's 3.8 to 3.13 and Debian's static 3.11; `None` where one
-/// is missing (reported loudly and skipped).
-fn pythons() -> Vec<(String, Option<PathBuf>)> {
-    let mut all: Vec<_> = ["3.8", "3.9", "3.10", "3.11", "3.12", "3.13"]
-        .into_iter()
-        .map(|v| (v.to_string(), pyenv_python(v)))
-        .collect();
-    let debian = PathBuf::from("/usr/bin/python3.11");
-    all.push((
-        "3.11 Debian, static libpython".to_string(),
-        debian.exists().then_some(debian),
-    ));
-    all
-}
 
 /// The workload. Line numbers matter: the test asserts them (see `LEAKS`).
 const SCRIPT: &str = r#"import ctypes, os, sys, threading, time

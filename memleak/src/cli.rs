@@ -86,12 +86,13 @@ pub struct Args {
     #[arg(short = 'Z', long, value_name = "BYTES")]
     pub max_size: Option<u64>,
 
-    /// Hook the allocator in this library instead of libc (a path or a name such as
-    /// `libjemalloc`); mmap/munmap/mremap stay on libc.
+    /// Also hook the malloc family defined in this object (a path or a name such as
+    /// `libjemalloc`), beside the functions the process binds (found with no flag).
     #[arg(short = 'O', long, value_name = "LIB")]
     pub obj: Option<String>,
 
-    /// Prefix of the allocator's symbols in --obj (e.g. `je_`).
+    /// Also hook an allocator whose symbols carry this prefix (e.g. `je_`): in --obj, else
+    /// at their first definition in the process.
     #[arg(long, value_name = "PREFIX", default_value = "")]
     pub symbols_prefix: String,
 
@@ -138,6 +139,12 @@ pub struct Args {
     /// counted, not only the arenas pymalloc maps. Costly on allocation-heavy Python code.
     #[arg(long)]
     pub python_allocators: bool,
+
+    /// Do not look for the owners of the largest stacks' memory at the end of the run (a
+    /// Python target's objects and the module, class, closure or cache holding them, read
+    /// from outside without stopping the target).
+    #[arg(long)]
+    pub no_owners: bool,
 
     /// What to measure. `alloc`: every block the allocator hands out and not back, by the
     /// stack that asked for it. `growth`: no function is hooked, only the kernel's memory

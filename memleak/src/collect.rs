@@ -19,7 +19,8 @@ use crate::{
     heap::HeapTable,
     kallsyms::Kallsyms,
     model::{Allocation, Frame, Lost, Measure, Snapshot, StackUsage},
-    python::PythonTracking,
+    owners::Block,
+    python::{PythonRuntime, PythonTracking},
     stacks::{StackInfo, StackTable, attribute},
     symbolize::Symbolizer,
     unwind,
@@ -94,6 +95,8 @@ pub struct Collector {
     /// Every stack seen, symbolized: what the snapshots' ids stand for.
     pub table: StackTable,
     started: Instant,
+    /// Allocator functions the process may call that are not hooked (reported as lost).
+    pub unhooked: Vec<String>,
 }
 
 /// What a snapshot should contain.
@@ -139,6 +142,7 @@ impl Collector {
             names,
             table: StackTable::default(),
             started: Instant::now(),
+            unhooked: Vec::new(),
         })
     }
 
@@ -178,6 +182,7 @@ impl Collector {
                 trace_events_lost: counters[Counter::EventsLost as usize],
                 stale_inflight: counters[Counter::StaleInflight as usize],
                 munmap_splits_lost: counters[Counter::MunmapSplitLost as usize],
+                unhooked: self.unhooked.clone(),
             },
             recorded: counters[Counter::Recorded as usize],
             released: counters[Counter::Released as usize],
@@ -352,6 +357,31 @@ impl Collector {
         let ids: Vec<u64> = self.stacks.keys().flatten().collect();
         for id in ids.into_iter().map(|id| id as i64) {
             self.learn(id);
+        }
+    }
+
+    /// The outstanding blocks of `stacks` at least `older_ms` old (as the tables count
+    /// them), for the owner walk.
+    pub fn blocks_of(&self, stacks: &std::collections::HashSet<i64>, older_ms: u64) -> Vec<Block> {
+        let now = monotonic_ns();
+        [&self.allocs, &self.mmaps]
+            .iter()
+            .flat_map(|map| map.entries())
+            .filter(|(_, info)| stacks.contains(&info.stack_id))
+            .filter(|(_, info)| now.saturating_sub(info.timestamp_ns) / 1_000_000 >= older_ms)
+            .map(|(addr, info)| Block {
+                addr,
+                size: info.size,
+                stack_id: info.stack_id,
+            })
+            .collect()
+    }
+
+    /// The target's CPython, once found.
+    pub fn python(&self) -> Option<&PythonRuntime> {
+        match &self.names {
+            Names::User(_, python) => python.runtime(),
+            Names::Kernel(_) => None,
         }
     }
 

@@ -19,7 +19,7 @@ mod timeline;
 mod trace;
 
 // The parsers live in the library (fuzzed there); `crate::model` etc. keep naming them here.
-use memleak::{bpf_map, model, procmaps, python, symbolize, unwind};
+use memleak::{bpf_map, model, owners, procmaps, python, symbolize, unwind};
 
 use std::{process::ExitCode, time::Duration};
 
@@ -90,9 +90,11 @@ async fn run(args: Args) -> Result<()> {
     };
     // In kernel mode a -p target only filters; its allocator is not hooked.
     let user_target = target.as_ref().filter(|_| !args.kernel);
+    let mut unhooked = Vec::new();
     let (mut ebpf, names, mut unwinder) = match user_target {
         Some(t) => match setup(&args, t) {
-            Ok((mut ebpf, unwinder)) => {
+            Ok((mut ebpf, unwinder, not_hooked)) => {
+                unhooked = not_hooked;
                 let python = Box::new(PythonTracking::new(&mut ebpf, t.pid)?);
                 (
                     ebpf,
@@ -119,6 +121,7 @@ async fn run(args: Args) -> Result<()> {
     let traced_pid = user_target.map_or(0, |t| t.pid);
     let launching = user_target.is_some_and(|t| t.child.is_some());
     let mut collector = Collector::new(&mut ebpf, traced_pid, names, launching, args.heap_table())?;
+    collector.unhooked = unhooked;
     // Python: found now, or after the exec of a started command (on the maps tick).
     if let Err(e) = collector.names.refresh() {
         eprintln!("memleak: {e:#}");
@@ -242,7 +245,7 @@ async fn run(args: Args) -> Result<()> {
     };
 
     live.clear();
-    let final_state = match stop {
+    let final_state = match &stop {
         Stop::Count => None,
         Stop::Signal(why) => {
             println!("memleak: {why}; final state:");
@@ -261,13 +264,46 @@ async fn run(args: Args) -> Result<()> {
     if let Some(snap) = final_state {
         timeline.record_final(snap);
     }
+    // The target still runs (not when it exited): read who holds the largest stacks' memory.
+    if !args.no_owners && !matches!(stop, Stop::TargetExited(_)) {
+        timeline.owners = find_owners(&collector, &timeline, query.older_ms);
+    }
     let table = std::mem::take(&mut collector.table);
-    // Dropping `ebpf` detaches every probe; the target runs on unharmed while the reports
-    // are written.
+    // Reports before the probes go: each probe's detach waits out an RCU grace period
+    // (about 100 ms here, one probe at a time in the kernel), seconds for two dozen, and a
+    // signal must not wait for that to see the reports.
     drop(collector);
     drop(events);
+    let written = write_reports(&args, &analysis::analyze(&timeline, &table));
     drop(ebpf);
-    write_reports(&args, &analysis::analyze(&timeline, &table))
+    written
+}
+
+/// Stacks whose owners are looked for: those the report shows first (growing, then holding).
+const OWNED_STACKS: usize = 8;
+
+/// The owners of the memory of the report's first stacks, read from the running target;
+/// `None` when it runs no Python.
+fn find_owners(
+    collector: &Collector,
+    timeline: &Timeline,
+    older_ms: u64,
+) -> Option<owners::Findings> {
+    let python = collector.python()?;
+    let analysis = analysis::analyze(timeline, &collector.table);
+    let stacks: std::collections::HashSet<i64> = analysis
+        .stacks
+        .iter()
+        .filter(|s| s.final_bytes() > 0 && s.trend != analysis::Trend::Churn)
+        .take(OWNED_STACKS)
+        .map(|s| s.stack_id)
+        .collect();
+    let blocks = owners::Blocks::new(collector.blocks_of(&stacks, older_ms));
+    Some(owners::python::find(
+        python,
+        &blocks,
+        &owners::python::Limits::default(),
+    ))
 }
 
 /// Creates the output files now, so a bad path fails before a long capture, not after it.
@@ -307,10 +343,12 @@ fn write_reports(args: &Args, analysis: &Analysis) -> Result<()> {
     Ok(())
 }
 
-fn setup(args: &Args, target: &Target) -> Result<(aya::Ebpf, unwind::Unwinder)> {
-    // The allocator's library and libc; growth mode hooks neither.
-    let libs = match args.mode {
-        Mode::Alloc => Some(allocator_libraries(args, target)?),
+/// The BPF object with the target hooked, its unwinder, and the allocator functions it may
+/// call that are not hooked.
+fn setup(args: &Args, target: &Target) -> Result<(aya::Ebpf, unwind::Unwinder, Vec<String>)> {
+    // What to hook; growth mode hooks no function.
+    let plan = match args.mode {
+        Mode::Alloc => Some(hook_plan(args, target)?),
         Mode::Growth => None,
     };
     let mut ebpf = probes::load(args, Some(target.pid), None)?;
@@ -320,17 +358,20 @@ fn setup(args: &Args, target: &Target) -> Result<(aya::Ebpf, unwind::Unwinder)> 
     if target.child.is_none() {
         unwinder.refresh()?;
     } else {
-        let libc = target.library("libc").ok();
-        let preload: Vec<&std::path::Path> = match &libs {
-            Some((alloc_lib, libc)) => vec![libc, alloc_lib],
-            None => libc.iter().map(|p| p.as_path()).collect(),
+        let mut preload: Vec<std::path::PathBuf> = match &plan {
+            Some(plan) => plan.hooks.iter().map(|h| h.object.clone()).collect(),
+            None => target.library("libc").ok().into_iter().collect(),
         };
+        preload.retain(|p| *p != target.exe);
+        preload.sort();
+        preload.dedup();
+        let preload: Vec<&std::path::Path> = preload.iter().map(|p| p.as_path()).collect();
         unwinder.prepare(&mut ebpf, &target.exe, &preload)?;
     }
     if args.verbose {
         eprint!("memleak: {}", unwinder.summary());
     }
-    let Some((alloc_lib, libc)) = libs else {
+    let Some(plan) = plan else {
         // A started command's break belongs to memleak's fork until the exec; its first brk
         // call after the exec tells the program's own.
         let brk = match target.child {
@@ -338,15 +379,10 @@ fn setup(args: &Args, target: &Target) -> Result<(aya::Ebpf, unwind::Unwinder)> 
             None => procmaps::program_break(target.pid)?,
         };
         probes::attach_growth(&mut ebpf, brk)?;
-        return Ok((ebpf, unwinder));
+        return Ok((ebpf, unwinder, Vec::new()));
     };
-    let mut attached = probes::attach(
-        &mut ebpf,
-        target.pid,
-        &alloc_lib,
-        &args.symbols_prefix,
-        &libc,
-    )?;
+    println!("{}", plan.summary());
+    let mut attached = probes::attach(&mut ebpf, target.pid, &plan.hooks)?;
     if args.python_allocators {
         let runtime = python::PythonRuntime::detect(target.pid)?.context(
             "--python-allocators: no CPython in this process (with -c, attach with -p once it runs)",
@@ -358,33 +394,56 @@ fn setup(args: &Args, target: &Target) -> Result<(aya::Ebpf, unwind::Unwinder)> 
         )?);
     }
     if args.verbose {
-        for a in &attached {
-            eprintln!(
-                "memleak: hooked {}+{} at {:#x} in {} ({})",
-                a.function, a.placement.offset, a.vaddr, a.object, a.placement.reason
-            );
-        }
+        say_hooks(&attached, &plan);
     }
-    Ok((ebpf, unwinder))
+    Ok((ebpf, unwinder, plan.unhooked))
 }
 
-/// The library whose allocator is hooked and the libc whose mmap family is.
-fn allocator_libraries(
-    args: &Args,
-    target: &Target,
-) -> Result<(std::path::PathBuf, std::path::PathBuf)> {
-    match &args.obj {
-        // A static binary holds its own mmap wrappers: use -O for those too.
-        Some(obj) => {
-            let alloc_lib = target.library(obj)?;
-            let libc = target.library("libc").unwrap_or_else(|_| alloc_lib.clone());
-            Ok((alloc_lib, libc))
-        }
-        None => {
-            let libc = target.library("libc")?;
-            Ok((libc.clone(), libc))
-        }
+/// `--verbose`: where each probe went, and what was not hooked.
+fn say_hooks(attached: &[probes::Attached], plan: &memleak::binding::Plan) {
+    for a in attached {
+        let h = &a.hook;
+        eprintln!(
+            "memleak: hooked {}+{} at {:#x} in {} ({:?}; {})",
+            h.symbol, a.placement.offset, h.vaddr, h.object_name, h.origin, a.placement.reason
+        );
     }
+    for f in &plan.absent {
+        eprintln!("memleak: not hooked: {f} (no object in the process defines it)");
+    }
+    for f in &plan.unhooked {
+        eprintln!("memleak: not hooked: {f}");
+    }
+}
+
+/// What to hook: each entry point where the process binds it (binding.rs), plus the
+/// allocator `-O`/`--symbols-prefix` name.
+fn hook_plan(args: &Args, target: &Target) -> Result<memleak::binding::Plan> {
+    use memleak::binding::{self, Scope};
+    let scope = match target.child {
+        Some(_) => Scope::of_command(&target.exe)?,
+        None => Scope::of_process(target.pid)?,
+    };
+    let prefix = args.symbols_prefix.as_str();
+    let mut plan = match &args.obj {
+        Some(_) => scope.plan(&[]),
+        None => scope.plan(&[prefix]),
+    };
+    let wanted = format!("{prefix}malloc");
+    if let Some(obj) = &args.obj {
+        let path = target.library(obj)?;
+        let extra = binding::in_object(&path, prefix)?;
+        if !extra.hooks.iter().any(|h| h.symbol == wanted) {
+            anyhow::bail!("{} has no {wanted}: not an allocator", path.display());
+        }
+        plan.extend(extra);
+    }
+    if !plan.hooks.iter().any(|h| h.symbol == wanted) {
+        anyhow::bail!(
+            "no {wanted} in the process (a stripped static binary?): name the object that holds the allocator with -O, and its symbol prefix with --symbols-prefix"
+        );
+    }
+    Ok(plan)
 }
 
 /// Growth mode: warns (and returns true) once the target holds transparent huge pages, whose
@@ -441,7 +500,12 @@ fn watch_exit(target: &mut Target) -> Result<oneshot::Receiver<String>> {
             events: libc::POLLIN,
             revents: 0,
         };
-        while unsafe { libc::poll(&mut p, 1, -1) } < 0 {}
+        // EINTR: again at once; anything else (ENOMEM) again after a pause, not in a spin.
+        while unsafe { libc::poll(&mut p, 1, -1) } < 0 {
+            if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
         let _ = tx.send(format!("(PID {pid}) exited"));
     });
     Ok(rx)

@@ -62,6 +62,10 @@ pub struct Lost {
     pub trace_events_lost: u64,
     pub stale_inflight: u64,
     pub munmap_splits_lost: u64,
+    /// Definitions the process may call that memleak did not hook (binding.rs): what they
+    /// hand out is missing from every table.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub unhooked: Vec<String>,
 }
 
 impl Lost {

@@ -1,6 +1,6 @@
 //! Loading the embedded BPF object and hooking the allocator of one process.
 
-use std::{collections::HashMap, num::NonZeroU32, path::Path};
+use std::{num::NonZeroU32, path::Path};
 
 use anyhow::{Context, Result, bail};
 use aya::{
@@ -11,6 +11,7 @@ use aya::{
         uprobe::{UProbeAttachLocation, UProbeScope},
     },
 };
+use memleak::binding::{self, Hook};
 use memleak_common::{
     AllocKind, KernelLayout, heap,
     names::{globals, maps, programs},
@@ -92,22 +93,13 @@ pub fn load(args: &Args, target_pid: Option<u32>, kernel: Option<&KernelLayout>)
 
 /// Where each entry point was hooked, for `--verbose`.
 pub struct Attached {
-    pub function: String,
-    pub object: String,
-    pub vaddr: u64,
+    pub hook: Hook,
     pub placement: Placement,
 }
 
-/// Hooks every entry point found in `alloc_lib` (malloc family, with `prefix`) and in `libc`
-/// (mmap family). A symbol that is an alias of one already hooked (glibc's aligned_alloc is
-/// memalign) is hooked once.
-pub fn attach(
-    ebpf: &mut Ebpf,
-    pid: u32,
-    alloc_lib: &Path,
-    prefix: &str,
-    libc: &Path,
-) -> Result<Vec<Attached>> {
+/// Hooks every entry point of `hooks` (binding.rs chose them: the definitions the process
+/// calls), then the exec and exit tracepoints.
+pub fn attach(ebpf: &mut Ebpf, pid: u32, hooks: &[Hook]) -> Result<Vec<Attached>> {
     let pid = NonZeroU32::new(pid).context("PID 0 is not a process")?;
     for name in AllocKind::USER
         .into_iter()
@@ -121,32 +113,10 @@ pub fn attach(
         prog.load()
             .with_context(|| format!("verifier rejected {name}"))?;
     }
-    let mut symbols: HashMap<&Path, HashMap<String, u64>> = HashMap::new();
-    let mut hooked: HashMap<(&Path, u64), AllocKind> = HashMap::new();
-    let mut attached = Vec::new();
-    for kind in AllocKind::USER {
-        let (object, symbol) = if kind.is_syscall_wrapper() {
-            (libc, kind.symbol().to_string())
-        } else {
-            (alloc_lib, format!("{prefix}{}", kind.symbol()))
-        };
-        if !symbols.contains_key(object) {
-            symbols.insert(object, function_symbols(object)?);
-        }
-        let Some(&vaddr) = symbols[object].get(&symbol) else {
-            if matches!(kind, AllocKind::Malloc | AllocKind::Free) {
-                bail!(
-                    "{} has no {symbol}: not an allocator (a static binary? name the object with -O, and its symbol prefix with --symbols-prefix)",
-                    object.display()
-                );
-            }
-            continue;
-        };
-        if hooked.insert((object, vaddr), kind).is_some() {
-            continue;
-        }
-        attached.push(hook(ebpf, kind, symbol, vaddr, object, pid)?);
-    }
+    let attached = hooks
+        .iter()
+        .map(|h| hook(ebpf, h, pid))
+        .collect::<Result<_>>()?;
     attach_tracepoints(
         ebpf,
         &[
@@ -157,34 +127,19 @@ pub fn attach(
     Ok(attached)
 }
 
-/// Hooks one function that behaves like `kind` with that kind's programs, at its placement.
-fn hook(
-    ebpf: &mut Ebpf,
-    kind: AllocKind,
-    symbol: String,
-    vaddr: u64,
-    object: &Path,
-    pid: NonZeroU32,
-) -> Result<Attached> {
-    let program = entry_program(kind).context("not a user-space allocator entry point")?;
-    let entry_only = matches!(kind, AllocKind::Free | AllocKind::Munmap);
-    let place = probe_offset(object, &symbol, entry_only);
-    attach_one(ebpf, program, &symbol, place.offset, object, pid)?;
+/// Hooks one function that behaves like its kind with that kind's programs, at its placement.
+fn hook(ebpf: &mut Ebpf, h: &Hook, pid: NonZeroU32) -> Result<Attached> {
+    let program = entry_program(h.kind).context("not a user-space allocator entry point")?;
+    let entry_only = matches!(h.kind, AllocKind::Free | AllocKind::Munmap);
+    let place = probe_offset(h, entry_only);
+    let at = h.file_offset + place.offset;
+    attach_one(ebpf, program, h, at, pid)?;
     if !entry_only {
         // Same address as the entry probe: both share one breakpoint.
-        attach_one(
-            ebpf,
-            programs::ALLOC_RETURN,
-            &symbol,
-            place.offset,
-            object,
-            pid,
-        )?;
+        attach_one(ebpf, programs::ALLOC_RETURN, h, at, pid)?;
     }
     Ok(Attached {
-        function: symbol,
-        object: object.display().to_string(),
-        vaddr,
+        hook: h.clone(),
         placement: place,
     })
 }
@@ -194,47 +149,49 @@ fn hook(
 /// forwards to malloc is a call nested in the in-flight outer one: counted once.
 pub fn attach_python_allocators(ebpf: &mut Ebpf, pid: u32, object: &Path) -> Result<Vec<Attached>> {
     let pid = NonZeroU32::new(pid).context("PID 0 is not a process")?;
-    let symbols = function_symbols(object)?;
-    let mut attached = Vec::new();
-    for (symbol, kind) in crate::python::ALLOCATOR_ENTRY_POINTS {
-        let vaddr = *symbols
-            .get(symbol)
-            .with_context(|| format!("{} has no {symbol}", object.display()))?;
-        attached.push(hook(ebpf, kind, symbol.to_string(), vaddr, object, pid)?);
-    }
-    Ok(attached)
+    let hooks = binding::named_in_object(object, &crate::python::ALLOCATOR_ENTRY_POINTS)?;
+    hooks.iter().map(|h| hook(ebpf, h, pid)).collect()
 }
 
-/// Where in `symbol` to probe so the kernel emulates the probed instruction (placement.rs).
-/// A function that also gets the return probe keeps its entry stack pointer there. Any
-/// trouble reading the code means the plain entry.
-fn probe_offset(object: &Path, symbol: &str, entry_only: bool) -> Placement {
+/// Where in the hooked function to probe so the kernel emulates the probed instruction
+/// (placement.rs). A function that also gets the return probe keeps its entry stack pointer
+/// there. Any trouble reading the code means the plain entry.
+fn probe_offset(h: &Hook, entry_only: bool) -> Placement {
     let args = &placement::ARG_REGS;
-    match placement::function_code(object, symbol) {
+    let entry = |why: String| Placement {
+        offset: 0,
+        reason: format!("{why}; probing the entry"),
+    };
+    match placement::function_code(&h.object, &h.symbol) {
+        // The name found another definition (a hidden symbol version): not this code.
+        Ok(code) if code.vaddr != h.vaddr => entry(format!("{} has two definitions", h.symbol)),
         Ok(code) if entry_only => placement::choose(&code.bytes, code.vaddr, args),
         Ok(code) => placement::choose_for_return(&code.bytes, code.vaddr, args),
-        Err(e) => Placement {
-            offset: 0,
-            reason: format!("{e:#}; probing the entry"),
-        },
+        Err(e) => entry(format!("{e:#}")),
     }
 }
 
+/// Attaches `program` at byte `offset` of the hooked object's file.
 fn attach_one(
     ebpf: &mut Ebpf,
     program: &str,
-    symbol: &str,
+    h: &Hook,
     offset: u64,
-    object: &Path,
     pid: NonZeroU32,
 ) -> Result<()> {
     let prog: &mut UProbe = ebpf
         .program_mut(program)
         .context(program.to_string())?
         .try_into()?;
-    let location = UProbeAttachLocation::SymbolOffset(symbol, offset);
-    prog.attach(location, object, UProbeScope::OneProcess(pid))
-        .with_context(|| format!("attaching {program} to {symbol} in {}", object.display()))?;
+    let location = UProbeAttachLocation::AbsoluteOffset(offset);
+    prog.attach(location, &h.object, UProbeScope::OneProcess(pid))
+        .with_context(|| {
+            format!(
+                "attaching {program} to {} in {}",
+                h.symbol,
+                h.object.display()
+            )
+        })?;
     Ok(())
 }
 
@@ -422,25 +379,6 @@ fn attach_tracepoints(ebpf: &mut Ebpf, events: &[(&str, &str)]) -> Result<()> {
             .with_context(|| format!("attaching to tracepoint {category}:{event}"))?;
     }
     Ok(())
-}
-
-/// Defined function symbols (dynamic and static tables) → their virtual address.
-fn function_symbols(path: &Path) -> Result<HashMap<String, u64>> {
-    use object::{Object, ObjectSymbol, SymbolKind};
-    let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let file = object::File::parse(&*data)
-        .with_context(|| format!("{} is not an ELF object", path.display()))?;
-    let mut out = HashMap::new();
-    for sym in file.dynamic_symbols().chain(file.symbols()) {
-        if sym.kind() != SymbolKind::Text || sym.is_undefined() || sym.address() == 0 {
-            continue;
-        }
-        if let Ok(name) = sym.name() {
-            // Versioned dynamic names come as plain names from `object`.
-            out.entry(name.to_string()).or_insert(sym.address());
-        }
-    }
-    Ok(out)
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use crate::procmaps;
+use memleak::target_files::TargetFiles;
 
 /// The target's memory at one instant (`/proc/PID/status`, plus the headroom around it).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -148,8 +149,10 @@ impl ProcessContext {
                 continue;
             }
             self.objects.push(SharedObject {
-                build_id: build_id(&procmaps::map_file_path(self.pid, m))
-                    .or_else(|| build_id(&procmaps::host_path(self.pid, &path))),
+                build_id: std::fs::File::open(procmaps::map_file_path(self.pid, m))
+                    .ok()
+                    .or_else(|| TargetFiles::new(self.pid).open(Path::new(&path)).ok())
+                    .and_then(build_id),
                 python_extension: is_python_extension(&path),
                 start: m.start,
                 end: m.end,
@@ -165,7 +168,7 @@ impl ProcessContext {
 
 /// The GNU build-id note, hex. Only the file's first 64 KiB are read: the note lives in the
 /// first loaded segment, and a shared object can be a gigabyte (libtorch).
-fn build_id(path: &Path) -> Option<String> {
+fn build_id(file: std::fs::File) -> Option<String> {
     use std::io::Read;
 
     use object::{
@@ -174,11 +177,7 @@ fn build_id(path: &Path) -> Option<String> {
         read::elf::{FileHeader, ProgramHeader},
     };
     let mut head = Vec::with_capacity(64 << 10);
-    std::fs::File::open(path)
-        .ok()?
-        .take(64 << 10)
-        .read_to_end(&mut head)
-        .ok()?;
+    file.take(64 << 10).read_to_end(&mut head).ok()?;
     let header = FileHeader64::<Endianness>::parse(&*head).ok()?;
     let endian = header.endian().ok()?;
     for segment in header.program_headers(endian, &*head).ok()? {

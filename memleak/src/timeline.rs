@@ -5,6 +5,7 @@ use std::collections::HashSet;
 
 use crate::{
     model::Snapshot,
+    owners::Findings,
     proc_stats::{self, ProcSample, ProcessContext},
 };
 
@@ -25,6 +26,8 @@ pub struct Timeline {
     pub(crate) samples: Vec<Option<ProcSample>>,
     /// Intervals recorded, including those thinned away.
     intervals: u64,
+    /// What holds the first stacks' memory, read from the target at the end of the run.
+    pub owners: Option<Findings>,
 }
 
 impl Timeline {
@@ -36,6 +39,7 @@ impl Timeline {
             final_state: None,
             samples: Vec::new(),
             intervals: 0,
+            owners: None,
         }
     }
 

@@ -54,9 +54,57 @@ pub fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| !matches!(v.as_str(), "" | "0" | "false"))
 }
 
+/// True when `file` (installed by `cargo xtask test`) is there; otherwise says loudly that
+/// `test` skips, and fails under CI, whose setup must have installed it.
+pub fn installed(test: &str, file: &str) -> bool {
+    if Path::new(file).exists() {
+        return true;
+    }
+    assert!(!in_ci(), "{test}: {file} is missing under CI");
+    skipped(test, &format!("{file} is missing"));
+    false
+}
+
 /// Says loudly that `test` (or a part of it) does not run, and why.
 pub fn skipped(test: &str, why: &str) {
     eprintln!("\n*** SKIPPED ({why}): {test} ***\n");
+}
+
+/// The interpreters to test: pyenv's 3.8 to 3.13 and Debian's static 3.11; `None` where one
+/// is missing (reported loudly and skipped).
+pub fn pythons() -> Vec<(String, Option<PathBuf>)> {
+    let mut all: Vec<_> = ["3.8", "3.9", "3.10", "3.11", "3.12", "3.13"]
+        .into_iter()
+        .map(|v| (v.to_string(), pyenv_python(v)))
+        .collect();
+    let debian = PathBuf::from("/usr/bin/python3.11");
+    all.push((
+        "3.11 Debian, static libpython".to_string(),
+        debian.exists().then_some(debian),
+    ));
+    all
+}
+
+/// Runs `check(label, interpreter)` under every interpreter `pythons` lists but those in
+/// `skip`, a missing one skipped loudly; fails with every interpreter's failure.
+pub fn under_each_python(skip: &[&str], check: impl Fn(&str, &str) -> Result<()>) -> Result<()> {
+    let mut failures = Vec::new();
+    for (label, python) in pythons()
+        .into_iter()
+        .filter(|(l, _)| !skip.contains(&l.as_str()))
+    {
+        let Some(python) = python else {
+            skipped(&format!("Python {label}"), "not installed");
+            continue;
+        };
+        if let Err(e) = check(&label, &python.to_string_lossy()) {
+            failures.push(format!("{e:#}"));
+        }
+    }
+    if !failures.is_empty() {
+        bail!("{}", failures.join("\n\n"));
+    }
+    Ok(())
 }
 
 /// pyenv's CPython `minor` ("3.11"): `<pyenv root>/versions/3.11.*/bin/python3.11`, the newest
@@ -100,18 +148,29 @@ impl Scratch {
     /// Compiles `tests/fixtures/<source>.c` with gcc into `<scratch>/<output>`:
     /// `-O0 -g -fno-omit-frame-pointer -pthread`, then `extra` (which may override them).
     pub fn compile(&self, source: &str, output: &str, extra: &[&str]) -> Result<PathBuf> {
+        self.compile_with("gcc", source, output, extra)
+    }
+
+    /// As [`Scratch::compile`] with another compiler driver (`musl-gcc`).
+    pub fn compile_with(
+        &self,
+        compiler: &str,
+        source: &str,
+        output: &str,
+        extra: &[&str],
+    ) -> Result<PathBuf> {
         let fixtures = workspace_root().join("tests/fixtures");
         let out = self.path(output);
-        let result = Command::new("gcc")
+        let result = Command::new(compiler)
             .args(["-O0", "-g", "-fno-omit-frame-pointer", "-pthread", "-o"])
             .arg(&out)
             .arg(fixtures.join(format!("{source}.c")))
             .args(extra)
             .output()
-            .context("running gcc")?;
+            .with_context(|| format!("running {compiler}"))?;
         if !result.status.success() {
             bail!(
-                "gcc {source}.c failed:\n{}",
+                "{compiler} {source}.c failed:\n{}",
                 String::from_utf8_lossy(&result.stderr)
             );
         }
@@ -164,10 +223,23 @@ impl Running {
         args: &[&str],
         stdin: Option<&str>,
     ) -> Result<Running> {
+        Running::start_with_env(scratch, label, program, args, stdin, &[])
+    }
+
+    /// As [`Running::start`], with `env` (name, value) added to the environment.
+    pub fn start_with_env(
+        scratch: &Scratch,
+        label: &str,
+        program: &Path,
+        args: &[&str],
+        stdin: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> Result<Running> {
         let stdout = scratch.path(&format!("{label}.stdout"));
         let stderr = scratch.path(&format!("{label}.stderr"));
         let mut child = Command::new(program)
             .args(args)
+            .envs(env.iter().copied())
             .stdin(if stdin.is_some() {
                 Stdio::piped()
             } else {
@@ -189,6 +261,23 @@ impl Running {
         })
     }
 
+    /// `python script args…` (output in `python.stdout|.stderr`), once its libc is mapped:
+    /// memleak can then hook it with `-p`.
+    pub fn python(
+        scratch: &Scratch,
+        python: &str,
+        script: &Path,
+        args: &[&Path],
+    ) -> Result<Running> {
+        let mut argv = vec![script.to_str().context("script path")?];
+        for a in args {
+            argv.push(a.to_str().context("argument path")?);
+        }
+        let target = Running::start(scratch, "python", Path::new(python), &argv, None)?;
+        target.wait_for_mapping("libc.so", Duration::from_secs(120))?;
+        Ok(target)
+    }
+
     /// memleak with `args`.
     pub fn memleak(scratch: &Scratch, args: &[&str], stdin: Option<&str>) -> Result<Running> {
         Running::start(scratch, "memleak", &memleak_bin(), args, stdin)
@@ -201,18 +290,7 @@ impl Running {
     /// Waits until the process maps an object whose path contains `name` (a `-p` target must
     /// have its libc mapped before memleak can find the allocator in it).
     pub fn wait_for_mapping(&self, name: &str, timeout: Duration) -> Result<()> {
-        let maps = format!("/proc/{}/maps", self.pid());
-        let start = Instant::now();
-        while !std::fs::read_to_string(&maps)
-            .unwrap_or_default()
-            .contains(name)
-        {
-            if start.elapsed() > timeout {
-                bail!("pid {} did not map {name} within {timeout:?}", self.pid());
-            }
-            sleep(Duration::from_millis(5));
-        }
-        Ok(())
+        wait_for_mapping(self.pid(), name, timeout)
     }
 
     pub fn signal(&self, signal: i32) {
@@ -551,4 +629,63 @@ pub fn expect_success(run: &Finished) -> Result<()> {
         bail!("memleak did not exit 0\n{}", run.transcript());
     }
     Ok(())
+}
+
+/// Waits until process `pid` maps an object whose path contains `name`.
+pub fn wait_for_mapping(pid: u32, name: &str, timeout: Duration) -> Result<()> {
+    let maps = format!("/proc/{pid}/maps");
+    let start = Instant::now();
+    while !std::fs::read_to_string(&maps)
+        .unwrap_or_default()
+        .contains(name)
+    {
+        if start.elapsed() > timeout {
+            bail!("pid {pid} did not map {name} within {timeout:?}");
+        }
+        sleep(Duration::from_millis(5));
+    }
+    Ok(())
+}
+
+/// Whether `tool` is on PATH (a test that needs it says SKIPPED without it).
+pub fn on_path(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// The PID of the descendant of `ancestor` whose executable path ends with `exe` (`unshare`
+/// forks, then `chroot` or `setpriv` execs the fixture).
+pub fn descendant_running(ancestor: u32, exe: &str, timeout: Duration) -> Result<u32> {
+    let start = Instant::now();
+    loop {
+        let mut pending = vec![ancestor];
+        while let Some(pid) = pending.pop() {
+            let path = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
+            if path.ends_with(exe) {
+                return Ok(pid);
+            }
+            pending.extend(children(pid));
+        }
+        if start.elapsed() > timeout {
+            bail!("no process running {exe} under pid {ancestor} within {timeout:?}");
+        }
+        sleep(Duration::from_millis(5));
+    }
+}
+
+fn children(pid: u32) -> Vec<u32> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten();
+    tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+        .flat_map(|list| {
+            list.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<_>>()
+        })
+        .collect()
 }

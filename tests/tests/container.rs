@@ -5,14 +5,13 @@
 use std::{
     path::{Path, PathBuf},
     process::Command,
-    thread::sleep,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail, ensure};
 use memleak_tests::{
-    Ledger, Report, Running, Scratch, can_trace, check_against_ledger, expect_success, skipped,
-    wait_for_file,
+    Ledger, Report, Running, Scratch, can_trace, check_against_ledger, descendant_running,
+    expect_success, on_path, skipped, wait_for_file, wait_for_mapping,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -63,8 +62,8 @@ fn attach_by_host_pid_to_a_chrooted_namespaced_target() -> Result<()> {
         ],
         None,
     )?;
-    let pid = find_fixture(container.pid(), Duration::from_secs(10))?;
-    wait_for_libc(pid, Duration::from_secs(10))?;
+    let pid = descendant_running(container.pid(), APP, Duration::from_secs(10))?;
+    wait_for_mapping(pid, "libc.so", Duration::from_secs(10))?;
 
     let out = scratch.path("report.json");
     let pid_arg = pid.to_string();
@@ -103,13 +102,6 @@ fn attach_by_host_pid_to_a_chrooted_namespaced_target() -> Result<()> {
     check_against_ledger(report.final_snapshot(), &ledger, "leaks.c", |_| true)
 }
 
-fn on_path(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
 /// A root filesystem holding only the fixture at /APP and the libraries `ldd` says it loads,
 /// each at its own absolute path (libc and the dynamic loader).
 fn build_root(root: &Path, fixture: &Path) -> Result<()> {
@@ -144,54 +136,4 @@ fn libraries(ldd: &str) -> Vec<PathBuf> {
             path.starts_with('/').then(|| PathBuf::from(path))
         })
         .collect()
-}
-
-/// The host PID of the fixture: the descendant of `unshare` whose executable is .../APP
-/// (unshare forks, and chroot then execs the fixture).
-fn find_fixture(unshare: u32, timeout: Duration) -> Result<u32> {
-    let start = Instant::now();
-    loop {
-        let mut pending = vec![unshare];
-        while let Some(pid) = pending.pop() {
-            let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
-            if exe.ends_with(APP) {
-                return Ok(pid);
-            }
-            pending.extend(children(pid));
-        }
-        if start.elapsed() > timeout {
-            bail!("no process running /{APP} under unshare (pid {unshare}) within {timeout:?}");
-        }
-        sleep(Duration::from_millis(5));
-    }
-}
-
-fn children(pid: u32) -> Vec<u32> {
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .into_iter()
-        .flatten();
-    tasks
-        .flatten()
-        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
-        .flat_map(|list| {
-            list.split_whitespace()
-                .filter_map(|p| p.parse().ok())
-                .collect::<Vec<_>>()
-        })
-        .collect()
-}
-
-/// A `-p` target must have its libc mapped before memleak can find the allocator in it.
-fn wait_for_libc(pid: u32, timeout: Duration) -> Result<()> {
-    let start = Instant::now();
-    while !std::fs::read_to_string(format!("/proc/{pid}/maps"))
-        .unwrap_or_default()
-        .contains("libc.so")
-    {
-        if start.elapsed() > timeout {
-            bail!("pid {pid} did not map libc within {timeout:?}");
-        }
-        sleep(Duration::from_millis(5));
-    }
-    Ok(())
 }

@@ -1,5 +1,5 @@
-//! `-O LIB --symbols-prefix my_`: a custom allocator in its own library is traced instead of
-//! libc's malloc; libc's mmap still is.
+//! `-O LIB --symbols-prefix my_`: a custom allocator in its own library is traced beside the
+//! malloc family the process binds (libc's), never instead of it.
 
 use std::time::Duration;
 

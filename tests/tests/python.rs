@@ -3,35 +3,16 @@
 //! extension compiled against the interpreter's headers, ctypes calling libc malloc) and
 //! churns without leaking; memleak must name the Python function and line of each.
 
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-    time::Duration,
-};
+use std::{path::Path, process::Command, time::Duration};
 
 use anyhow::{Context, Result, bail, ensure};
 use memleak_tests::{
     Report, Running, Scratch, basename, can_trace, describe_stack, expect_success, frames,
-    pyenv_python, skipped, stacks, wait_for_file, wait_for_text,
+    installed, pyenv_python, pythons, skipped, stacks, wait_for_file, wait_for_text,
 };
 use serde_json::Value;
 
 const TIMEOUT: Duration = Duration::from_secs(120);
-
-/// The interpreters to test: pyenv's 3.8 to 3.13 and Debian's static 3.11; `None` where one
-/// is missing (reported loudly and skipped).
-fn pythons() -> Vec<(String, Option<PathBuf>)> {
-    let mut all: Vec<_> = ["3.8", "3.9", "3.10", "3.11", "3.12", "3.13"]
-        .into_iter()
-        .map(|v| (v.to_string(), pyenv_python(v)))
-        .collect();
-    let debian = PathBuf::from("/usr/bin/python3.11");
-    all.push((
-        "3.11 Debian, static libpython".to_string(),
-        debian.exists().then_some(debian),
-    ));
-    all
-}
 
 /// The workload. Line numbers matter: the test asserts them (see `LEAKS`).
 const SCRIPT: &str = r#"import ctypes, os, sys, threading, time
@@ -154,8 +135,9 @@ fn python_frames(stack: &Value) -> Vec<(&str, &str, u64)> {
         .collect()
 }
 
-/// Traces the workload under one interpreter and checks every leak and the churn.
-fn check(label: &str, python: &str) -> Result<()> {
+/// Traces the workload under one interpreter, started with `env` added, and checks every
+/// leak and the churn.
+fn check(label: &str, python: &str, env: &[(&str, &str)]) -> Result<()> {
     let scratch = Scratch::new("python")?;
     let dir = scratch.path("");
     build_extension(python, &dir)?;
@@ -165,7 +147,7 @@ fn check(label: &str, python: &str) -> Result<()> {
     let (go, done) = (scratch.path("go"), scratch.path("done"));
     // Attached to a running interpreter: it reads the code objects of every stack while the
     // target lives. The extension is found next to the script (sys.path[0]).
-    let target = Running::start(
+    let target = Running::start_with_env(
         &scratch,
         "python",
         Path::new(python),
@@ -175,6 +157,7 @@ fn check(label: &str, python: &str) -> Result<()> {
             done.to_str().unwrap(),
         ],
         None,
+        env,
     )?;
     // memleak hooks the libc the process has mapped: not before the loader has mapped it.
     target.wait_for_mapping("libc.so", TIMEOUT)?;
@@ -265,10 +248,30 @@ fn python_leaks_at_their_lines() -> Result<()> {
             skipped(&format!("Python {label}"), "not installed");
             continue;
         };
-        if let Err(e) = check(&label, &python.to_string_lossy()) {
+        if let Err(e) = check(&label, &python.to_string_lossy(), &[]) {
             failures.push(format!("{e:#}"));
         }
     }
     ensure!(failures.is_empty(), "{}", failures.join("\n\n"));
     Ok(())
+}
+
+/// A common fix for fragmentation: CPython run on jemalloc. Its malloc family is hooked in
+/// jemalloc with no flag, and every leak is still named at its Python line.
+#[test]
+fn python_on_preloaded_jemalloc() -> Result<()> {
+    const JEMALLOC: &str = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2";
+    let test = "python_on_preloaded_jemalloc";
+    if !can_trace(test) || !installed(test, JEMALLOC) {
+        return Ok(());
+    }
+    let Some(python) = pyenv_python("3.12") else {
+        skipped(test, "no pyenv Python 3.12");
+        return Ok(());
+    };
+    check(
+        "3.12 on jemalloc",
+        &python.to_string_lossy(),
+        &[("LD_PRELOAD", JEMALLOC)],
+    )
 }

@@ -132,8 +132,18 @@ fn demo() -> Result<()> {
 
 /// Debian packages some tests need: dwz (the symbolizer's dwz test), libc6-dbg (debug files
 /// found by build-id), chromium (the HTML report is loaded in it), prometheus and golang-go
-/// (they scrape `--listen`'s pages). Without them those tests skip, loudly.
-const TEST_PACKAGES: [&str; 5] = ["dwz", "libc6-dbg", "chromium", "prometheus", "golang-go"];
+/// (they scrape `--listen`'s pages), jemalloc, tcmalloc and musl (the allocator tests).
+/// Without them those tests skip, loudly (the allocator tests fail under CI).
+const TEST_PACKAGES: [&str; 8] = [
+    "dwz",
+    "libc6-dbg",
+    "chromium",
+    "prometheus",
+    "golang-go",
+    "libjemalloc2",
+    "libtcmalloc-minimal4",
+    "musl-tools",
+];
 
 fn test(extra: &[String]) -> Result<()> {
     if let Err(e) = setup::ensure_debian_packages(&TEST_PACKAGES) {

@@ -6,12 +6,12 @@
 
 mod btf;
 mod classify;
-mod layout;
+pub(crate) mod layout;
 pub mod linetable;
 mod memory;
 mod splice;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 mod threads;
 
 use std::collections::{HashMap, HashSet};
@@ -29,6 +29,7 @@ use memleak_common::{
 use object::{Object, ObjectSegment, ObjectSymbol};
 
 use crate::procmaps::{self, Mapping};
+use crate::target_files::{MAX_OBJECT_FILE, TargetFiles};
 pub use classify::classify;
 pub use layout::Version;
 use layout::{BYTES_DATA, BYTES_SIZE, Layout, OB_TYPE, UNICODE_LENGTH, UNICODE_STATE};
@@ -123,9 +124,12 @@ impl PythonRuntime {
         let maps = procmaps::read(pid)?;
         let exe = executable(pid)?;
         for (path, first) in interpreter_candidates(&maps, &exe) {
-            let data = std::fs::read(procmaps::map_file_path(pid, first))
-                .or_else(|_| std::fs::read(procmaps::host_path(pid, path)))
-                .with_context(|| format!("reading {path}"))?;
+            let data = match std::fs::read(procmaps::map_file_path(pid, first)) {
+                Ok(data) => data,
+                Err(_) => TargetFiles::new(pid)
+                    .read(Path::new(path), MAX_OBJECT_FILE, b"\x7fELF")
+                    .map_err(|why| anyhow::anyhow!("reading {path}: {why}"))?,
+            };
             let file = object::File::parse(&*data).with_context(|| format!("parsing {path}"))?;
             let symbols = Symbols::of(&file);
             let Some(runtime) = symbols.runtime else {
@@ -196,9 +200,15 @@ impl PythonRuntime {
         runtime_addr: u64,
         code_type: u64,
     ) -> Result<Self> {
-        let layout = Layout::for_version(version).with_context(|| {
+        let mut layout = Layout::for_version(version).with_context(|| {
             format!("{path}: Python {version} is not supported (3.8 to 3.13 are)")
         })?;
+        if version.minor >= 13 {
+            let raw = memory.read_vec(runtime_addr, layout::DEBUG_OFFSETS_LEN)?;
+            layout = layout
+                .published(version, &raw)
+                .with_context(|| format!("{path}: Python {version}"))?;
+        }
         Ok(PythonRuntime {
             version,
             interpreter_path: path.to_string(),
@@ -359,35 +369,12 @@ impl PythonRuntime {
 
     /// A compact `str` object's text (code objects hold only compact ones).
     fn string(&self, addr: u64) -> Result<String> {
-        let length = self.memory.u64(addr.wrapping_add(UNICODE_LENGTH))? as usize;
-        let state = self.memory.u32(addr.wrapping_add(UNICODE_STATE))?;
-        let kind = (state >> 2) & 7;
-        let compact = state & (1 << 5) != 0;
-        let ascii = state & (1 << 6) != 0;
-        if !compact || length > 1 << 16 {
-            bail!("str at {addr:#x} is not a compact string");
-        }
-        let data = if ascii {
-            self.layout.ascii_data
-        } else {
-            self.layout.compact_data
-        };
-        let width = if ascii { 1 } else { kind as usize };
-        if !matches!(width, 1 | 2 | 4) {
-            bail!("str at {addr:#x} has character width {width}");
-        }
-        let raw = self
-            .memory
-            .read_vec(addr.wrapping_add(data), length * width)?;
-        let text = raw
-            .chunks_exact(width)
-            .map(|c| {
-                let mut b = [0u8; 4];
-                b[..width].copy_from_slice(c);
-                char::from_u32(u32::from_le_bytes(b)).unwrap_or(char::REPLACEMENT_CHARACTER)
-            })
-            .collect();
-        Ok(text)
+        read_str(&|at, buf| self.memory.read(at, buf), &self.layout, addr)
+    }
+
+    /// What the owner walk reads through: the target's memory, its layout, `_PyRuntime`.
+    pub(crate) fn parts(&self) -> (&Memory, &Layout, u64) {
+        (&self.memory, &self.layout, self.runtime_addr)
     }
 
     /// A `bytes` object's content.
@@ -399,6 +386,47 @@ impl PythonRuntime {
         self.memory
             .read_vec(addr.wrapping_add(BYTES_DATA), size as usize)
     }
+}
+
+/// A compact `str` object's text, read with `read` (the target's memory, or a copy of it).
+pub(crate) fn read_str(
+    read: &dyn Fn(u64, &mut [u8]) -> Result<()>,
+    layout: &Layout,
+    addr: u64,
+) -> Result<String> {
+    let (mut length, mut state) = ([0u8; 8], [0u8; 4]);
+    read(addr.wrapping_add(UNICODE_LENGTH), &mut length)?;
+    read(addr.wrapping_add(UNICODE_STATE), &mut state)?;
+    let (length, state) = (
+        u64::from_le_bytes(length) as usize,
+        u32::from_le_bytes(state),
+    );
+    let kind = (state >> 2) & 7;
+    let compact = state & (1 << 5) != 0;
+    let ascii = state & (1 << 6) != 0;
+    if !compact || length > 1 << 16 {
+        bail!("str at {addr:#x} is not a compact string");
+    }
+    let data = if ascii {
+        layout.ascii_data
+    } else {
+        layout.compact_data
+    };
+    let width = if ascii { 1 } else { kind as usize };
+    if !matches!(width, 1 | 2 | 4) {
+        bail!("str at {addr:#x} has character width {width}");
+    }
+    let mut raw = vec![0; length * width];
+    read(addr.wrapping_add(data), &mut raw)?;
+    let text = raw
+        .chunks_exact(width)
+        .map(|c| {
+            let mut b = [0u8; 4];
+            b[..width].copy_from_slice(c);
+            char::from_u32(u32::from_le_bytes(b)).unwrap_or(char::REPLACEMENT_CHARACTER)
+        })
+        .collect();
+    Ok(text)
 }
 
 impl Symbols {

@@ -12,7 +12,7 @@ use crate::model::{Class, Frame, FrameKind};
 
 /// The interpreters to test with: pyenv's 3.8 to 3.13 and Debian's static 3.11; a missing one
 /// is reported loudly and skipped.
-fn interpreters() -> Vec<(&'static str, String)> {
+pub(crate) fn interpreters() -> Vec<(&'static str, String)> {
     let debian = PathBuf::from("/usr/bin/python3.11");
     let all = ["3.8", "3.9", "3.10", "3.11", "3.12", "3.13"]
         .into_iter()
@@ -28,18 +28,21 @@ fn interpreters() -> Vec<(&'static str, String)> {
 }
 
 /// A running interpreter that printed its `ready` lines and waits on stdin; killed on drop.
-struct Fixture {
+pub(crate) struct Fixture {
     child: Child,
     stdin: ChildStdin,
     /// Words after `ready` on each line the script printed before blocking.
-    ready: Vec<Vec<String>>,
+    pub ready: Vec<Vec<String>>,
 }
 
 impl Fixture {
-    fn start(python: &str, script: &str, ready_lines: usize) -> Fixture {
+    pub fn start(python: &str, script: &str, ready_lines: usize) -> Fixture {
         let dir = std::env::temp_dir().join(format!("memleak-python-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join(format!("fixture_{ready_lines}.py"));
+        // One file per fixture: tests run side by side in this process.
+        static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = dir.join(format!("fixture_{n}.py"));
         std::fs::write(&path, script).unwrap();
         let mut child = Command::new(python)
             .arg(&path)
@@ -68,7 +71,7 @@ impl Fixture {
         }
     }
 
-    fn pid(&self) -> u32 {
+    pub fn pid(&self) -> u32 {
         self.child.id()
     }
 }
@@ -206,7 +209,7 @@ fn walks_threads_and_frames_with_exact_lines() {
         assert_eq!(got[at].1, Some(20), "{label}: worker thread {got:?}");
         assert_eq!(names[at + 1], run, "{label}: worker thread {got:?}");
         let ours = rt.resolve(frames[at]).unwrap().file;
-        assert!(ours.ends_with("fixture_2.py"), "{label}: {ours}");
+        assert!(ours.contains("/fixture_"), "{label}: {ours}");
         let stdlib = rt.resolve(frames[0]).unwrap().file;
         assert_eq!(stdlib, format!("{}threading.py", rt.stdlib_dir), "{label}");
         eprintln!(
@@ -448,4 +451,28 @@ fn thread_states_of_corrupt_memory_end() {
     memory[40..48].copy_from_slice(&0x100u64.to_le_bytes());
     memory[0x100..0x108].copy_from_slice(&0x100u64.to_le_bytes());
     assert_eq!(runtime(memory, 0).thread_states().unwrap(), vec![]);
+}
+
+#[test]
+fn published_offsets_agree_with_the_table() {
+    for (label, python) in interpreters() {
+        let fixture = Fixture::start(&python, CALL_CHAIN, 2);
+        let rt = PythonRuntime::detect(fixture.pid()).unwrap().unwrap();
+        if rt.version.minor < 13 {
+            continue;
+        }
+        let (memory, layout, runtime) = rt.parts();
+        let table = Layout::for_version(rt.version).unwrap();
+        assert_eq!(
+            *layout, table,
+            "Python {label}: _Py_DebugOffsets vs the table"
+        );
+        let mut raw = memory.read_vec(runtime, layout::DEBUG_OFFSETS_LEN).unwrap();
+        // An offset outside its struct (the interpreter state's `gc`) is refused.
+        raw[10 * 8..11 * 8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        assert!(table.published(rt.version, &raw).is_err());
+        raw[..8].copy_from_slice(b"notdebug");
+        assert!(table.published(rt.version, &raw).is_err());
+        eprintln!("Python {label}: the published offsets are the table's");
+    }
 }

@@ -40,6 +40,10 @@ impl PythonTracking {
     }
 
     /// The interpreter, once found.
+    pub fn runtime(&self) -> Option<&PythonRuntime> {
+        self.runtime.as_ref()
+    }
+
     pub fn runtime_mut(&mut self) -> Option<&mut PythonRuntime> {
         self.runtime.as_mut()
     }

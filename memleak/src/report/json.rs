@@ -11,6 +11,7 @@ use serde_json::{Value, json};
 use crate::{
     analysis::{self, Analysis, classes},
     model::{Snapshot, StackUsage},
+    owners::Findings,
     proc_stats::ProcessContext,
     stacks::StackTable,
 };
@@ -32,6 +33,9 @@ struct Document<'a> {
     timeline: &'a [analysis::Point],
     stacks: &'a [analysis::StackTrend<'a>],
     classes: &'a [analysis::ClassBytes],
+    /// What holds the first stacks' memory, read from the live target at the end.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    owners: Option<&'a Findings>,
 }
 
 /// The classification thresholds in force, so a reader knows what "growing" meant.
@@ -77,6 +81,7 @@ pub fn to_value(a: &Analysis) -> Value {
         timeline: &a.points,
         stacks: &a.stacks,
         classes: &a.classes,
+        owners: t.owners.as_ref(),
     };
     serde_json::to_value(doc).expect("the document has only string keys and finite numbers")
 }
@@ -137,8 +142,10 @@ mod tests {
         let mut t = timeline(&[leak(1), cache(2), churn(3)], 2.0, 12);
         t.set_class(2, Class::CpythonInternal);
         t.timeline.context.cmdline = vec!["./leaker".into(), "12".into()];
+        t.timeline.owners = Some(crate::report::summary::tests::owners_of(1));
         let doc = to_value(&t.analyze());
         validate(&doc);
+        assert_eq!(doc["owners"]["owners"][0]["root"], "module-global");
         assert_eq!(doc["schema"], "memleak/1");
         assert_eq!(doc["snapshots"].as_array().unwrap().len(), 12);
         assert_eq!(

@@ -7,6 +7,7 @@ use std::fmt::Write;
 use crate::{
     analysis::{Analysis, MIN_POINTS, Point, StackTrend, Trend, verdict},
     model::Measure,
+    owners::{Findings, Owner, Scan},
     proc_stats::ProcessContext,
     report::format::{bytes, clip, duration, frame_label, plural, rate, signed_bytes},
 };
@@ -14,6 +15,8 @@ use crate::{
 /// Stacks shown with their frames; then up to MORE_STACKS more, a few lines each.
 const TOP_STACKS: usize = 3;
 const MORE_STACKS: usize = 12;
+/// Owners shown per stack.
+const OWNERS_SHOWN: usize = 3;
 /// Frames shown per stack: a window starting just inside the deciding frame.
 const MAX_FRAMES: usize = 6;
 /// Timeline rows shown; longer runs are thinned evenly (the first and last rows stay).
@@ -37,6 +40,9 @@ pub fn render(a: &Analysis) -> String {
     counts(&mut out, a);
     lost(&mut out, a);
     stacks(&mut out, a, measure.unit());
+    if let Some(found) = &a.timeline.owners {
+        scan(&mut out, &found.scan);
+    }
     table(&mut out, a, measure.held());
     classes(&mut out, a);
     out
@@ -61,14 +67,22 @@ fn headline(out: &mut String, a: &Analysis, held: &str) {
             bytes(outstanding)
         )
     } else if v.leaking {
+        // The owner of the fastest growing stack's memory, when the walk found one.
+        let growing = a.stacks.iter().find(|s| s.trend == Trend::Growing);
+        let owner = a.timeline.owners.as_ref().zip(growing);
+        let owner = owner.and_then(|(f, s)| f.of(s.stack_id).next());
         writeln!(
             out,
-            "VERDICT: LEAKING {}/min in {} growing stack{} ({} {held} after {})",
+            "VERDICT: LEAKING {}/min in {} growing stack{} ({} {held} after {}){}",
             signed_bytes(v.leak_rate_bytes_per_min),
             v.growing_stacks,
             plural(v.growing_stacks),
             bytes(outstanding),
-            duration(elapsed)
+            duration(elapsed),
+            owner.map_or(String::new(), |o| {
+                let held = format!("held by {}", owner_label(o));
+                format!(",\n         {}", clip(&held, MAX_WIDTH - 9))
+            })
         )
     } else {
         writeln!(
@@ -163,6 +177,7 @@ fn lost(out: &mut String, a: &Analysis) {
         .flatten()
         .filter(|(_, n)| n.as_u64().is_some_and(|n| n > 0))
         .map(|(name, n)| format!("{name} {n}"))
+        .chain(lost.unhooked.iter().map(|f| format!("not hooked: {f}")))
         .collect();
     let _ = writeln!(
         out,
@@ -197,6 +212,7 @@ fn stacks(out: &mut String, a: &Analysis, unit: &str) {
     let _ = writeln!(out, "\n{title} ({listed} of {}):", shown.len());
     for (i, s) in shown.iter().take(listed).enumerate() {
         stack(out, i, s, unit);
+        owners(out, a.timeline.owners.as_ref(), s.stack_id);
     }
     if listed < shown.len() {
         let rest = &shown[listed..];
@@ -242,6 +258,45 @@ fn stack(out: &mut String, i: usize, s: &StackTrend, unit: &str) {
     }
     if i < TOP_STACKS {
         frames(out, s);
+    }
+}
+
+/// What holds a stack's memory, and the fix, when the owner walk found it.
+fn owners(out: &mut String, owners: Option<&Findings>, stack_id: i64) {
+    for o in owners
+        .into_iter()
+        .flat_map(|f| f.of(stack_id))
+        .take(OWNERS_SHOWN)
+    {
+        let _ = writeln!(out, "    held: {}", clip(&owner_label(o), MAX_WIDTH - 10));
+        if let Some(advice) = &o.advice {
+            let _ = writeln!(out, "    fix:  {}", clip(advice, MAX_WIDTH - 10));
+        }
+    }
+}
+
+/// "59 × bytearray (1.0 MiB each) in list `_leak_store` of module `__main__`".
+pub fn owner_label(o: &Owner) -> String {
+    let each = bytes(o.bytes / o.count.max(1));
+    format!("{} × {} ({each} each) {}", o.count, o.type_name, o.held_by)
+}
+
+/// How much the owner walk read of the live process, and what it left out.
+fn scan(out: &mut String, s: &Scan) {
+    let _ = writeln!(
+        out,
+        "  owners: read from the live process, {} objects ({} GC-tracked) in {} ms \
+         ({} ms CPU)\n    {} of {} blocks found held by an object{}",
+        s.objects_read,
+        s.gc_objects,
+        s.elapsed_ms,
+        s.cpu_ms,
+        s.blocks_owned,
+        s.blocks,
+        if s.complete { "" } else { "; incomplete" }
+    );
+    for skipped in &s.skipped {
+        let _ = writeln!(out, "    skipped: {skipped}");
     }
 }
 
@@ -366,9 +421,58 @@ fn process_line(ctx: &ProcessContext) -> Option<String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub mod tests {
     use super::*;
     use crate::analysis::tests::{cache, churn, held, leak, timeline};
+    use crate::owners::Root;
+
+    /// What the owner walk finds for the user's service: the leak's bytearrays in a module list.
+    pub fn owners_of(stack_id: i64) -> Findings {
+        Findings {
+            owners: vec![Owner {
+                stack_id,
+                type_name: "bytearray".into(),
+                count: 59,
+                bytes: 59 << 20,
+                held_by: "in list `_leak_store` of module `__main__`".into(),
+                root: Root::ModuleGlobal,
+                advice: Some(
+                    "unbounded module-level list `_leak_store`: bound it or evict old entries"
+                        .into(),
+                ),
+            }],
+            scan: Scan {
+                gc_objects: 1000,
+                objects_read: 1200,
+                blocks: 59,
+                blocks_owned: 59,
+                complete: true,
+                ..Default::default()
+            },
+        }
+    }
+
+    #[test]
+    fn verdict_and_stack_name_the_owner_and_the_fix() {
+        let mut t = timeline(&[churn(3), leak(1)], 5.0, 25);
+        t.timeline.owners = Some(owners_of(1));
+        let text = render(&t.analyze());
+        let second = text.lines().nth(1).unwrap();
+        assert_eq!(
+            second.trim(),
+            "held by 59 × bytearray (1.0 MiB each) in list `_leak_store` of module `__main__`",
+            "{text}"
+        );
+        assert!(
+            text.contains("    fix:  unbounded module-level list `_leak_store`: bound it"),
+            "{text}"
+        );
+        assert!(
+            text.contains("owners: read from the live process, 1200 objects"),
+            "{text}"
+        );
+        assert!(text.lines().all(|l| l.chars().count() <= 100), "{text}");
+    }
 
     #[test]
     fn leak_report_leads_with_the_verdict_and_the_line() {

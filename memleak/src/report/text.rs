@@ -127,6 +127,9 @@ fn lost_line(l: &Lost) -> String {
     .iter()
     .filter(|(n, _)| *n > 0)
     .map(|(n, what)| format!("{n} {what}"))
+    .chain(
+        (!l.unhooked.is_empty()).then(|| format!("calls to {} not hooked", l.unhooked.join(", "))),
+    )
     .collect();
     format!("lost: {} (results are partial)", parts.join(", "))
 }

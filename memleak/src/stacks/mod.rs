@@ -10,10 +10,8 @@ use serde::Serialize;
 
 pub use attribution::{Attribution, attribute};
 
-use crate::{
-    model::{Class, Frame},
-    procmaps,
-};
+use crate::model::{Class, Frame};
+use memleak::target_files::{TargetFiles, Withheld};
 
 /// What the table knows of one stack. Its frames are as last symbolized.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -27,7 +25,8 @@ pub struct StackInfo {
     pub class: Option<Class>,
     /// Index in `frames` of the frame that explains the stack (see `attribute`).
     pub deciding_frame: Option<usize>,
-    /// That frame's source line, read from the target's own file; `None`: not readable.
+    /// That frame's source line, read from the target's own file as the target could, or
+    /// `[source withheld: why]`; `None`: no such file or line.
     pub deciding_source: Option<String>,
     /// The source line was looked for (found or not): it is read once.
     #[serde(skip)]
@@ -99,6 +98,7 @@ impl StackTable {
     /// Reads the deciding source line of each of `ids` not read yet, through the target's
     /// root while it runs (its files may be gone, or out of reach, once it exits).
     pub fn read_sources(&mut self, pid: u32, ids: impl Iterator<Item = i64>) {
+        let files = TargetFiles::new(pid);
         for id in ids {
             let Some(info) = self.stacks.get_mut(&id) else {
                 continue;
@@ -108,19 +108,27 @@ impl StackTable {
             }
             let Some(f) = info.deciding() else { continue };
             if let (Some(file), Some(line)) = (&f.file, f.line) {
-                info.deciding_source = read_source_line(pid, file, line);
+                info.deciding_source = read_source_line(&files, file, line);
             }
         }
     }
 }
 
-/// Line `line` (1-based) of the target's `file`, read through `/proc/PID/root`; `None` for a
-/// relative path, a missing file or a line past its end (no guessing).
-pub fn read_source_line(pid: u32, file: &str, line: u32) -> Option<String> {
+/// Larger than any source file (the SQLite amalgamation is 9 MB).
+const MAX_SOURCE_FILE: u64 = 16 << 20;
+
+/// Line `line` (1-based) of the target's `file`, read as the target could; `None` for a
+/// relative path, a missing file or a line past its end (no guessing). A file the policy
+/// withholds gives `[source withheld: why]` instead of its line.
+pub fn read_source_line(files: &TargetFiles, file: &str, line: u32) -> Option<String> {
     if !file.starts_with('/') || line == 0 {
         return None;
     }
-    let text = std::fs::read(procmaps::host_path(pid, file)).ok()?;
+    let text = match files.read(std::path::Path::new(file), MAX_SOURCE_FILE, b"") {
+        Ok(text) => text,
+        Err(Withheld::Missing | Withheld::TargetGone) => return None,
+        Err(why) => return Some(format!("[source withheld: {why}]")),
+    };
     let text = String::from_utf8_lossy(&text);
     text.lines()
         .nth(line as usize - 1)
@@ -138,14 +146,19 @@ mod tests {
         let file = dir.join("app.c");
         std::fs::write(&file, "int x;\n    p = malloc(4096);  \n").unwrap();
         let path = file.to_str().unwrap();
-        let me = std::process::id();
+        let me = TargetFiles::new(std::process::id());
         assert_eq!(
-            read_source_line(me, path, 2).as_deref(),
+            read_source_line(&me, path, 2).as_deref(),
             Some("p = malloc(4096);")
         );
-        assert_eq!(read_source_line(me, path, 3), None);
-        assert_eq!(read_source_line(me, "app.c", 1), None);
-        assert_eq!(read_source_line(u32::MAX, path, 1), None, "no such process");
+        assert_eq!(read_source_line(&me, path, 3), None);
+        assert_eq!(read_source_line(&me, "app.c", 1), None);
+        let gone = TargetFiles::new(u32::MAX);
+        assert_eq!(read_source_line(&gone, path, 1), None, "no such process");
+        assert_eq!(
+            read_source_line(&me, dir.to_str().unwrap(), 1).as_deref(),
+            Some("[source withheld: not a regular file]")
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -3,20 +3,27 @@
 //! places GDB looks); `dwz` moves DWARF shared by several binaries into a supplementary
 //! file named by `.gnu_debugaltlink`.
 
-use std::fs::File;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use object::{Object, ObjectSection};
 
-use crate::procmaps;
+use crate::target_files::{MAX_OBJECT_FILE, TargetFiles};
 
-/// Looks files up as the target sees them: in its root first (containers), then in ours.
+/// Looks files up as the target sees them: in its root first (containers), then in ours;
+/// in both, only what the target's user could read.
 pub struct Finder {
-    pub pid: u32,
+    pub target: TargetFiles,
+    host: TargetFiles,
 }
 
 impl Finder {
+    pub fn new(pid: u32) -> Finder {
+        Finder {
+            target: TargetFiles::new(pid),
+            host: TargetFiles::host_of(pid),
+        }
+    }
+
     /// The debug file that belongs to `obj` (verified by build-id, or by the debuglink CRC
     /// when the binary has no build-id), with its path; `target_path`: the binary's path.
     pub fn debug_file(
@@ -54,14 +61,11 @@ impl Finder {
         check: impl Fn(&[u8]) -> bool,
     ) -> Option<(Vec<u8>, PathBuf)> {
         candidates.into_iter().find_map(|c| {
-            [
-                procmaps::host_path(self.pid, &c.to_string_lossy()),
-                c.clone(),
-            ]
-            .into_iter()
-            .filter_map(|path| read_regular(&path))
-            .find(|data| check(data))
-            .map(|data| (data, c))
+            [&self.target, &self.host]
+                .into_iter()
+                .filter_map(|files| files.read(&c, MAX_OBJECT_FILE, b"\x7fELF").ok())
+                .find(|data| check(data))
+                .map(|data| (data, c))
         })
     }
 }
@@ -113,24 +117,4 @@ fn belongs(data: &[u8], build_id: Option<&[u8]>, crc: Option<u32>) -> bool {
         (None, None) => false,
     };
     useful && matches
-}
-
-/// Larger than any debug file; `/proc/kcore` claims terabytes.
-const MAX_DEBUG_FILE: u64 = 8 << 30;
-
-/// A candidate's content, only if it is a regular file of a plausible size: its name comes
-/// from the binary, and a link naming a FIFO (whose open blocks), `/dev/zero`, or a `/proc`
-/// file (size 0, endless content) must not stall memleak. Reads at most the size it reports.
-fn read_regular(path: &Path) -> Option<Vec<u8>> {
-    let size = std::fs::metadata(path)
-        .ok()
-        .filter(|m| m.is_file() && (1..=MAX_DEBUG_FILE).contains(&m.len()))?
-        .len();
-    let mut data = Vec::new();
-    File::open(path)
-        .ok()?
-        .take(size)
-        .read_to_end(&mut data)
-        .ok()?;
-    Some(data)
 }

@@ -33,6 +33,8 @@ pub struct Symbolizer {
     by_build_id: HashMap<Vec<u8>, usize>,
     /// Addresses outside every mapping even after re-reading the maps: not worth another read.
     missed: HashSet<u64>,
+    /// Where the files named by the target's maps and objects are looked up.
+    finder: debug_file::Finder,
 }
 
 /// One executable mapping, reduced to what turns an address into a file offset.
@@ -75,6 +77,7 @@ impl Symbolizer {
             sources: Vec::new(),
             by_build_id: HashMap::new(),
             missed: HashSet::new(),
+            finder: debug_file::Finder::new(pid),
         }
     }
 
@@ -83,6 +86,7 @@ impl Symbolizer {
     /// input through it; separate debug files are still looked up on this system.
     pub fn of_image(module: &str, image: Vec<u8>) -> Symbolizer {
         let mut symbolizer = Symbolizer::new(0);
+        symbolizer.finder = debug_file::Finder::new(std::process::id());
         symbolizer.files.push(MappedFile {
             module: module.to_string(),
             object: Object::Image(image),
@@ -216,16 +220,18 @@ impl Symbolizer {
     }
 
     /// Opens the file behind `m`: through `map_files`, which reaches the very inode that is
-    /// mapped even when deleted or replaced; else by path inside the target's root, only if
-    /// it is still the same inode.
+    /// mapped even when deleted or replaced; else by path as the target could, only if it is
+    /// still the same inode.
     fn open(&self, m: &Mapping) -> Object {
         if m.path.as_deref() == Some("[vdso]") {
             return self.vdso_image(m).map_or(Object::Unusable, Object::Image);
         }
         let by_map_files = File::open(procmaps::map_file_path(self.pid, m)).ok();
         let by_path = || {
-            let path = procmaps::host_path(self.pid, m.path.as_deref()?);
-            File::open(path)
+            let path = Path::new(m.path.as_deref()?);
+            self.finder
+                .target
+                .open(path)
                 .ok()
                 .filter(|f| f.metadata().is_ok_and(|md| md.ino() == m.inode))
         };
@@ -269,8 +275,7 @@ impl Symbolizer {
         if let Some(&i) = build_id.as_ref().and_then(|id| self.by_build_id.get(id)) {
             return Some(i);
         }
-        let finder = debug_file::Finder { pid: self.pid };
-        let source = ElfSource::new(&obj, target_path.map(Path::new), &finder);
+        let source = ElfSource::new(&obj, target_path.map(Path::new), &self.finder);
         self.sources.push(source);
         let i = self.sources.len() - 1;
         if let Some(id) = build_id {

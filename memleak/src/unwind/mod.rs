@@ -12,7 +12,7 @@ use std::{
     fmt,
     num::NonZeroU32,
     os::unix::fs::MetadataExt,
-    path::{Path, PathBuf},
+    path::Path,
     time::{Duration, Instant},
 };
 
@@ -36,6 +36,7 @@ use crate::{
     bpf_map,
     mapped::MappedArray,
     procmaps::{self, Mapping},
+    target_files::{MAX_OBJECT_FILE, TargetFiles},
 };
 
 /// `--unwind`: how the BPF program walks native stacks.
@@ -386,22 +387,19 @@ fn device(dev: u64) -> String {
 }
 
 /// The file behind a mapping: through `map_files` (the very file mapped, even if replaced
-/// on disk since), else by its path inside the target's root.
+/// on disk since), else by its path as the target could read it.
 fn read_mapped_file(pid: u32, m: &Mapping) -> Result<Vec<u8>> {
-    let candidates: [PathBuf; 2] = [
-        procmaps::map_file_path(pid, m),
-        procmaps::host_path(pid, m.path.as_deref().unwrap_or_default()),
-    ];
-    let mut last = None;
-    for p in &candidates {
-        match std::fs::read(p) {
-            Ok(data) => return Ok(data),
-            Err(e) => {
-                last = Some(anyhow::Error::new(e).context(format!("reading {}", p.display())))
-            }
-        }
-    }
-    Err(last.expect("two candidates"))
+    let by_map_files = procmaps::map_file_path(pid, m);
+    std::fs::read(&by_map_files).or_else(|e| {
+        let path = m.path.as_deref().unwrap_or_default();
+        TargetFiles::new(pid)
+            .read(Path::new(path), MAX_OBJECT_FILE, b"")
+            .map_err(|why| {
+                anyhow::Error::new(e)
+                    .context(format!("reading {}", by_map_files.display()))
+                    .context(format!("{path}: {why}"))
+            })
+    })
 }
 
 /// Runtime address − object address for mapping `m`: the PT_LOAD segment that holds the

@@ -9,7 +9,7 @@ use std::{
 use anyhow::Result;
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, MapData, PerCpuArray},
+    maps::{HashMap, MapData, PerCpuArray},
 };
 use memleak_common::{AllocInfo, CombinedAlloc, Counter, StackRecord, names::maps};
 
@@ -20,6 +20,7 @@ use crate::{
     kallsyms::Kallsyms,
     model::{Allocation, Frame, Lost, Measure, Snapshot, StackUsage},
     owners::Block,
+    procmaps::Mapping,
     python::{PythonRuntime, PythonTracking},
     stacks::{StackInfo, StackTable, attribute},
     symbolize::Symbolizer,
@@ -39,14 +40,29 @@ pub enum Names {
 }
 
 impl Names {
-    /// Re-reads the process's mappings (libraries loaded since) and Python threads; nothing
-    /// in kernel mode. Says so when it has just found CPython.
-    pub fn refresh(&mut self) -> Result<()> {
+    /// The process's mappings changed (libraries loaded since); nothing in kernel mode.
+    pub fn update_maps(&mut self, maps: &[Mapping]) {
+        if let Names::User(symbols, _) = self {
+            symbols.update(maps);
+        }
+    }
+
+    /// Looks for CPython in the process's mappings until found, then re-reads its threads;
+    /// nothing in kernel mode. Says so when it has just found CPython.
+    pub fn tick_python(&mut self, maps: Option<&[Mapping]>) -> Result<()> {
+        if let (Names::User(_, python), Some(maps)) = (self, maps)
+            && let Some(version) = python.tick(maps)?
+        {
+            eprintln!("memleak: found CPython {version}: Python frames are on every stack");
+        }
+        Ok(())
+    }
+
+    /// The process exec'd: the old program's symbols and Python runtime are gone.
+    pub fn after_exec(&mut self) -> Result<()> {
         if let Names::User(symbols, python) = self {
-            symbols.refresh();
-            if let Some(version) = python.tick()? {
-                eprintln!("memleak: found CPython {version}: Python frames are on every stack");
-            }
+            symbols.forget();
+            python.reset()?;
         }
         Ok(())
     }
@@ -83,12 +99,8 @@ pub struct Collector {
     /// Every stack by content hash: user stacks from the unwinder, or kernel stacks.
     stacks: HashMap<MapData, u64, StackRecord>,
     counters: PerCpuArray<MapData, u64>,
-    /// How many times the target has exec'd (`EXECS`); `None` in kernel mode.
-    execs: Option<Array<MapData, u32>>,
-    execs_seen: u32,
-    /// The target is a started command that has not exec'd yet: what its first exec drops
-    /// is memleak's own fork's doing, not worth a word.
-    launching: bool,
+    /// The exec generation of the program running now (`Process::new_exec`).
+    generation: u32,
     /// The traced process (0 in kernel mode).
     pid: u32,
     pub names: Names,
@@ -100,6 +112,7 @@ pub struct Collector {
 }
 
 /// What a snapshot should contain.
+#[derive(Clone)]
 pub struct Query {
     /// Skip allocations younger than this (BCC's -o).
     pub older_ms: u64,
@@ -113,13 +126,7 @@ pub struct Query {
 
 impl Collector {
     /// `heap`: heap blocks are in `HEAP` (user-mode allocation tracking), else in `ALLOCS`.
-    pub fn new(
-        ebpf: &mut Ebpf,
-        pid: u32,
-        names: Names,
-        launching: bool,
-        heap: bool,
-    ) -> Result<Collector> {
+    pub fn new(ebpf: &mut Ebpf, pid: u32, names: Names, heap: bool) -> Result<Collector> {
         let mut take = |name| bpf_map::take(ebpf, name);
         let allocs = if heap {
             Blocks::Heap(HeapTable::new(take(maps::HEAP)?)?)
@@ -132,12 +139,7 @@ impl Collector {
             combined: HashMap::try_from(take(maps::COMBINED)?)?,
             stacks: HashMap::try_from(take(maps::STACKS)?)?,
             counters: PerCpuArray::try_from(take(maps::COUNTERS)?)?,
-            execs: match names {
-                Names::User(..) => Some(Array::try_from(take(maps::EXECS)?)?),
-                Names::Kernel(_) => None,
-            },
-            execs_seen: 0,
-            launching,
+            generation: 0,
             pid,
             names,
             table: StackTable::default(),
@@ -246,18 +248,9 @@ impl Collector {
         stacks
     }
 
-    /// After the target exec'd: forgets what the old program held (exec freed it all) and
-    /// the old program's symbols. Returns how many allocations were dropped (none said for
-    /// a started command's own exec).
-    pub fn after_exec(&mut self) -> Result<Option<usize>> {
-        let Some(execs) = &self.execs else {
-            return Ok(None);
-        };
-        let current = execs.get(&0, 0)?;
-        if current <= self.execs_seen {
-            return Ok(None);
-        }
-        self.execs_seen = current;
+    /// After the target exec'd into exec generation `current`: forgets what the old program
+    /// held (exec freed it all). Returns how many allocations were dropped.
+    pub fn forget_before(&mut self, current: u32) -> usize {
         let mut dropped = 0;
         for map in [&mut self.allocs, &mut self.mmaps] {
             let stale: Vec<u64> = map
@@ -270,13 +263,10 @@ impl Collector {
                 dropped += map.remove(addr) as usize;
             }
         }
-        if let Names::User(symbols, _) = &mut self.names {
-            *symbols = Symbolizer::new(self.pid);
-        }
         // Stacks seen again from now on are symbolized anew; the old program's keep their
         // frames for the snapshots that hold them.
-        let launched = std::mem::take(&mut self.launching);
-        Ok(Some(if launched { 0 } else { dropped }))
+        self.generation = current;
+        dropped
     }
 
     /// A stack from the table, symbolized now if it is new.
@@ -295,7 +285,7 @@ impl Collector {
         let attributed = self
             .table
             .entry(stack_id)
-            .filter(|s| s.generation == self.execs_seen)
+            .filter(|s| s.generation == self.generation)
             .map(|s| s.class.is_some());
         let (frames, truncated) = match attributed {
             Some(true) => return,
@@ -310,7 +300,7 @@ impl Collector {
             },
         };
         let who = attribute(&frames, self.python_runtime());
-        let info = StackInfo::new(frames, truncated, self.execs_seen, who);
+        let info = StackInfo::new(frames, truncated, self.generation, who);
         self.table.insert(stack_id, info);
     }
 

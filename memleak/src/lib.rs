@@ -6,6 +6,7 @@ pub mod binding;
 pub mod bpf_map;
 pub mod mapped;
 pub mod model;
+pub mod objects;
 pub mod owners;
 pub mod procmaps;
 pub mod python;

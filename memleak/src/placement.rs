@@ -27,6 +27,8 @@ use iced_x86::{
 };
 use object::{Object, ObjectSection, ObjectSymbol, SymbolKind};
 
+use crate::objects;
+
 /// A general-purpose register, as the decoder names it (`Reg::RDI`).
 pub type Reg = Register;
 
@@ -233,10 +235,11 @@ pub struct FunctionCode {
     pub bytes: Vec<u8>,
 }
 
-/// Reads the code of the function `symbol` (from `.symtab`, else `.dynsym`) out of an ELF file.
+/// Reads the code of the function `symbol` (from `.symtab`, else `.dynsym`) out of an ELF file
+/// (read once for all its functions while a caller holds it: `objects`).
 pub fn function_code(path: &Path, symbol: &str) -> Result<FunctionCode> {
-    let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let file = object::File::parse(&*data)
+    let loaded = objects::of_path(path)?;
+    let file = object::File::parse(&**loaded.bytes)
         .with_context(|| format!("{} is not an object file", path.display()))?;
     let sym = file
         .symbols()

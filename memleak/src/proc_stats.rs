@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::Serialize;
 
-use crate::procmaps;
+use crate::{objects, procmaps};
 use memleak::target_files::TargetFiles;
 
 /// The target's memory at one instant (`/proc/PID/status`, plus the headroom around it).
@@ -149,10 +149,7 @@ impl ProcessContext {
                 continue;
             }
             self.objects.push(SharedObject {
-                build_id: std::fs::File::open(procmaps::map_file_path(self.pid, m))
-                    .ok()
-                    .or_else(|| TargetFiles::new(self.pid).open(Path::new(&path)).ok())
-                    .and_then(build_id),
+                build_id: self.build_id(m, &path),
                 python_extension: is_python_extension(&path),
                 start: m.start,
                 end: m.end,
@@ -163,6 +160,21 @@ impl ProcessContext {
         if self.python_version.is_none() {
             self.python_version = self.objects.iter().find_map(|o| python_version(&o.path));
         }
+    }
+}
+
+impl ProcessContext {
+    /// The object's build-id, hex: from the object cache when the unwinder or a probe has
+    /// read the file, else from the file's head.
+    fn build_id(&self, m: &procmaps::Mapping, path: &str) -> Option<String> {
+        if let Some(object) = objects::cached(&(m.dev.clone(), m.inode)) {
+            let id = object.build_id.as_ref()?;
+            return Some(id.iter().map(|b| format!("{b:02x}")).collect());
+        }
+        std::fs::File::open(procmaps::map_file_path(self.pid, m))
+            .ok()
+            .or_else(|| TargetFiles::new(self.pid).open(Path::new(path)).ok())
+            .and_then(build_id)
     }
 }
 

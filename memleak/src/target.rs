@@ -1,14 +1,29 @@
-//! The traced process: an existing PID, or a command we start ourselves, held before its
-//! `exec` until the probes are attached so its first allocation is seen.
+//! The traced process: an existing PID, or a command we start ourselves. A started command
+//! is held twice: before its `exec` (a pipe) until the probes are attached, so its first
+//! allocation is seen; then at its executable's entry point (the BPF `hold_at_entry` probe
+//! stops it), where every library is mapped and none of its code has run, until memleak has
+//! read what it maps.
 
 use std::{
     ffi::CString,
+    num::NonZeroU32,
     os::{fd::FromRawFd, unix::ffi::OsStrExt},
     path::{Path, PathBuf},
     process::Command,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
+use aya::{
+    Ebpf,
+    programs::{
+        UProbe,
+        uprobe::{UProbeLink, UProbeScope},
+    },
+};
+use memleak_common::names::programs;
+use object::{Object, ObjectSegment};
+use tokio::sync::oneshot;
 
 use crate::procmaps;
 
@@ -48,6 +63,9 @@ pub struct Target {
     pub child: Option<Child>,
     /// The write end of the pipe that holds a started command before its exec.
     gate: Option<std::fs::File>,
+    /// The probe that stops a started command at its entry point; removed once it stopped
+    /// there (a later exec of the same program must not stop again).
+    hold: Option<UProbeLink>,
     /// The executable the target runs (as this process can open it).
     pub exe: PathBuf,
     /// Child processes already reported.
@@ -68,6 +86,7 @@ impl Target {
             pid,
             child: None,
             gate: None,
+            hold: None,
             children: Default::default(),
             exe: procmaps::host_path(pid, &exe.to_string_lossy()),
         })
@@ -114,11 +133,32 @@ impl Target {
                     pid: child as u32,
                     child: Some(Child(child)),
                     gate: Some(unsafe { std::fs::File::from_raw_fd(write_fd) }),
+                    hold: None,
                     children: Default::default(),
                     exe,
                 })
             }
         }
+    }
+
+    /// A started command: stops it at its executable's entry point once it has exec'd. A
+    /// script has no entry point of its own (its interpreter's is not known yet): no hold.
+    pub fn hold_at_entry(&mut self, ebpf: &mut Ebpf) -> Result<()> {
+        let Some(offset) = std::fs::read(&self.exe).ok().and_then(|d| entry_offset(&d)) else {
+            return Ok(());
+        };
+        let name = programs::HOLD_AT_ENTRY;
+        let prog: &mut UProbe = ebpf
+            .program_mut(name)
+            .with_context(|| format!("BPF object lacks program {name}"))?
+            .try_into()?;
+        prog.load()?;
+        let pid = NonZeroU32::new(self.pid).context("PID 0")?;
+        let link = prog
+            .attach(offset, &self.exe, UProbeScope::OneProcess(pid))
+            .with_context(|| format!("attaching to the entry of {}", self.exe.display()))?;
+        self.hold = Some(prog.take_link(link)?);
+        Ok(())
     }
 
     /// Lets a started command run (after the probes are attached).
@@ -128,6 +168,61 @@ impl Target {
             gate.write_all(b"g").context("releasing the command")?;
         }
         Ok(())
+    }
+
+    /// After `release`: waits (2 s at most) for a held command to stop at its entry point.
+    /// False when nothing holds it (a command that failed to start is left to the exit
+    /// watcher).
+    pub fn wait_at_entry(&self) -> bool {
+        if self.hold.is_none() {
+            return false;
+        }
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !stopped(self.pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        true
+    }
+
+    /// Removes the hold and lets a command stopped at its entry point run on.
+    pub fn resume(&mut self) {
+        if self.hold.take().is_some() {
+            unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGCONT) };
+        }
+    }
+
+    /// Kills and reaps a started command (one that must not run on untraced).
+    pub fn kill(&self) {
+        if let Some(child) = &self.child {
+            child.kill();
+            child.wait();
+        }
+    }
+
+    /// Resolves when the target exits, with a description ("exited with status 3").
+    pub fn watch_exit(&mut self) -> Result<oneshot::Receiver<String>> {
+        let (tx, rx) = oneshot::channel();
+        if let Some(child) = self.child.take() {
+            std::thread::spawn(move || {
+                let _ = tx.send(child.wait());
+            });
+            return Ok(rx);
+        }
+        let pid = self.pid;
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error()).context(format!("watching PID {pid}"));
+        }
+        std::thread::spawn(move || {
+            let mut p = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            while unsafe { libc::poll(&mut p, 1, -1) } < 0 {}
+            let _ = tx.send(format!("(PID {pid}) exited"));
+        });
+        Ok(rx)
     }
 
     /// Child processes started since the last call. They are not traced: the probes follow
@@ -173,6 +268,26 @@ impl Target {
         })?;
         Ok(procmaps::mapped_file(self.pid, m))
     }
+}
+
+/// Whether the process is in a group stop (`T` in `/proc/PID/stat`).
+fn stopped(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| rest.starts_with('T')))
+        .unwrap_or(false)
+}
+
+/// The file offset of an executable's entry point (what a uprobe attaches to).
+fn entry_offset(data: &[u8]) -> Option<u64> {
+    let file = object::File::parse(data).ok()?;
+    let entry = file.entry();
+    file.segments().find_map(|s| {
+        let (offset, size) = s.file_range();
+        (s.address() <= entry && entry - s.address() < size)
+            .then(|| offset.checked_add(entry - s.address()))
+            .flatten()
+    })
 }
 
 fn is_kernel_thread(pid: u32) -> bool {

@@ -5,7 +5,7 @@ use std::time::Duration;
 use anyhow::{Result, ensure};
 use memleak_tests::{
     Ledger, Report, Running, Scratch, can_trace, check_against_ledger, expect_nothing_lost,
-    expect_success, run_memleak, stacks, start_fixture, usage_of, wait_for_file,
+    expect_success, run_memleak, stacks, stacks_through, start_fixture, usage_of, wait_for_file,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -63,6 +63,37 @@ fn command_leaks_match_ledger() -> Result<()> {
                 "{at} ({function}) missing from the text output:\n{stdout}"
             );
         }
+    }
+    Ok(())
+}
+
+/// `--unwind fp` with -c: the command is held at its entry point as in DWARF mode, where its
+/// symbols are read; it exits at once, before memleak's first maps tick. Three runs: without
+/// the hold, a run names the leak only when that tick wins the race.
+#[test]
+fn short_command_with_frame_pointer_unwinding_is_named() -> Result<()> {
+    if !can_trace("short_command_with_frame_pointer_unwinding_is_named") {
+        return Ok(());
+    }
+    let scratch = Scratch::new("command-fp")?;
+    let fixture = scratch.compile("short_lived", "short_lived", &[])?;
+    let out = scratch.path("report.json");
+    let args = [
+        "--unwind",
+        "fp",
+        "-c",
+        fixture.to_str().unwrap(),
+        "--json",
+        out.to_str().unwrap(),
+    ];
+    for run in 1..=3 {
+        expect_success(&run_memleak(&scratch, &args, None, TIMEOUT)?)?;
+        let report = Report::read(&out)?;
+        let named = stacks_through(report.final_snapshot(), "leak_and_go").count();
+        ensure!(
+            named == 1,
+            "run {run}: {named} stacks through leak_and_go, expected 1"
+        );
     }
     Ok(())
 }

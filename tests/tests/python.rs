@@ -143,7 +143,6 @@ fn check(label: &str, python: &str, env: &[(&str, &str)]) -> Result<()> {
     build_extension(python, &dir)?;
     let script = scratch.path("workload.py");
     std::fs::write(&script, SCRIPT)?;
-    let out = scratch.path("report.json");
     let (go, done) = (scratch.path("go"), scratch.path("done"));
     // Attached to a running interpreter: it reads the code objects of every stack while the
     // target lives. The extension is found next to the script (sys.path[0]).
@@ -159,22 +158,7 @@ fn check(label: &str, python: &str, env: &[(&str, &str)]) -> Result<()> {
         None,
         env,
     )?;
-    // memleak hooks the libc the process has mapped: not before the loader has mapped it.
-    target.wait_for_mapping("libc.so", TIMEOUT)?;
-    let pid = target.pid().to_string();
-    let tracer = Running::memleak(
-        &scratch,
-        &["-p", &pid, "--json", out.to_str().unwrap()],
-        None,
-    )?;
-    wait_for_text(&scratch.path("memleak.stdout"), "Attaching to pid", TIMEOUT)?;
-    std::fs::write(&go, "")?;
-    wait_for_file(&done, TIMEOUT)?;
-    // A few of memleak's 250 ms ticks, to read the newest stacks' code objects.
-    std::thread::sleep(Duration::from_secs(1));
-    let run = tracer.interrupt(TIMEOUT)?;
-    expect_success(&run)?;
-    let report = Report::read(&out)?;
+    let report = trace_work(&scratch, &target, &go, &done)?;
     let snapshot = report.final_snapshot();
     let all = stacks(snapshot);
     let mut problems = Vec::new();
@@ -237,6 +221,28 @@ fn check(label: &str, python: &str, env: &[(&str, &str)]) -> Result<()> {
     Ok(())
 }
 
+/// `memleak -p` on `target` from before its work (it waits for the `go` file) to a second
+/// after it (it writes the `done` file): the report.
+fn trace_work(scratch: &Scratch, target: &Running, go: &Path, done: &Path) -> Result<Report> {
+    let out = scratch.path("report.json");
+    // memleak hooks the libc the process has mapped: not before the loader has mapped it.
+    target.wait_for_mapping("libc.so", TIMEOUT)?;
+    let pid = target.pid().to_string();
+    let tracer = Running::memleak(
+        scratch,
+        &["-p", &pid, "--json", out.to_str().unwrap()],
+        None,
+    )?;
+    wait_for_text(&scratch.path("memleak.stdout"), "Attaching to pid", TIMEOUT)?;
+    std::fs::write(go, "")?;
+    wait_for_file(done, TIMEOUT)?;
+    // A few of memleak's 250 ms ticks, to read the newest stacks' code objects.
+    std::thread::sleep(Duration::from_secs(1));
+    let run = tracer.interrupt(TIMEOUT)?;
+    expect_success(&run)?;
+    Report::read(&out)
+}
+
 #[test]
 fn python_leaks_at_their_lines() -> Result<()> {
     if !can_trace("python_leaks_at_their_lines") {
@@ -253,6 +259,56 @@ fn python_leaks_at_their_lines() -> Result<()> {
         }
     }
     ensure!(failures.is_empty(), "{}", failures.join("\n\n"));
+    Ok(())
+}
+
+/// A Python process that execs a fresh interpreter (as multiprocessing's spawn does): Python
+/// tracking starts again in the new program, whose lines are named.
+#[test]
+fn python_after_exec_is_tracked_afresh() -> Result<()> {
+    let test = "python_after_exec_is_tracked_afresh";
+    if !can_trace(test) {
+        return Ok(());
+    }
+    let Some(python) = pyenv_python("3.11") else {
+        skipped(test, "no pyenv CPython 3.11");
+        return Ok(());
+    };
+    let scratch = Scratch::new("python-exec")?;
+    let (first, second) = (scratch.path("first.py"), scratch.path("second.py"));
+    let (go, done) = (scratch.path("go"), scratch.path("done"));
+    std::fs::write(
+        &first,
+        "import os, sys, time\n\
+         while not os.path.exists(sys.argv[1]):\n    time.sleep(0.05)\n\
+         os.execv(sys.executable, [sys.executable] + sys.argv[2:])\n",
+    )?;
+    // A second of maps ticks to find the new interpreter, then 16 MiB held at line 3.
+    std::fs::write(
+        &second,
+        "import sys, time\ntime.sleep(1.5)\nKEPT = [bytearray(1 << 20) for _ in range(16)]\n\
+         open(sys.argv[1], 'w').close()\ntime.sleep(600)\n",
+    )?;
+    let args = [&first, &go, &second, &done].map(|p| p.to_str().unwrap().to_string());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let target = Running::start(&scratch, "python", &python, &args, None)?;
+    let report = trace_work(&scratch, &target, &go, &done)?;
+    let all = stacks(report.final_snapshot());
+    let held: u64 = all
+        .iter()
+        .filter(|s| {
+            python_frames(s)
+                .iter()
+                .any(|&(_, file, l)| file == "second.py" && l == 3)
+        })
+        .map(|s| s["bytes"].as_u64().unwrap_or(0))
+        .sum();
+    let top: Vec<String> = all.iter().take(8).map(describe_stack).collect();
+    ensure!(
+        held >= 16 << 20,
+        "second.py:3 holds {held} bytes after the exec, expected 16 MiB\n  {}",
+        top.join("\n  ")
+    );
     Ok(())
 }
 

@@ -26,10 +26,10 @@ use memleak_common::{
     MAX_PYTHON_FRAMES,
     python::{FRAME_BUF, FrameStep, NO_FIELD, decode_frame},
 };
-use object::{Object, ObjectSegment, ObjectSymbol};
+use object::{Object, ObjectSymbol};
 
+use crate::objects;
 use crate::procmaps::{self, Mapping};
-use crate::target_files::{MAX_OBJECT_FILE, TargetFiles};
 pub use classify::classify;
 pub use layout::Version;
 use layout::{BYTES_DATA, BYTES_SIZE, Layout, OB_TYPE, UNICODE_LENGTH, UNICODE_STATE};
@@ -121,21 +121,22 @@ impl PythonRuntime {
     /// Finds CPython in `pid`: `Ok(None)` when the process runs no Python, an error when it
     /// runs one we cannot read (too old, too new, debug or free-threaded build).
     pub fn detect(pid: u32) -> Result<Option<PythonRuntime>> {
-        let maps = procmaps::read(pid)?;
+        Self::detect_in(pid, &procmaps::read(pid)?)
+    }
+
+    /// `detect`, with the process's mappings already read.
+    pub fn detect_in(pid: u32, maps: &[Mapping]) -> Result<Option<PythonRuntime>> {
         let exe = executable(pid)?;
-        for (path, first) in interpreter_candidates(&maps, &exe) {
-            let data = match std::fs::read(procmaps::map_file_path(pid, first)) {
-                Ok(data) => data,
-                Err(_) => TargetFiles::new(pid)
-                    .read(Path::new(path), MAX_OBJECT_FILE, b"\x7fELF")
-                    .map_err(|why| anyhow::anyhow!("reading {path}: {why}"))?,
-            };
-            let file = object::File::parse(&*data).with_context(|| format!("parsing {path}"))?;
+        for (path, first) in interpreter_candidates(maps, &exe) {
+            let loaded =
+                objects::of_mapping(pid, first).with_context(|| format!("reading {path}"))?;
+            let file =
+                object::File::parse(&**loaded.bytes).with_context(|| format!("parsing {path}"))?;
             let symbols = Symbols::of(&file);
             let Some(runtime) = symbols.runtime else {
                 continue;
             };
-            let bias = load_bias(&file, first).with_context(|| {
+            let bias = loaded.object.bias(first).with_context(|| {
                 format!("{path}: no segment maps file offset {:#x}", first.offset)
             })?;
             let mut rt = Self::new(pid, path, bias, runtime, &symbols)?;
@@ -454,10 +455,9 @@ impl Symbols {
 
 /// The files `detect` looks in (the executable, every mapped libpython): while they stay
 /// the same, so does its answer, and it need not read them again.
-pub fn interpreter_files(pid: u32) -> Result<Vec<String>> {
-    let maps = procmaps::read(pid)?;
+pub fn interpreter_files(pid: u32, maps: &[Mapping]) -> Result<Vec<String>> {
     let exe = executable(pid)?;
-    let candidates = interpreter_candidates(&maps, &exe);
+    let candidates = interpreter_candidates(maps, &exe);
     Ok(candidates
         .into_iter()
         .map(|(path, _)| path.to_string())
@@ -486,22 +486,6 @@ fn interpreter_candidates<'a>(maps: &'a [Mapping], exe: &str) -> Vec<(&'a str, &
         }
     }
     found
-}
-
-/// What to add to an ELF virtual address to get the target's address, from one mapping of
-/// the file.
-fn load_bias(file: &object::File, mapping: &Mapping) -> Option<u64> {
-    file.segments().find_map(|seg| {
-        let (offset, size) = seg.file_range();
-        (offset <= mapping.offset && mapping.offset < offset.saturating_add(size.max(1))).then(
-            || {
-                mapping
-                    .start
-                    .wrapping_sub(mapping.offset)
-                    .wrapping_sub(seg.address().wrapping_sub(offset))
-            },
-        )
-    })
 }
 
 /// `PREFIX/lib/pythonX.Y/` for an interpreter installed as `PREFIX/lib/libpython…` or

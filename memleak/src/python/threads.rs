@@ -12,7 +12,7 @@ use aya::{
 use memleak_common::{names::maps, python::PyConfig};
 
 use super::{PythonRuntime, btf, interpreter_files, layout::Version};
-use crate::bpf_map;
+use crate::{bpf_map, procmaps::Mapping};
 
 pub struct PythonTracking {
     pid: u32,
@@ -48,23 +48,40 @@ impl PythonTracking {
         self.runtime.as_mut()
     }
 
-    /// Call right after loading and then every few hundred ms: looks for CPython until found,
+    /// The process exec'd: the old interpreter, its threads and its config are gone (the BPF
+    /// program stops reading frames until the new program's CPython, if any, is found).
+    pub fn reset(&mut self) -> Result<()> {
+        self.runtime = None;
+        self.looked_at.clear();
+        self.gave_up = false;
+        self.config
+            .set(0, PyConfig::default(), 0)
+            .context("clearing the Python config map")?;
+        let keys: Vec<u64> = self.threads.keys().flatten().collect();
+        for key in keys {
+            let _ = self.threads.remove(&key);
+        }
+        Ok(())
+    }
+
+    /// Call with the process's mappings right after loading and then every maps tick: looks
+    /// for CPython until found,
     /// then re-reads its thread list (a new thread has no Python frames until then, and a
     /// pthread_t reused by a new thread must not keep its dead thread's state). An error
     /// about the interpreter (unsupported version or build) comes once; tracing goes on
     /// without Python frames. Returns the interpreter's version the tick it is found.
-    pub fn tick(&mut self) -> Result<Option<Version>> {
+    pub fn tick(&mut self, maps: &[Mapping]) -> Result<Option<Version>> {
         let mut found = None;
         if self.runtime.is_none() {
             // A target that is exiting has no files left to look at: nothing to say.
-            let Ok(files) = interpreter_files(self.pid) else {
+            let Ok(files) = interpreter_files(self.pid, maps) else {
                 return Ok(None);
             };
             if self.gave_up || files == self.looked_at {
                 return Ok(None);
             }
             self.looked_at = files;
-            match PythonRuntime::detect(self.pid) {
+            match PythonRuntime::detect_in(self.pid, maps) {
                 Ok(Some(rt)) => {
                     found = Some(rt.version);
                     self.start(rt)?

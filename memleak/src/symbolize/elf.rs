@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Result;
-use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol, SectionFlags, SymbolKind};
+use object::{Object, ObjectSection, ObjectSymbol, SectionFlags, SymbolKind};
 
 use super::debug_file::Finder;
 
@@ -42,13 +42,7 @@ impl ElfSource {
     /// binary itself has no DWARF or no `.symtab`. `target_path`: the binary's path as the
     /// target sees it.
     pub fn new(obj: &object::File, target_path: Option<&Path>, finder: &Finder) -> ElfSource {
-        let loads = obj
-            .segments()
-            .map(|s| {
-                let (offset, size) = s.file_range();
-                (offset, size, s.address())
-            })
-            .collect();
+        let loads = crate::objects::segments(obj);
         let mut symbols = Symbols::collect(obj);
         let mut dwarf = load_dwarf(obj, target_path, finder);
         let has_symtab = obj.section_by_name(".symtab").is_some();

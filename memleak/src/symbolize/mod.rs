@@ -81,6 +81,11 @@ impl Symbolizer {
         }
     }
 
+    /// The process runs a new program: every mapping and file known so far is the old one's.
+    pub fn forget(&mut self) {
+        *self = Symbolizer::new(self.pid);
+    }
+
     /// Names the addresses of one object file image instead of a process's: an address is
     /// a file offset, as if the file were mapped whole at 0. The fuzz targets feed their
     /// input through it; separate debug files are still looked up on this system.
@@ -154,15 +159,19 @@ impl Symbolizer {
             .collect()
     }
 
-    /// Re-reads the maps and opens the files of new executable mappings. When the target is
-    /// gone the last snapshot stays, with its files still open: that is what names the final
-    /// table of a command that exited. An exiting process (and a zombie) still has a maps
-    /// file, but an empty one, which a live process never has.
+    /// Re-reads the maps (an address outside every mapping known); see `update`.
     pub fn refresh(&mut self) {
-        let Ok(mut maps) = procmaps::read(self.pid) else {
-            return;
-        };
-        maps.retain(|m| m.executable);
+        if let Ok(maps) = procmaps::read(self.pid) {
+            self.update(&maps);
+        }
+    }
+
+    /// Takes the process's mappings and opens the files of new executable ones. When the
+    /// target is gone the last snapshot stays, with its files still open: that is what names
+    /// the final table of a command that exited. An exiting process (and a zombie) still has
+    /// a maps file, but an empty one, which a live process never has.
+    pub fn update(&mut self, maps: &[Mapping]) {
+        let mut maps: Vec<&Mapping> = maps.iter().filter(|m| m.executable).collect();
         if maps.is_empty() {
             return;
         }

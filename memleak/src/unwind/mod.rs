@@ -10,33 +10,26 @@ pub mod table;
 use std::{
     collections::HashMap,
     fmt,
-    num::NonZeroU32,
-    os::unix::fs::MetadataExt,
     path::Path,
+    sync::Arc,
     time::{Duration, Instant},
 };
-
-use anyhow::{Context, Result, bail};
-use aya::{
-    Ebpf,
-    maps::{Array, MapData},
-    programs::{
-        UProbe,
-        uprobe::{UProbeLink, UProbeScope},
-    },
-};
-use memleak_common::{
-    PyFrame, StackRecord,
-    names::{maps, programs},
-    unwind::{MAX_UNWIND_MAPPINGS, UnwindControl, UnwindMapping, UnwindRow, mode},
-};
-use object::{Object, ObjectSegment};
 
 use crate::{
     bpf_map,
     mapped::MappedArray,
-    procmaps::{self, Mapping},
-    target_files::{MAX_OBJECT_FILE, TargetFiles},
+    objects::{self, ObjectFile},
+    procmaps::Mapping,
+};
+use anyhow::{Result, bail};
+use aya::{
+    Ebpf,
+    maps::{Array, MapData},
+};
+use memleak_common::{
+    PyFrame, StackRecord,
+    names::maps,
+    unwind::{MAX_UNWIND_MAPPINGS, UnwindControl, UnwindMapping, UnwindRow, mode},
 };
 
 /// `--unwind`: how the BPF program walks native stacks.
@@ -133,8 +126,8 @@ impl fmt::Display for Summary {
 struct Loaded {
     first_row: u32,
     row_count: u32,
-    /// PT_LOAD segments as (file offset, file size, virtual address), to place mappings.
-    segments: Vec<(u64, u64, u64)>,
+    /// Its segments, to place its mappings; `None` when it could not be read.
+    object: Option<Arc<ObjectFile>>,
 }
 
 /// Owns the unwind maps of a loaded BPF program and keeps them in step with the target.
@@ -146,20 +139,17 @@ pub struct Unwinder {
     mappings: Array<MapData, UnwindMapping>,
     control: Array<MapData, UnwindControl>,
     /// Keyed by (device, inode): the same file mapped twice shares its rows.
-    objects: HashMap<(String, u64), Loaded>,
+    objects: HashMap<objects::Key, Loaded>,
     /// What the walker currently sees, to notice when the target's mappings change.
     published: Vec<UnwindMapping>,
     current_base: u32,
     /// `UnwindControl::generation` of the last publish.
     generation: u32,
-    /// The probe that stops a started command at its entry point; `follow_exec` removes it
-    /// (a later exec of the same program must not stop again) and continues the command.
-    hold: Option<UProbeLink>,
     summary: Summary,
 }
 
 impl Unwinder {
-    /// Takes the unwind maps out of `ebpf` and publishes an empty table; `refresh` fills it.
+    /// Takes the unwind maps out of `ebpf` and publishes an empty table; `update` fills it.
     pub fn new(ebpf: &mut Ebpf, pid: u32, mode: UnwindMode) -> Result<Unwinder> {
         let rows = RowArea(MappedArray::new(
             bpf_map::take(ebpf, maps::UNWIND_ROWS)?,
@@ -182,7 +172,6 @@ impl Unwinder {
             published: Vec::new(),
             current_base: MAX_UNWIND_MAPPINGS,
             generation: 0,
-            hold: None,
         };
         unwinder.publish(Vec::new())?;
         Ok(unwinder)
@@ -192,87 +181,43 @@ impl Unwinder {
         &self.summary
     }
 
-    /// Re-reads the target's mappings; builds tables for new executable mappings (a dlopen)
-    /// and republishes if anything changed. Returns whether it did.
-    pub fn refresh(&mut self) -> Result<bool> {
-        if self.mode == UnwindMode::Fp {
-            return Ok(false);
-        }
-        let maps = procmaps::read(self.pid)?;
-        self.update(&maps)
-    }
-
     /// For a started command still held before its exec: builds the tables of the files it
-    /// will map (its executable, libc), and stops it at its executable's entry point, where
-    /// the dynamic loader has mapped every library and none of its code has run, until
-    /// `follow_exec` has placed them.
-    pub fn prepare(&mut self, ebpf: &mut Ebpf, exe: &Path, files: &[&Path]) -> Result<()> {
+    /// will map (its executable, libc), placed once it maps them (`update`).
+    pub fn prepare(&mut self, exe: &Path, files: &[&Path]) {
         if self.mode == UnwindMode::Fp {
-            return Ok(());
+            return;
         }
         for path in std::iter::once(&exe).chain(files) {
             let Ok(meta) = std::fs::metadata(path) else {
                 continue;
             };
-            let key = (device(meta.dev()), meta.ino());
+            let key = objects::key_of(&meta);
             if !self.objects.contains_key(&key) {
-                let data =
-                    std::fs::read(path).with_context(|| format!("reading {}", path.display()));
-                let loaded = self.load(path.display().to_string(), data);
+                let loaded = self.load(path.display().to_string(), objects::of_path(path));
                 self.objects.insert(key, loaded);
             }
         }
-        // A script has no entry point of its own: its interpreter's tables come with the
-        // maps refresh instead.
-        let Some(offset) = std::fs::read(exe).ok().and_then(|d| entry_offset(&d)) else {
-            return Ok(());
-        };
-        let prog: &mut UProbe = ebpf
-            .program_mut(programs::HOLD_AT_ENTRY)
-            .with_context(|| format!("BPF object lacks program {}", programs::HOLD_AT_ENTRY))?
-            .try_into()?;
-        prog.load()?;
-        let pid = NonZeroU32::new(self.pid).context("PID 0")?;
-        let link = prog
-            .attach(offset, exe, UProbeScope::OneProcess(pid))
-            .with_context(|| format!("attaching to the entry of {}", exe.display()))?;
-        self.hold = Some(prog.take_link(link)?);
-        Ok(())
     }
 
-    /// Right after a held command is released: waits (2 s at most) for it to stop at its
-    /// entry point, places the tables of everything mapped by then, runs `while_held` (the
-    /// libraries are all mapped: a command that exits within milliseconds must still be
-    /// symbolized) and lets it run on. A command that failed to start is left to the exit
-    /// watcher.
-    pub fn follow_exec(&mut self, while_held: impl FnOnce()) {
-        let Some(hold) = self.hold.take() else {
-            return;
-        };
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while !stopped(self.pid) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(1));
+    /// Takes the target's mappings (a maps tick's read): builds tables for new executable
+    /// mappings (a dlopen) and republishes if anything changed. Returns whether it did.
+    pub fn update(&mut self, maps: &[Mapping]) -> Result<bool> {
+        if self.mode == UnwindMode::Fp {
+            return Ok(false);
         }
-        let _ = self.refresh();
-        while_held();
-        drop(hold);
-        unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGCONT) };
-    }
-
-    fn update(&mut self, maps: &[Mapping]) -> Result<bool> {
         let mut table = Vec::new();
         for m in maps.iter().filter(|m| m.executable && m.is_file()) {
             let key = (m.dev.clone(), m.inode);
             if !self.objects.contains_key(&key) {
-                let data = read_mapped_file(self.pid, m);
-                let loaded = self.load(m.path.clone().unwrap_or_default(), data);
+                let object = objects::of_mapping(self.pid, m);
+                let loaded = self.load(m.path.clone().unwrap_or_default(), object);
                 self.objects.insert(key.clone(), loaded);
             }
             let loaded = &self.objects[&key];
             table.push(UnwindMapping {
                 start: m.start,
                 end: m.end,
-                bias: bias(m, &loaded.segments).unwrap_or(0),
+                bias: loaded.object.as_ref().and_then(|o| o.bias(m)).unwrap_or(0),
                 first_row: loaded.first_row,
                 row_count: loaded.row_count,
             });
@@ -287,9 +232,9 @@ impl Unwinder {
 
     /// Builds and stores the rows of one object file. Never fails: an object without a
     /// table is walked with frame pointers, and the summary says why.
-    fn load(&mut self, path: String, data: Result<Vec<u8>>) -> Loaded {
+    fn load(&mut self, path: String, object: Result<objects::Loaded>) -> Loaded {
         let started = Instant::now();
-        let result = data.and_then(|data| self.build_and_store(&data));
+        let result = object.and_then(|object| self.build_and_store(object));
         let build_time = started.elapsed();
         self.summary.build_time += build_time;
         self.summary.rows = self.next_row;
@@ -299,7 +244,7 @@ impl Unwinder {
                 let loaded = Loaded {
                     first_row: 0,
                     row_count: 0,
-                    segments: Vec::new(),
+                    object: None,
                 };
                 (loaded, 0, Some(format!("{e:#}")))
             }
@@ -314,16 +259,8 @@ impl Unwinder {
         loaded
     }
 
-    fn build_and_store(&mut self, data: &[u8]) -> Result<(Loaded, usize)> {
-        let file = object::File::parse(data).context("not an object file")?;
-        let segments = file
-            .segments()
-            .map(|s| {
-                let (offset, size) = s.file_range();
-                (offset, size, s.address())
-            })
-            .collect();
-        let table = table::build(data)?;
+    fn build_and_store(&mut self, object: objects::Loaded) -> Result<(Loaded, usize)> {
+        let table = table::build(&object.bytes)?;
         let row_count = u32::try_from(table.rows.len())?;
         let first_row = self.next_row;
         self.rows.write(first_row, &table.rows)?;
@@ -331,7 +268,7 @@ impl Unwinder {
         let loaded = Loaded {
             first_row,
             row_count,
-            segments,
+            object: Some(object.object),
         };
         Ok((loaded, table.unsupported))
     }
@@ -359,56 +296,6 @@ impl Unwinder {
         self.published = table;
         Ok(())
     }
-}
-
-/// Whether the process is in a group stop (`T` in `/proc/PID/stat`).
-fn stopped(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| rest.starts_with('T')))
-        .unwrap_or(false)
-}
-
-/// The file offset of an executable's entry point (what a uprobe attaches to).
-fn entry_offset(data: &[u8]) -> Option<u64> {
-    let file = object::File::parse(data).ok()?;
-    let entry = file.entry();
-    file.segments().find_map(|s| {
-        let (offset, size) = s.file_range();
-        (s.address() <= entry && entry - s.address() < size)
-            .then(|| offset.checked_add(entry - s.address()))
-            .flatten()
-    })
-}
-
-/// `st_dev` as `/proc/PID/maps` prints it.
-fn device(dev: u64) -> String {
-    format!("{:02x}:{:02x}", libc::major(dev), libc::minor(dev))
-}
-
-/// The file behind a mapping: through `map_files` (the very file mapped, even if replaced
-/// on disk since), else by its path as the target could read it.
-fn read_mapped_file(pid: u32, m: &Mapping) -> Result<Vec<u8>> {
-    let by_map_files = procmaps::map_file_path(pid, m);
-    std::fs::read(&by_map_files).or_else(|e| {
-        let path = m.path.as_deref().unwrap_or_default();
-        TargetFiles::new(pid)
-            .read(Path::new(path), MAX_OBJECT_FILE, b"")
-            .map_err(|why| {
-                anyhow::Error::new(e)
-                    .context(format!("reading {}", by_map_files.display()))
-                    .context(format!("{path}: {why}"))
-            })
-    })
-}
-
-/// Runtime address − object address for mapping `m`: the PT_LOAD segment that holds the
-/// mapping's file offset says which object address the mapping starts at.
-fn bias(m: &Mapping, segments: &[(u64, u64, u64)]) -> Option<u64> {
-    let (offset, _, vaddr) = segments
-        .iter()
-        .find(|(offset, size, _)| *offset <= m.offset && m.offset - offset < *size)?;
-    Some(m.start.wrapping_sub(vaddr.wrapping_add(m.offset - offset)))
 }
 
 /// The row array, mapped into this process (the map is `BPF_F_MMAPABLE`): a million rows are

@@ -6,6 +6,7 @@ use std::{
     fmt::Write as _,
     fs::File,
     io::Write as _,
+    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Stdio},
     sync::atomic::{AtomicU32, Ordering},
@@ -203,8 +204,9 @@ impl Finished {
     }
 }
 
-/// A child process with its output going to files (no pipe to fill up); killed if dropped
-/// while still running, so a failing test leaves nothing behind.
+/// A child process with its output going to files (no pipe to fill up), in a process group
+/// of its own. Dropping it kills that whole group: a command memleak started (`-c`) runs on
+/// after memleak ends, and a failing or finished test must leave nothing behind.
 pub struct Running {
     child: Child,
     stdout: PathBuf,
@@ -245,6 +247,7 @@ impl Running {
             })
             .stdout(File::create(&stdout)?)
             .stderr(File::create(&stderr)?)
+            .process_group(0)
             .spawn()
             .with_context(|| format!("starting {}", program.display()))?;
         if let Some(text) = stdin {
@@ -307,8 +310,7 @@ impl Running {
                 });
             }
             if start.elapsed() > timeout {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
+                self.kill_group();
                 bail!(
                     "still running after {timeout:?}, killed\n--- stdout ---\n{}\n--- stderr ---\n{}",
                     std::fs::read_to_string(&self.stdout).unwrap_or_default(),
@@ -333,10 +335,16 @@ impl Running {
 
 impl Drop for Running {
     fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        self.kill_group();
+    }
+}
+
+impl Running {
+    /// SIGKILLs the process and everything left in its group (the group outlives its leader
+    /// while a member runs, so its id is not reused), then reaps the process.
+    fn kill_group(&mut self) {
+        unsafe { libc::killpg(self.child.id() as libc::pid_t, libc::SIGKILL) };
+        let _ = self.child.wait();
     }
 }
 

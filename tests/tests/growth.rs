@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use memleak_tests::{
     Finished, Report, Running, Scratch, basename, can_trace, describe_stack, expect_nothing_lost,
     expect_success, frames, function_of, pyenv_python, read_json, skipped, stacks_through,
-    usage_of, wait_for_text,
+    usage_of, wait_for_file, wait_for_text,
 };
 use serde_json::{Value, json};
 
@@ -42,9 +42,36 @@ fn growth_mode_names_python_lines() -> Result<()> {
     let scratch = Scratch::new("growth-py")?;
     let script = memleak_tests::workspace_root().join("tests/fixtures/growth.py");
     let ledger = scratch.path("ledger.json");
+    let go = scratch.path("go");
     let out = scratch.path("report.json");
-    let command = format!("{python} {} {}", script.display(), ledger.display());
-    let run = trace_command(&scratch, &command, &out)?;
+    let command = format!(
+        "{python} {} {} {}",
+        script.display(),
+        ledger.display(),
+        go.display()
+    );
+    let json = out.to_str().context("a UTF-8 path")?;
+    let args = [
+        "--mode",
+        "growth",
+        "-c",
+        &command,
+        "-o",
+        "0",
+        "--interval",
+        "1s",
+        "--json",
+        json,
+    ];
+    let tracer = Running::memleak(&scratch, &args, None)?;
+    // Python frames are read from the living process: it exits only once memleak has taken
+    // a snapshot (which learns every stack it holds) after the ledger, i.e. after every write.
+    wait_for_file(&ledger, Duration::from_secs(60))?;
+    let stdout = scratch.path("memleak.stdout");
+    let before = std::fs::read_to_string(&stdout)?.len();
+    wait_until_tables_after(&stdout, before, 2)?;
+    std::fs::write(&go, "")?;
+    let run = tracer.wait(Duration::from_secs(60))?;
     check(&run, &ledger, &out)?;
     let report = Report::read(&out)?;
     for stack in stacks_through(report.final_snapshot(), "touch") {
@@ -102,6 +129,28 @@ fn growth_mode_attached_by_pid() -> Result<()> {
     let run = tracer.wait(Duration::from_secs(60))?;
     drop(target);
     check(&run, &ledger, &out)
+}
+
+/// Waits until memleak's `stdout` has `count` tables past its first `offset` bytes: the
+/// second one's snapshot was taken after `offset` was written.
+fn wait_until_tables_after(stdout: &Path, offset: usize, count: usize) -> Result<()> {
+    let start = std::time::Instant::now();
+    loop {
+        let text = std::fs::read_to_string(stdout)?;
+        if text
+            .get(offset..)
+            .unwrap_or("")
+            .matches("grew resident memory")
+            .count()
+            >= count
+        {
+            return Ok(());
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            bail!("memleak printed no {count} tables in 60 s:\n{text}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// `memleak --mode growth -c COMMAND` to its end, JSON in `out`.

@@ -14,7 +14,8 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use memleak_tests::{
-    Running, Scratch, can_trace, in_ci, memleak_bin, run_memleak, skipped, wait_for_text,
+    Running, Scratch, can_trace, expect_success, in_ci, memleak_bin, run_memleak, skipped,
+    wait_for_text,
 };
 use serde_json::Value;
 
@@ -39,6 +40,12 @@ fn watched(scratch: &Scratch, mode: &str, interval: &str) -> Result<(Running, So
         .and_then(|rest| rest.split('/').next())
         .with_context(|| format!("no address in memleak's output:\n{text}"))?;
     Ok((tracer, addr.parse()?))
+}
+
+/// Ends a [`watched`] memleak as a user would, with Ctrl+C: it must exit cleanly. Its
+/// command runs on after it; dropping the `Running` ends that too.
+fn stop(tracer: Running) -> Result<()> {
+    expect_success(&tracer.interrupt(Duration::from_secs(60))?)
 }
 
 /// A GET with `headers` (`Name: value\r\n` lines): the status line and headers, and the body.
@@ -109,8 +116,8 @@ fn prometheus_alert_fires_for_a_leak_and_not_for_churn() -> Result<()> {
         return Ok(());
     };
     let scratch = Scratch::new("watch-prom")?;
-    let (_leak, leak_addr) = watched(&scratch, "leak", "1s")?;
-    let (_churn, churn_addr) = watched(&scratch, "churn", "1s")?;
+    let (leak, leak_addr) = watched(&scratch, "leak", "1s")?;
+    let (churn, churn_addr) = watched(&scratch, "churn", "1s")?;
     let api: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
     let config = scratch.path("prometheus.yml");
     std::fs::write(
@@ -173,7 +180,8 @@ fn prometheus_alert_fires_for_a_leak_and_not_for_churn() -> Result<()> {
         .and_then(|v| v.parse().ok())
         .with_context(|| format!("no churn series in Prometheus: {doc}"))?;
     assert!(samples >= 10.0, "only {samples} churn samples");
-    Ok(())
+    stop(leak)?;
+    stop(churn)
 }
 
 /// `go tool pprof` reads /debug/pprof/heap as it reads a Go program's, and its inuse_space
@@ -320,7 +328,7 @@ fn stalled_clients_do_not_stall_tracing() -> Result<()> {
         return Ok(());
     }
     let scratch = Scratch::new("watch-stall")?;
-    let (_tracer, addr) = watched(&scratch, "leak", "200ms")?;
+    let (tracer, addr) = watched(&scratch, "leak", "200ms")?;
     let before = wait_for_metric(addr, "memleak_intervals_total", 1.0)?;
     let start = Instant::now();
     let mut stalled = Vec::new();
@@ -354,7 +362,7 @@ fn stalled_clients_do_not_stall_tracing() -> Result<()> {
         after - before
     );
     drop(stalled);
-    Ok(())
+    stop(tracer)
 }
 
 /// The live page refreshes itself and carries the chart; allocs is the heap profile; what is
@@ -365,7 +373,7 @@ fn pages_and_refusals() -> Result<()> {
         return Ok(());
     }
     let scratch = Scratch::new("watch-pages")?;
-    let (_tracer, addr) = watched(&scratch, "hold", "1s")?;
+    let (tracer, addr) = watched(&scratch, "hold", "1s")?;
     wait_for_metric(addr, "memleak_intervals_total", 1.0)?;
     let (head, page) = get(addr, "/", "")?;
     let page = String::from_utf8_lossy(&page);
@@ -415,5 +423,5 @@ fn pages_and_refusals() -> Result<()> {
         );
         assert!(answer.ends_with("\r\n\r\n"), "no body: {answer}");
     }
-    Ok(())
+    stop(tracer)
 }

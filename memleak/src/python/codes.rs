@@ -11,7 +11,8 @@ use anyhow::{Result, bail};
 
 use super::{
     Memory,
-    layout::{BYTES_DATA, BYTES_SIZE, Layout, OB_TYPE, UNICODE_LENGTH, UNICODE_STATE},
+    layout::{BYTES_DATA, BYTES_SIZE, Layout, OB_TYPE},
+    read_str,
 };
 
 /// A code object as last read: the pointers identify it (a freed and reused address gets
@@ -95,35 +96,7 @@ impl Codes {
 impl Reader {
     /// A compact `str` object's text (code objects hold only compact ones).
     fn string(&self, addr: u64) -> Result<String> {
-        let length = self.memory.u64(addr.wrapping_add(UNICODE_LENGTH))? as usize;
-        let state = self.memory.u32(addr.wrapping_add(UNICODE_STATE))?;
-        let kind = (state >> 2) & 7;
-        let compact = state & (1 << 5) != 0;
-        let ascii = state & (1 << 6) != 0;
-        if !compact || length > 1 << 16 {
-            bail!("str at {addr:#x} is not a compact string");
-        }
-        let data = if ascii {
-            self.layout.ascii_data
-        } else {
-            self.layout.compact_data
-        };
-        let width = if ascii { 1 } else { kind as usize };
-        if !matches!(width, 1 | 2 | 4) {
-            bail!("str at {addr:#x} has character width {width}");
-        }
-        let raw = self
-            .memory
-            .read_vec(addr.wrapping_add(data), length * width)?;
-        let text = raw
-            .chunks_exact(width)
-            .map(|c| {
-                let mut b = [0u8; 4];
-                b[..width].copy_from_slice(c);
-                char::from_u32(u32::from_le_bytes(b)).unwrap_or(char::REPLACEMENT_CHARACTER)
-            })
-            .collect();
-        Ok(text)
+        read_str(&|at, buf| self.memory.read(at, buf), &self.layout, addr)
     }
 
     /// A `bytes` object's content.

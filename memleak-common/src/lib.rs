@@ -137,7 +137,7 @@ pub struct AllocInfo {
     /// Id in the stack map; negative: the stack walk failed (−errno), counted in `STACK_LOST`.
     pub stack_id: i64,
     pub kind: u32,
-    /// How many times the target had exec'd when this was made (`EXECS`): entries of an
+    /// How many times the target had exec'd when this was made (`TRACED`): entries of an
     /// earlier program are gone.
     pub execs: u32,
 }
@@ -217,6 +217,10 @@ pub struct StackRecord {
     /// Outer Python frames past `MAX_PYTHON_FRAMES`, counted but not kept; with
     /// `PYTHON_DROPPED_MORE` set, the chain went on past `MAX_PYTHON_STEPS` too.
     pub python_dropped: u32,
+    /// The process whose stack it is (user stacks; 0 for kernel stacks): the same addresses
+    /// in two processes are two stacks, symbolized against each one's mappings.
+    pub tgid: u32,
+    pub _pad: u32,
     pub native: [u64; MAX_NATIVE_FRAMES],
     pub python: [PyFrame; MAX_PYTHON_FRAMES],
 }
@@ -309,6 +313,40 @@ pub const DEFAULT_MAX_STACKS: u32 = 1 << 14;
 pub const DEFAULT_MAX_INFLIGHT: u32 = 1 << 13;
 pub const DEFAULT_MAX_COMBINED: u32 = 1 << 14;
 
+/// Processes traced at once by default with `--children` or `--cgroup` (`-p` alone sizes the
+/// maps for the PIDs it names); each has a slot, the index of its per-process map entries.
+pub const DEFAULT_MAX_PROCESSES: u32 = 64;
+/// The most slots the block keys can tell apart (see [`Traced::key`]).
+pub const MAX_PROCESSES: u32 = 127;
+/// Bits of a user address below the slot in a block key: user space ends below 2^57 even
+/// with 5-level page tables.
+pub const SLOT_SHIFT: u32 = 57;
+
+/// `TRACED`'s value, by tgid: a traced process's slot and how many times it exec'd since
+/// memleak attached (every allocation carries the count, so those of an earlier program are
+/// dropped).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Traced {
+    pub slot: u32,
+    pub execs: u32,
+}
+
+impl Traced {
+    /// The key of a block at user address `addr` of this process in `HEAP` and `MMAPS`: forked
+    /// workers hand out the same addresses, so the slot goes into the bits above the address.
+    /// Slot 0 keys a block by its address alone, as a single process's always were.
+    #[inline(always)]
+    pub fn key(&self, addr: u64) -> u64 {
+        addr | (self.slot as u64) << SLOT_SHIFT
+    }
+}
+
+/// A user block key split back into (slot, address).
+pub fn split_key(key: u64) -> (u32, u64) {
+    ((key >> SLOT_SHIFT) as u32, key & ((1 << SLOT_SHIFT) - 1))
+}
+
 /// Byte offsets of the fields the kernel-mode programs read in each tracepoint record, taken
 /// from the tracepoints' `format` files at run time (they moved between kernel versions).
 #[repr(C)]
@@ -358,6 +396,7 @@ mod pod {
     unsafe impl aya::Pod for PyFrame {}
     unsafe impl aya::Pod for KernelLayout {}
     unsafe impl aya::Pod for StackRecord {}
+    unsafe impl aya::Pod for Traced {}
 }
 
 #[cfg(test)]

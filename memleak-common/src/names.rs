@@ -26,7 +26,7 @@ pub mod maps {
         COUNTERS,
         EVENTS,
         HEAP,
-        EXECS,
+        TRACED,
         SYSCALLS,
         BRK,
         USER_REGS,

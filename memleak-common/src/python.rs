@@ -134,7 +134,8 @@ pub const PY_NEW_STACKS_BYTES: u32 = 1 << 18;
 #[derive(Clone, Copy, Debug)]
 pub struct NewPythonStack {
     pub len: u32,
-    pub _pad: u32,
+    /// The process whose stack it is: its code objects are read from its memory.
+    pub tgid: u32,
     /// `PyFrame::code` of the stack's frames, innermost first; `len` of them are set.
     pub codes: [u64; crate::MAX_PYTHON_FRAMES],
 }

@@ -11,7 +11,7 @@ use aya_ebpf::{
     },
     maps::HashMap,
 };
-use memleak_common::{AllocInfo, AllocKind, CombinedAlloc, Counter, TraceEvent};
+use memleak_common::{AllocInfo, AllocKind, CombinedAlloc, Counter, TraceEvent, Traced};
 
 use crate::{
     COMBINED_ONLY, MAX_SIZE, MIN_SIZE, PAGE_SIZE, SAMPLE_BYTES, SAMPLE_RATE, TRACE, global, heap,
@@ -43,10 +43,32 @@ pub(crate) enum Table {
     Map(&'static HashMap<u64, AllocInfo>),
 }
 
-/// Records an outstanding allocation (user or kernel) and its per-stack totals. Inlined:
-/// BPF calls take at most five arguments.
+/// Records an outstanding allocation (user or kernel) of the calling process.
 #[inline(always)]
 pub(crate) fn store(
+    table: Table,
+    addr: u64,
+    size: u64,
+    kind: AllocKind,
+    stack_id: i64,
+    old_addr: u64,
+) {
+    store_as(
+        process::current(),
+        table,
+        addr,
+        size,
+        kind,
+        stack_id,
+        old_addr,
+    );
+}
+
+/// Records an outstanding allocation of process `p` (`addr`: its key, `Traced::key`) and
+/// its per-stack totals. Inlined: BPF calls take at most five arguments.
+#[inline(always)]
+pub(crate) fn store_as(
+    p: Traced,
     table: Table,
     addr: u64,
     size: u64,
@@ -59,7 +81,7 @@ pub(crate) fn store(
         timestamp_ns: unsafe { bpf_ktime_get_ns() },
         stack_id,
         kind: kind as u32,
-        execs: process::execs(),
+        execs: p.execs,
     };
     let combined = global(&COMBINED_ONLY) != 0;
     // `Some`: a block at the same address whose free we never saw, now gone.

@@ -34,7 +34,7 @@ use crate::{
     global,
     kernel::field,
     maps::{ALLOCS, BRK, MMAPS, SYSCALLS, USER_REGS},
-    python, unwind,
+    process, python, unwind,
 };
 
 /// A memory system call between its enter and exit tracepoints, keyed by pid_tgid.
@@ -115,11 +115,12 @@ fn walk_user(faulting_ip: bool) -> Result<i64, i32> {
         let saved = bpf_task_pt_regs(bpf_get_current_task_btf()) as *const pt_regs;
         *regs = bpf_probe_read_kernel(saved)?;
     }
-    let rec = unwind::walk(regs).ok_or(-1)?;
+    let slot = process::current().slot;
+    let rec = unwind::walk(regs, slot).ok_or(-1)?;
     if faulting_ip {
         unsafe { (*rec).native[0] += 1 };
     }
-    python::read_frames(rec);
+    python::read_frames(rec, slot);
     unwind::store(rec)
 }
 

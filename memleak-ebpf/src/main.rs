@@ -27,12 +27,12 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext},
 };
 use memleak_common::{
-    AllocKind, Counter, DEFAULT_THREAD_SLOTS, InFlight, MAP_ANONYMOUS, MAP_FAILED, named,
+    AllocKind, Counter, DEFAULT_THREAD_SLOTS, InFlight, MAP_ANONYMOUS, MAP_FAILED, Traced, named,
     names::{globals, programs},
 };
 
 use crate::{
-    bookkeeping::{Table, count, page_align, release, stack_id, store, unmap, wanted},
+    bookkeeping::{Table, count, page_align, release, stack_id, store_as, unmap, wanted},
     maps::{INFLIGHT, MMAPS, SLOTS},
 };
 
@@ -52,7 +52,8 @@ pub(crate) static TRACE: u8 = 0;
 pub(crate) static COMBINED_ONLY: u8 = 0;
 #[unsafe(no_mangle)]
 pub(crate) static PAGE_SIZE: u64 = 4096;
-/// The traced process (its tgid). Kernel mode: 0 for every process, or the -p filter.
+/// Growth mode's traced process (its tgid); kernel mode: 0 for every process, or the -p
+/// filter. User mode traces the processes of `TRACED` instead.
 #[unsafe(no_mangle)]
 pub(crate) static TARGET_TGID: u32 = 0;
 /// Bench only (`--empty-probes`): the allocator probes return at once, so the bench measures
@@ -276,7 +277,7 @@ pub fn mremap_enter(ctx: ProbeContext) -> u32 {
 pub fn free_enter(ctx: ProbeContext) -> u32 {
     let addr = arg(&ctx, 0);
     if addr != 0 && global(&EMPTY_PROBES) == 0 {
-        release(Table::Heap, addr, AllocKind::Free);
+        release(Table::Heap, process::current().key(addr), AllocKind::Free);
     }
     0
 }
@@ -286,7 +287,7 @@ pub fn munmap_enter(ctx: ProbeContext) -> u32 {
     let addr = arg(&ctx, 0);
     let len = page_align(arg(&ctx, 1));
     if addr != 0 && len != 0 && global(&EMPTY_PROBES) == 0 {
-        unmap(addr, len);
+        unmap(process::current().key(addr), len);
     }
     0
 }
@@ -326,65 +327,81 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
     let Some(kind) = AllocKind::from_u32(call.kind) else {
         return 0;
     };
+    returned(&ctx, process::current(), &call, kind, ret);
+    0
+}
+
+/// Books the return of `call` in process `p`: the block it made and the one it released.
+#[inline(always)]
+fn returned(ctx: &RetProbeContext, p: Traced, call: &InFlight, kind: AllocKind, ret: u64) {
+    let old = p.key(call.arg);
     match kind {
         AllocKind::Realloc | AllocKind::Reallocarray => {
             if ret == 0 {
                 // realloc(p, 0) frees p; any other NULL is a failure that keeps the old block.
                 if call.size == 0 && call.arg != 0 {
-                    release(Table::Heap, call.arg, kind);
+                    release(Table::Heap, old, kind);
                 }
-                return 0;
+                return;
             }
             if call.arg != 0 {
-                release(Table::Heap, call.arg, kind);
+                release(Table::Heap, old, kind);
             }
-            record(&ctx, Table::Heap, &call, kind, ret);
+            record(ctx, p, Table::Heap, call, kind, ret);
         }
         AllocKind::PosixMemalign => {
             if ret != 0 {
-                return 0;
+                return;
             }
             if let Ok(addr) = unsafe { bpf_probe_read_user(call.arg as *const u64) } {
-                record(&ctx, Table::Heap, &call, kind, addr);
+                record(ctx, p, Table::Heap, call, kind, addr);
             }
         }
         AllocKind::Mmap => {
             if ret != MAP_FAILED {
-                record(&ctx, Table::Map(&MMAPS), &call, kind, ret);
+                record(ctx, p, Table::Map(&MMAPS), call, kind, ret);
             }
         }
         AllocKind::Mremap => {
             // Only mappings we track move; an untracked one may be a file mapping.
-            if ret != MAP_FAILED && unsafe { MMAPS.get(call.arg) }.is_some() {
-                release(Table::Map(&MMAPS), call.arg, kind);
-                record(&ctx, Table::Map(&MMAPS), &call, kind, ret);
+            if ret != MAP_FAILED && unsafe { MMAPS.get(old) }.is_some() {
+                release(Table::Map(&MMAPS), old, kind);
+                record(ctx, p, Table::Map(&MMAPS), call, kind, ret);
             }
         }
         _ => {
             if ret != 0 {
-                record(&ctx, Table::Heap, &call, kind, ret);
+                record(ctx, p, Table::Heap, call, kind, ret);
             }
         }
     }
-    0
 }
 
 // ---------------------------------------------------------------------------------------------
 // Bookkeeping
 
-fn record(ctx: &RetProbeContext, table: Table, call: &InFlight, kind: AllocKind, addr: u64) {
+#[inline(always)]
+fn record(
+    ctx: &RetProbeContext,
+    p: Traced,
+    table: Table,
+    call: &InFlight,
+    kind: AllocKind,
+    addr: u64,
+) {
     if call.record == 0 {
         return;
     }
     // Native frames, then the thread's Python frames, then the record is stored by content.
-    let walk = match unwind::walk(ctx.regs) {
+    let walk = match unwind::walk(ctx.regs, p.slot) {
         Some(rec) => {
-            python::read_frames(rec);
+            python::read_frames(rec, p.slot);
             unwind::store(rec)
         }
         None => Err(-1),
     };
-    store(table, addr, call.size, kind, stack_id(walk), call.arg);
+    let id = stack_id(walk);
+    store_as(p, table, p.key(addr), call.size, kind, id, call.arg);
 }
 
 named!(

@@ -8,8 +8,8 @@ use aya_ebpf::{
 };
 use memleak_common::{
     AllocInfo, COUNTER_COUNT, CombinedAlloc, DEFAULT_MAX_ALLOCS, DEFAULT_MAX_COMBINED,
-    DEFAULT_MAX_INFLIGHT, DEFAULT_MAX_MMAPS, DEFAULT_MAX_STACKS, DEFAULT_THREAD_SLOTS, HeapSlot,
-    InFlight, StackRecord, heap, named,
+    DEFAULT_MAX_INFLIGHT, DEFAULT_MAX_MMAPS, DEFAULT_MAX_PROCESSES, DEFAULT_MAX_STACKS,
+    DEFAULT_THREAD_SLOTS, HeapSlot, InFlight, StackRecord, Traced, heap, named,
     names::maps,
     python::{MAX_PY_THREADS, PY_NEW_STACKS_BYTES, PyConfig},
     unwind::{MAX_UNWIND_MAPPINGS, MAX_UNWIND_ROWS, UnwindControl, UnwindMapping, UnwindRow},
@@ -63,12 +63,16 @@ pub(crate) static STACKS: HashMap<u64, StackRecord> =
 #[map]
 pub(crate) static UNWIND_ROWS: Array<UnwindRow> =
     Array::with_max_entries(MAX_UNWIND_ROWS, BPF_F_MMAPABLE);
-/// Two generations of the sorted mapping table; `UNWIND_CONTROL` says which is current.
+/// Per process slot, two generations of its sorted mapping table (slot `s` owns the
+/// `2 * MAX_UNWIND_MAPPINGS` entries from `2 * s * MAX_UNWIND_MAPPINGS`); userspace sizes it
+/// for the processes it traces.
 #[map]
 pub(crate) static UNWIND_MAPPINGS: Array<UnwindMapping> =
-    Array::with_max_entries(2 * MAX_UNWIND_MAPPINGS, 0);
+    Array::with_max_entries(2 * MAX_UNWIND_MAPPINGS * DEFAULT_MAX_PROCESSES, 0);
+/// Per process slot: which half of its `UNWIND_MAPPINGS` range is current.
 #[map]
-pub(crate) static UNWIND_CONTROL: Array<UnwindControl> = Array::with_max_entries(1, 0);
+pub(crate) static UNWIND_CONTROL: Array<UnwindControl> =
+    Array::with_max_entries(DEFAULT_MAX_PROCESSES, 0);
 /// This CPU's native walk (the record does not fit the 512-byte BPF stack).
 #[map]
 pub(crate) static WALK: PerCpuArray<unwind::Walk> = PerCpuArray::with_max_entries(1, 0);
@@ -86,10 +90,11 @@ pub(crate) static USER_REGS: PerCpuArray<pt_regs> = PerCpuArray::with_max_entrie
 
 // Python.
 
-/// Written by userspace once it finds CPython in the target; zero until then.
+/// Per process slot: written by userspace once it finds CPython in the process; zero until
+/// then (two processes may run two interpreters).
 #[map]
-pub(crate) static PY_CONFIG: Array<PyConfig> = Array::with_max_entries(1, 0);
-/// fs_base (pthread_t) → `PyThreadState` address.
+pub(crate) static PY_CONFIG: Array<PyConfig> = Array::with_max_entries(DEFAULT_MAX_PROCESSES, 0);
+/// fs_base (pthread_t) keyed with the process slot (`Traced::key`) → `PyThreadState` address.
 #[map]
 pub(crate) static PY_THREADS: HashMap<u64, u64> = HashMap::with_max_entries(MAX_PY_THREADS, 0);
 /// This CPU's Python walk.
@@ -100,11 +105,13 @@ pub(crate) static PY_WALK: PerCpuArray<python::Walk> = PerCpuArray::with_max_ent
 #[map]
 pub(crate) static PY_NEW_STACKS: RingBuf = RingBuf::with_byte_size(PY_NEW_STACKS_BYTES, 0);
 
-// The target process.
+// The traced processes.
 
-/// [0]: how many times the target has exec'd since memleak attached.
+/// Every traced process (user and growth mode) by tgid: its slot and exec count. Userspace
+/// adds a process before attaching its probes and removes it once it exited.
 #[map]
-pub(crate) static EXECS: Array<u32> = Array::with_max_entries(1, 0);
+pub(crate) static TRACED: HashMap<u32, Traced> =
+    HashMap::with_max_entries(DEFAULT_MAX_PROCESSES, 0);
 /// [0]: the target's program break; userspace seeds it from /proc, an exec clears it (the
 /// new program's first brk call tells it again).
 #[map]
@@ -139,7 +146,7 @@ named!(
     PY_THREADS = maps::PY_THREADS,
     PY_WALK = maps::PY_WALK,
     PY_NEW_STACKS = maps::PY_NEW_STACKS,
-    EXECS = maps::EXECS,
+    TRACED = maps::TRACED,
     BRK = maps::BRK,
     COUNTERS = maps::COUNTERS,
     EVENTS = maps::EVENTS,

@@ -1,25 +1,25 @@
-//! What the target does to itself: an exec replaces its program, so everything the old
+//! What a traced process does to itself: an exec replaces its program, so everything the old
 //! program held is gone. Each allocation carries the exec count it was made under, which lets
 //! userspace drop those of an earlier program. An exiting thread frees its in-flight slot.
+//! Every traced process has its entry in `TRACED`, by tgid.
 
 use aya_ebpf::{
     helpers::bpf_get_current_pid_tgid, macros::tracepoint, programs::TracePointContext,
 };
 
-use memleak_common::{named, names::programs};
+use memleak_common::{Traced, named, names::programs};
 
-use crate::{TARGET_TGID, forget_thread, global, growth, maps::EXECS};
+use crate::{forget_thread, growth, maps::TRACED};
 
 #[tracepoint]
 pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
-    if (bpf_get_current_pid_tgid() >> 32) as u32 != global(&TARGET_TGID) {
+    let id = bpf_get_current_pid_tgid();
+    let Some(traced) = TRACED.get_ptr_mut((id >> 32) as u32) else {
         return 0;
-    }
-    if let Some(n) = EXECS.get_ptr_mut(0) {
-        unsafe { *n += 1 };
-    }
+    };
+    unsafe { (*traced).execs += 1 };
     // Whatever call the old program had in flight on this thread is gone with it.
-    forget_thread(bpf_get_current_pid_tgid());
+    forget_thread(id);
     growth::forget_break();
     0
 }
@@ -27,16 +27,18 @@ pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
     let id = bpf_get_current_pid_tgid();
-    if (id >> 32) as u32 == global(&TARGET_TGID) {
+    if unsafe { TRACED.get((id >> 32) as u32) }.is_some() {
         forget_thread(id);
     }
     0
 }
 
-/// The target's exec count, for a new allocation.
+/// The calling process's slot and exec count (slot 0, no exec when it is not in `TRACED`:
+/// kernel mode).
 #[inline(always)]
-pub(crate) fn execs() -> u32 {
-    EXECS.get(0).copied().unwrap_or(0)
+pub(crate) fn current() -> Traced {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    unsafe { TRACED.get(tgid) }.copied().unwrap_or_default()
 }
 
 named!(

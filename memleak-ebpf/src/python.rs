@@ -1,8 +1,9 @@
 //! Python frames of the allocating thread: (code object, instruction) pairs read from the
 //! CPython frame chain, which userspace turns into file, function and line.
 //!
-//! The thread's `PyThreadState` comes from `PY_THREADS`, which userspace keeps keyed by each
-//! thread's pthread_t; on x86-64 that is the thread's fs_base, which the kernel keeps in
+//! Each process has its own `PY_CONFIG` entry (by slot): two processes may run two
+//! interpreters. The thread's `PyThreadState` comes from `PY_THREADS`, which userspace keeps
+//! keyed by each thread's pthread_t with its process slot; on x86-64 that is the thread's fs_base, which the kernel keeps in
 //! `task_struct` (offset from the kernel BTF, in `PY_CONFIG`). A thread started since
 //! userspace last scanned is searched for in the interpreter's thread list and added.
 
@@ -14,7 +15,7 @@ use aya_ebpf::helpers::{
 };
 
 use memleak_common::{
-    MAX_PYTHON_FRAMES, MAX_PYTHON_STEPS, PYTHON_DROPPED_MORE, StackRecord,
+    MAX_PYTHON_FRAMES, MAX_PYTHON_STEPS, PYTHON_DROPPED_MORE, StackRecord, Traced,
     python::{
         ENTRY_FRAME, FRAME_BUF, FrameStep, MAX_THREAD_SCAN, NO_FIELD, NewPythonStack, PyConfig,
         PyOffsets, decode_frame,
@@ -53,6 +54,7 @@ pub fn announce(rec: &StackRecord) {
     };
     let new = unsafe { &mut *entry.as_mut_ptr() };
     new.len = rec.python_len;
+    new.tgid = rec.tgid;
     for i in 0..MAX_PYTHON_FRAMES {
         if i >= rec.python_len as usize {
             break;
@@ -72,12 +74,12 @@ fn user<T>(addr: u64) -> Option<T> {
 /// past the cap in `rec.python_dropped`. Leaves `python_len` 0 when the target runs no Python
 /// or the thread has no frames. `rec` is the walk's record (`unwind::record`).
 #[inline(always)]
-pub fn read_frames(rec: *mut StackRecord) {
+pub fn read_frames(rec: *mut StackRecord, slot: u32) {
     unsafe {
         (*rec).python_len = 0;
         (*rec).python_dropped = 0;
     }
-    let Some(config) = PY_CONFIG.get(0) else {
+    let Some(config) = PY_CONFIG.get(slot) else {
         return;
     };
     let o = config.offsets;
@@ -90,7 +92,7 @@ pub fn read_frames(rec: *mut StackRecord) {
     // A raw pointer, not `&mut`: the `bpf_loop` callbacks change `*w` behind the compiler's
     // back, which a unique reference would let it assume cannot happen.
     unsafe { (*w).offsets = o };
-    let Some(tstate) = thread_state(w, config) else {
+    let Some(tstate) = thread_state(w, config, Traced { slot, execs: 0 }) else {
         return;
     };
     let Some(mut frame) = user::<u64>(tstate + o.tstate_frame as u64) else {
@@ -172,10 +174,10 @@ fn step_one(w: &mut Walk, rec: &mut StackRecord) -> i64 {
 /// holds (a thread that exited leaves a stale entry until userspace's next scan), else
 /// searched for in the interpreter's thread list and remembered.
 #[inline(always)]
-fn thread_state(w: *mut Walk, config: &PyConfig) -> Option<u64> {
+fn thread_state(w: *mut Walk, config: &PyConfig, p: Traced) -> Option<u64> {
     let fsbase_at = unsafe { bpf_get_current_task() } + config.task_fsbase;
     let fsbase: u64 = unsafe { bpf_probe_read_kernel(fsbase_at as *const u64) }.ok()?;
-    if let Some(&tstate) = unsafe { PY_THREADS.get(fsbase) }
+    if let Some(&tstate) = unsafe { PY_THREADS.get(p.key(fsbase)) }
         && user::<u64>(tstate + config.offsets.tstate_thread_id as u64) == Some(fsbase)
     {
         return Some(tstate);
@@ -196,7 +198,7 @@ fn thread_state(w: *mut Walk, config: &PyConfig) -> Option<u64> {
         return None;
     }
     // Full map: the thread is searched for again next time; userspace's scan makes room.
-    let _ = PY_THREADS.insert(fsbase, tstate, 0);
+    let _ = PY_THREADS.insert(p.key(fsbase), tstate, 0);
     Some(tstate)
 }
 

@@ -11,7 +11,7 @@ use core::{ffi::c_void, ptr::null_mut};
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, pt_regs},
     helpers::{
-        self, bpf_get_prandom_u32,
+        self, bpf_get_current_pid_tgid, bpf_get_prandom_u32,
         generated::{bpf_loop, bpf_probe_read_user, bpf_send_signal},
     },
     macros::uprobe,
@@ -104,13 +104,15 @@ pub fn hold_at_entry(_ctx: ProbeContext) -> u32 {
 }
 
 /// Walks the user stack from the registers of a (return) probe into this CPU's scratch record
-/// and returns it: native frames innermost first, starting with `regs.rip`; `python_len` 0;
-/// `truncated` 1 unless the walk reached the outermost frame.
+/// and returns it: native frames innermost first, starting with `regs.rip`, through the
+/// tables of process slot `slot`; `python_len` 0; `truncated` 1 unless the walk reached the
+/// outermost frame.
 #[inline(always)]
-pub fn walk(regs: *const pt_regs) -> Option<*mut StackRecord> {
+pub fn walk(regs: *const pt_regs, slot: u32) -> Option<*mut StackRecord> {
     let w = WALK.get_ptr_mut(0)?;
-    let control = *UNWIND_CONTROL.get(0)?;
+    let control = *UNWIND_CONTROL.get(slot)?;
     unsafe {
+        (*w).rec.tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
         (*w).ip = (*regs).rip;
         (*w).sp = (*regs).rsp;
         (*w).first_block = (*regs).rsp >> BLOCK_SHIFT;
@@ -183,6 +185,7 @@ fn hash(rec: &StackRecord) -> i64 {
     const K: u64 = 0x517c_c1b7_2722_0a95;
     let mix = |h: u64, x: u64| (h.rotate_left(5) ^ x).wrapping_mul(K);
     let mut h = mix(u64::from(rec.native_len), u64::from(rec.python_len));
+    h = mix(h, u64::from(rec.tgid));
     h = mix(h, u64::from(rec.python_dropped));
     for i in 0..MAX_NATIVE_FRAMES {
         if i >= rec.native_len as usize {

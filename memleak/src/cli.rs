@@ -11,7 +11,7 @@ use clap::{Parser, ValueEnum};
 use crate::unwind::UnwindMode;
 use memleak_common::{
     DEFAULT_MAX_ALLOCS, DEFAULT_MAX_COMBINED, DEFAULT_MAX_INFLIGHT, DEFAULT_MAX_MMAPS,
-    DEFAULT_MAX_STACKS, DEFAULT_THREAD_SLOTS,
+    DEFAULT_MAX_STACKS, DEFAULT_THREAD_SLOTS, MAX_PROCESSES,
 };
 
 #[derive(Parser, Debug)]
@@ -22,10 +22,17 @@ use memleak_common::{
     after_help = "EXAMPLES:\n  memleak -p $(pidof app)          every 5 s, the top 10 stacks holding memory\n  memleak -p PID 10 6 -T 5         6 tables, 10 s apart, top 5 stacks\n  memleak -c \"./app --flag\"         start the command traced from its first allocation\n  memleak -p PID -O libjemalloc --symbols-prefix je_"
 )]
 pub struct Args {
-    /// Trace this process (all its threads, present and future). Without -p or -c, memleak
+    /// Trace these processes (all their threads, present and future): `-p 12,34` or
+    /// `-p 12 -p 34`; the reports group the stacks by process. Without -p or -c, memleak
     /// traces the kernel's allocators (kmalloc, kmem_cache, pages, percpu), as BCC does.
-    #[arg(short, long, conflicts_with = "command")]
-    pub pid: Option<u32>,
+    #[arg(
+        short,
+        long,
+        conflicts_with = "command",
+        value_delimiter = ',',
+        value_name = "PID[,PID...]"
+    )]
+    pub pid: Vec<u32>,
 
     /// Trace the kernel's allocators (the default without -p/-c); with -p, only the kernel
     /// memory that the process's own threads allocate.
@@ -234,6 +241,11 @@ impl Args {
     /// Checks what clap cannot express; returns a one-line message for the user.
     /// User-mode allocation tracking keeps heap blocks in the `HEAP` table; kernel and
     /// growth mode keep theirs in the `ALLOCS` hash map.
+    /// Processes the per-process maps have room for: the PIDs named.
+    pub fn max_processes(&self) -> u32 {
+        self.pid.len().max(1) as u32
+    }
+
     pub fn heap_table(&self) -> bool {
         !self.kernel && self.mode == Mode::Alloc
     }
@@ -285,8 +297,11 @@ impl Args {
             return Err(format!("--min-size {min} is larger than --max-size {max}"));
         }
         if self.mode == Mode::Growth {
-            if self.pid.is_none() && self.command.is_none() {
+            if self.pid.is_empty() && self.command.is_none() {
                 return Err("--mode growth traces a process: give -p PID or -c COMMAND".into());
+            }
+            if self.pid.len() > 1 {
+                return Err("--mode growth traces one process: give a single -p PID".into());
             }
             let unsupported = [
                 ("--kernel", self.kernel),
@@ -301,6 +316,19 @@ impl Args {
                     "{flag} is for the allocation mode, not --mode growth"
                 ));
             }
+        }
+        if self.kernel && self.pid.len() > 1 {
+            return Err("--kernel filters on one process: give a single -p PID".into());
+        }
+        if self.pid.len() > MAX_PROCESSES as usize {
+            return Err(format!(
+                "memleak traces at most {MAX_PROCESSES} processes at once"
+            ));
+        }
+        let mut pids = self.pid.clone();
+        pids.sort_unstable();
+        if let Some(w) = pids.windows(2).find(|w| w[0] == w[1]) {
+            return Err(format!("PID {} is given twice", w[0]));
         }
         if self.combined_only && self.show_allocs {
             return Err("--show-allocs needs the per-allocation map; drop --combined-only".into());

@@ -2,7 +2,7 @@
 //! symbolized. Knows the maps; knows nothing about output formats.
 
 use std::{
-    collections::HashMap as StdHashMap,
+    collections::{BTreeMap, HashMap as StdHashMap},
     time::{Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -11,7 +11,7 @@ use aya::{
     Ebpf,
     maps::{HashMap, MapData, PerCpuArray},
 };
-use memleak_common::{AllocInfo, CombinedAlloc, Counter, StackRecord, names::maps};
+use memleak_common::{AllocInfo, CombinedAlloc, Counter, StackRecord, names::maps, split_key};
 
 use crate::{
     bpf_map,
@@ -31,40 +31,70 @@ use crate::{
 const SOURCE_LINES_READ: usize = 20;
 
 /// What turns a stack's addresses into frames.
-#[allow(clippy::large_enum_variant, reason = "one per run")]
 pub enum Names {
-    /// A process's user stacks: native symbols, and Python frames when it runs CPython.
-    User(Symbolizer, Box<PythonTracking>),
+    /// User stacks, by the process they were taken in.
+    User(BTreeMap<u32, ProcessNames>),
     /// Kernel stacks (kernel mode).
     Kernel(Kallsyms),
 }
 
+/// One process's names: native symbols, and Python frames when it runs CPython.
+pub struct ProcessNames {
+    pub symbols: Symbolizer,
+    pub python: Box<PythonTracking>,
+}
+
 impl Names {
-    /// The process's mappings changed (libraries loaded since); nothing in kernel mode.
-    pub fn update_maps(&mut self, maps: &[Mapping]) {
-        if let Names::User(symbols, _) = self {
-            symbols.update(maps);
+    /// Process `pid`'s names, if it is traced.
+    fn of(&mut self, pid: u32) -> Option<&mut ProcessNames> {
+        match self {
+            Names::User(by_pid) => by_pid.get_mut(&pid),
+            Names::Kernel(_) => None,
         }
     }
 
-    /// Looks for CPython in the process's mappings until found, then re-reads its threads;
-    /// nothing in kernel mode. Says so when it has just found CPython.
-    pub fn tick_python(&mut self, maps: Option<&[Mapping]>) -> Result<()> {
-        if let (Names::User(_, python), Some(maps)) = (self, maps)
-            && let Some(version) = python.tick(maps)?
+    /// A new traced process.
+    pub fn add(&mut self, pid: u32, names: ProcessNames) {
+        if let Names::User(by_pid) = self {
+            by_pid.insert(pid, names);
+        }
+    }
+
+    /// Process `pid`'s mappings changed (libraries loaded since).
+    pub fn update_maps(&mut self, pid: u32, maps: &[Mapping]) {
+        if let Some(n) = self.of(pid) {
+            n.symbols.update(maps);
+        }
+    }
+
+    /// Looks for CPython in process `pid`'s mappings until found, then re-reads its
+    /// threads. Says so when it has just found CPython.
+    pub fn tick_python(&mut self, pid: u32, maps: &[Mapping]) -> Result<()> {
+        if let Some(n) = self.of(pid)
+            && let Some(version) = n.python.tick(maps)?
         {
-            eprintln!("memleak: found CPython {version}: Python frames are on every stack");
+            eprintln!(
+                "memleak: found CPython {version} in pid {pid}: Python frames are on every stack"
+            );
         }
         Ok(())
     }
 
-    /// The process exec'd: the old program's symbols and Python runtime are gone.
-    pub fn after_exec(&mut self) -> Result<()> {
-        if let Names::User(symbols, python) = self {
-            symbols.forget();
-            python.reset()?;
+    /// Process `pid` exec'd: the old program's symbols and Python runtime are gone.
+    pub fn after_exec(&mut self, pid: u32) -> Result<()> {
+        if let Some(n) = self.of(pid) {
+            n.symbols.forget();
+            n.python.reset()?;
         }
         Ok(())
+    }
+
+    /// Whether any traced process runs CPython (found).
+    fn any_python(&self) -> bool {
+        match self {
+            Names::User(by_pid) => by_pid.values().any(|n| n.python.runtime().is_some()),
+            Names::Kernel(_) => false,
+        }
     }
 }
 
@@ -99,10 +129,10 @@ pub struct Collector {
     /// Every stack by content hash: user stacks from the unwinder, or kernel stacks.
     stacks: HashMap<MapData, u64, StackRecord>,
     counters: PerCpuArray<MapData, u64>,
-    /// The exec generation of the program running now (`Process::new_exec`).
-    generation: u32,
-    /// The traced process (0 in kernel mode).
-    pid: u32,
+    /// The exec generation of the program each process runs now (`Process::new_exec`).
+    generations: StdHashMap<u32, u32>,
+    /// Block key slot → the process it is of (user mode).
+    slots: StdHashMap<u32, u32>,
     pub names: Names,
     /// Every stack seen, symbolized: what the snapshots' ids stand for.
     pub table: StackTable,
@@ -126,7 +156,7 @@ pub struct Query {
 
 impl Collector {
     /// `heap`: heap blocks are in `HEAP` (user-mode allocation tracking), else in `ALLOCS`.
-    pub fn new(ebpf: &mut Ebpf, pid: u32, names: Names, heap: bool) -> Result<Collector> {
+    pub fn new(ebpf: &mut Ebpf, names: Names, heap: bool) -> Result<Collector> {
         let mut take = |name| bpf_map::take(ebpf, name);
         let allocs = if heap {
             Blocks::Heap(HeapTable::new(take(maps::HEAP)?)?)
@@ -139,8 +169,8 @@ impl Collector {
             combined: HashMap::try_from(take(maps::COMBINED)?)?,
             stacks: HashMap::try_from(take(maps::STACKS)?)?,
             counters: PerCpuArray::try_from(take(maps::COUNTERS)?)?,
-            generation: 0,
-            pid,
+            generations: StdHashMap::new(),
+            slots: StdHashMap::new(),
             names,
             table: StackTable::default(),
             started: Instant::now(),
@@ -211,7 +241,8 @@ impl Collector {
         let mut per_stack = StdHashMap::new();
         let now = monotonic_ns();
         for map in maps {
-            for (addr, info) in map.entries() {
+            for (key, info) in map.entries() {
+                let addr = self.address(key);
                 let age_ms = now.saturating_sub(info.timestamp_ns) / 1_000_000;
                 if age_ms < q.older_ms {
                     continue;
@@ -244,20 +275,40 @@ impl Collector {
             s.allocations.sort_by_key(|a| a.addr);
         }
         let largest = stacks.iter().take(SOURCE_LINES_READ).map(|s| s.stack_id);
-        self.table.read_sources(self.pid, largest);
+        self.table.read_sources(largest);
         stacks
     }
 
-    /// After the target exec'd into exec generation `current`: forgets what the old program
-    /// held (exec freed it all). Returns how many allocations were dropped.
-    pub fn forget_before(&mut self, current: u32) -> usize {
+    /// The address of the block under `key`: user blocks are keyed with their process's
+    /// slot (`Traced::key`), kernel ones by address.
+    pub fn address(&self, key: u64) -> u64 {
+        match self.names {
+            Names::User(_) => split_key(key).1,
+            Names::Kernel(_) => key,
+        }
+    }
+
+    /// Process `pid` has the blocks keyed with `slot`.
+    pub fn add_process(&mut self, pid: u32, slot: u32) {
+        self.slots.insert(slot, pid);
+        self.generations.insert(pid, 0);
+    }
+
+    fn generation_of(&self, pid: u32) -> u32 {
+        self.generations.get(&pid).copied().unwrap_or(0)
+    }
+
+    /// After process `pid` (blocks keyed with `slot`) exec'd into exec generation `current`:
+    /// forgets what the old program held (exec freed it all); `u32::MAX` when it exited.
+    /// Returns how many allocations were dropped.
+    pub fn forget_before(&mut self, pid: u32, slot: u32, current: u32) -> usize {
         let mut dropped = 0;
         for map in [&mut self.allocs, &mut self.mmaps] {
             let stale: Vec<u64> = map
                 .entries()
                 .into_iter()
-                .filter(|(_, info)| info.execs < current)
-                .map(|(addr, _)| addr)
+                .filter(|(key, info)| split_key(*key).0 == slot && info.execs < current)
+                .map(|(key, _)| key)
                 .collect();
             for addr in stale {
                 dropped += map.remove(addr) as usize;
@@ -265,7 +316,7 @@ impl Collector {
         }
         // Stacks seen again from now on are symbolized anew; the old program's keep their
         // frames for the snapshots that hold them.
-        self.generation = current;
+        self.generations.insert(pid, current);
         dropped
     }
 
@@ -282,68 +333,79 @@ impl Collector {
         if stack_id < 0 {
             return;
         }
-        let attributed = self
+        let known = self
             .table
             .entry(stack_id)
-            .filter(|s| s.generation == self.generation)
-            .map(|s| s.class.is_some());
-        let (frames, truncated, python_cut) = match attributed {
-            Some(true) => return,
-            Some(false) if self.python_runtime().is_none() => return,
-            Some(false) => {
+            .filter(|s| s.generation == self.generation_of(s.pid))
+            .map(|s| (s.class.is_some(), s.pid));
+        let (frames, truncated, python_cut, pid) = match known {
+            Some((true, _)) => return,
+            Some((false, pid)) if self.python_runtime(pid).is_none() => return,
+            Some((false, pid)) => {
                 let s = self.table.get(stack_id);
-                (s.frames.clone(), s.truncated, s.python_cut)
+                (s.frames.clone(), s.truncated, s.python_cut, pid)
             }
             None => match self.symbolize(stack_id) {
                 Some(stack) => stack,
                 None => return,
             },
         };
-        let who = attribute(&frames, self.python_runtime());
-        let mut info = StackInfo::new(frames, truncated, self.generation, who);
+        let who = attribute(&frames, self.python_runtime(pid));
+        let mut info = StackInfo::new(frames, truncated, self.generation_of(pid), who);
         info.python_cut = python_cut;
+        info.pid = pid;
         self.table.insert(stack_id, info);
     }
 
-    fn python_runtime(&mut self) -> Option<&crate::python::PythonRuntime> {
-        match &mut self.names {
-            Names::User(_, python) => python.runtime_mut().map(|rt| &*rt),
-            Names::Kernel(_) => None,
-        }
+    fn python_runtime(&mut self, pid: u32) -> Option<&crate::python::PythonRuntime> {
+        let names = self.names.of(pid)?;
+        names.python.runtime_mut().map(|rt| &*rt)
     }
 
-    /// A stack's frames, innermost first, whether the walk stopped short and how many outer
-    /// Python frames it did not keep; `None`: the stack is not in the map.
-    fn symbolize(&mut self, stack_id: i64) -> Option<(Vec<Frame>, bool, Option<PythonCut>)> {
+    /// A stack's frames, innermost first, whether the walk stopped short, how many outer
+    /// Python frames it did not keep and whose it is; `None`: the stack is not in the map.
+    fn symbolize(&mut self, stack_id: i64) -> Option<(Vec<Frame>, bool, Option<PythonCut>, u32)> {
         let unwind::Stack {
             native: ips,
             python: python_frames,
             truncated,
             python_dropped,
+            tgid,
         } = unwind::read_stack(&self.stacks, stack_id)?;
         let frames: Vec<Frame> = match &mut self.names {
-            Names::User(symbols, python) => {
+            Names::User(by_pid) => match by_pid.get_mut(&tgid) {
                 // Stacks are taken at the allocator's return: every address is a return
                 // address.
-                let native = ips
-                    .iter()
-                    .flat_map(|&ip| symbols.symbolize(ip, true))
-                    .collect();
-                match python.runtime_mut() {
-                    Some(rt) => rt.splice(native, &python_frames),
-                    None => native,
+                Some(ProcessNames { symbols, python }) => {
+                    let native = ips
+                        .iter()
+                        .flat_map(|&ip| symbols.symbolize(ip, true))
+                        .collect();
+                    match python.runtime_mut() {
+                        Some(rt) => rt.splice(native, &python_frames),
+                        None => native,
+                    }
                 }
-            }
+                // A process memleak no longer knows: addresses only.
+                None => ips
+                    .iter()
+                    .map(|&addr| Frame {
+                        addr,
+                        ..Default::default()
+                    })
+                    .collect(),
+            },
             Names::Kernel(k) => ips.iter().map(|&ip| k.frame(ip)).collect(),
         };
-        Some((frames, truncated, PythonCut::from_record(python_dropped)))
+        let cut = PythonCut::from_record(python_dropped);
+        Some((frames, truncated, cut, tgid))
     }
 
     /// Symbolizes the stacks not seen yet while the target is alive to be read: Python code
     /// objects (names, lines) die with the process. Native frames can wait for the table, so
     /// a target without Python costs nothing here.
     pub fn learn_new_stacks(&mut self) {
-        if self.python_runtime().is_none() {
+        if !self.names.any_python() {
             return;
         }
         let ids: Vec<u64> = self.stacks.keys().flatten().collect();
@@ -361,18 +423,18 @@ impl Collector {
             .flat_map(|map| map.entries())
             .filter(|(_, info)| stacks.contains(&info.stack_id))
             .filter(|(_, info)| now.saturating_sub(info.timestamp_ns) / 1_000_000 >= older_ms)
-            .map(|(addr, info)| Block {
-                addr,
+            .map(|(key, info)| Block {
+                addr: self.address(key),
                 size: info.size,
                 stack_id: info.stack_id,
             })
             .collect()
     }
 
-    /// The target's CPython, once found.
-    pub fn python(&self) -> Option<&PythonRuntime> {
+    /// Process `pid`'s CPython, once found.
+    pub fn python(&self, pid: u32) -> Option<&PythonRuntime> {
         match &self.names {
-            Names::User(_, python) => python.runtime(),
+            Names::User(by_pid) => by_pid.get(&pid)?.python.runtime(),
             Names::Kernel(_) => None,
         }
     }

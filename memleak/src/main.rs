@@ -73,7 +73,7 @@ async fn run(args: Args) -> Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut session = Session::start(&args, server)?;
-    let mut exited = session.exit_watch()?;
+    let mut exits = session.exit_watch()?;
     let period = args.period();
     let mut tables = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     let mut maps_tick = tokio::time::interval(Duration::from_millis(250));
@@ -85,7 +85,9 @@ async fn run(args: Args) -> Result<()> {
             _ = maps_tick.tick() => session.on_maps_tick()?,
             _ = sigint.recv() => break Stop::Signal("interrupted"),
             _ = sigterm.recv() => break Stop::Signal("terminated"),
-            how = &mut exited => break Stop::TargetExited(how),
+            Some(exit) = exits.recv() => if let Some(how) = session.on_exit(exit) {
+                break Stop::TargetExited(how);
+            },
             Some(()) = async { match session.events() { Some(e) => e.readable().await, None => std::future::pending().await } } => {
                 session.print_events();
             }

@@ -15,6 +15,8 @@ use memleak::binding::{self, Hook};
 use memleak_common::{
     AllocKind, KernelLayout, heap,
     names::{globals, maps, programs},
+    python::MAX_PY_THREADS,
+    unwind::MAX_UNWIND_MAPPINGS,
 };
 
 use crate::{
@@ -52,8 +54,9 @@ fn has_bpf_caps() -> bool {
         .is_some_and(|caps| caps & (1 << CAP_BPF) != 0 && caps & (1 << CAP_PERFMON) != 0)
 }
 
-/// Loads the BPF object for `target_pid` (in kernel mode: `None` for every process);
-/// `kernel` carries the tracepoint layout in kernel mode.
+/// Loads the BPF object; `target_pid` is growth mode's process or kernel mode's filter
+/// (`None`: every process); `kernel` carries the tracepoint layout in kernel mode. The
+/// per-process maps get room for `args.max_processes()`.
 pub fn load(args: &Args, target_pid: Option<u32>, kernel: Option<&KernelLayout>) -> Result<Ebpf> {
     let target_tgid = target_pid.unwrap_or(0);
     let page_size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64;
@@ -62,6 +65,7 @@ pub fn load(args: &Args, target_pid: Option<u32>, kernel: Option<&KernelLayout>)
     let trace = args.trace as u8;
     let combined_only = args.combined_only as u8;
     let layout = kernel.copied().unwrap_or_default();
+    let processes = args.max_processes();
     // Heap blocks go to HEAP in user mode and to ALLOCS otherwise; the other gets one entry.
     let (heap_bits, allocs) = if args.heap_table() {
         (heap::bits_for(args.max_allocs), 1)
@@ -88,6 +92,11 @@ pub fn load(args: &Args, target_pid: Option<u32>, kernel: Option<&KernelLayout>)
         .map_max_entries(maps::INFLIGHT, args.max_inflight)
         .map_max_entries(maps::SLOTS, args.thread_slots)
         .map_max_entries(maps::COMBINED, args.max_combined)
+        .map_max_entries(maps::TRACED, processes)
+        .map_max_entries(maps::PY_CONFIG, processes)
+        .map_max_entries(maps::UNWIND_CONTROL, processes)
+        .map_max_entries(maps::UNWIND_MAPPINGS, 2 * MAX_UNWIND_MAPPINGS * processes)
+        .map_max_entries(maps::PY_THREADS, MAX_PY_THREADS * processes)
         .load(BPF_OBJECT)
         .context("loading the BPF program (kernel too old, or locked memory limit too low?)")
 }
@@ -98,10 +107,9 @@ pub struct Attached {
     pub placement: Placement,
 }
 
-/// Hooks every entry point of `hooks` (binding.rs chose them: the definitions the process
-/// calls), then the exec and exit tracepoints.
-pub fn attach(ebpf: &mut Ebpf, pid: u32, hooks: &[Hook]) -> Result<Vec<Attached>> {
-    let pid = NonZeroU32::new(pid).context("PID 0 is not a process")?;
+/// Loads the allocator programs and attaches the exec and exit tracepoints, once for every
+/// process `attach` hooks.
+pub fn load_user(ebpf: &mut Ebpf) -> Result<()> {
     for name in AllocKind::USER
         .into_iter()
         .filter_map(entry_program)
@@ -114,18 +122,20 @@ pub fn attach(ebpf: &mut Ebpf, pid: u32, hooks: &[Hook]) -> Result<Vec<Attached>
         prog.load()
             .with_context(|| format!("verifier rejected {name}"))?;
     }
-    let attached = hooks
-        .iter()
-        .map(|h| hook(ebpf, h, pid))
-        .collect::<Result<_>>()?;
     attach_tracepoints(
         ebpf,
         &[
             ("sched", programs::SCHED_PROCESS_EXEC),
             ("sched", programs::SCHED_PROCESS_EXIT),
         ],
-    )?;
-    Ok(attached)
+    )
+}
+
+/// Hooks every entry point of `hooks` (binding.rs chose them: the definitions the process
+/// calls) for process `pid` alone (`load_user` first).
+pub fn attach(ebpf: &mut Ebpf, pid: u32, hooks: &[Hook]) -> Result<Vec<Attached>> {
+    let pid = NonZeroU32::new(pid).context("PID 0 is not a process")?;
+    hooks.iter().map(|h| hook(ebpf, h, pid)).collect()
 }
 
 /// Hooks one function that behaves like its kind with that kind's programs, at its placement.

@@ -1,26 +1,36 @@
-//! One traced process (user mode): the target, its exec generation, what it maps (read once
-//! per maps tick and handed to every consumer) and the unwind tables the walker uses for it.
+//! One traced process (user mode): the target, its slot in the per-process maps, its exec
+//! generation, what it maps (read once per maps tick and handed to every consumer) and the
+//! unwind tables the walker uses for it.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use aya::{
     Ebpf,
-    maps::{Array, MapData},
+    maps::{HashMap, MapData},
 };
-use memleak_common::names::maps;
+use memleak_common::{Traced, names::maps};
 
-use crate::{bpf_map, procmaps::Mapping, target::Target, unwind::Unwinder};
+use crate::{
+    bpf_map,
+    procmaps::Mapping,
+    target::Target,
+    unwind::{Rows, Unwinder},
+};
 
 pub struct Process {
     pub target: Target,
+    /// Its index in the per-process maps, and the high bits of its block keys.
+    pub slot: u32,
     pub unwinder: Unwinder,
-    /// `EXECS`: how many times the process has exec'd since memleak attached.
-    execs: Array<MapData, u32>,
+    /// `TRACED`: its entry there says the BPF programs trace it, and counts its execs.
+    traced: HashMap<MapData, u32, Traced>,
     execs_seen: u32,
     /// A started command that has not exec'd yet: what its first exec drops is memleak's
     /// own fork's doing, not worth a word.
     launching: bool,
     /// The last `/proc/PID/maps` read that showed a live process.
     maps: Vec<Mapping>,
+    /// How it ended, once it did (while others are still traced).
+    pub exited: Option<String>,
 }
 
 /// The process exec'd: allocations made under an earlier generation are the old program's.
@@ -32,14 +42,23 @@ pub struct Exec {
 }
 
 impl Process {
-    pub fn new(ebpf: &mut Ebpf, target: Target, unwinder: Unwinder) -> Result<Process> {
+    /// Enters the process in `TRACED` under `slot` (before its probes are attached, so that
+    /// its first allocation already has its slot) with an empty unwind table.
+    pub fn new(ebpf: &Ebpf, rows: &mut Rows, target: Target, slot: u32) -> Result<Process> {
+        let mut traced: HashMap<MapData, u32, Traced> =
+            HashMap::try_from(bpf_map::open(ebpf, maps::TRACED)?)?;
+        traced
+            .insert(target.pid, Traced { slot, execs: 0 }, 0)
+            .context("adding the process to the traced map")?;
         Ok(Process {
             launching: target.child.is_some(),
+            unwinder: Unwinder::new(ebpf, rows, target.pid, slot)?,
             target,
-            unwinder,
-            execs: Array::try_from(bpf_map::take(ebpf, maps::EXECS)?)?,
+            slot,
+            traced,
             execs_seen: 0,
             maps: Vec::new(),
+            exited: None,
         })
     }
 
@@ -49,13 +68,23 @@ impl Process {
 
     /// The exec the BPF program counted since the last call, if any.
     pub fn new_exec(&mut self) -> Result<Option<Exec>> {
-        let generation = self.execs.get(&0, 0)?;
+        let generation = match self.traced.get(&self.pid(), 0) {
+            Ok(t) => t.execs,
+            // Gone from the map: it exited and was forgotten.
+            Err(_) => return Ok(None),
+        };
         if generation <= self.execs_seen {
             return Ok(None);
         }
         self.execs_seen = generation;
         let launch = std::mem::take(&mut self.launching);
         Ok(Some(Exec { generation, launch }))
+    }
+
+    /// The process exited (`how`): the BPF programs forget it, its slot can be reused.
+    pub fn forget(&mut self, how: String) {
+        let _ = self.traced.remove(&self.pid());
+        self.exited = Some(how);
     }
 
     /// Reads `/proc/PID/maps` once for every consumer; true when the mappings changed. A
@@ -73,8 +102,8 @@ impl Process {
     }
 
     /// Hands the mappings of the last read to the unwinder; true when it republished.
-    pub fn update_unwinder(&mut self) -> Result<bool> {
-        self.unwinder.update(&self.maps)
+    pub fn update_unwinder(&mut self, rows: &mut Rows) -> Result<bool> {
+        self.unwinder.update(rows, &self.maps)
     }
 
     /// The mappings of the last read.

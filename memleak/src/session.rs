@@ -1,29 +1,34 @@
-//! One tracing session: the BPF object and its probes, the traced process (or the kernel),
-//! the collection and the timeline, from setup to the final reports. main.rs builds one with
-//! [`Session::start`] and runs its loop: [`Session::on_interval`] per table,
-//! [`Session::on_maps_tick`] every 250 ms, [`Session::finish`] at the end.
+//! One tracing session: the BPF object and its probes, the traced processes (or the
+//! kernel), the collection and the timeline, from setup to the final reports. main.rs builds
+//! one with [`Session::start`] and runs its loop: [`Session::on_interval`] per table,
+//! [`Session::on_maps_tick`] every 250 ms, [`Session::on_exit`] when a process exits,
+//! [`Session::finish`] at the end.
 
-use std::{future::Future, pin::Pin};
+use std::collections::BTreeMap;
 
 use anyhow::{Context, Result};
-use aya::Ebpf;
+use aya::{Ebpf, maps::RingBuf};
+use memleak_common::names::maps;
+use tokio::sync::mpsc;
 
 use crate::{
     analysis::{self, Analysis},
+    bpf_map,
     cli::{Args, Mode},
-    collect::{Collector, Names, Query},
+    collect::{Collector, Names, ProcessNames, Query},
     kallsyms::Kallsyms,
     model::Measure,
     owners, probes,
     proc_stats::{self, ProcessContext},
     process::{Exec, Process},
-    python::{self, PythonTracking},
+    python::{self, Learner, PythonTracking},
     report::{self, live::LiveStatus},
     serve,
     symbolize::Symbolizer,
     target::Target,
     timeline::Timeline,
-    trace, unwind,
+    trace,
+    unwind::Rows,
 };
 
 /// Why tracing stopped.
@@ -33,12 +38,17 @@ pub enum Stop {
     TargetExited(String),
 }
 
+/// A process that exited: its pid and how.
+pub type Exit = (u32, String);
+
 pub struct Session<'a> {
     args: &'a Args,
     ebpf: Ebpf,
     collector: Collector,
-    /// The traced process; `None` in kernel mode.
-    process: Option<Process>,
+    /// The traced processes (user mode), those that exited included; none in kernel mode.
+    processes: Vec<Process>,
+    /// What the processes share: unwind rows and the Python stacks' reader (user mode).
+    shared: Option<Shared>,
     /// Kernel mode's -p filter: only watched, to end when it exits.
     filter: Option<Target>,
     events: Option<trace::Events>,
@@ -49,63 +59,222 @@ pub struct Session<'a> {
     title: String,
     live: LiveStatus,
     huge_pages_said: bool,
+    /// Where the exit of each process is told (`exit_watch`).
+    exits: mpsc::UnboundedSender<Exit>,
+    exits_rx: Option<mpsc::UnboundedReceiver<Exit>>,
+}
+
+struct Shared {
+    rows: Rows,
+    learner: Learner,
 }
 
 impl<'a> Session<'a> {
-    /// Finds or starts the target, loads and attaches the BPF object, and lets a started
+    /// Finds or starts the targets, loads and attaches the BPF object, and lets a started
     /// command run.
     pub fn start(args: &'a Args, server: Option<serve::Server>) -> Result<Session<'a>> {
-        let target = match (&args.pid, &args.command) {
-            (Some(pid), _) => Some(Target::existing(*pid)?),
-            (None, Some(cmd)) => Some(Target::spawn(cmd)?),
-            (None, None) => None,
+        let mut targets = match &args.command {
+            Some(cmd) => vec![Target::spawn(cmd)?],
+            None => args
+                .pid
+                .iter()
+                .map(|&p| Target::existing(p))
+                .collect::<Result<_>>()?,
         };
-        let (mut ebpf, names, process, filter, unhooked) = match target {
-            Some(t) if !args.kernel => {
-                let (mut ebpf, process, unhooked) = attach_user(args, t)?;
-                let python = Box::new(PythonTracking::new(&mut ebpf, process.pid())?);
-                let names = Names::User(Symbolizer::new(process.pid()), python);
-                (ebpf, names, Some(process), None, unhooked)
-            }
-            filter => {
-                let layout = probes::kernel_layout()?;
-                let mut ebpf = probes::load(args, args.pid, Some(&layout))?;
-                probes::attach_kernel(&mut ebpf)?;
-                let names = Names::Kernel(Kallsyms::load()?);
-                (ebpf, names, None, filter, Vec::new())
+        let mut session = match targets.is_empty() || args.kernel {
+            true => Session::kernel(args, server, targets.pop())?,
+            false => Session::user(args, server, targets)?,
+        };
+        session.run_target()?;
+        let pid = session.first_pid();
+        session.timeline = Timeline::new(ProcessContext::read(pid), args.period().as_secs_f64());
+        Ok(session)
+    }
+
+    /// Kernel mode: the kernel's allocators, of every process or of `filter`'s.
+    fn kernel(
+        args: &'a Args,
+        server: Option<serve::Server>,
+        filter: Option<Target>,
+    ) -> Result<Self> {
+        let layout = probes::kernel_layout()?;
+        let mut ebpf = probes::load(args, filter.as_ref().map(|t| t.pid), Some(&layout))?;
+        probes::attach_kernel(&mut ebpf)?;
+        let names = Names::Kernel(Kallsyms::load()?);
+        let mut session = Session::new(args, server, ebpf, names)?;
+        session.filter = filter;
+        Ok(session)
+    }
+
+    /// User mode: the BPF object loaded once, then each target attached on its own.
+    fn user(args: &'a Args, server: Option<serve::Server>, targets: Vec<Target>) -> Result<Self> {
+        let loaded = load_user(args, targets[0].pid);
+        let (ebpf, shared) = match loaded {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                // A started command must not run on untraced.
+                targets.iter().for_each(Target::kill);
+                return Err(e);
             }
         };
-        let pid = process.as_ref().map_or(0, Process::pid);
-        let mut collector = Collector::new(&mut ebpf, pid, names, args.heap_table())?;
-        collector.unhooked = unhooked;
+        let mut session = Session::new(args, server, ebpf, Names::User(BTreeMap::new()))?;
+        session.shared = Some(shared);
+        for target in targets {
+            session.add_process(target)?;
+        }
+        Ok(session)
+    }
+
+    fn new(
+        args: &'a Args,
+        server: Option<serve::Server>,
+        mut ebpf: Ebpf,
+        names: Names,
+    ) -> Result<Self> {
+        let collector = Collector::new(&mut ebpf, names, args.heap_table())?;
         let events = match args.trace {
             true => Some(trace::Events::new(&mut ebpf)?),
             false => None,
         };
         let query = query(args);
-        let mut session = Session {
+        let (exits, exits_rx) = mpsc::unbounded_channel();
+        Ok(Session {
             args,
             title: query.measure.title(args.top),
             query,
             ebpf,
             collector,
-            process,
-            filter,
+            processes: Vec::new(),
+            shared: None,
+            filter: None,
             events,
             server,
             timeline: Timeline::new(ProcessContext::default(), args.period().as_secs_f64()),
             live: LiveStatus::new(),
             huge_pages_said: false,
+            exits,
+            exits_rx: Some(exits_rx),
+        })
+    }
+
+    /// The first target's pid (0 in kernel mode without -p): whose `/proc` facts the
+    /// timeline samples.
+    fn first_pid(&self) -> u32 {
+        match (self.processes.first(), &self.filter) {
+            (Some(p), _) => p.pid(),
+            (None, Some(t)) => t.pid,
+            (None, None) => 0,
+        }
+    }
+
+    /// The processes traced so far, as the reports list them.
+    fn traced(&self) -> Vec<crate::timeline::TracedProcess> {
+        let listed = |p: &Process| crate::timeline::TracedProcess {
+            pid: p.pid(),
+            exited: p.exited.clone(),
         };
-        session.run_target()?;
-        let pid = session.target().map_or(0, |t| t.pid);
-        session.timeline = Timeline::new(ProcessContext::read(pid), args.period().as_secs_f64());
-        Ok(session)
+        self.processes.iter().map(listed).collect()
+    }
+
+    /// Traces `target` from now on: its slot, its tables, its probes, its names. A started
+    /// command is killed on failure (it must not run on untraced).
+    fn add_process(&mut self, target: Target) -> Result<()> {
+        let (pid, started) = (target.pid, target.child.is_some());
+        let added = self.attach_process(target);
+        if added.is_err() && started {
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        }
+        added.with_context(|| format!("tracing pid {pid}"))
+    }
+
+    fn attach_process(&mut self, mut target: Target) -> Result<()> {
+        let args = self.args;
+        // What to hook; growth mode hooks no function.
+        let plan = match args.mode {
+            Mode::Alloc => Some(hook_plan(args, &target)?),
+            Mode::Growth => None,
+        };
+        let slot = self.free_slot()?;
+        let shared = self.shared.as_mut().expect("user mode");
+        // Tables before the probes, so the first allocation already gets a whole stack. A
+        // started command has not exec'd yet: build what it will map, and hold it at its
+        // entry point, where they are placed.
+        if target.child.is_some() {
+            let files = preload(&target, plan.as_ref());
+            let files: Vec<&std::path::Path> = files.iter().map(|p| p.as_path()).collect();
+            shared.rows.prepare(&target.exe, &files);
+            target.hold_at_entry(&mut self.ebpf)?;
+        }
+        let pid = target.pid;
+        let mut process = Process::new(&self.ebpf, &mut shared.rows, target, slot)?;
+        if process.target.child.is_none() {
+            process.read_maps();
+            process.update_unwinder(&mut shared.rows)?;
+        }
+        if args.verbose {
+            eprint!("memleak: {}", process.unwinder.summary(&shared.rows));
+        }
+        let python = PythonTracking::new(&self.ebpf, pid, slot, shared.learner.clone())?;
+        self.collector.add_process(pid, slot);
+        self.collector.names.add(
+            pid,
+            ProcessNames {
+                symbols: Symbolizer::new(pid),
+                python: Box::new(python),
+            },
+        );
+        match plan {
+            Some(plan) => self.hook(&process, plan)?,
+            None => attach_growth(&mut self.ebpf, &process.target)?,
+        }
+        self.processes.push(process);
+        Ok(())
+    }
+
+    /// The lowest slot no live process holds.
+    fn free_slot(&self) -> Result<u32> {
+        let held: Vec<u32> = self
+            .processes
+            .iter()
+            .filter(|p| p.exited.is_none())
+            .map(|p| p.slot)
+            .collect();
+        (0..self.args.max_processes())
+            .find(|s| !held.contains(s))
+            .context("no room for another process (all slots of the per-process maps are taken)")
+    }
+
+    /// Hooks the allocator of `process` as `plan` says.
+    fn hook(&mut self, process: &Process, plan: memleak::binding::Plan) -> Result<()> {
+        let (args, pid) = (self.args, process.pid());
+        println!("{}", plan.summary());
+        let mut attached = probes::attach(&mut self.ebpf, pid, &plan.hooks)?;
+        if args.python_allocators {
+            let runtime = python::PythonRuntime::detect(pid)?.context(
+                "--python-allocators: no CPython in this process (with -c, attach with -p once it runs)",
+            )?;
+            let object = runtime.object_path();
+            attached.extend(probes::attach_python_allocators(
+                &mut self.ebpf,
+                pid,
+                &object,
+            )?);
+        }
+        if args.verbose {
+            say_hooks(&attached, &plan);
+        }
+        let unhooked = &mut self.collector.unhooked;
+        for f in plan.unhooked {
+            if !unhooked.contains(&f) {
+                unhooked.push(f);
+            }
+        }
+        Ok(())
     }
 
     fn target(&self) -> Option<&Target> {
-        self.process
-            .as_ref()
+        self.processes
+            .first()
             .map(|p| &p.target)
             .or(self.filter.as_ref())
     }
@@ -116,29 +285,24 @@ impl<'a> Session<'a> {
     fn run_target(&mut self) -> Result<()> {
         // Python: found now, or after the exec of a started command (whose maps are still
         // memleak's fork's).
-        if self
-            .process
-            .as_ref()
-            .is_none_or(|p| p.target.child.is_none())
-        {
+        if self.target().is_none_or(|t| t.child.is_none()) {
             self.on_maps_tick()?;
         }
-        match self.process.as_mut() {
-            Some(p) => {
-                p.target.release()?;
-                let held = p.target.wait_at_entry();
-                let ticked = if held { self.on_maps_tick() } else { Ok(()) };
-                let t = &mut self.process.as_mut().expect("matched").target;
-                t.resume();
-                ticked?;
-                match &self.args.command {
-                    Some(cmd) => {
-                        println!("Attaching to \"{cmd}\" (pid {}), Ctrl+C to quit.", t.pid)
-                    }
-                    None => println!("Attaching to pid {}, Ctrl+C to quit.", t.pid),
-                }
-            }
-            None => println!("Attaching to kernel allocators, Ctrl+C to quit."),
+        if let Some(cmd) = &self.args.command {
+            let p = self.processes.first_mut().context("no started command")?;
+            p.target.release()?;
+            let held = p.target.wait_at_entry();
+            let ticked = if held { self.on_maps_tick() } else { Ok(()) };
+            let t = &mut self.processes[0].target;
+            t.resume();
+            ticked?;
+            println!("Attaching to \"{cmd}\" (pid {}), Ctrl+C to quit.", t.pid);
+        } else if !self.processes.is_empty() {
+            let pids: Vec<String> = self.processes.iter().map(|p| p.pid().to_string()).collect();
+            let s = if pids.len() > 1 { "s" } else { "" };
+            println!("Attaching to pid{s} {}, Ctrl+C to quit.", pids.join(", "));
+        } else {
+            println!("Attaching to kernel allocators, Ctrl+C to quit.");
         }
         if let Some(t) = &self.filter {
             println!("Kernel allocations made by pid {} only.", t.pid);
@@ -146,20 +310,37 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
-    /// Resolves when the target exits, with how ("exited with status 3"); never in kernel
-    /// mode without -p.
-    pub fn exit_watch(&mut self) -> Result<Pin<Box<dyn Future<Output = String>>>> {
-        let target = match self.process.as_mut() {
-            Some(p) => Some(&mut p.target),
-            None => self.filter.as_mut(),
+    /// Where the exit of each traced process (or of kernel mode's filter) is told, as
+    /// (pid, how: "exited with status 3"); never in kernel mode without -p.
+    pub fn exit_watch(&mut self) -> Result<mpsc::UnboundedReceiver<Exit>> {
+        let targets = self.processes.iter_mut().map(|p| &mut p.target);
+        for t in targets.chain(self.filter.as_mut()) {
+            let (pid, rx) = (t.pid, t.watch_exit()?);
+            let tx = self.exits.clone();
+            tokio::spawn(async move {
+                let how = rx.await.unwrap_or_else(|_| "exited".into());
+                let _ = tx.send((pid, how));
+            });
+        }
+        self.exits_rx.take().context("the exits are watched once")
+    }
+
+    /// Process `pid` exited: `Some(how)` when it was the last one traced (tracing ends, its
+    /// memory is what it held at exit); otherwise its memory is dropped and it is listed as
+    /// exited.
+    pub fn on_exit(&mut self, (pid, how): Exit) -> Option<String> {
+        let live = self.processes.iter().filter(|p| p.exited.is_none()).count();
+        let Some(p) = self.processes.iter_mut().find(|p| p.pid() == pid) else {
+            // Kernel mode's filter.
+            return Some(how);
         };
-        Ok(match target {
-            Some(t) => {
-                let rx = t.watch_exit()?;
-                Box::pin(async move { rx.await.unwrap_or_else(|_| "exited".into()) })
-            }
-            None => Box::pin(std::future::pending()),
-        })
+        if live <= 1 {
+            return Some(how);
+        }
+        let dropped = self.collector.forget_before(pid, p.slot, u32::MAX);
+        println!("memleak: pid {pid} {how}; dropped the {dropped} allocations it held");
+        p.forget(how);
+        None
     }
 
     /// The --trace events, when there are any to print.
@@ -178,10 +359,10 @@ impl<'a> Session<'a> {
     pub fn on_interval(&mut self) -> Result<bool> {
         self.check_exec()?;
         if self.query.measure == Measure::ResidentPages && !self.huge_pages_said {
-            let pid = self.process.as_ref().map_or(0, Process::pid);
-            self.huge_pages_said = say_huge_pages(pid);
+            self.huge_pages_said = say_huge_pages(self.first_pid());
         }
         let snap = self.collector.snapshot(&self.query)?;
+        self.timeline.processes = self.traced();
         self.live.clear();
         // A --duration run shows a status line instead of a table per interval; --listen
         // shows pages.
@@ -205,55 +386,70 @@ impl<'a> Session<'a> {
         Ok(count.is_some_and(|c| self.timeline.intervals() >= c))
     }
 
-    /// Every 250 ms: libraries appear right after exec and with every dlopen; the maps are
-    /// read once and handed to the unwinder, the symbolizer and Python tracking, while the
-    /// target lives, so its stacks still symbolize after it exits.
+    /// Every 250 ms: libraries appear right after exec and with every dlopen; each live
+    /// process's maps are read once and handed to its unwinder, symbolizer and Python
+    /// tracking, so its stacks still symbolize after it exits.
     pub fn on_maps_tick(&mut self) -> Result<()> {
         self.check_exec()?;
-        if let Some(p) = self.process.as_mut()
-            && p.read_maps()
-        {
-            self.collector.names.update_maps(p.maps());
-            // A failed update (the target is exiting) leaves the old tables in place.
-            if let Ok(true) = p.update_unwinder()
-                && self.args.verbose
-            {
-                eprint!("memleak: new code mapped; {}", p.unwinder.summary());
+        let verbose = self.args.verbose;
+        for p in self.processes.iter_mut().filter(|p| p.exited.is_none()) {
+            let pid = p.pid();
+            if p.read_maps() {
+                self.collector.names.update_maps(pid, p.maps());
+                let rows = &mut self.shared.as_mut().expect("user mode").rows;
+                // A failed update (the process is exiting) leaves the old tables in place.
+                if let Ok(true) = p.update_unwinder(rows)
+                    && verbose
+                {
+                    eprint!(
+                        "memleak: pid {pid} mapped new code; {}",
+                        p.unwinder.summary(rows)
+                    );
+                }
             }
-        }
-        let maps = self.process.as_ref().map(|p| p.maps());
-        if let Err(e) = self.collector.names.tick_python(maps) {
-            eprintln!("memleak: {e:#}");
-        }
-        self.collector.learn_new_stacks();
-        if let Some(p) = self.process.as_mut() {
+            if let Err(e) = self.collector.names.tick_python(pid, p.maps()) {
+                eprintln!("memleak: pid {pid}: {e:#}");
+            }
             for child in p.target.new_children() {
                 println!(
-                    "memleak: pid {} started child process {child}; it is not traced (memleak follows one process)",
-                    p.pid()
+                    "memleak: pid {pid} started child process {child}; it is not traced (memleak follows the processes named)"
                 );
+            }
+        }
+        self.collector.learn_new_stacks();
+        Ok(())
+    }
+
+    /// The execs of the traced processes since the last look.
+    fn check_exec(&mut self) -> Result<()> {
+        let several = self.processes.len() > 1;
+        for i in 0..self.processes.len() {
+            let p = &mut self.processes[i];
+            if p.exited.is_some() {
+                continue;
+            }
+            if let Some(exec) = p.new_exec()? {
+                let (pid, slot) = (p.pid(), p.slot);
+                self.on_exec(pid, slot, exec, several)?;
             }
         }
         Ok(())
     }
 
-    /// The exec of the traced process, if one happened since the last look.
-    fn check_exec(&mut self) -> Result<()> {
-        match self.process.as_mut().map(Process::new_exec).transpose()? {
-            Some(Some(exec)) => self.on_exec(exec),
-            _ => Ok(()),
-        }
-    }
-
-    /// The process runs a new program: what the old one held, its symbols, its Python
+    /// Process `pid` runs a new program: what the old one held, its symbols, its Python
     /// runtime and its stacks' frames are gone together. Says so, except for a started
     /// command's own first exec.
-    fn on_exec(&mut self, exec: Exec) -> Result<()> {
-        let dropped = self.collector.forget_before(exec.generation);
-        self.collector.names.after_exec()?;
+    fn on_exec(&mut self, pid: u32, slot: u32, exec: Exec, several: bool) -> Result<()> {
+        let dropped = self.collector.forget_before(pid, slot, exec.generation);
+        self.collector.names.after_exec(pid)?;
         if dropped > 0 && !exec.launch {
+            let who = if several {
+                format!("pid {pid}")
+            } else {
+                "the target".into()
+            };
             println!(
-                "memleak: the target exec'd a new program; dropped {dropped} allocations the old one held"
+                "memleak: {who} exec'd a new program; dropped {dropped} allocations the old one held"
             );
         }
         Ok(())
@@ -290,11 +486,16 @@ impl<'a> Session<'a> {
             self.timeline.record_final(snap);
         }
         // The target still runs (not when it exited): read who holds the largest stacks'
-        // memory.
-        if !self.args.no_owners && !matches!(stop, Stop::TargetExited(_)) {
+        // memory. One process only: the owner walk reads one process's memory.
+        if !self.args.no_owners
+            && !matches!(stop, Stop::TargetExited(_))
+            && self.processes.len() == 1
+        {
+            let pid = self.first_pid();
             self.timeline.owners =
-                find_owners(&self.collector, &self.timeline, self.query.older_ms);
+                find_owners(&self.collector, pid, &self.timeline, self.query.older_ms);
         }
+        self.timeline.processes = self.traced();
         let Session {
             args,
             ebpf,
@@ -315,6 +516,42 @@ impl<'a> Session<'a> {
     }
 }
 
+/// The BPF object for user (or growth) mode, and what its processes share.
+fn load_user(args: &Args, first_pid: u32) -> Result<(Ebpf, Shared)> {
+    let mut ebpf = probes::load(args, Some(first_pid), None)?;
+    if args.mode == Mode::Alloc {
+        probes::load_user(&mut ebpf)?;
+    }
+    let rows = Rows::new(&mut ebpf, args.unwind)?;
+    let ring = RingBuf::try_from(bpf_map::take(&mut ebpf, maps::PY_NEW_STACKS)?)?;
+    let learner = Learner::new(ring);
+    Ok((ebpf, Shared { rows, learner }))
+}
+
+/// The files a started command will map whose tables are built before its exec: the
+/// objects of its hooks (or libc in growth mode), not its executable.
+fn preload(target: &Target, plan: Option<&memleak::binding::Plan>) -> Vec<std::path::PathBuf> {
+    let mut preload: Vec<std::path::PathBuf> = match plan {
+        Some(plan) => plan.hooks.iter().map(|h| h.object.clone()).collect(),
+        None => target.library("libc").ok().into_iter().collect(),
+    };
+    preload.retain(|p| *p != target.exe);
+    preload.sort();
+    preload.dedup();
+    preload
+}
+
+/// Growth mode: the tracepoints, filtered to the target. A started command's break belongs
+/// to memleak's fork until the exec; its first brk call after the exec tells the program's
+/// own.
+fn attach_growth(ebpf: &mut Ebpf, target: &Target) -> Result<()> {
+    let brk = match target.child {
+        Some(_) => 0,
+        None => crate::procmaps::program_break(target.pid)?,
+    };
+    probes::attach_growth(ebpf, brk)
+}
+
 /// Stacks whose owners are looked for: those the report shows first (growing, then holding).
 const OWNED_STACKS: usize = 8;
 
@@ -322,10 +559,11 @@ const OWNED_STACKS: usize = 8;
 /// `None` when it runs no Python.
 fn find_owners(
     collector: &Collector,
+    pid: u32,
     timeline: &Timeline,
     older_ms: u64,
 ) -> Option<owners::Findings> {
-    let python = collector.python()?;
+    let python = collector.python(pid)?;
     let analysis = analysis::analyze(timeline, &collector.table);
     let stacks: std::collections::HashSet<i64> = analysis
         .stacks
@@ -354,80 +592,6 @@ fn query(args: &Args) -> Query {
             Mode::Growth => Measure::ResidentPages,
         },
     }
-}
-
-/// Loads the BPF object for `target` and attaches it, with the allocator functions it may
-/// call that are not hooked; a started command is killed on failure (it must not run on
-/// untraced).
-fn attach_user(args: &Args, mut target: Target) -> Result<(Ebpf, Process, Vec<String>)> {
-    match setup(args, &mut target) {
-        Ok((mut ebpf, unwinder, unhooked)) => {
-            let process = Process::new(&mut ebpf, target, unwinder)?;
-            Ok((ebpf, process, unhooked))
-        }
-        Err(e) => {
-            target.kill();
-            Err(e)
-        }
-    }
-}
-
-/// The BPF object with the target hooked, its unwinder, and the allocator functions it may
-/// call that are not hooked.
-fn setup(args: &Args, target: &mut Target) -> Result<(Ebpf, unwind::Unwinder, Vec<String>)> {
-    // What to hook; growth mode hooks no function.
-    let plan = match args.mode {
-        Mode::Alloc => Some(hook_plan(args, target)?),
-        Mode::Growth => None,
-    };
-    let mut ebpf = probes::load(args, Some(target.pid), None)?;
-    let mut unwinder = unwind::Unwinder::new(&mut ebpf, target.pid, args.unwind)?;
-    // Tables before the probes, so the first allocation already gets a whole stack. A
-    // started command has not exec'd yet: build what it will map, and hold it at its entry
-    // point, where they are placed.
-    if target.child.is_none() {
-        unwinder.update(&crate::procmaps::read(target.pid)?)?;
-    } else {
-        let mut preload: Vec<std::path::PathBuf> = match &plan {
-            Some(plan) => plan.hooks.iter().map(|h| h.object.clone()).collect(),
-            None => target.library("libc").ok().into_iter().collect(),
-        };
-        preload.retain(|p| *p != target.exe);
-        preload.sort();
-        preload.dedup();
-        let preload: Vec<&std::path::Path> = preload.iter().map(|p| p.as_path()).collect();
-        unwinder.prepare(&target.exe, &preload);
-        target.hold_at_entry(&mut ebpf)?;
-    }
-    if args.verbose {
-        eprint!("memleak: {}", unwinder.summary());
-    }
-    let Some(plan) = plan else {
-        // A started command's break belongs to memleak's fork until the exec; its first brk
-        // call after the exec tells the program's own.
-        let brk = match target.child {
-            Some(_) => 0,
-            None => crate::procmaps::program_break(target.pid)?,
-        };
-        probes::attach_growth(&mut ebpf, brk)?;
-        return Ok((ebpf, unwinder, Vec::new()));
-    };
-    println!("{}", plan.summary());
-    let mut attached = probes::attach(&mut ebpf, target.pid, &plan.hooks)?;
-    if args.python_allocators {
-        let runtime = python::PythonRuntime::detect(target.pid)?.context(
-            "--python-allocators: no CPython in this process (with -c, attach with -p once it runs)",
-        )?;
-        attached.extend(probes::attach_python_allocators(
-            &mut ebpf,
-            target.pid,
-            &runtime.object_path(),
-        )?);
-    }
-    if args.verbose {
-        say_hooks(&attached, &plan);
-    }
-    Ok((ebpf, unwinder, plan.unhooked))
 }
 
 /// `--verbose`: where each probe went, and what was not hooked.

@@ -28,6 +28,17 @@ pub struct Timeline {
     intervals: u64,
     /// What holds the first stacks' memory, read from the target at the end of the run.
     pub owners: Option<Findings>,
+    /// The processes traced, in the order they were attached (empty in kernel mode).
+    pub processes: Vec<TracedProcess>,
+}
+
+/// A process of the run, as the reports list it.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct TracedProcess {
+    pub pid: u32,
+    /// How it ended while the others were still traced (its memory was dropped then).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exited: Option<String>,
 }
 
 impl Timeline {
@@ -40,6 +51,7 @@ impl Timeline {
             samples: Vec::new(),
             intervals: 0,
             owners: None,
+            processes: Vec::new(),
         }
     }
 

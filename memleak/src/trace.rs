@@ -38,7 +38,8 @@ impl Events {
             if item.len() < size_of::<TraceEvent>() {
                 continue;
             }
-            let ev: TraceEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            let mut ev: TraceEvent = unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            ev.addr = collector.address(ev.addr);
             let kind = AllocKind::from_u32(ev.kind).map_or("?", AllocKind::symbol);
             let secs = ev.timestamp_ns as f64 / 1e9;
             match AllocKind::from_u32(ev.kind) {

@@ -38,6 +38,8 @@ pub struct Analysis<'a> {
     pub verdict: Verdict,
     /// Final outstanding bytes per class, largest first; empty when no class is set.
     pub classes: Vec<ClassBytes>,
+    /// Each traced process's verdict (user mode), in the order they were attached.
+    pub processes: Vec<verdict::ProcessVerdict>,
 }
 
 /// One stack over the whole run.
@@ -113,6 +115,7 @@ pub fn analyze<'a>(timeline: &'a Timeline, table: &'a StackTable) -> Analysis<'a
     sort(&mut stacks);
     let verdict = verdict::verdict(&timeline.context, &points, &stacks, min_span);
     let classes = classes(&stacks);
+    let processes = verdict::per_process(&timeline.processes, &stacks);
     Analysis {
         timeline,
         table,
@@ -120,6 +123,7 @@ pub fn analyze<'a>(timeline: &'a Timeline, table: &'a StackTable) -> Analysis<'a
         stacks,
         verdict,
         classes,
+        processes,
     }
 }
 
@@ -131,6 +135,11 @@ impl<'a> Analysis<'a> {
 
     pub fn count(&self, trend: Trend) -> usize {
         self.stacks.iter().filter(|s| s.trend == trend).count()
+    }
+
+    /// Several processes traced: the reports group by process.
+    pub fn several(&self) -> bool {
+        self.processes.len() > 1
     }
 
     /// The shortest span a rate is given over.

@@ -4,7 +4,10 @@
 use serde::Serialize;
 
 use super::{Point, StackTrend, Trend, classes::MIN_POINTS, fit::Fit};
-use crate::proc_stats::{ProcSample, ProcessContext};
+use crate::{
+    proc_stats::{ProcSample, ProcessContext},
+    timeline::TracedProcess,
+};
 
 /// A stack is named in the verdict, whatever its class, if it keeps at least this share of
 /// what is outstanding at the end ...
@@ -138,4 +141,40 @@ fn projection(ctx: &ProcessContext, s: &ProcSample, rate: f64) -> Option<Project
         seconds: grows.then(|| headroom as f64 / rate * 60.0),
         rss_at,
     })
+}
+
+/// One process's part of a run over several: whether it leaks, at what rate, and what its
+/// stacks hold at the end.
+#[derive(Clone, Debug, Serialize)]
+pub struct ProcessVerdict {
+    pub pid: u32,
+    /// How it ended while the others were traced; its memory was dropped then.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exited: Option<String>,
+    pub leaking: bool,
+    pub leak_rate_bytes_per_min: f64,
+    pub growing_stacks: usize,
+    /// Outstanding at the end, over its stacks.
+    pub final_bytes: u64,
+    pub final_count: u64,
+}
+
+/// Each traced process's verdict, in `processes` order, from the stacks taken in it.
+pub fn per_process(processes: &[TracedProcess], stacks: &[StackTrend]) -> Vec<ProcessVerdict> {
+    processes
+        .iter()
+        .map(|p| {
+            let own = || stacks.iter().filter(|s| s.info.pid == p.pid);
+            let growing = || own().filter(|s| s.trend == Trend::Growing);
+            ProcessVerdict {
+                pid: p.pid,
+                exited: p.exited.clone(),
+                leaking: growing().next().is_some(),
+                leak_rate_bytes_per_min: growing().fold(0.0, |sum, s| sum + s.rate()),
+                growing_stacks: growing().count(),
+                final_bytes: own().map(|s| s.final_bytes()).sum(),
+                final_count: own().map(|s| s.counts.last().copied().unwrap_or(0)).sum(),
+            }
+        })
+        .collect()
 }

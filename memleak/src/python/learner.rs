@@ -3,7 +3,11 @@
 //! table, building the unwind tables of a library just loaded) for longer than a short script
 //! lives, and code objects die with their function, their module or the process.
 
-use std::os::fd::AsRawFd;
+use std::{
+    collections::HashMap,
+    os::fd::AsRawFd,
+    sync::{Arc, Mutex},
+};
 
 use anyhow::{Context, Result};
 use aya::maps::{MapData, RingBuf};
@@ -11,8 +15,40 @@ use memleak_common::python::NewPythonStack;
 
 use super::Codes;
 
-/// Starts the thread; it reads into `codes` for as long as memleak runs.
-pub fn spawn(mut ring: RingBuf<MapData>, codes: Codes) -> Result<()> {
+/// The one reader of `PY_NEW_STACKS` for every traced process: each record goes to the code
+/// cache of the process it names. Clones share it.
+#[derive(Clone)]
+pub struct Learner {
+    /// Until the first process with Python starts the thread.
+    ring: Arc<Mutex<Option<RingBuf<MapData>>>>,
+    codes: Arc<Mutex<HashMap<u32, Codes>>>,
+}
+
+impl Learner {
+    pub fn new(ring: RingBuf<MapData>) -> Learner {
+        Learner {
+            ring: Arc::new(Mutex::new(Some(ring))),
+            codes: Arc::default(),
+        }
+    }
+
+    /// Process `pid` runs CPython: its new stacks' code objects are read into `codes`.
+    pub fn add(&self, pid: u32, codes: Codes) -> Result<()> {
+        self.codes.lock().expect("not poisoned").insert(pid, codes);
+        match self.ring.lock().expect("not poisoned").take() {
+            Some(ring) => spawn(ring, self.codes.clone()),
+            None => Ok(()),
+        }
+    }
+
+    /// Process `pid` exec'd or exited: its interpreter is gone.
+    pub fn remove(&self, pid: u32) {
+        self.codes.lock().expect("not poisoned").remove(&pid);
+    }
+}
+
+/// Starts the thread; it reads into each process's codes for as long as memleak runs.
+fn spawn(mut ring: RingBuf<MapData>, codes: Arc<Mutex<HashMap<u32, Codes>>>) -> Result<()> {
     std::thread::Builder::new()
         .name("python-names".into())
         .spawn(move || {
@@ -25,6 +61,10 @@ pub fn spawn(mut ring: RingBuf<MapData>, codes: Codes) -> Result<()> {
                     // Safety: a plain `repr(C)` record, written whole by the BPF program.
                     let new: NewPythonStack =
                         unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                    let Some(codes) = codes.lock().expect("not poisoned").get(&new.tgid).cloned()
+                    else {
+                        continue;
+                    };
                     for &code in new.codes.iter().take(new.len as usize) {
                         codes.get(code);
                     }

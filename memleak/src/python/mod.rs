@@ -37,7 +37,7 @@ pub use codes::Codes;
 pub use layout::Version;
 use layout::{Layout, UNICODE_LENGTH, UNICODE_STATE};
 pub use memory::Memory;
-pub use threads::PythonTracking;
+pub use threads::{Learner, PythonTracking};
 
 /// CPython's own allocator entry points, each with the libc function it behaves like, for
 /// `--python-allocators`: hooked with that function's probes, every pymalloc block is

@@ -7,20 +7,23 @@ use std::collections::HashSet;
 use anyhow::{Context, Result};
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, MapData, RingBuf},
+    maps::{Array, HashMap, MapData},
 };
-use memleak_common::{names::maps, python::PyConfig};
+use memleak_common::{Traced, names::maps, python::PyConfig, split_key};
 
-use super::{PythonRuntime, btf, interpreter_files, layout::Version, learner};
+pub use super::learner::Learner;
+use super::{PythonRuntime, btf, interpreter_files, layout::Version};
 use crate::{bpf_map, procmaps::Mapping};
 
 pub struct PythonTracking {
     pid: u32,
+    /// The process's slot: its entry of `PY_CONFIG`, its keys of `PY_THREADS`.
+    slot: Traced,
     config: Array<MapData, PyConfig>,
     threads: HashMap<MapData, u64, u64>,
     runtime: Option<PythonRuntime>,
-    /// New stacks' code objects, handed to the learner thread once CPython is found.
-    new_stacks: Option<RingBuf<MapData>>,
+    /// Reads new stacks' code objects once CPython is found.
+    learner: Learner,
     /// The files last searched for CPython (see `interpreter_files`).
     looked_at: Vec<String>,
     /// Detection failed for good (an unsupported interpreter): stop trying.
@@ -28,15 +31,17 @@ pub struct PythonTracking {
 }
 
 impl PythonTracking {
-    /// Takes the Python maps out of the loaded program; nothing is read from the target yet.
-    pub fn new(ebpf: &mut Ebpf, pid: u32) -> Result<PythonTracking> {
-        let mut take = |name| bpf_map::take(ebpf, name);
+    /// Opens process `pid`'s entries (slot `slot`) of the Python maps; nothing is read from
+    /// the target yet.
+    pub fn new(ebpf: &Ebpf, pid: u32, slot: u32, learner: Learner) -> Result<PythonTracking> {
+        let open = |name| bpf_map::open(ebpf, name);
         Ok(PythonTracking {
             pid,
-            config: Array::try_from(take(maps::PY_CONFIG)?)?,
-            threads: HashMap::try_from(take(maps::PY_THREADS)?)?,
+            slot: Traced { slot, execs: 0 },
+            config: Array::try_from(open(maps::PY_CONFIG)?)?,
+            threads: HashMap::try_from(open(maps::PY_THREADS)?)?,
             runtime: None,
-            new_stacks: Some(RingBuf::try_from(take(maps::PY_NEW_STACKS)?)?),
+            learner,
             looked_at: Vec::new(),
             gave_up: false,
         })
@@ -55,16 +60,22 @@ impl PythonTracking {
     /// program stops reading frames until the new program's CPython, if any, is found).
     pub fn reset(&mut self) -> Result<()> {
         self.runtime = None;
+        self.learner.remove(self.pid);
         self.looked_at.clear();
         self.gave_up = false;
         self.config
-            .set(0, PyConfig::default(), 0)
+            .set(self.slot.slot, PyConfig::default(), 0)
             .context("clearing the Python config map")?;
-        let keys: Vec<u64> = self.threads.keys().flatten().collect();
-        for key in keys {
+        for key in self.own_keys() {
             let _ = self.threads.remove(&key);
         }
         Ok(())
+    }
+
+    /// This process's keys of `PY_THREADS` (the map is every process's).
+    fn own_keys(&self) -> Vec<u64> {
+        let keys = self.threads.keys().flatten();
+        keys.filter(|&k| split_key(k).0 == self.slot.slot).collect()
     }
 
     /// Call with the process's mappings right after loading and then every maps tick: looks
@@ -104,14 +115,12 @@ impl PythonTracking {
 
     fn start(&mut self, runtime: PythonRuntime) -> Result<()> {
         let config = runtime.bpf_config(btf::task_fsbase_offset()? as u64);
-        if let Some(ring) = self.new_stacks.take() {
-            learner::spawn(ring, runtime.codes())?;
-        }
+        self.learner.add(self.pid, runtime.codes())?;
         self.runtime = Some(runtime);
         self.sync()?;
         // Threads first: once the config is there, the BPF program starts looking them up.
         self.config
-            .set(0, config, 0)
+            .set(self.slot.slot, config, 0)
             .context("writing the Python config map")
     }
 
@@ -120,16 +129,15 @@ impl PythonTracking {
             return Ok(());
         };
         let threads = rt.thread_states()?;
-        let now: HashSet<u64> = threads.iter().map(|t| t.thread_id).collect();
+        let now: HashSet<u64> = threads.iter().map(|t| self.slot.key(t.thread_id)).collect();
         // Keys the BPF program added itself are checked too.
-        let keys: Vec<u64> = self.threads.keys().flatten().collect();
-        for gone in keys.iter().filter(|k| !now.contains(k)) {
+        for gone in self.own_keys().iter().filter(|k| !now.contains(k)) {
             // Already absent is fine: the goal is that it is not there.
             let _ = self.threads.remove(gone);
         }
         for t in &threads {
             self.threads
-                .insert(t.thread_id, t.addr, 0)
+                .insert(self.slot.key(t.thread_id), t.addr, 0)
                 .context("updating the Python thread map")?;
         }
         Ok(())

@@ -12,18 +12,23 @@ use crate::{
 };
 
 /// One line per distinct call path of `snapshot` (stacks that fold to the same names are
-/// added up), outermost frame first; stacks holding nothing are left out.
+/// added up), outermost frame first; stacks holding nothing are left out. Stacks of several
+/// processes get their process (`pid 123`) as the root frame.
 pub fn lines(snapshot: &Snapshot, table: &StackTable) -> Vec<String> {
+    let held = || snapshot.stacks.iter().filter(|s| s.bytes > 0);
+    let pids: std::collections::BTreeSet<u32> = held().map(|s| table.get(s.stack_id).pid).collect();
     let mut paths: BTreeMap<String, u64> = BTreeMap::new();
-    for s in snapshot.stacks.iter().filter(|s| s.bytes > 0) {
-        let frames = &table.get(s.stack_id).frames;
-        let path = if frames.is_empty() {
-            "[unknown]".to_string()
-        } else {
-            let names: Vec<String> = frames.iter().rev().map(name).collect();
-            names.join(";")
+    for s in held() {
+        let info = table.get(s.stack_id);
+        let mut names: Vec<String> = match pids.len() > 1 {
+            true => vec![format!("pid {}", info.pid)],
+            false => Vec::new(),
         };
-        *paths.entry(path).or_default() += s.bytes;
+        match info.frames.is_empty() {
+            true => names.push("[unknown]".to_string()),
+            false => names.extend(info.frames.iter().rev().map(name)),
+        }
+        *paths.entry(names.join(";")).or_default() += s.bytes;
     }
     paths
         .into_iter()

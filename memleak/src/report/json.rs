@@ -36,6 +36,8 @@ struct Document<'a> {
     /// What holds the first stacks' memory, read from the live target at the end.
     #[serde(skip_serializing_if = "Option::is_none")]
     owners: Option<&'a Findings>,
+    /// Every traced process with its own verdict (empty in kernel mode).
+    processes: &'a [analysis::verdict::ProcessVerdict],
 }
 
 /// The classification thresholds in force, so a reader knows what "growing" meant.
@@ -82,6 +84,7 @@ pub fn to_value(a: &Analysis) -> Value {
         stacks: &a.stacks,
         classes: &a.classes,
         owners: t.owners.as_ref(),
+        processes: &a.processes,
     };
     serde_json::to_value(doc).expect("the document has only string keys and finite numbers")
 }
@@ -93,6 +96,7 @@ fn joined(snapshot: &Snapshot, table: &StackTable) -> Value {
     let join = |json: &mut Value, stacks: &[StackUsage]| {
         for (json, stack) in json.as_array_mut().into_iter().flatten().zip(stacks) {
             let info = table.get(stack.stack_id);
+            json["pid"] = json!(info.pid);
             json["frames"] = json!(info.frames);
             json["truncated"] = json!(info.truncated);
             if let Some(cut) = info.python_cut {

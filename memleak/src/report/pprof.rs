@@ -266,7 +266,7 @@ impl Builder {
             }
         }
         let peak_count = s.counts.iter().copied().max().unwrap_or(0);
-        let label = vec![
+        let mut label = vec![
             Label {
                 key: self.string("trend"),
                 str: self.string(s.trend.name()),
@@ -278,6 +278,14 @@ impl Builder {
                 num: s.stack_id,
             },
         ];
+        // The process whose stack it is (none for the kernel's).
+        if s.info.pid != 0 {
+            label.push(Label {
+                key: self.string("pid"),
+                str: 0,
+                num: i64::from(s.info.pid),
+            });
+        }
         self.profile.sample.push(Sample {
             location_id: ids,
             value: vec![

@@ -32,6 +32,7 @@ pub fn render(a: &Analysis) -> String {
         .last()
         .map_or(Measure::Allocations, |s| s.measure);
     headline(&mut out, a, measure.held());
+    service(&mut out, a, measure.held());
     rates(&mut out, a, measure.held());
     projection(&mut out, a);
     if let Some(line) = process_line(&a.timeline.context) {
@@ -94,6 +95,38 @@ fn headline(out: &mut String, a: &Analysis, held: &str) {
     };
 }
 
+/// Several processes: how many leak, then one line per process.
+fn service(out: &mut String, a: &Analysis, held: &str) {
+    if !a.several() {
+        return;
+    }
+    let n = a.processes.len();
+    let leaking = a.processes.iter().filter(|p| p.leaking).count();
+    let _ = writeln!(out, "SERVICE: {leaking} of {n} processes leaking");
+    for line in process_lines(a, held) {
+        let _ = writeln!(out, "  {line}");
+    }
+}
+
+/// One line per traced process: `pid 12: LEAKING +1.0 KiB/min in 1 growing stack (…)`.
+pub fn process_lines(a: &Analysis, held: &str) -> Vec<String> {
+    let line = |p: &verdict::ProcessVerdict| {
+        let state = match (&p.exited, p.leaking && a.verdict.conclusive) {
+            (Some(how), _) => format!("{how}; its memory was dropped then"),
+            (None, true) => format!(
+                "LEAKING {}/min in {} growing stack{}",
+                signed_bytes(p.leak_rate_bytes_per_min),
+                p.growing_stacks,
+                plural(p.growing_stacks)
+            ),
+            (None, false) => "no leak".to_string(),
+        };
+        let (b, n) = (bytes(p.final_bytes), p.final_count);
+        format!("pid {}: {state} ({b} {held} in {n} blocks)", p.pid)
+    };
+    a.processes.iter().map(line).collect()
+}
+
 /// The one rate, said once, then every other figure labelled for what it is.
 fn rates(out: &mut String, a: &Analysis, held: &str) {
     let v = &a.verdict;
@@ -106,6 +139,7 @@ fn rates(out: &mut String, a: &Analysis, held: &str) {
     }
     // pid 0: the kernel's allocators (memleak without -p or -c).
     let who = match a.timeline.pid() {
+        _ if a.several() => "service".to_string(),
         0 => "kernel".to_string(),
         pid => format!("pid {pid}"),
     };
@@ -211,7 +245,7 @@ fn stacks(out: &mut String, a: &Analysis, unit: &str) {
     let listed = shown.len().min(TOP_STACKS + MORE_STACKS);
     let _ = writeln!(out, "\n{title} ({listed} of {}):", shown.len());
     for (i, s) in shown.iter().take(listed).enumerate() {
-        stack(out, i, s, unit);
+        stack(out, i, s, unit, a.several());
         owners(out, a.timeline.owners.as_ref(), s.stack_id);
     }
     if listed < shown.len() {
@@ -228,8 +262,11 @@ fn stacks(out: &mut String, a: &Analysis, unit: &str) {
 
 /// `#1  +1.0 MiB/min  R² 0.99  16.0 MiB in 16 allocations  [growing]`, the deciding line,
 /// where it parts from a stack with the same one, and (for the first few) a frame window.
-fn stack(out: &mut String, i: usize, s: &StackTrend, unit: &str) {
-    let held = format!("{} in {} {unit}", bytes(s.final_bytes()), s.final_count());
+fn stack(out: &mut String, i: usize, s: &StackTrend, unit: &str, several: bool) {
+    let mut held = format!("{} in {} {unit}", bytes(s.final_bytes()), s.final_count());
+    if several {
+        held += &format!(" in pid {}", s.info.pid);
+    }
     let _ = match (s.trend, s.fit) {
         (Trend::Growing, Some(f)) => writeln!(
             out,

@@ -19,7 +19,7 @@ pub fn table(snap: &Snapshot, table: &StackTable, title: &str, top: usize) -> St
     let mut out = String::new();
     let _ = writeln!(out, "[{}] {title}", clock(snap.unix_time));
     let _ = writeln!(out, "\t{}", lost_line(&snap.lost));
-    stacks(&mut out, &snap.stacks, table, snap.measure.unit(), top);
+    by_process(&mut out, &snap.stacks, table, snap.measure.unit(), top);
     if let Some(line) = class_line(snap, table) {
         let _ = writeln!(out, "\t{line}");
     }
@@ -29,13 +29,58 @@ pub fn table(snap: &Snapshot, table: &StackTable, title: &str, top: usize) -> St
             "[{}] Top {top} stacks that mapped address space (mmap/mremap/brk, still mapped):",
             clock(snap.unix_time)
         );
-        stacks(&mut out, mapped, table, "mappings", top);
+        by_process(&mut out, mapped, table, "mappings", top);
     }
     out
 }
 
+/// The top stacks; stacks of several processes as one group per process, largest first,
+/// then the service's total.
+fn by_process(out: &mut String, all: &[StackUsage], table: &StackTable, unit: &str, top: usize) {
+    let groups = process_groups(all, table);
+    if groups.len() <= 1 {
+        let all: Vec<&StackUsage> = all.iter().collect();
+        return stacks(out, &all, table, unit, top);
+    }
+    for (pid, group) in &groups {
+        let (bytes, count) = totals(group);
+        let who = match pid {
+            0 => "no known process (failed walks)".to_string(),
+            pid => format!("pid {pid}"),
+        };
+        let _ = writeln!(out, "\t{who}: {bytes} bytes in {count} {unit}");
+        stacks(out, group, table, unit, top);
+    }
+    let (bytes, count) = totals(&all.iter().collect::<Vec<_>>());
+    let n = groups.len();
+    let _ = writeln!(
+        out,
+        "\tservice total: {bytes} bytes in {count} {unit} over {n} processes"
+    );
+}
+
+/// The stacks of each process, the processes by bytes held, largest first (stable for ties).
+pub fn process_groups<'s>(
+    all: &'s [StackUsage],
+    table: &StackTable,
+) -> Vec<(u32, Vec<&'s StackUsage>)> {
+    let mut groups: BTreeMap<u32, Vec<&StackUsage>> = BTreeMap::new();
+    for s in all {
+        groups.entry(table.get(s.stack_id).pid).or_default().push(s);
+    }
+    let mut groups: Vec<_> = groups.into_iter().collect();
+    groups.sort_by_key(|(_, g)| std::cmp::Reverse(totals(g).0));
+    groups
+}
+
+fn totals(stacks: &[&StackUsage]) -> (u64, u64) {
+    stacks
+        .iter()
+        .fold((0, 0), |(b, c), s| (b + s.bytes, c + s.count))
+}
+
 /// The top stacks, each as BCC prints it; `unit` names what `count` counts.
-fn stacks(out: &mut String, stacks: &[StackUsage], table: &StackTable, unit: &str, top: usize) {
+fn stacks(out: &mut String, stacks: &[&StackUsage], table: &StackTable, unit: &str, top: usize) {
     for s in stacks.iter().take(top) {
         let info = table.get(s.stack_id);
         let _ = writeln!(out, "\t{} bytes in {} {unit} from stack", s.bytes, s.count);
@@ -77,12 +122,11 @@ fn stacks(out: &mut String, stacks: &[StackUsage], table: &StackTable, unit: &st
     }
     if stacks.len() > top {
         let rest = &stacks[top..];
+        let (bytes, count) = totals(rest);
         let _ = writeln!(
             out,
-            "\t... {} more stacks hold {} bytes in {} {unit}",
+            "\t... {} more stacks hold {bytes} bytes in {count} {unit}",
             rest.len(),
-            rest.iter().map(|s| s.bytes).sum::<u64>(),
-            rest.iter().map(|s| s.count).sum::<u64>()
         );
     }
 }

@@ -36,6 +36,8 @@ pub struct StackInfo {
     /// The exec generation the frames were symbolized in.
     #[serde(skip)]
     pub generation: u32,
+    /// The process whose stack it is (0: a kernel stack).
+    pub pid: u32,
 }
 
 impl StackInfo {
@@ -49,6 +51,7 @@ impl StackInfo {
             deciding_source: None,
             source_read: false,
             generation,
+            pid: 0,
         }
     }
 
@@ -92,6 +95,7 @@ static UNKNOWN: StackInfo = StackInfo {
     deciding_source: None,
     source_read: false,
     generation: 0,
+    pid: 0,
 };
 
 impl StackTable {
@@ -118,10 +122,9 @@ impl StackTable {
         self.stacks.retain(|id, _| ids.contains(id));
     }
 
-    /// Reads the deciding source line of each of `ids` not read yet, through the target's
+    /// Reads the deciding source line of each of `ids` not read yet, through its process's
     /// root while it runs (its files may be gone, or out of reach, once it exits).
-    pub fn read_sources(&mut self, pid: u32, ids: impl Iterator<Item = i64>) {
-        let files = TargetFiles::new(pid);
+    pub fn read_sources(&mut self, ids: impl Iterator<Item = i64>) {
         for id in ids {
             let Some(info) = self.stacks.get_mut(&id) else {
                 continue;
@@ -131,6 +134,7 @@ impl StackTable {
             }
             let Some(f) = info.deciding() else { continue };
             if let (Some(file), Some(line)) = (&f.file, f.line) {
+                let files = TargetFiles::new(info.pid);
                 info.deciding_source = read_source_line(&files, file, line);
             }
         }

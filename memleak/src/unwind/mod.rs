@@ -1,8 +1,9 @@
 //! Native stacks without frame pointers: userspace half of the BPF stack walker.
 //!
-//! [`Unwinder`] builds unwind rows ([`table`]) for every executable file mapping of the
-//! target, writes them into the BPF maps the walker in `memleak-ebpf/src/unwind.rs` searches,
-//! and keeps them current as libraries come and go. [`read_stack`] turns a stack id the BPF
+//! [`Rows`] builds unwind rows ([`table`]) once per executable object any traced process
+//! maps and stores them in the row array the walker in `memleak-ebpf/src/unwind.rs` searches;
+//! each process's [`Unwinder`] keeps its own mapping table (its slot's entries) current as
+//! libraries come and go. [`read_stack`] turns a stack id the BPF
 //! program recorded back into frame addresses.
 
 pub mod table;
@@ -55,6 +56,8 @@ pub struct Stack {
     pub truncated: bool,
     /// `StackRecord::python_dropped`.
     pub python_dropped: u32,
+    /// The process whose stack it is (`StackRecord::tgid`; 0 for a kernel stack).
+    pub tgid: u32,
 }
 
 /// Looks up `stack_id` (an `AllocInfo::stack_id`) in the `STACKS` map.
@@ -71,6 +74,7 @@ pub fn read_stack<T: std::borrow::Borrow<MapData>>(
         python,
         truncated: rec.truncated != 0,
         python_dropped: rec.python_dropped,
+        tgid: rec.tgid,
     })
 }
 
@@ -133,59 +137,43 @@ struct Loaded {
     object: Option<Arc<ObjectFile>>,
 }
 
-/// Owns the unwind maps of a loaded BPF program and keeps them in step with the target.
-pub struct Unwinder {
-    pid: u32,
+/// The rows of every object any traced process maps, in the one `UNWIND_ROWS` array: a libc
+/// that eight workers map has its rows built and stored once.
+pub struct Rows {
     mode: UnwindMode,
-    rows: RowArea,
+    area: RowArea,
     next_row: u32,
-    mappings: Array<MapData, UnwindMapping>,
-    control: Array<MapData, UnwindControl>,
-    /// Keyed by (device, inode): the same file mapped twice shares its rows.
+    /// Keyed by (device, inode): the same file mapped twice, or by two processes, shares its
+    /// rows.
     objects: HashMap<objects::Key, Loaded>,
-    /// What the walker currently sees, to notice when the target's mappings change.
-    published: Vec<UnwindMapping>,
-    current_base: u32,
-    /// `UnwindControl::generation` of the last publish.
+    /// The last `UnwindControl::generation` handed out: generations are unique across
+    /// processes, since the walker's per-CPU row cache does not know whose table a row is of.
     generation: u32,
     summary: Summary,
 }
 
-impl Unwinder {
-    /// Takes the unwind maps out of `ebpf` and publishes an empty table; `update` fills it.
-    pub fn new(ebpf: &mut Ebpf, pid: u32, mode: UnwindMode) -> Result<Unwinder> {
-        let rows = RowArea(MappedArray::new(
+impl Rows {
+    /// Takes the row array out of `ebpf`.
+    pub fn new(ebpf: &mut Ebpf, mode: UnwindMode) -> Result<Rows> {
+        let area = RowArea(MappedArray::new(
             bpf_map::take(ebpf, maps::UNWIND_ROWS)?,
             "unwind row array",
         )?);
-        let mappings = Array::try_from(bpf_map::take(ebpf, maps::UNWIND_MAPPINGS)?)?;
-        let control = Array::try_from(bpf_map::take(ebpf, maps::UNWIND_CONTROL)?)?;
-        let mut unwinder = Unwinder {
-            pid,
+        Ok(Rows {
             mode,
             summary: Summary {
-                max_rows: rows.0.capacity() as u32,
+                max_rows: area.0.capacity() as u32,
                 ..Default::default()
             },
-            rows,
+            area,
             next_row: 0,
-            mappings,
-            control,
             objects: HashMap::new(),
-            published: Vec::new(),
-            current_base: MAX_UNWIND_MAPPINGS,
             generation: 0,
-        };
-        unwinder.publish(Vec::new())?;
-        Ok(unwinder)
-    }
-
-    pub fn summary(&self) -> &Summary {
-        &self.summary
+        })
     }
 
     /// For a started command still held before its exec: builds the tables of the files it
-    /// will map (its executable, libc), placed once it maps them (`update`).
+    /// will map (its executable, libc), placed once it maps them (`Unwinder::update`).
     pub fn prepare(&mut self, exe: &Path, files: &[&Path]) {
         if self.mode == UnwindMode::Fp {
             return;
@@ -202,35 +190,22 @@ impl Unwinder {
         }
     }
 
-    /// Takes the target's mappings (a maps tick's read): builds tables for new executable
-    /// mappings (a dlopen) and republishes if anything changed. Returns whether it did.
-    pub fn update(&mut self, maps: &[Mapping]) -> Result<bool> {
-        if self.mode == UnwindMode::Fp {
-            return Ok(false);
+    /// The walker's view of mapping `m` of `pid`, its object's rows built first if new.
+    fn place(&mut self, pid: u32, m: &Mapping) -> UnwindMapping {
+        let key = (m.dev.clone(), m.inode);
+        if !self.objects.contains_key(&key) {
+            let object = objects::of_mapping(pid, m);
+            let loaded = self.load(m.path.clone().unwrap_or_default(), object);
+            self.objects.insert(key.clone(), loaded);
         }
-        let mut table = Vec::new();
-        for m in maps.iter().filter(|m| m.executable && m.is_file()) {
-            let key = (m.dev.clone(), m.inode);
-            if !self.objects.contains_key(&key) {
-                let object = objects::of_mapping(self.pid, m);
-                let loaded = self.load(m.path.clone().unwrap_or_default(), object);
-                self.objects.insert(key.clone(), loaded);
-            }
-            let loaded = &self.objects[&key];
-            table.push(UnwindMapping {
-                start: m.start,
-                end: m.end,
-                bias: loaded.object.as_ref().and_then(|o| o.bias(m)).unwrap_or(0),
-                first_row: loaded.first_row,
-                row_count: loaded.row_count,
-            });
+        let loaded = &self.objects[&key];
+        UnwindMapping {
+            start: m.start,
+            end: m.end,
+            bias: loaded.object.as_ref().and_then(|o| o.bias(m)).unwrap_or(0),
+            first_row: loaded.first_row,
+            row_count: loaded.row_count,
         }
-        table.truncate(MAX_UNWIND_MAPPINGS as usize);
-        if table == self.published {
-            return Ok(false);
-        }
-        self.publish(table)?;
-        Ok(true)
     }
 
     /// Builds and stores the rows of one object file. Never fails: an object without a
@@ -266,7 +241,7 @@ impl Unwinder {
         let table = table::build(&object.bytes)?;
         let row_count = u32::try_from(table.rows.len())?;
         let first_row = self.next_row;
-        self.rows.write(first_row, &table.rows)?;
+        self.area.write(first_row, &table.rows)?;
         self.next_row += row_count;
         let loaded = Loaded {
             first_row,
@@ -276,10 +251,75 @@ impl Unwinder {
         Ok((loaded, table.unsupported))
     }
 
-    /// Writes `table` into the half of `UNWIND_MAPPINGS` the walker is not reading, then
+    fn next_generation(&mut self) -> u32 {
+        self.generation = self.generation.wrapping_add(1).max(1);
+        self.generation
+    }
+}
+
+/// One process's mapping table: its slot's two halves of `UNWIND_MAPPINGS` and its
+/// `UNWIND_CONTROL` entry, kept in step with what it maps.
+pub struct Unwinder {
+    pid: u32,
+    slot: u32,
+    mode: UnwindMode,
+    mappings: Array<MapData, UnwindMapping>,
+    control: Array<MapData, UnwindControl>,
+    /// What the walker currently sees, to notice when the target's mappings change.
+    published: Vec<UnwindMapping>,
+    /// Which half of the slot's range the walker reads (0 or 1).
+    half: u32,
+}
+
+impl Unwinder {
+    /// Opens the process's entries of the unwind maps and publishes an empty table;
+    /// `update` fills it.
+    pub fn new(ebpf: &Ebpf, rows: &mut Rows, pid: u32, slot: u32) -> Result<Unwinder> {
+        let mut unwinder = Unwinder {
+            pid,
+            slot,
+            mode: rows.mode,
+            mappings: Array::try_from(bpf_map::open(ebpf, maps::UNWIND_MAPPINGS)?)?,
+            control: Array::try_from(bpf_map::open(ebpf, maps::UNWIND_CONTROL)?)?,
+            published: Vec::new(),
+            half: 1,
+        };
+        unwinder.publish(rows, Vec::new())?;
+        Ok(unwinder)
+    }
+
+    /// What the tables cost, with this process's mappings (`--verbose`).
+    pub fn summary(&self, rows: &Rows) -> Summary {
+        Summary {
+            mappings: self.published.len(),
+            ..rows.summary.clone()
+        }
+    }
+
+    /// Takes the target's mappings (a maps tick's read): builds tables for new executable
+    /// mappings (a dlopen) and republishes if anything changed. Returns whether it did.
+    pub fn update(&mut self, rows: &mut Rows, maps: &[Mapping]) -> Result<bool> {
+        if self.mode == UnwindMode::Fp {
+            return Ok(false);
+        }
+        let mut table: Vec<UnwindMapping> = maps
+            .iter()
+            .filter(|m| m.executable && m.is_file())
+            .map(|m| rows.place(self.pid, m))
+            .collect();
+        table.truncate(MAX_UNWIND_MAPPINGS as usize);
+        if table == self.published {
+            return Ok(false);
+        }
+        self.publish(rows, table)?;
+        Ok(true)
+    }
+
+    /// Writes `table` into the half of the slot's range the walker is not reading, then
     /// points the walker at it: a walk in progress never sees a half-written table.
-    fn publish(&mut self, table: Vec<UnwindMapping>) -> Result<()> {
-        let base = MAX_UNWIND_MAPPINGS - self.current_base;
+    fn publish(&mut self, rows: &mut Rows, table: Vec<UnwindMapping>) -> Result<()> {
+        let half = 1 - self.half;
+        let base = (2 * self.slot + half) * MAX_UNWIND_MAPPINGS;
         for (i, m) in table.iter().enumerate() {
             self.mappings.set(base + i as u32, m, 0)?;
         }
@@ -290,12 +330,10 @@ impl Unwinder {
                 UnwindMode::Dwarf => mode::DWARF,
                 UnwindMode::Fp => mode::FRAME_POINTER,
             },
-            generation: self.generation.wrapping_add(1).max(1),
+            generation: rows.next_generation(),
         };
-        self.control.set(0, control, 0)?;
-        self.generation = control.generation;
-        self.current_base = base;
-        self.summary.mappings = table.len();
+        self.control.set(self.slot, control, 0)?;
+        self.half = half;
         self.published = table;
         Ok(())
     }

@@ -11,12 +11,17 @@ use anyhow::{Context, Result};
 
 use crate::{
     analysis::Analysis,
+    model::Measure,
     report::{folded, format::escape, summary},
 };
 
 pub fn render(a: &Analysis) -> Result<String> {
     let text = summary::render(a);
-    let title = format!("memleak: pid {}", a.timeline.pid());
+    let pids: Vec<String> = a.processes.iter().map(|p| p.pid.to_string()).collect();
+    let title = match a.several() {
+        true => format!("memleak: pids {}", pids.join(", ")),
+        false => format!("memleak: pid {}", a.timeline.pid()),
+    };
     let mut page = format!(
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
          <title>{title}</title>\n<style>{STYLE}</style></head><body>\n<h1>{title}</h1>\n\
@@ -27,6 +32,18 @@ pub fn render(a: &Analysis) -> Result<String> {
         chart::heap_and_rss(a),
         chart::stacks(a)
     );
+    if a.several() {
+        let held = a
+            .timeline
+            .last()
+            .map_or(Measure::Allocations, |s| s.measure)
+            .held();
+        let items: Vec<String> = summary::process_lines(a, held)
+            .iter()
+            .map(|l| format!("<li>{}</li>", escape(l)))
+            .collect();
+        let _ = writeln!(page, "<ul class=\"processes\">{}</ul>", items.concat());
+    }
     page += "<h2>Stacks, and what is outstanding at the end by call path</h2>\n";
     let _ = write!(
         page,

@@ -11,7 +11,7 @@ use clap::{Parser, ValueEnum};
 use crate::unwind::UnwindMode;
 use memleak_common::{
     DEFAULT_MAX_ALLOCS, DEFAULT_MAX_COMBINED, DEFAULT_MAX_INFLIGHT, DEFAULT_MAX_MMAPS,
-    DEFAULT_MAX_STACKS, DEFAULT_THREAD_SLOTS, MAX_PROCESSES,
+    DEFAULT_MAX_PROCESSES, DEFAULT_MAX_STACKS, DEFAULT_THREAD_SLOTS, MAX_PROCESSES,
 };
 
 #[derive(Parser, Debug)]
@@ -33,6 +33,16 @@ pub struct Args {
         value_name = "PID[,PID...]"
     )]
     pub pid: Vec<u32>,
+
+    /// Also trace every process a traced process forks from now on (recursively), each
+    /// attached within one maps tick (250 ms) of its start; with -p or -c.
+    #[arg(long)]
+    pub children: bool,
+
+    /// Trace every process in this cgroup v2 directory, now and later (a container's, a
+    /// systemd unit's: /sys/fs/cgroup/system.slice/app.service); with or without -p.
+    #[arg(long, value_name = "PATH")]
+    pub cgroup: Option<PathBuf>,
 
     /// Trace the kernel's allocators (the default without -p/-c); with -p, only the kernel
     /// memory that the process's own threads allocate.
@@ -241,9 +251,19 @@ impl Args {
     /// Checks what clap cannot express; returns a one-line message for the user.
     /// User-mode allocation tracking keeps heap blocks in the `HEAP` table; kernel and
     /// growth mode keep theirs in the `ALLOCS` hash map.
-    /// Processes the per-process maps have room for: the PIDs named.
+    /// Processes the per-process maps have room for: the PIDs named, or
+    /// `DEFAULT_MAX_PROCESSES` when more may come (`--children`, `--cgroup`).
     pub fn max_processes(&self) -> u32 {
-        self.pid.len().max(1) as u32
+        let named = self.pid.len().max(1) as u32;
+        match self.follows() {
+            true => named.max(DEFAULT_MAX_PROCESSES),
+            false => named,
+        }
+    }
+
+    /// Processes are added while tracing (`--children`, `--cgroup`).
+    pub fn follows(&self) -> bool {
+        self.children || self.cgroup.is_some()
     }
 
     pub fn heap_table(&self) -> bool {
@@ -316,6 +336,22 @@ impl Args {
                     "{flag} is for the allocation mode, not --mode growth"
                 ));
             }
+        }
+        if self.follows() && (self.kernel || self.mode == Mode::Growth) {
+            return Err(
+                "--children and --cgroup are for the allocation mode of user processes".into(),
+            );
+        }
+        if self.children && self.pid.is_empty() && self.command.is_none() && self.cgroup.is_none() {
+            return Err("--children follows the processes given with -p or -c".into());
+        }
+        if let Some(dir) = &self.cgroup
+            && !dir.join("cgroup.procs").is_file()
+        {
+            return Err(format!(
+                "{} is not a cgroup v2 directory (no cgroup.procs)",
+                dir.display()
+            ));
         }
         if self.kernel && self.pid.len() > 1 {
             return Err("--kernel filters on one process: give a single -p PID".into());

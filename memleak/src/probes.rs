@@ -8,7 +8,7 @@ use aya::{
     maps::Array,
     programs::{
         TracePoint, UProbe,
-        uprobe::{UProbeAttachLocation, UProbeScope},
+        uprobe::{UProbeAttachLocation, UProbeLink, UProbeScope},
     },
 };
 use memleak::binding::{self, Hook};
@@ -101,10 +101,12 @@ pub fn load(args: &Args, target_pid: Option<u32>, kernel: Option<&KernelLayout>)
         .context("loading the BPF program (kernel too old, or locked memory limit too low?)")
 }
 
-/// Where each entry point was hooked, for `--verbose`.
+/// Where each entry point was hooked (for `--verbose`), and its probes: owned, so that a
+/// process that exits can have its probes detached while the others stay.
 pub struct Attached {
     pub hook: Hook,
     pub placement: Placement,
+    pub links: Vec<UProbeLink>,
 }
 
 /// Loads the allocator programs and attaches the exec and exit tracepoints, once for every
@@ -144,14 +146,15 @@ fn hook(ebpf: &mut Ebpf, h: &Hook, pid: NonZeroU32) -> Result<Attached> {
     let entry_only = matches!(h.kind, AllocKind::Free | AllocKind::Munmap);
     let place = probe_offset(h, entry_only);
     let at = h.file_offset + place.offset;
-    attach_one(ebpf, program, h, at, pid)?;
+    let mut links = vec![attach_one(ebpf, program, h, at, pid)?];
     if !entry_only {
         // Same address as the entry probe: both share one breakpoint.
-        attach_one(ebpf, programs::ALLOC_RETURN, h, at, pid)?;
+        links.push(attach_one(ebpf, programs::ALLOC_RETURN, h, at, pid)?);
     }
     Ok(Attached {
         hook: h.clone(),
         placement: place,
+        links,
     })
 }
 
@@ -189,13 +192,14 @@ fn attach_one(
     h: &Hook,
     offset: u64,
     pid: NonZeroU32,
-) -> Result<()> {
+) -> Result<UProbeLink> {
     let prog: &mut UProbe = ebpf
         .program_mut(program)
         .context(program.to_string())?
         .try_into()?;
     let location = UProbeAttachLocation::AbsoluteOffset(offset);
-    prog.attach(location, &h.object, UProbeScope::OneProcess(pid))
+    let link = prog
+        .attach(location, &h.object, UProbeScope::OneProcess(pid))
         .with_context(|| {
             format!(
                 "attaching {program} to {} in {}",
@@ -203,7 +207,7 @@ fn attach_one(
                 h.object.display()
             )
         })?;
-    Ok(())
+    Ok(prog.take_link(link)?)
 }
 
 fn entry_program(kind: AllocKind) -> Option<&'static str> {

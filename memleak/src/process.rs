@@ -6,6 +6,7 @@ use anyhow::{Context, Result};
 use aya::{
     Ebpf,
     maps::{HashMap, MapData},
+    programs::uprobe::UProbeLink,
 };
 use memleak_common::{Traced, names::maps};
 
@@ -31,6 +32,11 @@ pub struct Process {
     maps: Vec<Mapping>,
     /// How it ended, once it did (while others are still traced).
     pub exited: Option<String>,
+    /// Its probes, detached when it exits.
+    pub links: Vec<UProbeLink>,
+    /// Found after memleak started (`--children`, `--cgroup`): how long after its start
+    /// it was traced; what it did before is not seen.
+    pub traced_after: Option<std::time::Duration>,
 }
 
 /// The process exec'd: allocations made under an earlier generation are the old program's.
@@ -59,6 +65,8 @@ impl Process {
             execs_seen: 0,
             maps: Vec::new(),
             exited: None,
+            links: Vec::new(),
+            traced_after: None,
         })
     }
 
@@ -81,10 +89,15 @@ impl Process {
         Ok(Some(Exec { generation, launch }))
     }
 
-    /// The process exited (`how`): the BPF programs forget it, its slot can be reused.
+    /// The process exited (`how`): the BPF programs forget it, its slot can be reused, and
+    /// its probes are detached off the loop (each detach waits out an RCU grace period).
     pub fn forget(&mut self, how: String) {
         let _ = self.traced.remove(&self.pid());
         self.exited = Some(how);
+        let links = std::mem::take(&mut self.links);
+        if !links.is_empty() {
+            std::thread::spawn(move || drop(links));
+        }
     }
 
     /// Reads `/proc/PID/maps` once for every consumer; true when the mappings changed. A

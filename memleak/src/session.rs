@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 
 use anyhow::{Context, Result};
-use aya::{Ebpf, maps::RingBuf};
+use aya::{Ebpf, maps::RingBuf, programs::uprobe::UProbeLink};
 use memleak_common::names::maps;
 use tokio::sync::mpsc;
 
@@ -81,10 +81,12 @@ impl<'a> Session<'a> {
                 .map(|&p| Target::existing(p))
                 .collect::<Result<_>>()?,
         };
-        let mut session = match targets.is_empty() || args.kernel {
+        let kernel = args.kernel || (targets.is_empty() && args.cgroup.is_none());
+        let mut session = match kernel {
             true => Session::kernel(args, server, targets.pop())?,
             false => Session::user(args, server, targets)?,
         };
+        session.discover();
         session.run_target()?;
         let pid = session.first_pid();
         session.timeline = Timeline::new(ProcessContext::read(pid), args.period().as_secs_f64());
@@ -108,7 +110,7 @@ impl<'a> Session<'a> {
 
     /// User mode: the BPF object loaded once, then each target attached on its own.
     fn user(args: &'a Args, server: Option<serve::Server>, targets: Vec<Target>) -> Result<Self> {
-        let loaded = load_user(args, targets[0].pid);
+        let loaded = load_user(args, targets.first().map_or(0, |t| t.pid));
         let (ebpf, shared) = match loaded {
             Ok(loaded) => loaded,
             Err(e) => {
@@ -172,6 +174,7 @@ impl<'a> Session<'a> {
         let listed = |p: &Process| crate::timeline::TracedProcess {
             pid: p.pid(),
             exited: p.exited.clone(),
+            traced_after_ms: p.traced_after.map(|d| d.as_millis() as u64),
         };
         self.processes.iter().map(listed).collect()
     }
@@ -184,7 +187,63 @@ impl<'a> Session<'a> {
         if added.is_err() && started {
             unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
         }
-        added.with_context(|| format!("tracing pid {pid}"))
+        added.with_context(|| format!("tracing pid {pid}"))?;
+        let p = self.processes.last_mut().expect("just added");
+        watch_exit(&mut p.target, self.exits.clone())
+    }
+
+    /// `--children`, `--cgroup`: traces the processes started since the last look, each
+    /// on its own (one that is gone already, or cannot be traced, is said and skipped).
+    /// Called every maps tick: a process is attached within 250 ms of its start, plus the
+    /// attach itself. What it did before is not seen: the window is said per process.
+    fn discover(&mut self) {
+        let mut new: Vec<(u32, Option<u32>)> = Vec::new();
+        for p in self.processes.iter_mut().filter(|p| p.exited.is_none()) {
+            let parent = p.pid();
+            for child in p.target.new_children() {
+                match self.args.children {
+                    true => new.push((child, Some(parent))),
+                    false => println!(
+                        "memleak: pid {parent} started child process {child}; it is not traced (--children traces them)"
+                    ),
+                }
+            }
+        }
+        if let Some(dir) = &self.args.cgroup {
+            new.extend(
+                crate::target::cgroup_procs(dir)
+                    .into_iter()
+                    .map(|pid| (pid, None)),
+            );
+        }
+        for (pid, parent) in new {
+            let traced = self
+                .processes
+                .iter()
+                .any(|p| p.pid() == pid && p.exited.is_none());
+            // Gone already: nothing to trace, nothing to say.
+            if traced || !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                continue;
+            }
+            if let Err(e) = self.follow(pid, parent) {
+                eprintln!("memleak: not tracing new process {pid}: {e:#}");
+            }
+        }
+    }
+
+    /// Traces process `pid`, found while tracing (a child of `parent`, or in the cgroup).
+    fn follow(&mut self, pid: u32, parent: Option<u32>) -> Result<()> {
+        let age = crate::target::age(pid);
+        self.add_process(Target::existing(pid)?)?;
+        let p = self.processes.last_mut().expect("just added");
+        // The attach done: how long the process ran untraced.
+        p.traced_after = crate::target::age(pid).or(age);
+        let after = p
+            .traced_after
+            .map_or("?".into(), |d| d.as_millis().to_string());
+        let whose = parent.map_or(String::new(), |p| format!(", child of pid {p}"));
+        println!("memleak: tracing pid {pid}{whose}, from {after} ms after its start");
+        Ok(())
     }
 
     fn attach_process(&mut self, mut target: Target) -> Result<()> {
@@ -223,8 +282,11 @@ impl<'a> Session<'a> {
                 python: Box::new(python),
             },
         );
+        if process.target.child.is_none() {
+            name_maps(&mut self.collector, &process, true);
+        }
         match plan {
-            Some(plan) => self.hook(&process, plan)?,
+            Some(plan) => process.links = self.hook(&process, plan)?,
             None => attach_growth(&mut self.ebpf, &process.target)?,
         }
         self.processes.push(process);
@@ -245,7 +307,7 @@ impl<'a> Session<'a> {
     }
 
     /// Hooks the allocator of `process` as `plan` says.
-    fn hook(&mut self, process: &Process, plan: memleak::binding::Plan) -> Result<()> {
+    fn hook(&mut self, process: &Process, plan: memleak::binding::Plan) -> Result<Vec<UProbeLink>> {
         let (args, pid) = (self.args, process.pid());
         println!("{}", plan.summary());
         let mut attached = probes::attach(&mut self.ebpf, pid, &plan.hooks)?;
@@ -269,7 +331,7 @@ impl<'a> Session<'a> {
                 unhooked.push(f);
             }
         }
-        Ok(())
+        Ok(attached.into_iter().flat_map(|a| a.links).collect())
     }
 
     fn target(&self) -> Option<&Target> {
@@ -313,28 +375,22 @@ impl<'a> Session<'a> {
     /// Where the exit of each traced process (or of kernel mode's filter) is told, as
     /// (pid, how: "exited with status 3"); never in kernel mode without -p.
     pub fn exit_watch(&mut self) -> Result<mpsc::UnboundedReceiver<Exit>> {
-        let targets = self.processes.iter_mut().map(|p| &mut p.target);
-        for t in targets.chain(self.filter.as_mut()) {
-            let (pid, rx) = (t.pid, t.watch_exit()?);
-            let tx = self.exits.clone();
-            tokio::spawn(async move {
-                let how = rx.await.unwrap_or_else(|_| "exited".into());
-                let _ = tx.send((pid, how));
-            });
+        if let Some(t) = self.filter.as_mut() {
+            watch_exit(t, self.exits.clone())?;
         }
         self.exits_rx.take().context("the exits are watched once")
     }
 
     /// Process `pid` exited: `Some(how)` when it was the last one traced (tracing ends, its
-    /// memory is what it held at exit); otherwise its memory is dropped and it is listed as
-    /// exited.
+    /// memory is what it held at exit) unless more may come (`--cgroup`); otherwise its
+    /// memory is dropped and it is listed as exited.
     pub fn on_exit(&mut self, (pid, how): Exit) -> Option<String> {
         let live = self.processes.iter().filter(|p| p.exited.is_none()).count();
         let Some(p) = self.processes.iter_mut().find(|p| p.pid() == pid) else {
             // Kernel mode's filter.
             return Some(how);
         };
-        if live <= 1 {
+        if live <= 1 && self.args.cgroup.is_none() {
             return Some(how);
         }
         let dropped = self.collector.forget_before(pid, p.slot, u32::MAX);
@@ -394,8 +450,8 @@ impl<'a> Session<'a> {
         let verbose = self.args.verbose;
         for p in self.processes.iter_mut().filter(|p| p.exited.is_none()) {
             let pid = p.pid();
-            if p.read_maps() {
-                self.collector.names.update_maps(pid, p.maps());
+            let changed = p.read_maps();
+            if changed {
                 let rows = &mut self.shared.as_mut().expect("user mode").rows;
                 // A failed update (the process is exiting) leaves the old tables in place.
                 if let Ok(true) = p.update_unwinder(rows)
@@ -407,15 +463,9 @@ impl<'a> Session<'a> {
                     );
                 }
             }
-            if let Err(e) = self.collector.names.tick_python(pid, p.maps()) {
-                eprintln!("memleak: pid {pid}: {e:#}");
-            }
-            for child in p.target.new_children() {
-                println!(
-                    "memleak: pid {pid} started child process {child}; it is not traced (memleak follows the processes named)"
-                );
-            }
+            name_maps(&mut self.collector, p, changed);
         }
+        self.discover();
         self.collector.learn_new_stacks();
         Ok(())
     }
@@ -514,6 +564,28 @@ impl<'a> Session<'a> {
         drop(ebpf);
         written
     }
+}
+
+/// Hands process `p`'s last maps to its symbolizer (when they `changed`) and its Python
+/// tracking, which looks for CPython until found and keeps its threads current.
+fn name_maps(collector: &mut Collector, p: &Process, changed: bool) {
+    let pid = p.pid();
+    if changed {
+        collector.names.update_maps(pid, p.maps());
+    }
+    if let Err(e) = collector.names.tick_python(pid, p.maps()) {
+        eprintln!("memleak: pid {pid}: {e:#}");
+    }
+}
+
+/// Sends (pid, how) on `exits` once `target` exits.
+fn watch_exit(target: &mut Target, exits: mpsc::UnboundedSender<Exit>) -> Result<()> {
+    let (pid, rx) = (target.pid, target.watch_exit()?);
+    tokio::spawn(async move {
+        let how = rx.await.unwrap_or_else(|_| "exited".into());
+        let _ = exits.send((pid, how));
+    });
+    Ok(())
 }
 
 /// The BPF object for user (or growth) mode, and what its processes share.

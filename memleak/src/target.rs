@@ -270,12 +270,36 @@ impl Target {
     }
 }
 
+/// `/proc/PID/stat` after the command name (which may hold spaces and parentheses).
+fn stat_fields(pid: u32) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(") ").map(|(_, rest)| rest.to_string())
+}
+
 /// Whether the process is in a group stop (`T` in `/proc/PID/stat`).
 fn stopped(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| rest.starts_with('T')))
-        .unwrap_or(false)
+    stat_fields(pid).is_some_and(|rest| rest.starts_with('T'))
+}
+
+/// How long ago the process started (`starttime` in `/proc/PID/stat`, in clock ticks since
+/// boot: a 10 ms resolution).
+pub fn age(pid: u32) -> Option<Duration> {
+    // `state` is the first field after the name; `starttime` is field 22 of the whole line.
+    let ticks: u64 = stat_fields(pid)?.split(' ').nth(19)?.parse().ok()?;
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut now) };
+    let now = now.tv_sec as f64 + now.tv_nsec as f64 / 1e9;
+    Some(Duration::from_secs_f64((now - ticks as f64 / hz).max(0.0)))
+}
+
+/// The processes of a cgroup v2 directory now (empty if it cannot be read: removed).
+pub fn cgroup_procs(dir: &Path) -> Vec<u32> {
+    let text = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+    text.lines().filter_map(|l| l.trim().parse().ok()).collect()
 }
 
 /// The file offset of an executable's entry point (what a uprobe attaches to).

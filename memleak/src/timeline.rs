@@ -39,6 +39,10 @@ pub struct TracedProcess {
     /// How it ended while the others were still traced (its memory was dropped then).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub exited: Option<String>,
+    /// Found while tracing: traced from this long after its start (what it did before is
+    /// not seen).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub traced_after_ms: Option<u64>,
 }
 
 impl Timeline {

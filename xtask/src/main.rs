@@ -149,8 +149,11 @@ fn test(extra: &[String]) -> Result<()> {
     if let Err(e) = setup::ensure_debian_packages(&TEST_PACKAGES) {
         eprintln!("setup: {e:#}; the tests that need these packages will say they skip");
     }
-    let memleak = build()?;
     let root = workspace_root();
+    if let Err(e) = setup::ensure_test_venv(&root) {
+        eprintln!("setup: {e:#}; the tests that need its PyPI packages will say they skip");
+    }
+    let memleak = build()?;
     run(Command::new("cargo")
         .current_dir(&root)
         .env("MEMLEAK_BIN", &memleak)

@@ -137,3 +137,49 @@ pub fn ensure_debian_packages(packages: &[&str]) -> Result<()> {
         .env("DEBIAN_FRONTEND", "noninteractive")
         .stdout(std::process::Stdio::null()))
 }
+
+/// PyPI packages some tests need: gunicorn, a real prefork server (the `--children` test).
+const TEST_PYPI: [&str; 1] = ["gunicorn==27.0.1"];
+/// Their import names, to check that they are there.
+const TEST_PYPI_IMPORTS: &str = "import gunicorn";
+
+/// `target/test-venv`, a venv of pyenv's CPython 3.11 with `TEST_PYPI`, made unless it is
+/// there (a second run only checks the import). The tests look for it there.
+pub fn ensure_test_venv(root: &Path) -> Result<()> {
+    let dir = root.join("target/test-venv");
+    let python = dir.join("bin/python");
+    let ready = || {
+        Command::new(&python)
+            .args(["-c", TEST_PYPI_IMPORTS])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if ready() {
+        return Ok(());
+    }
+    if !python.exists() {
+        let base = pyenv_python("3.11").context("no pyenv CPython 3.11 for the test venv")?;
+        run(Command::new(base).args(["-m", "venv"]).arg(&dir))?;
+    }
+    eprintln!("setup: installing {} (pip)", TEST_PYPI.join(" "));
+    run(Command::new(&python)
+        .args(["-m", "pip", "install", "-q"])
+        .args(TEST_PYPI))
+    .context("pip install into the test venv")
+}
+
+/// pyenv's newest CPython `minor` ("3.11").
+fn pyenv_python(minor: &str) -> Option<PathBuf> {
+    let out = Command::new("pyenv").arg("root").output().ok()?;
+    let root = PathBuf::from(String::from_utf8(out.stdout).ok()?.trim());
+    let patch =
+        |name: &str| -> Option<u32> { name.strip_prefix(minor)?.strip_prefix('.')?.parse().ok() };
+    std::fs::read_dir(root.join("versions"))
+        .ok()?
+        .flatten()
+        .filter_map(|e| Some((patch(e.file_name().to_str()?)?, e.path())))
+        .map(|(patch, dir)| (patch, dir.join(format!("bin/python{minor}"))))
+        .filter(|(_, p)| p.exists())
+        .max()
+        .map(|(_, p)| p)
+}

@@ -151,6 +151,9 @@ pub struct ProcessVerdict {
     /// How it ended while the others were traced; its memory was dropped then.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub exited: Option<String>,
+    /// Found while tracing: traced from this long after its start.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub traced_after_ms: Option<u64>,
     pub leaking: bool,
     pub leak_rate_bytes_per_min: f64,
     pub growing_stacks: usize,
@@ -169,6 +172,7 @@ pub fn per_process(processes: &[TracedProcess], stacks: &[StackTrend]) -> Vec<Pr
             ProcessVerdict {
                 pid: p.pid,
                 exited: p.exited.clone(),
+                traced_after_ms: p.traced_after_ms,
                 leaking: growing().next().is_some(),
                 leak_rate_bytes_per_min: growing().fold(0.0, |sum, s| sum + s.rate()),
                 growing_stacks: growing().count(),

@@ -359,6 +359,12 @@ impl<'a> Session<'a> {
             t.resume();
             ticked?;
             println!("Attaching to \"{cmd}\" (pid {}), Ctrl+C to quit.", t.pid);
+        } else if let Some(dir) = &self.args.cgroup {
+            let n = self.processes.len();
+            println!(
+                "Attaching to cgroup {} ({n} processes now), Ctrl+C to quit.",
+                dir.display()
+            );
         } else if !self.processes.is_empty() {
             let pids: Vec<String> = self.processes.iter().map(|p| p.pid().to_string()).collect();
             let s = if pids.len() > 1 { "s" } else { "" };
@@ -394,6 +400,8 @@ impl<'a> Session<'a> {
             return Some(how);
         }
         let dropped = self.collector.forget_before(pid, p.slot, u32::MAX);
+        // "(PID 12) exited", "command exited with status 3": said with its pid already.
+        let how = how.replace(&format!("(PID {pid}) "), "");
         println!("memleak: pid {pid} {how}; dropped the {dropped} allocations it held");
         p.forget(how);
         None

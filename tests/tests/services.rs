@@ -37,6 +37,17 @@ fn start(scratch: &Scratch, name: &str) -> Result<(Running, std::path::PathBuf)>
     Ok((target, ledger))
 }
 
+/// Each fixture's stacks in the report's final snapshot match its own ledger exactly.
+fn check_ledgers(report: &Report, ledgers: &[(&Path, &str)]) -> Result<()> {
+    for &(ledger, source) in ledgers {
+        let ledger = Ledger::read(ledger)?;
+        let own = of_process(report.final_snapshot(), ledger.pid());
+        check_against_ledger(&own, &ledger, source, |_| true)
+            .with_context(|| format!("pid {} ({source})", ledger.pid()))?;
+    }
+    Ok(())
+}
+
 #[test]
 fn two_programs_each_match_their_ledger() -> Result<()> {
     if !can_trace("two_programs_each_match_their_ledger") {
@@ -64,13 +75,10 @@ fn two_programs_each_match_their_ledger() -> Result<()> {
     let run = tracer.interrupt(TIMEOUT)?;
     expect_success(&run)?;
     let report = Report::read(&out)?;
-    let snapshot = report.final_snapshot();
-    for (ledger, source) in [(&leaks_ledger, "leaks.c"), (&threads_ledger, "threads.c")] {
-        let ledger = Ledger::read(ledger)?;
-        let own = of_process(snapshot, ledger.pid());
-        check_against_ledger(&own, &ledger, source, |_| true)
-            .with_context(|| format!("pid {} ({source})", ledger.pid()))?;
-    }
+    check_ledgers(
+        &report,
+        &[(&leaks_ledger, "leaks.c"), (&threads_ledger, "threads.c")],
+    )?;
     let listed: Vec<u64> = report.json["processes"]
         .as_array()
         .context("no process list")?
@@ -231,4 +239,232 @@ fn pool_workers_spawned_are_traced() -> Result<()> {
         return Ok(());
     }
     pool_leaks_in_workers("spawn")
+}
+
+/// The WSGI app: `/leak` keeps 200 kB at line 6 in the worker that serves it; every answer
+/// is that worker's pid.
+const APP: &str = r#"import os
+KEPT = []
+
+def app(environ, start_response):
+    if environ["PATH_INFO"] == "/leak":
+        KEPT.append(bytearray(200_000))
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [str(os.getpid()).encode()]
+"#;
+
+/// `GET path` on the loopback; the body (a worker's pid).
+fn get(port: u16, path: &str) -> Result<u64> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    body.trim()
+        .parse()
+        .with_context(|| format!("answer: {answer}"))
+}
+
+/// Waits until `port` answers.
+fn wait_for_server(port: u16) -> Result<()> {
+    let start = std::time::Instant::now();
+    while get(port, "/").is_err() {
+        ensure!(
+            start.elapsed() < TIMEOUT,
+            "gunicorn does not answer on port {port}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// The pids memleak says it traces as children of `parent` so far.
+fn traced_children(stdout: &Path, parent: u32) -> Vec<u64> {
+    let text = std::fs::read_to_string(stdout).unwrap_or_default();
+    let whose = format!(", child of pid {parent},");
+    text.lines()
+        .filter(|l| l.contains(&whose))
+        .filter_map(|l| {
+            l.strip_prefix("memleak: tracing pid ")?
+                .split(',')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// Waits until memleak traces `n` children of `parent`; their pids.
+fn wait_for_children(stdout: &Path, parent: u32, n: usize) -> Result<Vec<u64>> {
+    let start = std::time::Instant::now();
+    loop {
+        let children = traced_children(stdout, parent);
+        if children.len() >= n {
+            return Ok(children);
+        }
+        ensure!(
+            start.elapsed() < TIMEOUT,
+            "memleak traces {children:?}, not {n} children"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn gunicorn_workers_are_traced_and_replaced() -> Result<()> {
+    let test = "gunicorn_workers_are_traced_and_replaced";
+    let venv = memleak_tests::workspace_root().join("target/test-venv/bin/python");
+    if !can_trace(test) || !memleak_tests::installed(test, venv.to_str().unwrap()) {
+        return Ok(());
+    }
+    let scratch = Scratch::new("services-gunicorn")?;
+    std::fs::write(scratch.path("app.py"), APP)?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let bind = format!("127.0.0.1:{port}");
+    let dir = scratch.path("");
+    let args = [
+        "-m",
+        "gunicorn",
+        "--workers",
+        "4",
+        "--bind",
+        &bind,
+        "--chdir",
+        dir.to_str().unwrap(),
+        "app:app",
+    ];
+    let master = Running::start(&scratch, "gunicorn", &venv, &args, None)?;
+    wait_for_server(port)?;
+    let out = scratch.path("out.json");
+    let pid = master.pid().to_string();
+    let tracer_args = [
+        "-p",
+        &pid,
+        "--children",
+        "--duration",
+        "20s",
+        "--json",
+        out.to_str().unwrap(),
+    ];
+    let tracer = Running::memleak(&scratch, &tracer_args, None)?;
+    let stdout = scratch.path("memleak.stdout");
+    let workers = wait_for_children(&stdout, master.pid(), 4)?;
+    // A worker killed: memleak drops it, gunicorn forks its replacement, memleak traces it.
+    let killed = workers[0];
+    unsafe { libc::kill(killed as i32, libc::SIGKILL) };
+    let replacement = *wait_for_children(&stdout, master.pid(), 5)?.last().unwrap();
+    let mut served = std::collections::BTreeMap::<u64, u64>::new();
+    for _ in 0..40 {
+        *served.entry(get(port, "/leak")?).or_default() += 1;
+        get(port, "/")?;
+    }
+    let run = tracer.wait(TIMEOUT)?;
+    expect_success(&run)?;
+    let report = Report::read(&out)?;
+    let snapshot = report.final_snapshot();
+    let processes = report.json["processes"]
+        .as_array()
+        .context("no process list")?;
+    let entry = |pid: u64| processes.iter().find(|p| p["pid"].as_u64() == Some(pid));
+    ensure!(
+        entry(killed).is_some_and(|p| p["exited"].is_string()),
+        "killed worker {killed} not listed as exited: {processes:?}"
+    );
+    ensure!(
+        entry(replacement).is_some(),
+        "replacement {replacement} not listed: {processes:?}"
+    );
+    let top: Vec<String> = stacks(snapshot)
+        .iter()
+        .take(8)
+        .map(describe_stack)
+        .collect();
+    for (&worker, &n) in &served {
+        let held = held_at(snapshot, worker, "app", "app.py", 6);
+        ensure!(
+            held >= n * 200_000,
+            "worker {worker} served /leak {n} times, app.py:6 holds {held} B there\n  {}",
+            top.join("\n  ")
+        );
+    }
+    let master_held = held_at(snapshot, u64::from(master.pid()), "app", "app.py", 6);
+    ensure!(
+        master_held == 0,
+        "the master is blamed for {master_held} B at app.py:6"
+    );
+    Ok(())
+}
+
+/// A cgroup v2 directory made for a test, removed at the end (its processes killed first).
+struct Cgroup(std::path::PathBuf);
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        for pid in std::fs::read_to_string(self.0.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+        {
+            if let Ok(pid) = pid.trim().parse::<i32>() {
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        // Killed processes leave the cgroup once reaped: a few tries.
+        for _ in 0..100 {
+            if std::fs::remove_dir(&self.0).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+#[test]
+fn cgroup_processes_moved_in_later_are_traced() -> Result<()> {
+    let test = "cgroup_processes_moved_in_later_are_traced";
+    if !can_trace(test) {
+        return Ok(());
+    }
+    let root = Path::new("/sys/fs/cgroup");
+    if !root.join("cgroup.controllers").exists() {
+        assert!(
+            !memleak_tests::in_ci(),
+            "{test}: no cgroup v2 hierarchy under CI"
+        );
+        skipped(test, "no cgroup v2 hierarchy at /sys/fs/cgroup");
+        return Ok(());
+    }
+    let scratch = Scratch::new("services-cgroup")?;
+    let cgroup = Cgroup(root.join(format!("memleak-test-{}", std::process::id())));
+    std::fs::create_dir(&cgroup.0)?;
+    let out = scratch.path("out.json");
+    let dir = cgroup.0.to_str().unwrap();
+    let tracer = Running::memleak(
+        &scratch,
+        &["--cgroup", dir, "-o", "0", "--json", out.to_str().unwrap()],
+        None,
+    )?;
+    wait_for_text(
+        &scratch.path("memleak.stdout"),
+        "Attaching to cgroup",
+        TIMEOUT,
+    )?;
+    let (leaks, leaks_ledger) = start(&scratch, "leaks")?;
+    let (threads, threads_ledger) = start(&scratch, "threads")?;
+    // Each waits for its probes (up to 30 s), then leaks and writes its ledger.
+    for target in [&leaks, &threads] {
+        std::fs::write(cgroup.0.join("cgroup.procs"), target.pid().to_string())?;
+    }
+    wait_for_file(&leaks_ledger, Duration::from_secs(45))?;
+    wait_for_file(&threads_ledger, Duration::from_secs(45))?;
+    let run = tracer.interrupt(TIMEOUT)?;
+    expect_success(&run)?;
+    let report = Report::read(&out)?;
+    check_ledgers(
+        &report,
+        &[(&leaks_ledger, "leaks.c"), (&threads_ledger, "threads.c")],
+    )
 }

@@ -43,27 +43,6 @@ pub(crate) enum Table {
     Map(&'static HashMap<u64, AllocInfo>),
 }
 
-/// Records an outstanding allocation (user or kernel) of the calling process.
-#[inline(always)]
-pub(crate) fn store(
-    table: Table,
-    addr: u64,
-    size: u64,
-    kind: AllocKind,
-    stack_id: i64,
-    old_addr: u64,
-) {
-    store_as(
-        process::current(),
-        table,
-        addr,
-        size,
-        kind,
-        stack_id,
-        old_addr,
-    );
-}
-
 /// Records an outstanding allocation of process `p` (`addr`: its key, `Traced::key`) and
 /// its per-stack totals. Inlined: BPF calls take at most five arguments.
 #[inline(always)]

@@ -30,7 +30,7 @@ use memleak_common::{
 
 use crate::{
     PAGE_SIZE, TARGET_TGID,
-    bookkeeping::{Table, count, page_align, release, stack_id, store, unmap, wanted},
+    bookkeeping::{Table, count, page_align, release, stack_id, store_as, unmap, wanted},
     global,
     kernel::field,
     maps::{ALLOCS, BRK, MMAPS, SYSCALLS, USER_REGS},
@@ -161,7 +161,8 @@ fn fault(ctx: &TracePointContext) {
     if unsafe { ALLOCS.get(page) }.is_some() || !wanted(size) {
         return;
     }
-    store(
+    store_as(
+        process::current(),
         Table::Map(&ALLOCS),
         page,
         size,
@@ -294,7 +295,8 @@ pub fn sys_exit_mmap(ctx: TracePointContext) -> u32 {
     }
     // Anonymous memory only; a PROT_NONE reservation is not memory yet.
     if flags & MAP_ANONYMOUS != 0 && prot != PROT_NONE && wanted(len) {
-        store(
+        store_as(
+            process::current(),
             Table::Map(&MMAPS),
             addr,
             len,
@@ -375,7 +377,8 @@ pub fn sys_exit_mremap(ctx: TracePointContext) -> u32 {
     // A tracked mapping is now the mremap caller's, at its new size.
     if unsafe { MMAPS.get(old) }.is_some() {
         release(Table::Map(&MMAPS), old, AllocKind::Mremap);
-        store(
+        store_as(
+            process::current(),
             Table::Map(&MMAPS),
             new,
             new_len,
@@ -403,7 +406,8 @@ pub fn sys_exit_brk(ctx: TracePointContext) -> u32 {
     if new < old {
         forget(new, old);
     } else if wanted(new - old) {
-        store(
+        store_as(
+            process::current(),
             Table::Map(&MMAPS),
             old,
             new - old,

@@ -16,10 +16,10 @@ use memleak_common::{
 
 use crate::{
     PAGE_SIZE, TARGET_TGID,
-    bookkeeping::{Table, release, stack_id, store, wanted},
+    bookkeeping::{Table, release, stack_id, store_as, wanted},
     global,
     maps::{ALLOCS, KSTACK},
-    unwind,
+    process, unwind,
 };
 
 #[unsafe(no_mangle)]
@@ -80,7 +80,15 @@ fn allocated(ctx: &TracePointContext, kind: AllocKind, key: Option<u64>, size: O
         return 0;
     }
     let id = stack_id(kernel_stack(ctx));
-    store(Table::Map(&ALLOCS), key, size, kind, id, 0);
+    store_as(
+        process::current(),
+        Table::Map(&ALLOCS),
+        key,
+        size,
+        kind,
+        id,
+        0,
+    );
     0
 }
 

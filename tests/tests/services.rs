@@ -37,15 +37,26 @@ fn start(scratch: &Scratch, name: &str) -> Result<(Running, std::path::PathBuf)>
     Ok((target, ledger))
 }
 
-/// Each fixture's stacks in the report's final snapshot match its own ledger exactly.
-fn check_ledgers(report: &Report, ledgers: &[(&Path, &str)]) -> Result<()> {
+/// Once every fixture wrote its ledger, stops `tracer`: each fixture's stacks in the final
+/// snapshot of the report at `out` match its own ledger exactly.
+fn check_ledgers(
+    tracer: Running,
+    out: &Path,
+    ledgers: &[(&Path, &str)],
+) -> Result<(memleak_tests::Finished, Report)> {
+    for &(ledger, _) in ledgers {
+        wait_for_file(ledger, Duration::from_secs(45))?;
+    }
+    let run = tracer.interrupt(TIMEOUT)?;
+    expect_success(&run)?;
+    let report = Report::read(out)?;
     for &(ledger, source) in ledgers {
         let ledger = Ledger::read(ledger)?;
         let own = of_process(report.final_snapshot(), ledger.pid());
         check_against_ledger(&own, &ledger, source, |_| true)
             .with_context(|| format!("pid {} ({source})", ledger.pid()))?;
     }
-    Ok(())
+    Ok((run, report))
 }
 
 #[test]
@@ -70,15 +81,11 @@ fn two_programs_each_match_their_ledger() -> Result<()> {
         folded.to_str().unwrap(),
     ];
     let tracer = Running::memleak(&scratch, &args, None)?;
-    wait_for_file(&leaks_ledger, Duration::from_secs(45))?;
-    wait_for_file(&threads_ledger, Duration::from_secs(45))?;
-    let run = tracer.interrupt(TIMEOUT)?;
-    expect_success(&run)?;
-    let report = Report::read(&out)?;
-    check_ledgers(
-        &report,
-        &[(&leaks_ledger, "leaks.c"), (&threads_ledger, "threads.c")],
-    )?;
+    let ledgers = [
+        (leaks_ledger.as_path(), "leaks.c"),
+        (&threads_ledger, "threads.c"),
+    ];
+    let (run, report) = check_ledgers(tracer, &out, &ledgers)?;
     let listed: Vec<u64> = report.json["processes"]
         .as_array()
         .context("no process list")?
@@ -458,13 +465,9 @@ fn cgroup_processes_moved_in_later_are_traced() -> Result<()> {
     for target in [&leaks, &threads] {
         std::fs::write(cgroup.0.join("cgroup.procs"), target.pid().to_string())?;
     }
-    wait_for_file(&leaks_ledger, Duration::from_secs(45))?;
-    wait_for_file(&threads_ledger, Duration::from_secs(45))?;
-    let run = tracer.interrupt(TIMEOUT)?;
-    expect_success(&run)?;
-    let report = Report::read(&out)?;
-    check_ledgers(
-        &report,
-        &[(&leaks_ledger, "leaks.c"), (&threads_ledger, "threads.c")],
-    )
+    let ledgers = [
+        (leaks_ledger.as_path(), "leaks.c"),
+        (&threads_ledger, "threads.c"),
+    ];
+    check_ledgers(tracer, &out, &ledgers).map(drop)
 }

@@ -35,6 +35,7 @@ use crate::{run, workspace_root};
 
 mod python;
 mod service;
+mod workers;
 
 pub struct Options {
     pub with_bcc: bool,
@@ -43,6 +44,8 @@ pub struct Options {
     pub rounds: u32,
     /// Other memleak binaries to measure beside this build (e.g. main's, to see a change).
     pub compare: Vec<PathBuf>,
+    /// Only the churn and workers sections (the Python ones take minutes).
+    pub only_churn: bool,
 }
 
 /// The JSON workload: many small dicts and strings, as a web service would churn.
@@ -141,8 +144,12 @@ pub fn run_bench(memleak: &Path, opts: &Options) -> Result<()> {
         );
         print_floor_ratio(&base, &rows);
     }
+    workers_bench(&tracers, &out, opts, &churn_cmd)?;
+    if opts.only_churn {
+        return Ok(());
+    }
 
-    match python311() {
+    match crate::setup::python311() {
         Ok(python) => {
             println!(
                 "\n== {} JSON round-trip, seconds (best of {})",
@@ -180,6 +187,38 @@ pub fn run_bench(memleak: &Path, opts: &Options) -> Result<()> {
             }
         }
         Err(e) => println!("\nSKIP the Python workload: {e:#}"),
+    }
+    Ok(())
+}
+
+/// `workers::WORKERS` churn processes under one memleak each (memleak's own tracers, not
+/// BCC's or growth mode's), against one untraced worker.
+fn workers_bench(
+    tracers: &[Tracer],
+    out: &Path,
+    opts: &Options,
+    churn: &dyn Fn(u64) -> Command,
+) -> Result<()> {
+    println!(
+        "\n== {} churn workers traced by one memleak, ns per pair (median worker, best of {} rounds each)",
+        workers::WORKERS,
+        opts.rounds
+    );
+    let base = measure(churn(opts.pairs), None, "ns_per_pair", out)?;
+    print_row("untraced", &base, None);
+    let ours = tracers
+        .iter()
+        .filter(|t| !t.growth && t.program.ends_with("memleak"));
+    for t in ours {
+        match workers::measure(
+            t,
+            || churn(opts.pairs),
+            opts.pairs * u64::from(opts.rounds),
+            out,
+        ) {
+            Ok(cost) => workers::print(&t.name, &cost, &base),
+            Err(e) => println!("{:<14} failed: {e:#}", t.name),
+        }
     }
     Ok(())
 }
@@ -346,9 +385,15 @@ impl Tracer {
     }
 
     fn spawn(&self, pid: u32, log: &Path) -> Result<Running> {
+        self.spawn_for(&[pid], log)
+    }
+
+    /// The tracer over every process of `pids` (`-p A,B,...`).
+    fn spawn_for(&self, pids: &[u32], log: &Path) -> Result<Running> {
+        let pids: Vec<String> = pids.iter().map(u32::to_string).collect();
         let mut child = Command::new(&self.program)
             .args(&self.args)
-            .args(["-p", &pid.to_string(), &REPORT_INTERVAL_S.to_string()])
+            .args(["-p", &pids.join(","), &REPORT_INTERVAL_S.to_string()])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(File::create(log)?)
@@ -727,23 +772,6 @@ fn map_address(line: &str, file_offset: u64) -> Option<u64> {
     (offset..offset + (end - start))
         .contains(&file_offset)
         .then(|| start + file_offset - offset)
-}
-
-fn python311() -> Result<PathBuf> {
-    let root = Command::new("pyenv")
-        .arg("root")
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
-        .unwrap_or_else(|| PathBuf::from("/root/.pyenv"));
-    let versions = std::fs::read_dir(root.join("versions"))
-        .with_context(|| format!("no pyenv versions under {}", root.display()))?;
-    versions
-        .filter_map(|v| v.ok())
-        .map(|v| v.path().join("bin/python3.11"))
-        .find(|p| p.exists())
-        .context("no python3.11 under pyenv")
 }
 
 /// Installs BCC's tools and the kernel headers its compiler needs, and points

@@ -49,6 +49,9 @@ enum Task {
         /// Also measure this memleak binary (repeatable), e.g. a copy built from main.
         #[arg(long)]
         compare: Vec<PathBuf>,
+        /// Only the churn sections (one process, and several traced together).
+        #[arg(long)]
+        only_churn: bool,
     },
     /// Build, then run the load test (tests/tests/load.rs) for longer, 10 minutes by default.
     Load(load::Options),
@@ -70,6 +73,7 @@ fn main() -> Result<()> {
             pairs,
             rounds,
             compare,
+            only_churn,
         } => bench::run_bench(
             &build()?,
             &bench::Options {
@@ -77,6 +81,7 @@ fn main() -> Result<()> {
                 pairs,
                 rounds,
                 compare,
+                only_churn,
             },
         ),
         Task::Load(opts) => load::run_load(&build()?, &opts),

@@ -158,7 +158,7 @@ pub fn ensure_test_venv(root: &Path) -> Result<()> {
         return Ok(());
     }
     if !python.exists() {
-        let base = pyenv_python("3.11").context("no pyenv CPython 3.11 for the test venv")?;
+        let base = python311().context("the base of the test venv")?;
         run(Command::new(base).args(["-m", "venv"]).arg(&dir))?;
     }
     eprintln!("setup: installing {} (pip)", TEST_PYPI.join(" "));
@@ -168,18 +168,20 @@ pub fn ensure_test_venv(root: &Path) -> Result<()> {
     .context("pip install into the test venv")
 }
 
-/// pyenv's newest CPython `minor` ("3.11").
-fn pyenv_python(minor: &str) -> Option<PathBuf> {
-    let out = Command::new("pyenv").arg("root").output().ok()?;
-    let root = PathBuf::from(String::from_utf8(out.stdout).ok()?.trim());
-    let patch =
-        |name: &str| -> Option<u32> { name.strip_prefix(minor)?.strip_prefix('.')?.parse().ok() };
-    std::fs::read_dir(root.join("versions"))
-        .ok()?
-        .flatten()
-        .filter_map(|e| Some((patch(e.file_name().to_str()?)?, e.path())))
-        .map(|(patch, dir)| (patch, dir.join(format!("bin/python{minor}"))))
-        .filter(|(_, p)| p.exists())
-        .max()
-        .map(|(_, p)| p)
+/// pyenv's CPython 3.11 (the bench's workloads and the test venv run on it).
+pub fn python311() -> Result<PathBuf> {
+    let root = Command::new("pyenv")
+        .arg("root")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
+        .unwrap_or_else(|| PathBuf::from("/root/.pyenv"));
+    let versions = std::fs::read_dir(root.join("versions"))
+        .with_context(|| format!("no pyenv versions under {}", root.display()))?;
+    versions
+        .filter_map(|v| v.ok())
+        .map(|v| v.path().join("bin/python3.11"))
+        .find(|p| p.exists())
+        .context("no python3.11 under pyenv")
 }

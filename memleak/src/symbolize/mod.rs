@@ -15,10 +15,16 @@ use std::fs::File;
 use std::io::{Read, Seek};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::Path;
+use std::sync::{Arc, LazyLock, Mutex, Weak};
 
 use crate::model::{Frame, FrameKind};
 use crate::procmaps::{self, Mapping};
 use elf::ElfSource;
+
+/// The sources some symbolizer holds, by build-id: a libc that eight traced processes map is
+/// parsed (symbols, DWARF, its separate debug file) once; dropped with the last holder.
+static PARSED: LazyLock<Mutex<HashMap<Vec<u8>, Weak<Mutex<ElfSource>>>>> =
+    LazyLock::new(Default::default);
 
 pub struct Symbolizer {
     pid: u32,
@@ -28,8 +34,9 @@ pub struct Symbolizer {
     /// library rebuilt and loaded again is a new file even if its inode number was reused.
     files: Vec<MappedFile>,
     file_ids: HashMap<(String, u64, Option<String>), usize>,
-    /// Parsed sources; shared by every file with the same build-id.
-    sources: Vec<ElfSource>,
+    /// Parsed sources; shared by every file with the same build-id, in this symbolizer and
+    /// in every other one that holds it (`PARSED`).
+    sources: Vec<Arc<Mutex<ElfSource>>>,
     by_build_id: HashMap<Vec<u8>, usize>,
     /// Addresses outside every mapping even after re-reading the maps: not worth another read.
     missed: HashSet<u64>,
@@ -129,7 +136,7 @@ impl Symbolizer {
         let Some(source) = self.source(file) else {
             return vec![frame];
         };
-        let source = &mut self.sources[source];
+        let mut source = self.sources[source].lock().expect("not poisoned");
         let Some(vaddr) = source.vaddr_of_offset(file_offset) else {
             return vec![frame];
         };
@@ -284,7 +291,17 @@ impl Symbolizer {
         if let Some(&i) = build_id.as_ref().and_then(|id| self.by_build_id.get(id)) {
             return Some(i);
         }
-        let source = ElfSource::new(&obj, target_path.map(Path::new), &self.finder);
+        let mut parsed = PARSED.lock().expect("not poisoned");
+        let shared = build_id.as_ref().and_then(|id| parsed.get(id)?.upgrade());
+        let source = shared.unwrap_or_else(|| {
+            let source = ElfSource::new(&obj, target_path.map(Path::new), &self.finder);
+            let source = Arc::new(Mutex::new(source));
+            if let Some(id) = &build_id {
+                parsed.insert(id.clone(), Arc::downgrade(&source));
+            }
+            source
+        });
+        drop(parsed);
         self.sources.push(source);
         let i = self.sources.len() - 1;
         if let Some(id) = build_id {

@@ -16,7 +16,6 @@ use memleak_common::{AllocInfo, AllocKind, CombinedAlloc, Counter, TraceEvent, T
 use crate::{
     COMBINED_ONLY, MAX_SIZE, MIN_SIZE, PAGE_SIZE, SAMPLE_BYTES, SAMPLE_RATE, TRACE, global, heap,
     maps::{COMBINED, COUNTERS, EVENTS, MMAPS},
-    process,
 };
 
 #[inline(always)]

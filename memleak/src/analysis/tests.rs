@@ -448,3 +448,38 @@ fn a_long_run_is_thinned_to_bounded_points_over_its_whole_span() {
     table.retain(&t.stack_ids());
     assert!(table.entry(1).is_some() && table.entry(9).is_none());
 }
+
+#[test]
+fn each_process_gets_its_own_verdict() {
+    let mut run = timeline(&[leak(1), cache(2), churn(3)], 2.0, 12);
+    for (id, pid) in [(1, 100), (2, 200), (3, 200)] {
+        run.table.entry_mut(id).unwrap().pid = pid;
+    }
+    run.timeline.processes = [100, 200, 300]
+        .map(|pid| crate::timeline::TracedProcess {
+            pid,
+            exited: (pid == 300).then(|| "exited".into()),
+            traced_after_ms: None,
+        })
+        .to_vec();
+    let a = run.analyze();
+    let by_pid = |pid| a.processes.iter().find(|p| p.pid == pid).unwrap();
+    assert!(a.several());
+    assert!(by_pid(100).leaking && by_pid(100).growing_stacks == 1);
+    assert!(!by_pid(200).leaking && by_pid(200).final_bytes > 0);
+    assert_eq!(by_pid(300).final_bytes, 0);
+    assert_eq!(by_pid(300).exited.as_deref(), Some("exited"));
+    let text = crate::report::summary::render(&a);
+    assert!(text.contains("SERVICE: 1 of 3 processes leaking"), "{text}");
+    assert!(
+        text.contains("pid 300: exited; its memory was dropped then"),
+        "{text}"
+    );
+    let folded = crate::report::folded::lines(a.timeline.last().unwrap(), &run.table);
+    assert!(
+        folded
+            .iter()
+            .all(|l| l.starts_with("pid 100;") || l.starts_with("pid 200;")),
+        "{folded:?}"
+    );
+}

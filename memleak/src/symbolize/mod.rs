@@ -23,8 +23,10 @@ use elf::ElfSource;
 
 /// The sources some symbolizer holds, by build-id: a libc that eight traced processes map is
 /// parsed (symbols, DWARF, its separate debug file) once; dropped with the last holder.
-static PARSED: LazyLock<Mutex<HashMap<Vec<u8>, Weak<Mutex<ElfSource>>>>> =
-    LazyLock::new(Default::default);
+static PARSED: LazyLock<Mutex<HashMap<Vec<u8>, Weak<Shared>>>> = LazyLock::new(Default::default);
+
+/// A parsed source, shared by the symbolizers of every process that maps its object.
+type Shared = Mutex<ElfSource>;
 
 pub struct Symbolizer {
     pid: u32,
@@ -36,7 +38,7 @@ pub struct Symbolizer {
     file_ids: HashMap<(String, u64, Option<String>), usize>,
     /// Parsed sources; shared by every file with the same build-id, in this symbolizer and
     /// in every other one that holds it (`PARSED`).
-    sources: Vec<Arc<Mutex<ElfSource>>>,
+    sources: Vec<Arc<Shared>>,
     by_build_id: HashMap<Vec<u8>, usize>,
     /// Addresses outside every mapping even after re-reading the maps: not worth another read.
     missed: HashSet<u64>,

@@ -406,6 +406,16 @@ fn gunicorn_workers_are_traced_and_replaced() -> Result<()> {
     Ok(())
 }
 
+/// Where the cgroup v2 hierarchy is mounted (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified`
+/// beside v1 hierarchies).
+fn cgroup2_mount() -> Option<std::path::PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts.lines().find_map(|l| {
+        let fields: Vec<&str> = l.split_whitespace().collect();
+        (fields.get(2) == Some(&"cgroup2")).then(|| fields[1].into())
+    })
+}
+
 /// A cgroup v2 directory made for a test, removed at the end (its processes killed first).
 struct Cgroup(std::path::PathBuf);
 
@@ -435,15 +445,14 @@ fn cgroup_processes_moved_in_later_are_traced() -> Result<()> {
     if !can_trace(test) {
         return Ok(());
     }
-    let root = Path::new("/sys/fs/cgroup");
-    if !root.join("cgroup.controllers").exists() {
+    let Some(root) = cgroup2_mount() else {
         assert!(
             !memleak_tests::in_ci(),
             "{test}: no cgroup v2 hierarchy under CI"
         );
-        skipped(test, "no cgroup v2 hierarchy at /sys/fs/cgroup");
+        skipped(test, "no cgroup v2 hierarchy mounted");
         return Ok(());
-    }
+    };
     let scratch = Scratch::new("services-cgroup")?;
     let cgroup = Cgroup(root.join(format!("memleak-test-{}", std::process::id())));
     std::fs::create_dir(&cgroup.0)?;

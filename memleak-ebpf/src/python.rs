@@ -89,7 +89,7 @@ fn announce_one(w: &mut Walk, rec: &StackRecord, index: usize) -> i64 {
         _pad: 0,
         code: frame.code,
     };
-    if unsafe { PY_CODES_SEEN.get(&key) } == Some(&identity) {
+    if unsafe { PY_CODES_SEEN.get(key) } == Some(&identity) {
         return 0;
     }
     let Some(mut entry) = PY_NEW_CODES.reserve::<NewPythonCode>(0) else {
@@ -103,7 +103,7 @@ fn announce_one(w: &mut Walk, rec: &StackRecord, index: usize) -> i64 {
         code: frame.code,
     });
     entry.submit(0);
-    let _ = PY_CODES_SEEN.insert(&key, &identity, 0);
+    let _ = PY_CODES_SEEN.insert(key, identity, 0);
     0
 }
 

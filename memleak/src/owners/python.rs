@@ -225,6 +225,7 @@ pub fn find(rt: &PythonRuntime, blocks: &Blocks, limits: &Limits) -> Findings {
     Findings {
         owners,
         pools,
+        native: None,
         scan: Scan {
             gc_objects: listed.len() as u64,
             objects_read: read,

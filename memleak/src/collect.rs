@@ -214,6 +214,7 @@ impl Collector {
                 trace_events_lost: counters[Counter::EventsLost as usize],
                 stale_inflight: counters[Counter::StaleInflight as usize],
                 munmap_splits_lost: counters[Counter::MunmapSplitLost as usize],
+                python_codes_dropped: counters[Counter::PythonCodesDropped as usize],
                 unhooked: self.unhooked.clone(),
             },
             recorded: counters[Counter::Recorded as usize],

@@ -551,7 +551,7 @@ impl<'a> Session<'a> {
         {
             let pid = self.first_pid();
             self.timeline.owners =
-                find_owners(&self.collector, pid, &self.timeline, self.query.older_ms);
+                find_owners(&self.collector, &self.timeline, self.query.older_ms, pid);
         }
         self.timeline.processes = self.traced();
         let Session {
@@ -603,7 +603,7 @@ fn load_user(args: &Args, first_pid: u32) -> Result<(Ebpf, Shared)> {
         probes::load_user(&mut ebpf)?;
     }
     let rows = Rows::new(&mut ebpf, args.unwind)?;
-    let ring = RingBuf::try_from(bpf_map::take(&mut ebpf, maps::PY_NEW_STACKS)?)?;
+    let ring = RingBuf::try_from(bpf_map::take(&mut ebpf, maps::PY_NEW_CODES)?)?;
     let learner = Learner::new(ring);
     Ok((ebpf, Shared { rows, learner }))
 }
@@ -635,15 +635,15 @@ fn attach_growth(ebpf: &mut Ebpf, target: &Target) -> Result<()> {
 /// Stacks whose owners are looked for: those the report shows first (growing, then holding).
 const OWNED_STACKS: usize = 8;
 
-/// The owners of the memory of the report's first stacks, read from the running target;
-/// `None` when it runs no Python.
+/// The owners of the memory of the report's first stacks, read from the running target:
+/// Python objects and their holders when it runs CPython, then who refers to the blocks no
+/// Python owner accounts for (native blocks).
 fn find_owners(
     collector: &Collector,
-    pid: u32,
     timeline: &Timeline,
     older_ms: u64,
+    pid: u32,
 ) -> Option<owners::Findings> {
-    let python = collector.python(pid)?;
     let analysis = analysis::analyze(timeline, &collector.table);
     let stacks: std::collections::HashSet<i64> = analysis
         .stacks
@@ -652,15 +652,33 @@ fn find_owners(
         .take(OWNED_STACKS)
         .map(|s| s.stack_id)
         .collect();
-    // Every pymalloc arena too: whichever stack mapped one, what is in it may be another's.
-    let arena = owners::pools::arena_size(python.version.minor);
-    let asked = |stack_id, size| stacks.contains(&stack_id) || size == arena;
-    let blocks = owners::Blocks::new(collector.blocks_of(asked, older_ms));
-    Some(owners::python::find(
-        python,
-        &blocks,
-        &owners::python::Limits::default(),
-    ))
+    let mut found = match collector.python(pid) {
+        Some(python) => {
+            // Every pymalloc arena too: whichever stack mapped one, what is in it may be
+            // another's.
+            let arena = owners::pools::arena_size(python.version.minor);
+            let asked = |stack_id, size| stacks.contains(&stack_id) || size == arena;
+            let blocks = owners::Blocks::new(collector.blocks_of(asked, older_ms));
+            owners::python::find(python, &blocks, &owners::python::Limits::default())
+        }
+        None => owners::Findings::default(),
+    };
+    let maps = crate::procmaps::read(pid).ok()?;
+    let all = owners::Blocks::new(collector.blocks_of(|_, _| true, 0));
+    let native_asked = |id: i64| stacks.contains(&id) && found.of(id).next().is_none();
+    let describe = |id: i64| {
+        let info = collector.table.get(id);
+        info.deciding()
+            .map_or(format!("stack {id}"), report::format::frame_label)
+    };
+    let memory = python::Memory::Process(pid);
+    let limits = owners::native::Limits::default();
+    let (native, scan) =
+        owners::native::find(&memory, &maps, &all, &native_asked, &describe, &limits);
+    found.owners.extend(native);
+    found.owners.sort_by_key(|o| std::cmp::Reverse(o.bytes));
+    found.native = Some(scan);
+    Some(found)
 }
 
 fn query(args: &Args) -> Query {

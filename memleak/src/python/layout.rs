@@ -3,7 +3,7 @@
 //! describes (see /work/shared/notes/python-internals.md).
 
 use anyhow::{Result, bail};
-use memleak_common::python::{EntryMarker, FRAME_BUF, NO_FIELD, PyOffsets};
+use memleak_common::python::{CodeWindow, EntryMarker, FRAME_BUF, NO_FIELD, PyOffsets};
 
 use super::linetable::Format;
 
@@ -118,6 +118,19 @@ pub const GC_GENERATIONS: u64 = 24;
 pub const GC_PERMANENT: u64 = 104;
 
 impl Layout {
+    /// The code object's pointers to its file, name and line table, and whatever lies between
+    /// them (3.11+: `co_name` beside `co_qualname`): set when it is made, never changed, so
+    /// the BPF program tells by them a code object from a later one at the same address.
+    pub fn code_window(&self) -> CodeWindow {
+        let fields = [self.code_filename, self.code_function, self.code_linetable];
+        let start = fields.into_iter().min().unwrap_or(0);
+        let end = fields.into_iter().max().unwrap_or(0) + 8;
+        CodeWindow {
+            start: start as u32,
+            len: (end - start).min(FRAME_BUF as u64) as u32,
+        }
+    }
+
     /// The table of a minor version: 3.8's, then each later version's changes in turn.
     pub fn for_version(v: Version) -> Option<Layout> {
         if v.major != 3 || !(8..=13).contains(&v.minor) {
@@ -143,47 +156,8 @@ impl Layout {
     /// version and the build (GIL, not free-threaded) match and every offset lies inside
     /// the struct it belongs to.
     pub fn published(self, v: Version, raw: &[u8]) -> Result<Layout> {
-        if raw.len() < DEBUG_OFFSETS_LEN || &raw[..8] != DEBUG_COOKIE {
-            bail!("no _Py_DebugOffsets (cookie \"xdebugpy\") at the start of _PyRuntime");
-        }
-        let w = |i: usize| u64::from_le_bytes(raw[i * 8..i * 8 + 8].try_into().unwrap());
-        if w(1) >> 16 != (v.major as u64) << 8 | v.minor as u64 || w(2) != 0 {
-            bail!(
-                "_Py_DebugOffsets is for version {:#x}, free-threaded {}",
-                w(1),
-                w(2)
-            );
-        }
-        // (index of the struct's size, indices of the fields read) per struct.
-        let structs: [(usize, &[usize]); 7] = [
-            (3, &[5]),
-            (6, &[8, 9, 10, 11]),
-            (19, &[21, 23, 24]),
-            (28, &[29, 30, 31, 33]),
-            (34, &[35, 37, 38, 39, 43]),
-            (46, &[47, 49]),
-            (67, &[70]),
-        ];
-        for (size, fields) in structs {
-            if let Some(&bad) = fields
-                .iter()
-                .find(|&&f| w(f) >= w(size) || w(size) > 1 << 20)
-            {
-                bail!(
-                    "_Py_DebugOffsets word {bad}: {} outside its struct of {} bytes",
-                    w(bad),
-                    w(size)
-                );
-            }
-        }
-        for (size, items) in [(50, 51), (53, 54), (56, 57), (56, 58)] {
-            if w(items) >= w(size) {
-                bail!(
-                    "_Py_DebugOffsets word {items}: {} outside its struct",
-                    w(items)
-                );
-            }
-        }
+        let words = debug_offsets(v, raw)?;
+        let w = |i: usize| words[i];
         let frame_end = [w(29) + 8, w(30) + 8, w(31) + 8, w(33) + 1]
             .into_iter()
             .max()
@@ -226,6 +200,57 @@ impl Layout {
             ..self
         })
     }
+}
+
+/// The words of a `_Py_DebugOffsets` (3.13+), refused unless the cookie, the version and the
+/// build (GIL, not free-threaded) match and every offset read lies inside its struct.
+fn debug_offsets(v: Version, raw: &[u8]) -> Result<Vec<u64>> {
+    if raw.len() < DEBUG_OFFSETS_LEN || &raw[..8] != DEBUG_COOKIE {
+        bail!("no _Py_DebugOffsets (cookie \"xdebugpy\") at the start of _PyRuntime");
+    }
+    let words: Vec<u64> = raw[..DEBUG_OFFSETS_LEN]
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    let w = |i: usize| words[i];
+    if w(1) >> 16 != (v.major as u64) << 8 | v.minor as u64 || w(2) != 0 {
+        bail!(
+            "_Py_DebugOffsets is for version {:#x}, free-threaded {}",
+            w(1),
+            w(2)
+        );
+    }
+    // (index of the struct's size, indices of the fields read) per struct.
+    let structs: [(usize, &[usize]); 7] = [
+        (3, &[5]),
+        (6, &[8, 9, 10, 11]),
+        (19, &[21, 23, 24]),
+        (28, &[29, 30, 31, 33]),
+        (34, &[35, 37, 38, 39, 43]),
+        (46, &[47, 49]),
+        (67, &[70]),
+    ];
+    for (size, fields) in structs {
+        if let Some(&bad) = fields
+            .iter()
+            .find(|&&f| w(f) >= w(size) || w(size) > 1 << 20)
+        {
+            bail!(
+                "_Py_DebugOffsets word {bad}: {} outside its struct of {} bytes",
+                w(bad),
+                w(size)
+            );
+        }
+    }
+    for (size, items) in [(50, 51), (53, 54), (56, 57), (56, 58)] {
+        if w(items) >= w(size) {
+            bail!(
+                "_Py_DebugOffsets word {items}: {} outside its struct",
+                w(items)
+            );
+        }
+    }
+    Ok(words)
 }
 
 fn v3_8() -> Layout {

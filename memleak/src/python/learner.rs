@@ -1,7 +1,7 @@
-//! Reads the code objects of each new Python stack the moment the BPF program stores it
-//! (`PY_NEW_STACKS`), on a thread of its own: the event loop may be busy (symbolizing a
-//! table, building the unwind tables of a library just loaded) for longer than a short script
-//! lives, and code objects die with their function, their module or the process.
+//! Reads each code object the BPF program hands over (`PY_NEW_CODES`) the moment it does, on
+//! a thread of its own: the event loop may be busy (symbolizing a table, building the unwind
+//! tables of a library just loaded) for longer than a short script lives, and code objects
+//! die with their function, their module or the process.
 
 use std::{
     collections::HashMap,
@@ -11,12 +11,13 @@ use std::{
 
 use anyhow::{Context, Result};
 use aya::maps::{MapData, RingBuf};
-use memleak_common::python::NewPythonStack;
+use memleak_common::python::NewPythonCode;
 
 use super::Codes;
 
-/// The one reader of `PY_NEW_STACKS` for every traced process: each record goes to the code
-/// cache of the process it names. Clones share it.
+/// The one reader of `PY_NEW_CODES` for every traced process: each code object goes to the
+/// cache of the interpreter last found in the process it names (none before one is found, or
+/// after an exec). Clones share it.
 #[derive(Clone)]
 pub struct Learner {
     /// Until the first process with Python starts the thread.
@@ -32,7 +33,7 @@ impl Learner {
         }
     }
 
-    /// Process `pid` runs CPython: its new stacks' code objects are read into `codes`.
+    /// Process `pid` runs CPython: its code objects are read into `codes` from now on.
     pub fn add(&self, pid: u32, codes: Codes) -> Result<()> {
         self.codes.lock().expect("not poisoned").insert(pid, codes);
         match self.ring.lock().expect("not poisoned").take() {
@@ -55,18 +56,10 @@ fn spawn(mut ring: RingBuf<MapData>, codes: Arc<Mutex<HashMap<u32, Codes>>>) -> 
             run_first();
             while wait_readable(&ring) {
                 while let Some(item) = ring.next() {
-                    if item.len() < size_of::<NewPythonStack>() {
-                        continue;
-                    }
-                    // Safety: a plain `repr(C)` record, written whole by the BPF program.
-                    let new: NewPythonStack =
-                        unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
-                    let Some(codes) = codes.lock().expect("not poisoned").get(&new.tgid).cloned()
-                    else {
-                        continue;
-                    };
-                    for &code in new.codes.iter().take(new.len as usize) {
-                        codes.get(code);
+                    let Some(new) = record(&item) else { continue };
+                    let cache = codes.lock().expect("not poisoned").get(&new.tgid).cloned();
+                    if let Some(cache) = cache {
+                        cache.get(new.code);
                     }
                 }
             }
@@ -75,9 +68,15 @@ fn spawn(mut ring: RingBuf<MapData>, codes: Arc<Mutex<HashMap<u32, Codes>>>) -> 
     Ok(())
 }
 
+fn record(item: &[u8]) -> Option<NewPythonCode> {
+    // Safety: a plain `repr(C)` record, written whole by the BPF program.
+    (item.len() >= size_of::<NewPythonCode>())
+        .then(|| unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) })
+}
+
 /// Asks that this thread run the moment it wakes, ahead of ordinary threads: on a busy
 /// machine a script can exit before an ordinary thread is scheduled. It sleeps but for the
-/// few reads of each new stack. Without the privilege it runs as it is.
+/// few reads of each new code object. Without the privilege it runs as it is.
 fn run_first() {
     let param = libc::sched_param { sched_priority: 1 };
     unsafe { libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_FIFO, &param) };

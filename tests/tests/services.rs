@@ -37,6 +37,14 @@ fn start(scratch: &Scratch, name: &str) -> Result<(Running, std::path::PathBuf)>
     Ok((target, ledger))
 }
 
+/// The pids of the report's process list, in its order.
+fn listed_pids(report: &Report) -> Result<Vec<u64>> {
+    let list = report.json["processes"]
+        .as_array()
+        .context("no process list")?;
+    Ok(list.iter().filter_map(|p| p["pid"].as_u64()).collect())
+}
+
 /// Once every fixture wrote its ledger, stops `tracer`: each fixture's stacks in the final
 /// snapshot of the report at `out` match its own ledger exactly.
 fn check_ledgers(
@@ -86,12 +94,7 @@ fn two_programs_each_match_their_ledger() -> Result<()> {
         (&threads_ledger, "threads.c"),
     ];
     let (run, report) = check_ledgers(tracer, &out, &ledgers)?;
-    let listed: Vec<u64> = report.json["processes"]
-        .as_array()
-        .context("no process list")?
-        .iter()
-        .filter_map(|p| p["pid"].as_u64())
-        .collect();
+    let listed = listed_pids(&report)?;
     ensure!(
         listed == [u64::from(leaks.pid()), u64::from(threads.pid())],
         "process list {listed:?}"
@@ -202,12 +205,7 @@ fn pool_leaks_in_workers(method: &str) -> Result<()> {
         .split_whitespace()
         .filter_map(|w| w.parse().ok())
         .collect();
-    let listed: BTreeSet<u64> = report.json["processes"]
-        .as_array()
-        .context("no process list")?
-        .iter()
-        .filter_map(|p| p["pid"].as_u64())
-        .collect();
+    let listed: BTreeSet<u64> = listed_pids(&report)?.into_iter().collect();
     ensure!(
         workers.is_subset(&listed),
         "workers {workers:?} not all traced: {listed:?}\n{}",

@@ -476,3 +476,22 @@ fn published_offsets_agree_with_the_table() {
         eprintln!("Python {label}: the published offsets are the table's");
     }
 }
+
+/// The identity the BPF program keeps of a code object is its adjacent, immutable pointers
+/// (file, names, line table), never a field CPython changes (`co_weakreflist`,
+/// `co_zombieframe`).
+#[test]
+fn code_identity_window_is_the_adjacent_pointers() {
+    for minor in 8..=13 {
+        let version = layout::Version {
+            major: 3,
+            minor,
+            micro: None,
+        };
+        let l = Layout::for_version(version).unwrap();
+        let w = l.code_window();
+        let expected = if minor >= 11 { 32 } else { 24 };
+        assert_eq!(w.len, expected, "3.{minor}");
+        assert_eq!(w.start as u64, l.code_filename, "3.{minor}");
+    }
+}

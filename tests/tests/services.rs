@@ -127,8 +127,9 @@ fn two_programs_each_match_their_ledger() -> Result<()> {
     Ok(())
 }
 
-/// A pool of two workers, forked after memleak attached, whose task keeps 100 kB a call at
-/// line 5; the parent only hands out tasks. Writes the workers' pids to `done`.
+/// A pool of two workers, started after memleak attached, whose task keeps 100 kB a call at
+/// line 5; the parent only hands out tasks. Writes the workers' pids to `done` + ".workers"
+/// once they run, then waits for `done` + ".go" (memleak traces them) before the tasks.
 const POOL: &str = r#"import multiprocessing as mp, os, sys, time
 KEPT = []
 
@@ -137,19 +138,24 @@ def task(i):
     time.sleep(0.02)
     return os.getpid()
 
+def write(path, text):
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.rename(path + ".tmp", path)
+
 if __name__ == "__main__":
     method, go, done = sys.argv[1:4]
     while not os.path.exists(go):
         time.sleep(0.05)
     mp.set_start_method(method)
     with mp.Pool(2) as pool:
+        write(done + ".workers", " ".join(str(p.pid) for p in pool._pool))
+        while not os.path.exists(done + ".go"):
+            time.sleep(0.05)
         workers = set()
-        deadline = time.time() + 5
-        while time.time() < deadline:
+        for _ in range(20):
             workers.update(pool.map(task, range(4), chunksize=1))
-        with open(done + ".tmp", "w") as f:
-            f.write(" ".join(map(str, sorted(workers))))
-        os.rename(done + ".tmp", done)
+        write(done, " ".join(map(str, sorted(workers))))
         time.sleep(600)
 "#;
 
@@ -192,8 +198,16 @@ fn pool_leaks_in_workers(method: &str) -> Result<()> {
     let pid = parent.pid().to_string();
     let tracer_args = ["-p", &pid, "--children", "--json", out.to_str().unwrap()];
     let tracer = Running::memleak(&scratch, &tracer_args, None)?;
-    wait_for_text(&scratch.path("memleak.stdout"), "Attaching to pid", TIMEOUT)?;
+    let stdout = scratch.path("memleak.stdout");
+    wait_for_text(&stdout, "Attaching to pid", TIMEOUT)?;
     std::fs::write(&go, "")?;
+    // The tasks run once memleak traces both workers.
+    let pool = done.with_extension("workers");
+    wait_for_file(&pool, TIMEOUT)?;
+    for worker in std::fs::read_to_string(&pool)?.split_whitespace() {
+        wait_for_text(&stdout, &format!("tracing pid {worker},"), TIMEOUT)?;
+    }
+    std::fs::write(done.with_extension("go"), "")?;
     wait_for_file(&done, TIMEOUT)?;
     // A few maps ticks, to read the newest stacks' code objects.
     std::thread::sleep(Duration::from_secs(1));
@@ -221,9 +235,9 @@ fn pool_leaks_in_workers(method: &str) -> Result<()> {
         .take(8)
         .map(describe_stack)
         .collect();
-    // 5 s of tasks keep about 10 MB; the first of them may run before the worker is traced.
+    // 80 tasks keep 8 MB, all in traced workers.
     ensure!(
-        in_workers >= 2_000_000 && in_parent == 0,
+        in_workers >= 80 * 100_000 && in_parent == 0,
         "pool.py:5 holds {in_workers} B in the workers, {in_parent} B in the parent\n  {}",
         top.join("\n  ")
     );

@@ -204,9 +204,7 @@ fn attach_one(
 fn entry_args(kind: AllocKind) -> &'static [placement::Reg] {
     use placement::Reg;
     match kind {
-        AllocKind::Malloc | AllocKind::Valloc | AllocKind::Pvalloc | AllocKind::Free => {
-            &[Reg::RDI]
-        }
+        AllocKind::Malloc | AllocKind::Valloc | AllocKind::Pvalloc | AllocKind::Free => &[Reg::RDI],
         AllocKind::AlignedAlloc | AllocKind::Memalign => &[Reg::RSI],
         AllocKind::Calloc | AllocKind::Realloc | AllocKind::Munmap => &[Reg::RDI, Reg::RSI],
         AllocKind::Reallocarray => &[Reg::RDI, Reg::RSI, Reg::RDX],

@@ -471,8 +471,29 @@ fn published_offsets_agree_with_the_table() {
         // An offset outside its struct (the interpreter state's `gc`) is refused.
         raw[10 * 8..11 * 8].copy_from_slice(&(1u64 << 40).to_le_bytes());
         assert!(table.published(rt.version, &raw).is_err());
+        // So is a frame field the BPF walk's aligned words would split.
+        let mut raw = memory.read_vec(runtime, layout::DEBUG_OFFSETS_LEN).unwrap();
+        let code = layout.frames.frame_code as u64 + 4;
+        raw[30 * 8..31 * 8].copy_from_slice(&code.to_le_bytes());
+        assert!(table.published(rt.version, &raw).is_err());
         raw[..8].copy_from_slice(b"notdebug");
         assert!(table.published(rt.version, &raw).is_err());
         eprintln!("Python {label}: the published offsets are the table's");
+    }
+}
+
+#[test]
+fn every_table_layout_reads_as_aligned_words() {
+    for minor in 8..=13 {
+        let v = super::layout::Version {
+            major: 3,
+            minor,
+            micro: None,
+        };
+        let layout = Layout::for_version(v).unwrap();
+        assert!(
+            memleak_common::python::fields_aligned(&layout.frames),
+            "3.{minor}"
+        );
     }
 }

@@ -175,7 +175,7 @@ pub fn run_bench(memleak: &Path, opts: &Options) -> Result<()> {
             }
             depth_bench(&python, &tracers, &out, opts.rounds)?;
             match &venv {
-                Ok(venv) => service_bench(venv, &tracers, &out),
+                Ok(venv) => service_bench(venv, &tracers, &out, opts.rounds),
                 Err(e) => println!("\nSKIP the service: no venv: {e:#}"),
             }
         }
@@ -267,34 +267,74 @@ fn per_alloc(seconds: f64) -> f64 {
     seconds / python::DEPTH_CHURN_ALLOCS * 1e9
 }
 
-/// The FastAPI service untraced, under every tracer and under memray: one round each.
-fn service_bench(venv: &Path, tracers: &[Tracer], out: &Path) {
-    println!("\n== FastAPI + uvicorn on the loopback, wrk 16 connections × 10 s (one round each)");
-    let base = match service::measure(venv, out, service::Server::Plain, None) {
-        Ok(b) => b,
-        Err(e) => return println!("service untraced failed: {e:#}"),
+/// The FastAPI service untraced, under every tracer and under memray, `rounds` times in turn:
+/// the machine's speed drifts, so each share is taken against the untraced run of its own
+/// round, and the median of each row is printed with its spread.
+fn service_bench(venv: &Path, tracers: &[Tracer], out: &Path, rounds: u32) {
+    println!(
+        "\n== FastAPI + uvicorn on the loopback, wrk 16 connections × 10 s, {rounds} rounds in \
+         turn: medians (min–max of the share)"
+    );
+    let mut rows: Vec<(String, Vec<Shared>)> = Vec::new();
+    let mut add = |name: &str, l: service::Load, base: f64| {
+        let shared = Shared {
+            share: l.requests_per_s / base,
+            load: l,
+        };
+        match rows.iter_mut().find(|(n, _)| n == name) {
+            Some((_, runs)) => runs.push(shared),
+            None => rows.push((name.to_string(), vec![shared])),
+        }
     };
-    print_load("untraced", &base, &base);
-    for t in tracers {
-        match service::measure(venv, out, service::Server::Plain, Some(t)) {
-            Ok(l) => print_load(&t.name, &l, &base),
-            Err(e) => println!("{:<16} failed: {e:#}", t.name),
+    for _ in 0..rounds {
+        let base = match service::measure(venv, out, service::Server::Plain, None) {
+            Ok(b) => b,
+            Err(e) => {
+                println!("service untraced failed: {e:#}");
+                continue;
+            }
+        };
+        let base_rate = base.requests_per_s;
+        add("untraced", base, base_rate);
+        for t in tracers {
+            match service::measure(venv, out, service::Server::Plain, Some(t)) {
+                Ok(l) => add(&t.name, l, base_rate),
+                Err(e) => println!("{:<16} failed: {e:#}", t.name),
+            }
+        }
+        for native in [false, true] {
+            let name = if native { "memray --native" } else { "memray" };
+            let memray = service::Server::Memray { native, out };
+            match service::measure(venv, out, memray, None) {
+                Ok(l) => add(name, l, base_rate),
+                Err(e) => println!("{name:<16} failed: {e:#}"),
+            }
         }
     }
-    let memray = service::Server::Memray { native: false, out };
-    match service::measure(venv, out, memray, None) {
-        Ok(l) => print_load("memray", &l, &base),
-        Err(e) => println!("memray           failed: {e:#}"),
+    for (name, runs) in &rows {
+        print_load(name, runs);
     }
 }
 
-fn print_load(name: &str, l: &service::Load, base: &service::Load) {
+/// One service run and its requests/s as a share of its round's untraced run.
+struct Shared {
+    load: service::Load,
+    share: f64,
+}
+
+fn print_load(name: &str, runs: &[Shared]) {
+    let median = |f: &dyn Fn(&Shared) -> f64| {
+        let mut v: Vec<f64> = runs.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        (v[v.len() / 2], v[0], v[v.len() - 1])
+    };
+    let (share, low, high) = median(&|r| r.share);
     println!(
-        "{name:<16} {:>8.0} req/s ({:.2} of untraced)  p50 {:>6.2} ms  p99 {:>6.2} ms",
-        l.requests_per_s,
-        l.requests_per_s / base.requests_per_s,
-        l.p50_ms,
-        l.p99_ms
+        "{name:<16} {:>8.0} req/s ({share:.2} of untraced, {low:.2}–{high:.2})  p50 {:>6.2} ms  \
+         p99 {:>6.2} ms",
+        median(&|r| r.load.requests_per_s).0,
+        median(&|r| r.load.p50_ms).0,
+        median(&|r| r.load.p99_ms).0,
     );
 }
 

@@ -293,9 +293,12 @@ pub enum Counter {
     Recorded = 7,
     /// Frees and munmaps that matched a tracked allocation.
     Released = 8,
+    /// A new Python code object not handed to userspace at once (`PY_NEW_CODES` full): its
+    /// name is read later, and lost if it dies first.
+    PythonCodesDropped = 9,
 }
 
-pub const COUNTER_COUNT: u32 = 9;
+pub const COUNTER_COUNT: u32 = 10;
 
 /// mmap(2) constants (x86-64 Linux).
 pub const MAP_ANONYMOUS: u64 = 0x20;

@@ -127,26 +127,68 @@ pub struct PyConfig {
     /// `PyInterpreterState` → first thread state; `PyThreadState.next`.
     pub interp_threads_head: u32,
     pub tstate_next: u32,
+    /// Where a code object's identity lies (see `PY_CODES_SEEN`).
+    pub code_window: CodeWindow,
 }
 
 /// Thread states the BPF program looks through for a thread missing from the map.
 pub const MAX_THREAD_SCAN: u32 = 256;
 
-/// `PY_NEW_STACKS` (a ring buffer of `NewPythonStack`s): room for about 250 stacks between
-/// two reads.
-pub const PY_NEW_STACKS_BYTES: u32 = 1 << 18;
+/// `PY_NEW_CODES` (a ring buffer of `NewPythonCode`s): room for about 8,000 code objects
+/// between two reads.
+pub const PY_NEW_CODES_BYTES: u32 = 1 << 17;
 
-/// One record of `PY_NEW_STACKS`: the code objects of a stack with Python frames, the moment
-/// it is first stored, so userspace reads them while they live (they die with their
-/// function, their module or the process). A full buffer drops some; userspace's periodic
-/// look at the stack map finds those stacks.
+/// Code objects `PY_CODES_SEEN` remembers as already handed to userspace.
+pub const MAX_PY_CODES_SEEN: u32 = 1 << 14;
+
+/// One record of `PY_NEW_CODES`: a code object on a stack just stored that userspace has
+/// not been handed yet (or that changed since: a freed address reused), so that it reads the
+/// object while it lives (code objects die with their function, their module or the
+/// process). Each code object comes once, not once per stack: Python's start-up stores
+/// thousands of stacks over a few hundred code objects, and a reader that went through
+/// every stack fell behind a script that exits at once.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
-pub struct NewPythonStack {
-    pub len: u32,
+pub struct NewPythonCode {
+    pub tgid: u32,
     pub _pad: u32,
-    /// `PyFrame::code` of the stack's frames, innermost first; `len` of them are set.
-    pub codes: [u64; crate::MAX_PYTHON_FRAMES],
+    pub code: u64,
+}
+
+/// `PY_CODES_SEEN`'s key: a code object of one process.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SeenCode {
+    pub tgid: u32,
+    pub _pad: u32,
+    pub code: u64,
+}
+
+/// The bytes of a code object that tell it from another one later at its address: its
+/// `co_filename` .. `co_linetable` pointers (names, file, lines: set at creation, never
+/// changed), `len` bytes from `start`, at most `FRAME_BUF`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CodeWindow {
+    pub start: u32,
+    pub len: u32,
+}
+
+/// What `PY_CODES_SEEN` keeps of a code object: its window's 8-byte words folded together.
+pub fn code_identity(window: &[u8; FRAME_BUF], len: u32) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for i in 0..FRAME_BUF / 8 {
+        if i * 8 >= len as usize {
+            break;
+        }
+        let Some(word) = window.get(i * 8..i * 8 + 8) else {
+            break;
+        };
+        let mut bytes = [0u8; 8];
+        bytes.copy_from_slice(word);
+        h = (h ^ u64::from_le_bytes(bytes)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
 }
 
 /// Threads `PY_THREADS` holds (a thread's fs_base, its pthread_t → its `PyThreadState`).

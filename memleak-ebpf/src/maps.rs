@@ -11,7 +11,7 @@ use memleak_common::{
     DEFAULT_MAX_INFLIGHT, DEFAULT_MAX_MMAPS, DEFAULT_MAX_STACKS, DEFAULT_THREAD_SLOTS, HeapSlot,
     InFlight, StackRecord, heap, named,
     names::maps,
-    python::{MAX_PY_THREADS, PY_NEW_STACKS_BYTES, PyConfig},
+    python::{MAX_PY_CODES_SEEN, MAX_PY_THREADS, PY_NEW_CODES_BYTES, PyConfig, SeenCode},
     unwind::{MAX_UNWIND_MAPPINGS, MAX_UNWIND_ROWS, UnwindControl, UnwindMapping, UnwindRow},
 };
 
@@ -95,10 +95,14 @@ pub(crate) static PY_THREADS: HashMap<u64, u64> = HashMap::with_max_entries(MAX_
 /// This CPU's Python walk.
 #[map]
 pub(crate) static PY_WALK: PerCpuArray<python::Walk> = PerCpuArray::with_max_entries(1, 0);
-/// The code objects of each new stack with Python frames (`NewPythonStack`), for userspace
-/// to read while they live.
+/// The code objects of new stacks that userspace has not been handed yet (`NewPythonCode`),
+/// for it to read while they live.
 #[map]
-pub(crate) static PY_NEW_STACKS: RingBuf = RingBuf::with_byte_size(PY_NEW_STACKS_BYTES, 0);
+pub(crate) static PY_NEW_CODES: RingBuf = RingBuf::with_byte_size(PY_NEW_CODES_BYTES, 0);
+/// The code objects handed to userspace, with the identity they had (`code_identity`).
+#[map]
+pub(crate) static PY_CODES_SEEN: LruHashMap<SeenCode, u64> =
+    LruHashMap::with_max_entries(MAX_PY_CODES_SEEN, 0);
 
 // The target process.
 
@@ -138,7 +142,8 @@ named!(
     PY_CONFIG = maps::PY_CONFIG,
     PY_THREADS = maps::PY_THREADS,
     PY_WALK = maps::PY_WALK,
-    PY_NEW_STACKS = maps::PY_NEW_STACKS,
+    PY_NEW_CODES = maps::PY_NEW_CODES,
+    PY_CODES_SEEN = maps::PY_CODES_SEEN,
     EXECS = maps::EXECS,
     BRK = maps::BRK,
     COUNTERS = maps::COUNTERS,

@@ -9,26 +9,30 @@
 use core::{ffi::c_void, ptr::null_mut};
 
 use aya_ebpf::helpers::{
-    bpf_get_current_task, bpf_probe_read_kernel, bpf_probe_read_user,
+    bpf_get_current_pid_tgid, bpf_get_current_task, bpf_probe_read_kernel, bpf_probe_read_user,
+    bpf_probe_read_user_buf,
     generated::{self, bpf_loop},
 };
 
 use memleak_common::{
-    MAX_PYTHON_FRAMES, MAX_PYTHON_STEPS, PYTHON_DROPPED_MORE, StackRecord,
+    Counter, MAX_PYTHON_FRAMES, MAX_PYTHON_STEPS, PYTHON_DROPPED_MORE, StackRecord,
     python::{
-        ENTRY_FRAME, FrameStep, MAX_THREAD_SCAN, NO_FIELD, NewPythonStack, PyConfig, PyOffsets,
-        decode_frame,
+        CodeWindow, ENTRY_FRAME, FRAME_BUF, FrameStep, MAX_THREAD_SCAN, NO_FIELD, NewPythonCode,
+        PyConfig, PyOffsets, SeenCode, code_identity, decode_frame,
     },
 };
 
 use crate::{
-    maps::{PY_CONFIG, PY_NEW_STACKS, PY_THREADS, PY_WALK},
+    bookkeeping::count,
+    maps::{PY_CODES_SEEN, PY_CONFIG, PY_NEW_CODES, PY_THREADS, PY_WALK},
     unwind,
 };
 
 /// The per-CPU state of one walk; the frames go straight into the walk's record.
 #[repr(C)]
 pub(crate) struct Walk {
+    /// The bytes `announce` reads of a code object.
+    buf: [u8; FRAME_BUF],
     /// Aligned blocks of the target's memory read during this walk, each whole: a read costs
     /// about the same for a word or a block, and 3.11+ frames sit together in the thread's
     /// data stack, so one read serves several frames. A block never straddles a page, so
@@ -49,6 +53,8 @@ pub(crate) struct Walk {
     fsbase: u64,
     cursor: u64,
     found: u64,
+    /// Where the code objects' identities lie, for `announce`.
+    code_window: CodeWindow,
 }
 
 /// 1 KiB blocks, four of them per walk.
@@ -85,22 +91,64 @@ fn word(w: &mut Walk, addr: u64) -> Option<u64> {
     Some(v >> ((addr & 7) * 8))
 }
 
-/// Hands userspace the code objects of `rec`, a stack with Python frames just stored.
+/// Hands userspace the code objects of the walk's record, a stack with `python_len` Python
+/// frames just stored, that it was not handed before with the identity they have now.
 #[inline(always)]
-pub fn announce(rec: &StackRecord) {
-    // A full buffer: userspace's periodic look at `STACKS` finds the stack instead.
-    let Some(mut entry) = PY_NEW_STACKS.reserve::<NewPythonStack>(0) else {
+pub fn announce(python_len: u32) {
+    let (Some(config), Some(w)) = (PY_CONFIG.get(0), PY_WALK.get_ptr_mut(0)) else {
         return;
     };
-    let new = unsafe { &mut *entry.as_mut_ptr() };
-    new.len = rec.python_len;
-    for i in 0..MAX_PYTHON_FRAMES {
-        if i >= rec.python_len as usize {
-            break;
-        }
-        new.codes[i] = rec.python[i].code;
+    unsafe {
+        (*w).code_window = config.code_window;
+        let frames = python_len.min(MAX_PYTHON_FRAMES as u32);
+        bpf_loop(frames, announce_step as *mut c_void, null_mut(), 0);
     }
+}
+
+/// `bpf_loop` callback: announces the `index`th frame's code object if it is new.
+extern "C" fn announce_step(index: u64, _ctx: *mut c_void) -> i64 {
+    match (PY_WALK.get_ptr_mut(0), unwind::record()) {
+        (Some(w), Some(rec)) => unsafe { announce_one(&mut *w, &*rec, index as usize) },
+        _ => 1,
+    }
+}
+
+#[inline(always)]
+fn announce_one(w: &mut Walk, rec: &StackRecord, index: usize) -> i64 {
+    let Some(frame) = rec.python.get(index) else {
+        return 1;
+    };
+    let window = w.code_window;
+    let Some(dst) = w.buf.get_mut(..(window.len as usize).min(FRAME_BUF)) else {
+        return 1;
+    };
+    let at = frame.code.wrapping_add(window.start as u64);
+    if unsafe { bpf_probe_read_user_buf(at as *const u8, dst) }.is_err() {
+        return 0;
+    }
+    let identity = code_identity(&w.buf, window.len);
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let key = SeenCode {
+        tgid,
+        _pad: 0,
+        code: frame.code,
+    };
+    if unsafe { PY_CODES_SEEN.get(key) } == Some(&identity) {
+        return 0;
+    }
+    let Some(mut entry) = PY_NEW_CODES.reserve::<NewPythonCode>(0) else {
+        // Not remembered as seen: the next new stack with it tries again.
+        count(Counter::PythonCodesDropped);
+        return 0;
+    };
+    entry.write(NewPythonCode {
+        tgid,
+        _pad: 0,
+        code: frame.code,
+    });
     entry.submit(0);
+    let _ = PY_CODES_SEEN.insert(key, identity, 0);
+    0
 }
 
 /// The pointer-sized field at `addr` (aligned, or it is not one), through the walk's blocks.

@@ -167,8 +167,9 @@ pub fn store(rec: *mut StackRecord) -> Result<i64, i32> {
     #[allow(clippy::needless_borrows_for_generic_args)]
     match STACKS.insert(id as u64, unsafe { &*rec }, BPF_NOEXIST as u64) {
         Ok(()) => {
-            if unsafe { (*rec).python_len } != 0 {
-                python::announce(unsafe { &*rec });
+            let python_len = unsafe { (*rec).python_len };
+            if python_len != 0 {
+                python::announce(python_len);
             }
             Ok(id)
         }

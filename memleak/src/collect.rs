@@ -184,6 +184,7 @@ impl Collector {
                 trace_events_lost: counters[Counter::EventsLost as usize],
                 stale_inflight: counters[Counter::StaleInflight as usize],
                 munmap_splits_lost: counters[Counter::MunmapSplitLost as usize],
+                python_codes_dropped: counters[Counter::PythonCodesDropped as usize],
                 unhooked: self.unhooked.clone(),
             },
             recorded: counters[Counter::Recorded as usize],
@@ -352,14 +353,14 @@ impl Collector {
         }
     }
 
-    /// The outstanding blocks of `stacks` at least `older_ms` old (as the tables count
-    /// them), for the owner walk.
-    pub fn blocks_of(&self, stacks: &std::collections::HashSet<i64>, older_ms: u64) -> Vec<Block> {
+    /// The outstanding blocks at least `older_ms` old (as the tables count them) that
+    /// `asked(stack_id, size)` wants, for the owner walk.
+    pub fn blocks_of(&self, asked: impl Fn(i64, u64) -> bool, older_ms: u64) -> Vec<Block> {
         let now = monotonic_ns();
         [&self.allocs, &self.mmaps]
             .iter()
             .flat_map(|map| map.entries())
-            .filter(|(_, info)| stacks.contains(&info.stack_id))
+            .filter(|(_, info)| asked(info.stack_id, info.size))
             .filter(|(_, info)| now.saturating_sub(info.timestamp_ns) / 1_000_000 >= older_ms)
             .map(|(addr, info)| Block {
                 addr,

@@ -62,6 +62,8 @@ pub struct Lost {
     pub trace_events_lost: u64,
     pub stale_inflight: u64,
     pub munmap_splits_lost: u64,
+    /// New Python code objects not handed over at once: their frames may lack names.
+    pub python_codes_dropped: u64,
     /// Definitions the process may call that memleak did not hook (binding.rs): what they
     /// hand out is missing from every table.
     #[serde(skip_serializing_if = "Vec::is_empty")]

@@ -334,7 +334,10 @@ fn find_owners(
         .take(OWNED_STACKS)
         .map(|s| s.stack_id)
         .collect();
-    let blocks = owners::Blocks::new(collector.blocks_of(&stacks, older_ms));
+    // Every pymalloc arena too: whichever stack mapped one, what is in it may be another's.
+    let arena = owners::pools::arena_size(python.version.minor);
+    let asked = |stack_id, size| stacks.contains(&stack_id) || size == arena;
+    let blocks = owners::Blocks::new(collector.blocks_of(asked, older_ms));
     Some(owners::python::find(
         python,
         &blocks,

@@ -54,6 +54,10 @@ pub struct StackTrend<'a> {
     /// What the stack keeps: its final bytes; for churn, the least it held since it first
     /// appeared (what never came back).
     pub kept_bytes: u64,
+    /// What it holds once pymalloc's arenas are split by what is in them (the owner walk's
+    /// `pools`); `None` when they were not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attributed_bytes: Option<u64>,
     /// Named in the verdict: it grows, or what it keeps matters.
     pub named: bool,
     /// Another named stack has the same deciding frame: the index in `frames` of the first
@@ -108,6 +112,11 @@ pub fn analyze<'a>(timeline: &'a Timeline, table: &'a StackTable) -> Analysis<'a
     let min_span = timeline.interval_s * MIN_RATE_SPAN_INTERVALS;
     let points = points(&series, min_span);
     let mut stacks = stack_trends(&series, table, min_span);
+    if let Some(pools) = timeline.owners.as_ref().and_then(|f| f.pools.as_ref()) {
+        for s in &mut stacks {
+            s.attributed_bytes = Some(pools.attributed(s.stack_id, s.final_bytes()));
+        }
+    }
     verdict::name_stacks(&mut stacks, &points);
     apart::tell_apart(&mut stacks);
     sort(&mut stacks);
@@ -159,6 +168,7 @@ fn stack_trends<'a>(
                     trend: Trend::Unknown,
                     fit: None,
                     kept_bytes: 0,
+                    attributed_bytes: None,
                     named: false,
                     differs_at: None,
                     info: table.get(s.stack_id),

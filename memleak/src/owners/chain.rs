@@ -25,14 +25,18 @@ struct Chain {
 /// The owners of the walk's targets, grouped by stack, type and chain; largest first.
 pub(super) fn owners(walk: &Walk) -> Vec<Owner> {
     let mut groups: HashMap<(i64, String, String), Owner> = HashMap::new();
-    let mut described: HashMap<u64, (String, Root, Option<String>)> = HashMap::new();
+    let mut described: HashMap<(u64, bool), (String, Root, Option<String>)> = HashMap::new();
     for (&obj, target) in &walk.targets {
         let type_name = walk
             .type_info(target.type_addr)
             .map_or("?".to_string(), |t| t.name.clone());
         let chain = climb(walk, obj);
         // Targets held by the same container share its words: describe each container once.
-        let key = chain.path.get(1).map_or(obj, |&(node, _)| node);
+        // The container may be a target too, in words of its own ("the table of ...").
+        let key = match chain.path.get(1) {
+            Some(&(container, _)) => (container, true),
+            None => (obj, false),
+        };
         let (held_by, root, advice) = described
             .entry(key)
             .or_insert_with(|| words(walk, &chain))

@@ -5,6 +5,7 @@
 
 mod chain;
 mod pages;
+pub mod pools;
 pub mod python;
 
 use serde::Serialize;
@@ -33,6 +34,10 @@ impl Blocks {
 
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Block> {
+        self.0.iter()
     }
 
     /// The block whose bytes include `addr`.
@@ -99,6 +104,9 @@ pub struct Scan {
 pub struct Findings {
     /// Largest first.
     pub owners: Vec<Owner>,
+    /// pymalloc's arenas among the blocks, split by what is in them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pools: Option<pools::Pools>,
     pub scan: Scan,
 }
 

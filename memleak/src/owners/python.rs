@@ -10,7 +10,7 @@ use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 
 use anyhow::{Result, bail};
 
-use super::{Block, Blocks, Findings, Scan, chain, pages::Pages};
+use super::{Block, Blocks, Findings, Scan, chain, pages::Pages, pools};
 use crate::python::{
     PythonRuntime,
     layout::{
@@ -124,6 +124,8 @@ impl Parents {
 pub(super) struct Target {
     pub type_addr: u64,
     pub bytes: Vec<(i64, u64)>,
+    /// The block the object lies in as one of many (a pymalloc arena), and its own bytes.
+    pub home: Option<(Block, u64)>,
     /// A pointer field to read again before believing it (the buffer's owner field).
     check: Option<(u64, u64)>,
 }
@@ -131,8 +133,8 @@ pub(super) struct Target {
 pub(super) struct Walk<'a> {
     pub pages: Pages<'a>,
     pub layout: &'a Layout,
-    minor: u8,
-    blocks: &'a Blocks,
+    pub minor: u8,
+    pub blocks: &'a Blocks,
     types: HashMap<u64, Option<TypeInfo>>,
     /// Containers to read: listed by the GC, or untracked ones (a dict or tuple of atomic
     /// values, which the GC stops tracking) found inside them.
@@ -186,6 +188,7 @@ pub fn find(rt: &PythonRuntime, blocks: &Blocks, limits: &Limits) -> Findings {
     }
     let unread = queue.len() as u64;
     walk.confirm_targets();
+    let pools = pools::split(&mut walk);
     let owners = chain::owners(&walk);
     let stats = walk.pages.stats();
     let s = &walk.skipped;
@@ -221,6 +224,7 @@ pub fn find(rt: &PythonRuntime, blocks: &Blocks, limits: &Limits) -> Findings {
             .count() as u64;
     Findings {
         owners,
+        pools,
         scan: Scan {
             gc_objects: listed.len() as u64,
             objects_read: read,
@@ -353,12 +357,13 @@ impl Walk<'_> {
         };
         let (kind, gc) = (ty.kind, ty.flags & TYPE_FLAGS_HAVE_GC != 0);
         let mut bytes = Vec::new();
-        let mut check = None;
+        let (mut check, mut home) = (None, None);
         if let Some(b) = self.blocks.containing(obj).copied() {
             // The object fills its own block (malloc'd), or is one of many in an arena.
             let size = self.object_size(obj, type_addr, gc);
             if size + 64 < b.size {
                 bytes.push((b.stack_id, size));
+                home = Some((b, size));
             } else if self.claimed.insert(b.addr) {
                 bytes.push((b.stack_id, b.size));
             }
@@ -380,10 +385,27 @@ impl Walk<'_> {
             Target {
                 type_addr,
                 bytes,
+                home,
                 check,
             },
         );
         true
+    }
+
+    /// The blocks `obj`'s own buffers (a list's items, a dict's table) lie in.
+    pub(super) fn buffer_blocks(&self, obj: u64) -> Vec<Block> {
+        let kind = self
+            .pages
+            .u64(obj + OB_TYPE)
+            .ok()
+            .and_then(|t| self.type_info(t));
+        let Some(kind) = kind.map(|t| t.kind) else {
+            return Vec::new();
+        };
+        buffer_fields(kind, &self.layout.objects)
+            .filter_map(|field| self.pages.u64(obj + field).ok())
+            .filter_map(|buffer| self.blocks.containing(buffer).copied())
+            .collect()
     }
 
     /// The block a buffer pointer is in, if no other owner counted it yet.

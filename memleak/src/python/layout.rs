@@ -3,7 +3,9 @@
 //! describes (see /work/shared/notes/python-internals.md).
 
 use anyhow::{Result, bail};
-use memleak_common::python::{EntryMarker, FRAME_BUF, NO_FIELD, PyOffsets, fields_aligned};
+use memleak_common::python::{
+    CodeWindow, EntryMarker, FRAME_BUF, NO_FIELD, PyOffsets, fields_aligned,
+};
 
 use super::linetable::Format;
 
@@ -118,6 +120,19 @@ pub const GC_GENERATIONS: u64 = 24;
 pub const GC_PERMANENT: u64 = 104;
 
 impl Layout {
+    /// The code object's pointers to its file, name and line table, and whatever lies between
+    /// them (3.11+: `co_name` beside `co_qualname`): set when it is made, never changed, so
+    /// the BPF program tells by them a code object from a later one at the same address.
+    pub fn code_window(&self) -> CodeWindow {
+        let fields = [self.code_filename, self.code_function, self.code_linetable];
+        let start = fields.into_iter().min().unwrap_or(0);
+        let end = fields.into_iter().max().unwrap_or(0) + 8;
+        CodeWindow {
+            start: start as u32,
+            len: (end - start).min(FRAME_BUF as u64) as u32,
+        }
+    }
+
     /// The table of a minor version: 3.8's, then each later version's changes in turn.
     pub fn for_version(v: Version) -> Option<Layout> {
         if v.major != 3 || !(8..=13).contains(&v.minor) {

@@ -242,6 +242,7 @@ impl PythonRuntime {
             interpreters_head: self.runtime_addr.wrapping_add(l.runtime_interpreters_head),
             interp_threads_head: l.interp_threads_head as u32,
             tstate_next: l.tstate_next as u32,
+            code_window: l.code_window(),
         }
     }
 

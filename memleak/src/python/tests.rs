@@ -482,17 +482,36 @@ fn published_offsets_agree_with_the_table() {
     }
 }
 
+/// The identity the BPF program keeps of a code object is its adjacent, immutable pointers
+/// (file, names, line table), never a field CPython changes (`co_weakreflist`,
+/// `co_zombieframe`).
 #[test]
-fn every_table_layout_reads_as_aligned_words() {
+fn code_identity_window_is_the_adjacent_pointers() {
     for minor in 8..=13 {
-        let v = super::layout::Version {
+        let version = layout::Version {
             major: 3,
             minor,
             micro: None,
         };
-        let layout = Layout::for_version(v).unwrap();
+        let l = Layout::for_version(version).unwrap();
+        let w = l.code_window();
+        let expected = if minor >= 11 { 32 } else { 24 };
+        assert_eq!(w.len, expected, "3.{minor}");
+        assert_eq!(w.start as u64, l.code_filename, "3.{minor}");
+    }
+}
+
+#[test]
+fn every_table_layout_reads_as_aligned_words() {
+    for minor in 8..=13 {
+        let version = layout::Version {
+            major: 3,
+            minor,
+            micro: None,
+        };
+        let l = Layout::for_version(version).unwrap();
         assert!(
-            memleak_common::python::fields_aligned(&layout.frames),
+            memleak_common::python::fields_aligned(&l.frames),
             "3.{minor}"
         );
     }

@@ -11,7 +11,7 @@ use aya::{
 };
 use memleak_common::{names::maps, python::PyConfig};
 
-use super::{PythonRuntime, btf, interpreter_files, layout::Version, learner};
+use super::{PythonRuntime, btf, interpreter_files, layout::Version, learner::Learner};
 use crate::{bpf_map, procmaps::Mapping};
 
 pub struct PythonTracking {
@@ -19,8 +19,8 @@ pub struct PythonTracking {
     config: Array<MapData, PyConfig>,
     threads: HashMap<MapData, u64, u64>,
     runtime: Option<PythonRuntime>,
-    /// New stacks' code objects, handed to the learner thread once CPython is found.
-    new_stacks: Option<RingBuf<MapData>>,
+    /// Reads the code objects of new stacks into the runtime's cache.
+    learner: Learner,
     /// The files last searched for CPython (see `interpreter_files`).
     looked_at: Vec<String>,
     /// Detection failed for good (an unsupported interpreter): stop trying.
@@ -36,7 +36,7 @@ impl PythonTracking {
             config: Array::try_from(take(maps::PY_CONFIG)?)?,
             threads: HashMap::try_from(take(maps::PY_THREADS)?)?,
             runtime: None,
-            new_stacks: Some(RingBuf::try_from(take(maps::PY_NEW_STACKS)?)?),
+            learner: Learner::spawn(RingBuf::try_from(take(maps::PY_NEW_CODES)?)?, pid)?,
             looked_at: Vec::new(),
             gave_up: false,
         })
@@ -55,6 +55,7 @@ impl PythonTracking {
     /// program stops reading frames until the new program's CPython, if any, is found).
     pub fn reset(&mut self) -> Result<()> {
         self.runtime = None;
+        self.learner.read_into(None);
         self.looked_at.clear();
         self.gave_up = false;
         self.config
@@ -104,9 +105,7 @@ impl PythonTracking {
 
     fn start(&mut self, runtime: PythonRuntime) -> Result<()> {
         let config = runtime.bpf_config(btf::task_fsbase_offset()? as u64);
-        if let Some(ring) = self.new_stacks.take() {
-            learner::spawn(ring, runtime.codes())?;
-        }
+        self.learner.read_into(Some(runtime.codes()));
         self.runtime = Some(runtime);
         self.sync()?;
         // Threads first: once the config is there, the BPF program starts looking them up.

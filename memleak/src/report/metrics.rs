@@ -286,6 +286,7 @@ fn lost_family(lost: &Lost) -> Family {
         ("trace_events_lost", lost.trace_events_lost),
         ("stale_inflight", lost.stale_inflight),
         ("munmap_splits_lost", lost.munmap_splits_lost),
+        ("python_codes_dropped", lost.python_codes_dropped),
     ] {
         f.add(&[("reason", reason)], n as f64);
     }

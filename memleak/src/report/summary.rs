@@ -7,7 +7,7 @@ use std::fmt::Write;
 use crate::{
     analysis::{Analysis, MIN_POINTS, Point, StackTrend, Trend, verdict},
     model::Measure,
-    owners::{Findings, Owner, Scan},
+    owners::{Findings, Owner, Scan, pools::Pools},
     proc_stats::ProcessContext,
     report::format::{bytes, clip, duration, frame_label, plural, rate, signed_bytes},
 };
@@ -41,7 +41,7 @@ pub fn render(a: &Analysis) -> String {
     lost(&mut out, a);
     stacks(&mut out, a, measure.unit());
     if let Some(found) = &a.timeline.owners {
-        scan(&mut out, &found.scan);
+        scan(&mut out, &found.scan, found.pools.as_ref());
     }
     table(&mut out, a, measure.held());
     classes(&mut out, a);
@@ -212,6 +212,7 @@ fn stacks(out: &mut String, a: &Analysis, unit: &str) {
     let _ = writeln!(out, "\n{title} ({listed} of {}):", shown.len());
     for (i, s) in shown.iter().take(listed).enumerate() {
         stack(out, i, s, unit);
+        pool_share(out, a.timeline.owners.as_ref(), s);
         owners(out, a.timeline.owners.as_ref(), s.stack_id);
     }
     if listed < shown.len() {
@@ -275,6 +276,22 @@ fn owners(out: &mut String, owners: Option<&Findings>, stack_id: i64) {
     }
 }
 
+/// What the stack holds once pymalloc's arenas are split by what is in them, when it maps
+/// arenas or keeps objects in them.
+fn pool_share(out: &mut String, found: Option<&Findings>, s: &StackTrend) {
+    let pools = found.and_then(|f| f.pools.as_ref());
+    let Some(share) = pools.and_then(|p| p.stacks.iter().find(|p| p.stack_id == s.stack_id)) else {
+        return;
+    };
+    let _ = writeln!(
+        out,
+        "    by pool: holds {}: maps {} of pymalloc arenas, keeps {} of pymalloc objects",
+        bytes(s.attributed_bytes.unwrap_or(s.final_bytes())),
+        bytes(share.arena_bytes),
+        bytes(share.kept_bytes)
+    );
+}
+
 /// "59 × bytearray (1.0 MiB each) in list `_leak_store` of module `__main__`".
 pub fn owner_label(o: &Owner) -> String {
     let each = bytes(o.bytes / o.count.max(1));
@@ -282,7 +299,7 @@ pub fn owner_label(o: &Owner) -> String {
 }
 
 /// How much the owner walk read of the live process, and what it left out.
-fn scan(out: &mut String, s: &Scan) {
+fn scan(out: &mut String, s: &Scan, pools: Option<&Pools>) {
     let _ = writeln!(
         out,
         "  owners: read from the live process, {} objects ({} GC-tracked) in {} ms \
@@ -295,6 +312,21 @@ fn scan(out: &mut String, s: &Scan) {
         s.blocks,
         if s.complete { "" } else { "; incomplete" }
     );
+    if let Some(p) = pools {
+        let _ = writeln!(
+            out,
+            "    pymalloc: {} arenas ({}): {} in use ({} in objects found), {} free{}",
+            p.arenas,
+            bytes(p.arena_bytes),
+            bytes(p.used_bytes),
+            bytes(p.found_bytes),
+            bytes(p.free_bytes),
+            match p.not_arenas {
+                0 => String::new(),
+                n => format!("; {n} blocks of an arena's size did not read as arenas"),
+            }
+        );
+    }
     for skipped in &s.skipped {
         let _ = writeln!(out, "    skipped: {skipped}");
     }
@@ -429,6 +461,7 @@ pub mod tests {
     /// What the owner walk finds for the user's service: the leak's bytearrays in a module list.
     pub fn owners_of(stack_id: i64) -> Findings {
         Findings {
+            pools: None,
             owners: vec![Owner {
                 stack_id,
                 type_name: "bytearray".into(),

@@ -133,6 +133,10 @@ fn lost_line(l: &Lost) -> String {
         (l.trace_events_lost, "trace events dropped"),
         (l.stale_inflight, "calls that never returned"),
         (l.munmap_splits_lost, "munmap splits not tracked"),
+        (
+            l.python_codes_dropped,
+            "Python code objects handed over late (their frames may lack names)",
+        ),
     ]
     .iter()
     .filter(|(n, _)| *n > 0)

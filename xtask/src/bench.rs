@@ -76,6 +76,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 /// The tracer that is memleak's probes with nothing in them.
 const FLOOR: &str = "memleak floor";
+const BCC: &str = "memleak-bpfcc";
 
 /// How long a tracer may take to put its probes in (BCC compiles C first).
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(180);
@@ -229,7 +230,8 @@ fn depth_bench(python: &Path, tracers: &[Tracer], out: &Path, rounds: u32) -> Re
     println!(
         "\n== allocations at a Python stack depth, ns added per 4 KiB bytearray (best of {rounds})"
     );
-    let mut added = Vec::new();
+    // Per memleak build (and the floor): ns added at each depth.
+    let mut added: Vec<(&str, Vec<f64>)> = Vec::new();
     for depth in [2, 40] {
         let cmd = || {
             let mut c = Command::new(python);
@@ -241,24 +243,24 @@ fn depth_bench(python: &Path, tracers: &[Tracer], out: &Path, rounds: u32) -> Re
             "depth {depth:<3} untraced {:>7.0} ns",
             per_alloc(base.value)
         );
-        for t in tracers
-            .iter()
-            .filter(|t| t.name == FLOOR || t.name == "memleak")
-        {
+        for t in tracers.iter().filter(|t| t.is_memleak_allocation_mode()) {
             let m = measure(cmd(), Some(t), "seconds", out)?;
             let ns = per_alloc(m.value - base.value);
             row += &format!("  {} +{ns:.0}", t.name);
-            if t.name == "memleak" {
-                added.push(ns);
+            match added.iter_mut().find(|(n, _)| *n == t.name) {
+                Some((_, v)) => v.push(ns),
+                None => added.push((&t.name, vec![ns])),
             }
         }
         println!("{row}");
     }
-    if let [shallow, deep] = added[..] {
-        println!(
-            "memleak: 40 frames deep / 2 frames deep: {:.2}×",
-            deep / shallow
-        );
+    for (name, ns) in &added {
+        if let [shallow, deep] = ns[..] {
+            println!(
+                "{name}: 40 frames deep / 2 frames deep: {:.2}×",
+                deep / shallow
+            );
+        }
     }
     Ok(())
 }
@@ -378,11 +380,16 @@ impl Tracer {
 
     fn bcc(wrapper: &Path) -> Self {
         Tracer {
-            name: "memleak-bpfcc".into(),
+            name: BCC.into(),
             program: PathBuf::from("/usr/bin/python3"),
             args: vec![wrapper.display().to_string()],
             growth: false,
         }
+    }
+
+    /// memleak's allocation mode (this build, the `--compare` ones) or its trap floor.
+    fn is_memleak_allocation_mode(&self) -> bool {
+        self.name == FLOOR || self.name.starts_with("memleak") && !self.growth && self.name != BCC
     }
 
     fn spawn(&self, pid: u32, log: &Path) -> Result<Running> {

@@ -482,18 +482,24 @@ fn published_offsets_agree_with_the_table() {
     }
 }
 
-/// The identity the BPF program keeps of a code object is its adjacent, immutable pointers
-/// (file, names, line table), never a field CPython changes (`co_weakreflist`,
-/// `co_zombieframe`).
-#[test]
-fn code_identity_window_is_the_adjacent_pointers() {
-    for minor in 8..=13 {
+/// The table's layout of each minor version we read.
+fn table_layouts() -> impl Iterator<Item = (u8, Layout)> {
+    (8..=13).map(|minor| {
         let version = layout::Version {
             major: 3,
             minor,
             micro: None,
         };
-        let l = Layout::for_version(version).unwrap();
+        (minor, Layout::for_version(version).unwrap())
+    })
+}
+
+/// The identity the BPF program keeps of a code object is its adjacent, immutable pointers
+/// (file, names, line table), never a field CPython changes (`co_weakreflist`,
+/// `co_zombieframe`).
+#[test]
+fn code_identity_window_is_the_adjacent_pointers() {
+    for (minor, l) in table_layouts() {
         let w = l.code_window();
         let expected = if minor >= 11 { 32 } else { 24 };
         assert_eq!(w.len, expected, "3.{minor}");
@@ -503,13 +509,7 @@ fn code_identity_window_is_the_adjacent_pointers() {
 
 #[test]
 fn every_table_layout_reads_as_aligned_words() {
-    for minor in 8..=13 {
-        let version = layout::Version {
-            major: 3,
-            minor,
-            micro: None,
-        };
-        let l = Layout::for_version(version).unwrap();
+    for (minor, l) in table_layouts() {
         assert!(
             memleak_common::python::fields_aligned(&l.frames),
             "3.{minor}"

@@ -35,6 +35,8 @@ pub struct ObjectFile {
     /// Defined function symbols (dynamic and static tables) → virtual address; built on
     /// first use.
     functions: OnceLock<HashMap<String, u64>>,
+    /// Defined data symbols (globals), sorted: (virtual address, size, name).
+    data: OnceLock<Vec<(u64, u64, String)>>,
     bytes: Mutex<Weak<Vec<u8>>>,
 }
 
@@ -51,6 +53,14 @@ impl Loaded {
     /// Defined function symbols (dynamic and static tables) → virtual address.
     pub fn functions(&self) -> &HashMap<String, u64> {
         self.object.functions(&self.bytes)
+    }
+
+    /// The global variable whose bytes hold virtual address `vaddr`.
+    pub fn data_symbol(&self, vaddr: u64) -> Option<&str> {
+        let data = self.object.data_symbols(&self.bytes);
+        let i = data.partition_point(|d| d.0 <= vaddr).checked_sub(1)?;
+        let (addr, size, name) = &data[i];
+        (vaddr - addr < (*size).max(1)).then_some(name.as_str())
     }
 }
 
@@ -140,6 +150,7 @@ impl ObjectFile {
             segments: segments(&file),
             build_id: file.build_id().ok().flatten().map(<[u8]>::to_vec),
             functions: OnceLock::new(),
+            data: OnceLock::new(),
             bytes: Mutex::new(Weak::new()),
         })
     }
@@ -152,6 +163,24 @@ impl ObjectFile {
             .iter()
             .find(|(offset, size, _)| *offset <= m.offset && m.offset - offset < (*size).max(1))?;
         Some(m.start.wrapping_sub(vaddr.wrapping_add(m.offset - offset)))
+    }
+
+    /// Defined data symbols, sorted by address (`data`: this object's bytes).
+    fn data_symbols(&self, data: &[u8]) -> &[(u64, u64, String)] {
+        self.data.get_or_init(|| {
+            let Ok(file) = object::File::parse(data) else {
+                return Vec::new();
+            };
+            let mut out: Vec<(u64, u64, String)> = file
+                .symbols()
+                .chain(file.dynamic_symbols())
+                .filter(|s| s.kind() == SymbolKind::Data && !s.is_undefined() && s.address() != 0)
+                .filter_map(|s| Some((s.address(), s.size(), s.name().ok()?.to_string())))
+                .collect();
+            out.sort();
+            out.dedup_by_key(|d| d.0);
+            out
+        })
     }
 
     /// Defined function symbols → their virtual address (`data`: this object's bytes).

@@ -10,6 +10,8 @@ use anyhow::{Context, Result};
 pub struct Mapping {
     pub start: u64,
     pub end: u64,
+    pub readable: bool,
+    pub writable: bool,
     pub executable: bool,
     /// File offset of `start`.
     pub offset: u64,
@@ -54,6 +56,8 @@ pub fn parse_line(line: &str) -> Option<Mapping> {
     Some(Mapping {
         start: u64::from_str_radix(start, 16).ok()?,
         end: u64::from_str_radix(end, 16).ok()?,
+        readable: perms[0] == b'r',
+        writable: perms[1] == b'w',
         executable: perms[2] == b'x',
         offset: u64::from_str_radix(offset, 16).ok()?,
         dev: dev.to_string(),

@@ -292,8 +292,10 @@ impl<'a> Session<'a> {
         // The target still runs (not when it exited): read who holds the largest stacks'
         // memory.
         if !self.args.no_owners && !matches!(stop, Stop::TargetExited(_)) {
-            self.timeline.owners =
-                find_owners(&self.collector, &self.timeline, self.query.older_ms);
+            let pid = self.target().map_or(0, |t| t.pid);
+            self.timeline.owners = (pid != 0)
+                .then(|| find_owners(&self.collector, &self.timeline, self.query.older_ms, pid))
+                .flatten();
         }
         let Session {
             args,
@@ -318,14 +320,15 @@ impl<'a> Session<'a> {
 /// Stacks whose owners are looked for: those the report shows first (growing, then holding).
 const OWNED_STACKS: usize = 8;
 
-/// The owners of the memory of the report's first stacks, read from the running target;
-/// `None` when it runs no Python.
+/// The owners of the memory of the report's first stacks, read from the running target:
+/// Python objects and their holders when it runs CPython, then who refers to the blocks no
+/// Python owner accounts for (native blocks).
 fn find_owners(
     collector: &Collector,
     timeline: &Timeline,
     older_ms: u64,
+    pid: u32,
 ) -> Option<owners::Findings> {
-    let python = collector.python()?;
     let analysis = analysis::analyze(timeline, &collector.table);
     let stacks: std::collections::HashSet<i64> = analysis
         .stacks
@@ -334,15 +337,33 @@ fn find_owners(
         .take(OWNED_STACKS)
         .map(|s| s.stack_id)
         .collect();
-    // Every pymalloc arena too: whichever stack mapped one, what is in it may be another's.
-    let arena = owners::pools::arena_size(python.version.minor);
-    let asked = |stack_id, size| stacks.contains(&stack_id) || size == arena;
-    let blocks = owners::Blocks::new(collector.blocks_of(asked, older_ms));
-    Some(owners::python::find(
-        python,
-        &blocks,
-        &owners::python::Limits::default(),
-    ))
+    let mut found = match collector.python() {
+        Some(python) => {
+            // Every pymalloc arena too: whichever stack mapped one, what is in it may be
+            // another's.
+            let arena = owners::pools::arena_size(python.version.minor);
+            let asked = |stack_id, size| stacks.contains(&stack_id) || size == arena;
+            let blocks = owners::Blocks::new(collector.blocks_of(asked, older_ms));
+            owners::python::find(python, &blocks, &owners::python::Limits::default())
+        }
+        None => owners::Findings::default(),
+    };
+    let maps = crate::procmaps::read(pid).ok()?;
+    let all = owners::Blocks::new(collector.blocks_of(|_, _| true, 0));
+    let native_asked = |id: i64| stacks.contains(&id) && found.of(id).next().is_none();
+    let describe = |id: i64| {
+        let info = collector.table.get(id);
+        info.deciding()
+            .map_or(format!("stack {id}"), report::format::frame_label)
+    };
+    let memory = python::Memory::Process(pid);
+    let limits = owners::native::Limits::default();
+    let (native, scan) =
+        owners::native::find(&memory, &maps, &all, &native_asked, &describe, &limits);
+    found.owners.extend(native);
+    found.owners.sort_by_key(|o| std::cmp::Reverse(o.bytes));
+    found.native = Some(scan);
+    Some(found)
 }
 
 fn query(args: &Args) -> Query {

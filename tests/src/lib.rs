@@ -689,3 +689,34 @@ fn children(pid: u32) -> Vec<u32> {
         })
         .collect()
 }
+
+/// Builds the C extension `module` from `source` for `python` into `dir`, against the
+/// interpreter's own headers.
+pub fn build_extension(python: &str, dir: &Path, module: &str, source: &str) -> Result<()> {
+    let query = Command::new(python)
+        .args(["-c", "import sysconfig as s; print(s.get_paths()['include']); print(s.get_config_var('EXT_SUFFIX'))"])
+        .output()
+        .context("asking the interpreter for its headers")?;
+    let answer = String::from_utf8(query.stdout)?;
+    let mut lines = answer.lines();
+    let (Some(include), Some(suffix)) = (lines.next(), lines.next()) else {
+        bail!("{python} did not say where its headers are: {answer:?}");
+    };
+    anyhow::ensure!(
+        Path::new(include).join("Python.h").exists(),
+        "{python}: no Python.h in {include} (install the -dev package)"
+    );
+    let c = dir.join(format!("{module}.c"));
+    std::fs::write(&c, source)?;
+    let out = Command::new("gcc")
+        .args(["-O1", "-g", "-shared", "-fPIC", "-I", include, "-o"])
+        .arg(dir.join(format!("{module}{suffix}")))
+        .arg(&c)
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "gcc {module}.c for {python}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}

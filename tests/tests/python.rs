@@ -3,12 +3,12 @@
 //! extension compiled against the interpreter's headers, ctypes calling libc malloc) and
 //! churns without leaking; memleak must name the Python function and line of each.
 
-use std::{path::Path, process::Command, time::Duration};
+use std::{path::Path, time::Duration};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Result, bail, ensure};
 use memleak_tests::{
-    Report, Running, Scratch, basename, can_trace, describe_stack, expect_success, frames,
-    installed, pyenv_python, pythons, skipped, stacks, wait_for_file, wait_for_text,
+    Report, Running, Scratch, basename, build_extension, can_trace, describe_stack, expect_success,
+    frames, installed, pyenv_python, pythons, skipped, stacks, wait_for_file, wait_for_text,
 };
 use serde_json::Value;
 
@@ -90,36 +90,6 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "leaky", NULL, -1, me
 PyMODINIT_FUNC PyInit_leaky(void) { return PyModule_Create(&module); }
 "#;
 
-/// Builds `leaky` for `python` into `dir`, against the interpreter's own headers.
-fn build_extension(python: &str, dir: &Path) -> Result<()> {
-    let query = Command::new(python)
-        .args(["-c", "import sysconfig as s; print(s.get_paths()['include']); print(s.get_config_var('EXT_SUFFIX'))"])
-        .output()
-        .context("asking the interpreter for its headers")?;
-    let answer = String::from_utf8(query.stdout)?;
-    let mut lines = answer.lines();
-    let (Some(include), Some(suffix)) = (lines.next(), lines.next()) else {
-        bail!("{python} did not say where its headers are: {answer:?}");
-    };
-    ensure!(
-        Path::new(include).join("Python.h").exists(),
-        "{python}: no Python.h in {include} (install the -dev package)"
-    );
-    let source = dir.join("leaky.c");
-    std::fs::write(&source, EXTENSION)?;
-    let out = Command::new("gcc")
-        .args(["-O1", "-g", "-shared", "-fPIC", "-I", include, "-o"])
-        .arg(dir.join(format!("leaky{suffix}")))
-        .arg(&source)
-        .output()?;
-    ensure!(
-        out.status.success(),
-        "gcc leaky.c for {python}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
-}
-
 /// Python frames of a stack as (function, file basename, line).
 fn python_frames(stack: &Value) -> Vec<(&str, &str, u64)> {
     frames(stack)
@@ -140,7 +110,7 @@ fn python_frames(stack: &Value) -> Vec<(&str, &str, u64)> {
 fn check(label: &str, python: &str, env: &[(&str, &str)]) -> Result<()> {
     let scratch = Scratch::new("python")?;
     let dir = scratch.path("");
-    build_extension(python, &dir)?;
+    build_extension(python, &dir, "leaky", EXTENSION)?;
     let script = scratch.path("workload.py");
     std::fs::write(&script, SCRIPT)?;
     let (go, done) = (scratch.path("go"), scratch.path("done"));

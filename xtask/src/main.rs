@@ -134,7 +134,7 @@ fn demo() -> Result<()> {
 /// found by build-id), chromium (the HTML report is loaded in it), prometheus and golang-go
 /// (they scrape `--listen`'s pages), jemalloc, tcmalloc and musl (the allocator tests).
 /// Without them those tests skip, loudly (the allocator tests fail under CI).
-const TEST_PACKAGES: [&str; 8] = [
+const TEST_PACKAGES: [&str; 9] = [
     "dwz",
     "libc6-dbg",
     "chromium",
@@ -143,6 +143,7 @@ const TEST_PACKAGES: [&str; 8] = [
     "libjemalloc2",
     "libtcmalloc-minimal4",
     "musl-tools",
+    "valgrind",
 ];
 
 fn test(extra: &[String]) -> Result<()> {

@@ -1,9 +1,12 @@
 //! Who holds the memory of the largest stacks, read from the live process from outside: no
 //! stop, no code injected, only process_vm_readv. For a Python target, the objects whose
 //! memory a stack's blocks are, and the chain of references from a root (a module's
-//! globals, a class attribute, a closure, an lru_cache) that keeps them alive.
+//! globals, a class attribute, a closure, an lru_cache) that keeps them alive; pymalloc's
+//! arenas split by what is in them. For native blocks, what still points to them (a global,
+//! a thread's stack, another block), or nothing: lost.
 
 mod chain;
+pub mod native;
 mod pages;
 pub mod pools;
 pub mod python;
@@ -38,6 +41,13 @@ impl Blocks {
 
     pub fn iter(&self) -> impl Iterator<Item = &Block> {
         self.0.iter()
+    }
+
+    /// The blocks that overlap [start, end), in address order.
+    pub fn overlapping(&self, start: u64, end: u64) -> &[Block] {
+        let from = self.0.partition_point(|b| b.addr + b.size <= start);
+        let to = self.0.partition_point(|b| b.addr < end).max(from);
+        &self.0[from..to]
     }
 
     /// The block whose bytes include `addr`.
@@ -77,6 +87,13 @@ pub enum Root {
     /// Held by containers that no root the walk reads refers to (a running frame's local
     /// variable, a C extension's reference).
     Unrooted,
+    /// Native blocks: referenced from a global, a thread's stack, another tracked block,
+    /// memory memleak did not see allocated; or from nowhere (lost).
+    Global,
+    ThreadStack,
+    NativeBlock,
+    Untracked,
+    Lost,
 }
 
 /// How much the walk read and what it left out.
@@ -108,6 +125,9 @@ pub struct Findings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pools: Option<pools::Pools>,
     pub scan: Scan,
+    /// The conservative scan for native blocks' referrers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub native: Option<native::NativeScan>,
 }
 
 /// CPU time of the calling thread, in ms.

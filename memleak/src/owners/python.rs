@@ -208,7 +208,8 @@ pub fn find(rt: &PythonRuntime, blocks: &Blocks, limits: &Limits) -> Findings {
         (s.too_large, "containers claiming more than 16 M items"),
         (
             s.inline_attributes,
-            "instances whose attributes are not in a dict (3.11+ inline values)",
+            "instances whose attributes are not in a dict (3.11+ inline values): not \
+             followed, so what only they hold is reported with no root",
         ),
         (s.changed, "owners that changed when read again"),
     ] {
@@ -225,6 +226,7 @@ pub fn find(rt: &PythonRuntime, blocks: &Blocks, limits: &Limits) -> Findings {
     Findings {
         owners,
         pools,
+        native: None,
         scan: Scan {
             gc_objects: listed.len() as u64,
             objects_read: read,

@@ -158,47 +158,8 @@ impl Layout {
     /// version and the build (GIL, not free-threaded) match and every offset lies inside
     /// the struct it belongs to.
     pub fn published(self, v: Version, raw: &[u8]) -> Result<Layout> {
-        if raw.len() < DEBUG_OFFSETS_LEN || &raw[..8] != DEBUG_COOKIE {
-            bail!("no _Py_DebugOffsets (cookie \"xdebugpy\") at the start of _PyRuntime");
-        }
-        let w = |i: usize| u64::from_le_bytes(raw[i * 8..i * 8 + 8].try_into().unwrap());
-        if w(1) >> 16 != (v.major as u64) << 8 | v.minor as u64 || w(2) != 0 {
-            bail!(
-                "_Py_DebugOffsets is for version {:#x}, free-threaded {}",
-                w(1),
-                w(2)
-            );
-        }
-        // (index of the struct's size, indices of the fields read) per struct.
-        let structs: [(usize, &[usize]); 7] = [
-            (3, &[5]),
-            (6, &[8, 9, 10, 11]),
-            (19, &[21, 23, 24]),
-            (28, &[29, 30, 31, 33]),
-            (34, &[35, 37, 38, 39, 43]),
-            (46, &[47, 49]),
-            (67, &[70]),
-        ];
-        for (size, fields) in structs {
-            if let Some(&bad) = fields
-                .iter()
-                .find(|&&f| w(f) >= w(size) || w(size) > 1 << 20)
-            {
-                bail!(
-                    "_Py_DebugOffsets word {bad}: {} outside its struct of {} bytes",
-                    w(bad),
-                    w(size)
-                );
-            }
-        }
-        for (size, items) in [(50, 51), (53, 54), (56, 57), (56, 58)] {
-            if w(items) >= w(size) {
-                bail!(
-                    "_Py_DebugOffsets word {items}: {} outside its struct",
-                    w(items)
-                );
-            }
-        }
+        let words = debug_offsets(v, raw)?;
+        let w = |i: usize| words[i];
         let frame_end = [w(29) + 8, w(30) + 8, w(31) + 8, w(33) + 1]
             .into_iter()
             .max()
@@ -245,6 +206,57 @@ impl Layout {
         }
         Ok(layout)
     }
+}
+
+/// The words of a `_Py_DebugOffsets` (3.13+), refused unless the cookie, the version and the
+/// build (GIL, not free-threaded) match and every offset read lies inside its struct.
+fn debug_offsets(v: Version, raw: &[u8]) -> Result<Vec<u64>> {
+    if raw.len() < DEBUG_OFFSETS_LEN || &raw[..8] != DEBUG_COOKIE {
+        bail!("no _Py_DebugOffsets (cookie \"xdebugpy\") at the start of _PyRuntime");
+    }
+    let words: Vec<u64> = raw[..DEBUG_OFFSETS_LEN]
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    let w = |i: usize| words[i];
+    if w(1) >> 16 != (v.major as u64) << 8 | v.minor as u64 || w(2) != 0 {
+        bail!(
+            "_Py_DebugOffsets is for version {:#x}, free-threaded {}",
+            w(1),
+            w(2)
+        );
+    }
+    // (index of the struct's size, indices of the fields read) per struct.
+    let structs: [(usize, &[usize]); 7] = [
+        (3, &[5]),
+        (6, &[8, 9, 10, 11]),
+        (19, &[21, 23, 24]),
+        (28, &[29, 30, 31, 33]),
+        (34, &[35, 37, 38, 39, 43]),
+        (46, &[47, 49]),
+        (67, &[70]),
+    ];
+    for (size, fields) in structs {
+        if let Some(&bad) = fields
+            .iter()
+            .find(|&&f| w(f) >= w(size) || w(size) > 1 << 20)
+        {
+            bail!(
+                "_Py_DebugOffsets word {bad}: {} outside its struct of {} bytes",
+                w(bad),
+                w(size)
+            );
+        }
+    }
+    for (size, items) in [(50, 51), (53, 54), (56, 57), (56, 58)] {
+        if w(items) >= w(size) {
+            bail!(
+                "_Py_DebugOffsets word {items}: {} outside its struct",
+                w(items)
+            );
+        }
+    }
+    Ok(words)
 }
 
 fn v3_8() -> Layout {

@@ -7,7 +7,7 @@ use std::fmt::Write;
 use crate::{
     analysis::{Analysis, MIN_POINTS, Point, StackTrend, Trend, verdict},
     model::Measure,
-    owners::{Findings, Owner, Scan, pools::Pools},
+    owners::{Findings, Owner, Root, Scan, native::NativeScan, pools::Pools},
     proc_stats::ProcessContext,
     report::format::{bytes, clip, duration, frame_label, plural, rate, signed_bytes},
 };
@@ -41,7 +41,12 @@ pub fn render(a: &Analysis) -> String {
     lost(&mut out, a);
     stacks(&mut out, a, measure.unit());
     if let Some(found) = &a.timeline.owners {
-        scan(&mut out, &found.scan, found.pools.as_ref());
+        if found.scan.gc_objects > 0 {
+            scan(&mut out, &found.scan, found.pools.as_ref());
+        }
+        if let Some(native) = &found.native {
+            native_scan(&mut out, native);
+        }
     }
     table(&mut out, a, measure.held());
     classes(&mut out, a);
@@ -80,7 +85,10 @@ fn headline(out: &mut String, a: &Analysis, held: &str) {
             bytes(outstanding),
             duration(elapsed),
             owner.map_or(String::new(), |o| {
-                let held = format!("held by {}", owner_label(o));
+                let held = match o.root {
+                    Root::Lost => owner_label(o),
+                    _ => format!("held by {}", owner_label(o)),
+                };
                 format!(",\n         {}", clip(&held, MAX_WIDTH - 9))
             })
         )
@@ -298,6 +306,26 @@ pub fn owner_label(o: &Owner) -> String {
     format!("{} × {} ({each} each) {}", o.count, o.type_name, o.held_by)
 }
 
+/// How much of the live process the native scan read.
+fn native_scan(out: &mut String, s: &NativeScan) {
+    let _ = writeln!(
+        out,
+        "  native owners: {} of {} tracked blocks referenced, {} scanned in {} mappings in {} ms \
+         ({} ms CPU){}",
+        s.reachable,
+        s.blocks,
+        bytes(s.bytes_scanned),
+        s.regions,
+        s.elapsed_ms,
+        s.cpu_ms,
+        if s.complete {
+            " (registers not read)"
+        } else {
+            "; cut short by its bound: lost blocks not said"
+        }
+    );
+}
+
 /// How much the owner walk read of the live process, and what it left out.
 fn scan(out: &mut String, s: &Scan, pools: Option<&Pools>) {
     let _ = writeln!(
@@ -462,6 +490,7 @@ pub mod tests {
     pub fn owners_of(stack_id: i64) -> Findings {
         Findings {
             pools: None,
+            native: None,
             owners: vec![Owner {
                 stack_id,
                 type_name: "bytearray".into(),

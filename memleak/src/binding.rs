@@ -22,7 +22,10 @@ use object::{
     read::elf::{ElfFile64, FileHeader, ProgramHeader, Sym},
 };
 
-use crate::procmaps;
+use crate::{procmaps, target_files::TargetFiles};
+
+/// Far larger than any real `/etc/ld.so.preload` (a few paths).
+const MAX_PRELOAD_FILE: u64 = 64 << 10;
 
 /// How an object came into the global scope.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -198,13 +201,16 @@ impl Scope {
             }
         }
         let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
-        let preload_file = std::fs::read_to_string(procmaps::host_path(pid, "/etc/ld.so.preload"))
+        // Both read as the target would (target_files): in its root, regular files only.
+        let files = TargetFiles::new(pid);
+        let preload_file = files
+            .read(Path::new("/etc/ld.so.preload"), MAX_PRELOAD_FILE, b"")
             .unwrap_or_default();
+        let preload_file = String::from_utf8_lossy(&preload_file);
         let preloads = preload_entries(env_value(&environ, "LD_PRELOAD"), &preload_file);
         let inode_of = |entry: &str| {
-            std::fs::metadata(procmaps::host_path(pid, entry))
-                .ok()
-                .map(|md| md.ino())
+            let file = files.open(Path::new(entry)).ok()?;
+            Some(file.metadata().ok()?.ino())
         };
         let mut scope = order_scope(mapped, exe_inode, &preloads, inode_of)?;
         scope.unreadable = unreadable;

@@ -8,6 +8,7 @@
 mod analysis;
 mod cli;
 mod collect;
+mod detach;
 mod heap;
 mod kallsyms;
 mod placement;

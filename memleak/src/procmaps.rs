@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
+use crate::target_files::TargetFiles;
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Mapping {
     pub start: u64,
@@ -109,17 +111,30 @@ pub fn map_file_path(pid: u32, m: &Mapping) -> PathBuf {
     PathBuf::from(format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end))
 }
 
-/// A path to the very file behind a file mapping that this process can open and the kernel
-/// can hook: the target's own path through its root when that is the same inode, else the
-/// mapping itself (`map_files`). A chroot with no mount namespace of its own shows host
-/// paths in maps, which the target's root cannot resolve; a deleted file has no path at all.
+/// A path to the very file behind a file mapping, for this process to read and for the
+/// kernel to hook. `map_files` names the mapped inode itself: nothing to resolve, nothing the
+/// target can point elsewhere (following it takes CAP_SYS_ADMIN or CAP_CHECKPOINT_RESTORE).
+/// Without it (memleak run with only the BPF capabilities, or a mapping just gone), the
+/// target's own path through its root, if both ways to resolve it reach the mapped inode:
+/// target_files's policy (inside the target's root, as its user) and the plain path walk
+/// that reading here and the kernel's attach do. Should the target swap a link after the
+/// check, a uprobe is scoped to the target's pid: a file it does not map gets no breakpoint,
+/// in it or in any other process.
 pub fn mapped_file(pid: u32, m: &Mapping) -> PathBuf {
     use std::os::unix::fs::MetadataExt;
-    let inside = host_path(pid, m.path.as_deref().unwrap_or_default());
-    if std::fs::metadata(&inside).is_ok_and(|md| md.ino() == m.inode) {
+    let mapped = map_file_path(pid, m);
+    if std::fs::metadata(&mapped).is_ok() {
+        return mapped;
+    }
+    let path = Path::new(m.path.as_deref().unwrap_or_default());
+    let inside = host_path(pid, &path.to_string_lossy());
+    let by_policy = TargetFiles::new(pid)
+        .open(path)
+        .is_ok_and(|f| f.metadata().is_ok_and(|md| md.ino() == m.inode));
+    if by_policy && std::fs::metadata(&inside).is_ok_and(|md| md.ino() == m.inode) {
         inside
     } else {
-        map_file_path(pid, m)
+        mapped
     }
 }
 

@@ -12,6 +12,7 @@ use crate::{
     analysis::{self, Analysis},
     cli::{Args, Mode},
     collect::{Collector, Names, Query},
+    detach,
     kallsyms::Kallsyms,
     model::Measure,
     owners, probes,
@@ -306,13 +307,11 @@ impl<'a> Session<'a> {
             ..
         } = self;
         let table = std::mem::take(&mut collector.table);
-        // Reports before the probes go: each probe's detach waits out an RCU grace period
-        // (about 100 ms here, one probe at a time in the kernel), seconds for two dozen, and a
-        // signal must not wait for that to see the reports.
         drop(collector);
         drop(events);
         let written = write_reports(args, &analysis::analyze(&timeline, &table));
-        drop(ebpf);
+        // After the reports, and without waiting for the kernel to remove the probes.
+        detach::release(ebpf);
         written
     }
 }

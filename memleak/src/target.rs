@@ -219,7 +219,12 @@ impl Target {
                 events: libc::POLLIN,
                 revents: 0,
             };
-            while unsafe { libc::poll(&mut p, 1, -1) } < 0 {}
+            // Only a signal (EINTR) is retried at once: another error (ENOMEM) would spin.
+            while unsafe { libc::poll(&mut p, 1, -1) } < 0 {
+                if std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+            }
             let _ = tx.send(format!("(PID {pid}) exited"));
         });
         Ok(rx)

@@ -19,6 +19,7 @@
 //! and are opened directly, not through here.
 
 use std::{
+    ffi::OsString,
     fmt,
     fs::File,
     io::Read,
@@ -193,6 +194,18 @@ impl TargetFiles {
         })
     }
 
+    /// The names in directory `path` (the target's path), at most `max` of them, listed as
+    /// the target could.
+    pub fn list(&self, path: &Path, max: usize) -> Result<Vec<OsString>, Withheld> {
+        let path = path.to_owned();
+        self.on_worker(move |root| {
+            let dir = resolve(root, &path, libc::O_DIRECTORY)?;
+            let entries = std::fs::read_dir(through(&dir))
+                .map_err(|e| Withheld::of_errno(e.raw_os_error().unwrap_or(0)))?;
+            Ok(entries.flatten().take(max).map(|e| e.file_name()).collect())
+        })
+    }
+
     /// The target's root and credentials now, else as last seen.
     fn view(&self) -> Result<Arc<View>, Withheld> {
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
@@ -312,11 +325,26 @@ fn take_credentials(creds: &Credentials) -> Result<(), Withheld> {
 /// open is `O_PATH`, which opens nothing (no FIFO wait, no device side effect); the file is
 /// then reopened for reading through the handle, which checks read permission.
 fn open_regular(root: &OwnedFd, path: &Path) -> Result<File, Withheld> {
+    let handle = resolve(root, path, 0)?;
+    if !is_regular(&handle)? {
+        return Err(Withheld::NotRegular);
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(through(&handle))
+        .map_err(|e| Withheld::of_errno(e.raw_os_error().unwrap_or(0)))?;
+    Ok(file)
+}
+
+/// An `O_PATH` handle on `path` resolved in `root` (with `flags` added, e.g. `O_DIRECTORY`):
+/// `..` and absolute symlinks stay inside, magic links are refused.
+fn resolve(root: &OwnedFd, path: &Path, flags: i32) -> Result<OwnedFd, Withheld> {
     use std::os::unix::ffi::OsStrExt;
     let name = std::ffi::CString::new(path.as_os_str().as_bytes())
         .map_err(|_| Withheld::Failed("a NUL in the path".into()))?;
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-    how.flags = (libc::O_PATH | libc::O_CLOEXEC) as u64;
+    how.flags = (libc::O_PATH | libc::O_CLOEXEC | flags) as u64;
     how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
     let fd = unsafe {
         libc::syscall(
@@ -330,16 +358,12 @@ fn open_regular(root: &OwnedFd, path: &Path) -> Result<File, Withheld> {
     if fd < 0 {
         return Err(Withheld::last_os_error());
     }
-    let handle = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    if !is_regular(&handle)? {
-        return Err(Withheld::NotRegular);
-    }
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(format!("/proc/thread-self/fd/{}", handle.as_raw_fd()))
-        .map_err(|e| Withheld::of_errno(e.raw_os_error().unwrap_or(0)))?;
-    Ok(file)
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// The path that reopens `handle` (on the worker thread, with its credentials checked).
+fn through(handle: &OwnedFd) -> String {
+    format!("/proc/thread-self/fd/{}", handle.as_raw_fd())
 }
 
 fn is_regular(fd: &OwnedFd) -> Result<bool, Withheld> {

@@ -154,19 +154,22 @@ fn sources_the_target_may_not_read_are_withheld_and_never_waited_on() -> Result<
     // Three intervals: every deciding line has been read (or refused) by now.
     sleep(Duration::from_millis(3500));
     let peak_kib = peak_rss_kib(tracer.pid())?;
-    // The reports must be out within 2 s; exiting takes longer, as each probe's detach
-    // waits out an RCU grace period, one probe at a time.
+    // Reports written and memleak gone within 2 s (the probes are removed after it).
     tracer.signal(libc::SIGTERM);
     let stopped = Instant::now();
     wait_for_text(Path::new(&html), "</html>", Duration::from_secs(2))
         .context("the last report was not written within 2 s of SIGTERM")?;
     let written = stopped.elapsed();
     let run = tracer.wait(TIMEOUT)?;
+    let exit = stopped.elapsed();
     expect_success(&run)?;
     eprintln!(
-        "{test}: reports written {written:?} and exit {:?} after SIGTERM, peak RSS {} MiB",
-        stopped.elapsed(),
+        "{test}: reports written {written:?} and exit {exit:?} after SIGTERM, peak RSS {} MiB",
         peak_kib >> 10
+    );
+    ensure!(
+        exit < Duration::from_secs(2),
+        "memleak exited {exit:?} after SIGTERM"
     );
     ensure!(
         peak_kib < 512 << 10,

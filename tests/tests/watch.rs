@@ -1,7 +1,8 @@
 //! `--listen`: the pages the monitoring a fleet already runs reads, read by those very
 //! programs. Prometheus (Debian's) scrapes two memleaks every second and evaluates an alert
-//! on the per-stack series; Go's own `go tool pprof` reads the heap endpoint. Also: the
-//! address errors come before tracing, and clients that stall do not stall the tracer.
+//! on the per-stack series; `promtool` checks the README's config and evaluates its alert
+//! rule; Go's own `go tool pprof` reads the heap endpoint. Also: the address errors come
+//! before tracing, and clients that stall do not stall the tracer.
 
 use std::{
     io::{Read, Write},
@@ -12,10 +13,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use memleak_tests::{
     Running, Scratch, can_trace, expect_success, in_ci, memleak_bin, run_memleak, skipped,
-    wait_for_text,
+    wait_for_text, workspace_root,
 };
 use serde_json::Value;
 
@@ -184,6 +185,70 @@ fn prometheus_alert_fires_for_a_leak_and_not_for_churn() -> Result<()> {
     stop(churn)
 }
 
+/// The README's fenced block that starts with the line `# NAME`.
+fn readme_block(name: &str) -> Result<String> {
+    let readme = std::fs::read_to_string(workspace_root().join("README.md"))?;
+    let start = readme
+        .find(&format!("```yaml\n# {name}\n"))
+        .with_context(|| format!("no {name} block in README.md"))?
+        + "```yaml\n".len();
+    let end = readme[start..].find("```").context("an unclosed block")? + start;
+    Ok(readme[start..end].to_string())
+}
+
+/// The alert the README offers, as Prometheus's own `promtool` evaluates it: a stack growing
+/// by 300 kB/s fires after the rule's 5 minutes, with its summary; a flat stack and the
+/// (faster) "other" never do. The README's scrape config is valid as written. (Prometheus
+/// drops the empty `class` label.)
+#[test]
+fn readme_prometheus_config_and_alert_rule_hold() -> Result<()> {
+    let test = "readme_prometheus_config_and_alert_rule_hold";
+    let Some(promtool) = tool(test, "promtool") else {
+        return Ok(());
+    };
+    let scratch = Scratch::new("watch-readme")?;
+    std::fs::write(
+        scratch.path("prometheus.yml"),
+        readme_block("prometheus.yml")?,
+    )?;
+    std::fs::write(scratch.path("rules.yml"), readme_block("rules.yml")?)?;
+    let series = |stack: &str, frame: &str, values: &str| {
+        format!(
+            "      - series: 'memleak_stack_outstanding_bytes{{pid=\"42\",stack=\"{stack}\",class=\"\",frame=\"{frame}\"}}'\n        values: '{values}'\n"
+        )
+    };
+    let leak = "leak_slowly /src/watch.c";
+    let unit = format!(
+        "rule_files: [rules.yml]\nevaluation_interval: 15s\ntests:\n  - interval: 15s\n    input_series:\n{}{}{}\
+         \x20   alert_rule_test:\n\
+         \x20     - {{eval_time: 4m, alertname: MemoryLeakByStack, exp_alerts: []}}\n\
+         \x20     - eval_time: 10m\n        alertname: MemoryLeakByStack\n        exp_alerts:\n\
+         \x20         - exp_labels: {{pid: '42', stack: 0badf00d, frame: '{leak}'}}\n\
+         \x20           exp_annotations: {{summary: 'pid 42: {leak} grows 293kiB/s'}}\n",
+        series("0badf00d", leak, "0+4500000x60"),
+        series("other", "", "0+9000000x60"),
+        series("5eed5eed", "churn_replace /src/watch.c", "1000000+0x60"),
+    );
+    std::fs::write(scratch.path("unit.yml"), unit)?;
+    for args in [
+        &["check", "config", "prometheus.yml"][..],
+        &["test", "rules", "unit.yml"],
+    ] {
+        let out = Command::new(&promtool)
+            .args(args)
+            .current_dir(scratch.path(""))
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "promtool {}:\n{}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
 /// `go tool pprof` reads /debug/pprof/heap as it reads a Go program's, and its inuse_space
 /// total is what memleak's table says is outstanding.
 #[test]
@@ -199,6 +264,12 @@ fn go_pprof_reads_the_heap_endpoint() -> Result<()> {
     let (tracer, addr) = watched(&scratch, "hold", "1s")?;
     // Past the age filter, the held blocks are all in the pages.
     wait_for_metric(addr, "memleak_intervals_total", 3.0)?;
+    let (_, metrics) = get(addr, "/metrics", "")?;
+    let unhooked = sample(
+        &String::from_utf8_lossy(&metrics),
+        "memleak_unhooked_functions{",
+    );
+    assert!(unhooked.is_some(), "no memleak_unhooked_functions");
     let (head, _) = get(addr, "/debug/pprof/heap?seconds=5", "")?;
     assert!(
         head.contains("Content-Type: application/octet-stream"),

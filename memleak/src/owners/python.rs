@@ -10,7 +10,7 @@ use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 
 use anyhow::{Result, bail};
 
-use super::{Block, Blocks, Findings, Scan, chain, pages::Pages, pools};
+use super::{Block, Blocks, Findings, Scan, chain, inline, pages::Pages, pools};
 use crate::python::{
     PythonRuntime,
     layout::{
@@ -96,6 +96,8 @@ pub(super) enum Edge {
     Closure,
     Lru,
     InstanceDict,
+    /// An instance's attribute kept in its inline values (3.11+), name not read.
+    Attribute,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -208,8 +210,8 @@ pub fn find(rt: &PythonRuntime, blocks: &Blocks, limits: &Limits) -> Findings {
         (s.too_large, "containers claiming more than 16 M items"),
         (
             s.inline_attributes,
-            "instances whose attributes are not in a dict (3.11+ inline values): not \
-             followed, so what only they hold is reported with no root",
+            "instances whose inline attribute values (3.11+) did not read: not followed, \
+             so what only they hold is reported with no root",
         ),
         (s.changed, "owners that changed when read again"),
     ] {
@@ -434,7 +436,7 @@ impl Walk<'_> {
     /// The objects `obj` refers to, as far as the walk follows references.
     fn children(&mut self, obj: u64, type_addr: u64) -> Result<Vec<(u64, Edge)>> {
         let ty = self.types[&type_addr].as_ref().expect("checked by type_of");
-        let (kind, flags, dictoffset) = (ty.kind, ty.flags, ty.dictoffset);
+        let (kind, flags, dictoffset, basicsize) = (ty.kind, ty.flags, ty.dictoffset, ty.basicsize);
         let o = &self.layout.objects;
         let one = |at: u64, edge| -> Result<Vec<(u64, Edge)>> {
             Ok(vec![(self.pages.u64(obj + at)?, edge)])
@@ -477,11 +479,15 @@ impl Walk<'_> {
             Kind::Other if dictoffset > 0 => one(dictoffset as u64, Edge::InstanceDict),
             Kind::Other if flags & TYPE_FLAGS_MANAGED_DICT != 0 && self.minor >= 11 => {
                 let dict = self.pages.u64(obj.wrapping_sub(MANAGED_DICT_BEFORE))?;
-                if dict == 0 || dict & 1 != 0 {
+                if dict != 0 && dict & 1 == 0 {
+                    return Ok(vec![(dict, Edge::InstanceDict)]);
+                }
+                let values = inline::values(&self.pages, self.minor, obj, basicsize, dict);
+                let Ok(values) = values else {
                     self.skipped.inline_attributes += 1;
                     return Ok(Vec::new());
-                }
-                Ok(vec![(dict, Edge::InstanceDict)])
+                };
+                Ok(values.into_iter().map(|v| (v, Edge::Attribute)).collect())
             }
             Kind::Other => Ok(Vec::new()),
         }

@@ -7,8 +7,9 @@ use crate::python::{
     tests::{Fixture, interpreters},
 };
 
-/// Four holders; the script prints `stack:addr:size` per block (stack 1: the module list's
-/// buffers, 2: the class dict's tuples, 3: the closure's, 4: the lru_cache's).
+/// Five holders; the script prints `stack:addr:size` per block (stack 1: the module list's
+/// buffers, 2: the class dict's tuples, 3: the closure's, 4: the lru_cache's, 5: an
+/// instance's attribute: in its `__dict__` up to 3.10, in its inline values from 3.11).
 const HOLDERS: &str = r#"import ctypes, functools, sys
 
 def buffer(b):
@@ -41,10 +42,20 @@ def lookup(key):
 for k in range(6):
     lookup(k)
 
+class Service:
+    def __init__(self):
+        self.name = "svc"
+        self.items = []
+
+svc = Service()
+for _ in range(3):
+    svc.items.append(bytearray(300_000))
+
 blocks = [f"1:{buffer(b)}:{len(b)}" for b in _leak_store]
 blocks += [f"2:{id(t) - 16}:64" for t in Cache._entries.values()]
 blocks += [f"3:{buffer(b)}:{len(b)}" for b in handler.__closure__[0].cell_contents]
 blocks += [f"4:{buffer(lookup(k))}:100000" for k in range(6)]
+blocks += [f"5:{buffer(b)}:{len(b)}" for b in svc.items]
 print("ready", " ".join(blocks), flush=True)
 sys.stdin.readline()
 "#;
@@ -109,7 +120,22 @@ fn names_the_holder_of_each_pattern() {
         assert_eq!((cache.count, cache.bytes), (6, 600_000), "Python {label}");
         assert_eq!(cache.held_by, "in the functools.lru_cache of `lookup`");
         assert!(cache.advice.as_deref().unwrap().contains("maxsize=None"));
+        let instance = of(5);
+        assert_eq!(
+            (instance.count, instance.bytes),
+            (3, 900_000),
+            "Python {label}"
+        );
+        assert_eq!(
+            instance.held_by,
+            "in list in Service `svc` of module `__main__`"
+        );
         assert!(found.scan.complete, "Python {label}: {:?}", found.scan);
+        assert!(
+            found.scan.skipped.is_empty(),
+            "Python {label}: {:?}",
+            found.scan
+        );
         eprintln!("Python {label}: {:?}", found.scan);
     }
 }

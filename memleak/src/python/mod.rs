@@ -32,6 +32,7 @@ use object::{Object, ObjectSymbol};
 
 use crate::objects;
 use crate::procmaps::{self, Mapping};
+use crate::target_files::TargetFiles;
 pub use classify::classify;
 pub use codes::Codes;
 pub use layout::Version;
@@ -447,8 +448,11 @@ fn stdlib_dir(interpreter_path: &str, v: Version) -> String {
     )
 }
 
+/// Far more than a standard library holds (CPython 3.13's lib-dynload: about 70).
+const MAX_DYNLOAD_MODULES: usize = 4096;
+
 /// Basenames of the interpreter's object file, the executable, and the standard library's
-/// extension modules (`lib-dynload`, read through the target's root).
+/// extension modules (`lib-dynload`, listed as the target could: target_files).
 fn interpreter_modules(
     pid: u32,
     interpreter: &str,
@@ -457,12 +461,13 @@ fn interpreter_modules(
 ) -> HashSet<String> {
     let base = |p: &str| p.rsplit('/').next().unwrap_or(p).to_string();
     let mut modules: HashSet<String> = [base(interpreter), base(exe)].into();
-    let dynload = procmaps::host_path(pid, &format!("{stdlib_dir}lib-dynload"));
-    if let Ok(dir) = std::fs::read_dir(dynload) {
-        modules.extend(
-            dir.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned()),
-        );
-    }
+    let dynload = format!("{stdlib_dir}lib-dynload");
+    let names = TargetFiles::new(pid).list(Path::new(&dynload), MAX_DYNLOAD_MODULES);
+    modules.extend(
+        names
+            .unwrap_or_default()
+            .into_iter()
+            .map(|n| n.to_string_lossy().into_owned()),
+    );
     modules
 }

@@ -91,7 +91,7 @@ pub fn render(analysis: &Analysis, top: usize, own: SelfUsage, format: Format) -
     let mut families = process_families(timeline, analysis);
     families.extend(stack_families(timeline.pid(), &analysis.stacks, top));
     if let Some(last) = timeline.last() {
-        families.push(lost_family(&last.lost));
+        families.extend(lost_families(timeline.pid(), &last.lost));
     }
     families.extend(self_families(timeline, own));
     exposition(&families, format)
@@ -272,25 +272,28 @@ fn stack_families(pid: u32, stacks: &[StackTrend], top: usize) -> Vec<Family> {
     families.into()
 }
 
-fn lost_family(lost: &Lost) -> Family {
-    let mut f = Family::new(
+/// Every count of `Lost`, by its field name (a count added there is exported too), and the
+/// entry points left unhooked: what the text and JSON reports say was lost.
+fn lost_families(pid: u32, lost: &Lost) -> [Family; 2] {
+    let mut events = Family::new(
         "memleak_lost_events",
         Kind::Counter,
         "Events the tracer could not record, by reason (its figures undercount by these).",
     );
-    for (reason, n) in [
-        ("allocs_map_full", lost.allocs_map_full),
-        ("stack_walks_failed", lost.stack_walks_failed),
-        ("inflight_map_full", lost.inflight_map_full),
-        ("combined_map_full", lost.combined_map_full),
-        ("trace_events_lost", lost.trace_events_lost),
-        ("stale_inflight", lost.stale_inflight),
-        ("munmap_splits_lost", lost.munmap_splits_lost),
-        ("python_codes_dropped", lost.python_codes_dropped),
-    ] {
-        f.add(&[("reason", reason)], n as f64);
+    let counts = serde_json::to_value(lost).unwrap_or_default();
+    for (reason, n) in counts.as_object().into_iter().flatten() {
+        if let Some(n) = n.as_u64() {
+            events.add(&[("reason", reason)], n as f64);
+        }
     }
-    f
+    let unhooked = Family::new(
+        "memleak_unhooked_functions",
+        Kind::Gauge,
+        "Allocator entry points the process may call that memleak did not hook (the reports \
+         name them): what they hand out is missing from every figure.",
+    )
+    .with(&[("pid", &pid.to_string())], lost.unhooked.len() as f64);
+    [events, unhooked]
 }
 
 fn self_families(timeline: &Timeline, own: SelfUsage) -> [Family; 4] {
@@ -459,6 +462,28 @@ mod tests {
             names.dedup();
             assert_eq!(names.len(), n);
         }
+    }
+
+    #[test]
+    fn every_lost_count_and_the_unhooked_functions_are_exported() {
+        let mut t = timeline(&[leak(1)], 1.0, 3);
+        let last = t.timeline.snapshots.last_mut().unwrap();
+        last.lost.munmap_splits_lost = 7;
+        last.lost.unhooked = vec!["malloc in libx.so (an IFUNC)".into(), "valloc".into()];
+        let text = render(&t.analyze(), 10, SelfUsage::default(), Format::Prometheus);
+        let lost = lines_of(&text, "memleak_lost_events_total");
+        let counts = serde_json::to_value(Lost::default()).unwrap();
+        let reasons = counts.as_object().unwrap().keys();
+        assert_eq!(lost.len(), reasons.len(), "{text}");
+        for reason in reasons {
+            assert!(
+                text.contains(&format!("{{reason=\"{reason}\"}}")),
+                "{reason}: {text}"
+            );
+        }
+        assert!(text.contains("memleak_lost_events_total{reason=\"munmap_splits_lost\"} 7\n"));
+        assert!(text.contains("# TYPE memleak_unhooked_functions gauge\n"));
+        assert!(text.contains("memleak_unhooked_functions{pid=\"4294967295\"} 2\n"));
     }
 
     #[test]

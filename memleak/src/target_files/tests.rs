@@ -242,3 +242,40 @@ fn a_read_that_hangs_is_abandoned_and_the_next_ones_do_not_wait() {
     std::thread::sleep(TIMEOUT * 3);
     assert_eq!(read(&files, "/a.c").as_deref(), Ok("a\n"));
 }
+
+#[test]
+fn directories_are_listed_inside_the_root_as_the_target_could() {
+    if !is_root("directories_are_listed_inside_the_root_as_the_target_could") {
+        return;
+    }
+    let tree = Tree::new("list");
+    let dir = tree.0.join("root/lib-dynload");
+    std::fs::create_dir(&dir).unwrap();
+    tree.file("lib-dynload/_json.so", "", 0o644);
+    tree.file("lib-dynload/_ssl.so", "", 0o644);
+    let host = tree.0.join("host-dir");
+    std::fs::create_dir(&host).unwrap();
+    std::fs::write(host.join("host-only.so"), "").unwrap();
+    symlink(&host, tree.0.join("root/escape")).unwrap();
+    tree.file("plain", "", 0o644);
+    let closed = tree.0.join("root/closed");
+    std::fs::create_dir(&closed).unwrap();
+    std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o700)).unwrap();
+
+    let files = tree.files(nobody());
+    let list = |path: &str, max| {
+        files.list(Path::new(path), max).map(|mut names| {
+            names.sort();
+            names
+        })
+    };
+    assert_eq!(
+        list("/lib-dynload", 100),
+        Ok(vec!["_json.so".into(), "_ssl.so".into()])
+    );
+    assert_eq!(list("/lib-dynload", 1).map(|n| n.len()), Ok(1), "capped");
+    // An absolute symlink to a host directory resolves inside the root, to nothing.
+    assert_eq!(list("/escape", 100), Err(Withheld::Missing));
+    assert_eq!(list("/plain", 100), Err(Withheld::Missing));
+    assert_eq!(list("/closed", 100), Err(Withheld::NotReadable));
+}

@@ -57,7 +57,7 @@ pub struct PyOffsets {
 /// The most bytes read per frame.
 pub const FRAME_BUF: usize = 128;
 
-/// One frame read from its first `frame_size` bytes.
+/// One frame, decoded.
 pub enum FrameStep {
     /// A Python frame, and the address of its caller's frame.
     Python(crate::PyFrame, u64),
@@ -66,27 +66,37 @@ pub enum FrameStep {
     Shim(u64),
 }
 
-fn field<const N: usize>(buf: &[u8; FRAME_BUF], offset: u32) -> Option<[u8; N]> {
-    let at = offset as usize;
-    buf.get(at..at + N)?.try_into().ok()
-}
-
-/// Decodes one frame as both walkers (BPF and userspace) do; `None`: offsets out of bounds.
-pub fn decode_frame(buf: &[u8; FRAME_BUF], o: &PyOffsets) -> Option<FrameStep> {
-    let code = u64::from_le_bytes(field(buf, o.frame_code)?);
-    let previous = u64::from_le_bytes(field(buf, o.frame_previous)?);
+/// Decodes one frame as both walkers (BPF and userspace) do. `word(offset)` gives the frame's
+/// bytes from `offset` on, little-endian, at least up to the next multiple of 8 (the BPF walk
+/// reads frames as aligned words); no field crosses one, as frames are 8-byte aligned and
+/// `layout` checks the offsets. `None`: a word could not be read.
+pub fn decode_frame(o: &PyOffsets, mut word: impl FnMut(u32) -> Option<u64>) -> Option<FrameStep> {
+    let code = word(o.frame_code)?;
+    let previous = word(o.frame_previous)?;
     let instr = if o.entry_marker == EntryMarker::EveryFrame as u32 {
-        u32::from_le_bytes(field(buf, o.frame_instr)?) as u64 | ENTRY_FRAME
+        word(o.frame_instr)? as u32 as u64 | ENTRY_FRAME
     } else {
-        let [marker] = field(buf, o.frame_marker)?;
+        let marker = word(o.frame_marker)? as u8;
         if o.entry_marker == EntryMarker::CStackShim as u32 && marker == FRAME_OWNED_BY_CSTACK {
             return Some(FrameStep::Shim(previous));
         }
-        let ptr = u64::from_le_bytes(field(buf, o.frame_instr)?);
+        let ptr = word(o.frame_instr)?;
         let entry = o.entry_marker == EntryMarker::IsEntry as u32 && marker != 0;
         instr_offset(ptr, code, o.code_adaptive) | if entry { ENTRY_FRAME } else { 0 }
     };
     Some(FrameStep::Python(crate::PyFrame { code, instr }, previous))
+}
+
+/// Whether a frame layout's fields each lie inside one aligned word of an aligned frame (as
+/// [`decode_frame`] needs): pointers at multiples of 8, the 3.10 `int` and the marker byte
+/// not across one.
+pub fn fields_aligned(o: &PyOffsets) -> bool {
+    let within = |offset: u32, size: u32| offset % 8 + size <= 8;
+    let every_frame = o.entry_marker == EntryMarker::EveryFrame as u32;
+    within(o.frame_code, 8)
+        && within(o.frame_previous, 8)
+        && within(o.frame_instr, if every_frame { 4 } else { 8 })
+        && (every_frame || within(o.frame_marker, 1))
 }
 
 pub const NO_FIELD: u32 = u32::MAX;

@@ -11,7 +11,8 @@ use core::{ffi::c_void, ptr::null_mut};
 
 use aya_ebpf::helpers::{
     bpf_get_current_pid_tgid, bpf_get_current_task, bpf_probe_read_kernel, bpf_probe_read_user,
-    bpf_probe_read_user_buf, generated::bpf_loop,
+    bpf_probe_read_user_buf,
+    generated::{self, bpf_loop},
 };
 
 use memleak_common::{
@@ -31,8 +32,17 @@ use crate::{
 /// The per-CPU state of one walk; the frames go straight into the walk's record.
 #[repr(C)]
 pub(crate) struct Walk {
-    /// The bytes of the frame being decoded.
+    /// The bytes `announce` reads of a code object.
     buf: [u8; FRAME_BUF],
+    /// Aligned blocks of the target's memory read during this walk, each whole: a read costs
+    /// about the same for a word or a block, and 3.11+ frames sit together in the thread's
+    /// data stack, so one read serves several frames. A block never straddles a page, so
+    /// whatever holds a readable field is readable whole.
+    blocks: [[u64; BLOCK_WORDS]; BLOCKS],
+    /// Per block: its address >> `BLOCK_SHIFT`, plus 1 (0: empty).
+    tags: [u64; BLOCKS],
+    /// The block the next miss replaces (round robin).
+    victim: u32,
     offsets: PyOffsets,
     /// The next frame to read.
     frame: u64,
@@ -46,6 +56,40 @@ pub(crate) struct Walk {
     found: u64,
     /// Where the code objects' identities lie, for `announce`.
     code_window: CodeWindow,
+}
+
+/// 1 KiB blocks, four of them per walk.
+const BLOCK_SHIFT: u64 = 10;
+const BLOCK_WORDS: usize = 128;
+const BLOCKS: usize = 4;
+
+/// The aligned word of the target's memory that holds `addr`, shifted so that the byte at
+/// `addr` is the lowest: through this walk's blocks, reading the block on a miss.
+#[inline(always)]
+fn word(w: &mut Walk, addr: u64) -> Option<u64> {
+    let tag = (addr >> BLOCK_SHIFT) + 1;
+    let mut slot = BLOCKS;
+    for (i, t) in w.tags.iter().enumerate() {
+        if *t == tag {
+            slot = i;
+        }
+    }
+    if slot == BLOCKS {
+        slot = w.victim as usize % BLOCKS;
+        w.victim = w.victim.wrapping_add(1);
+        let block = w.blocks.get_mut(slot)?;
+        let src = (addr & !((1 << BLOCK_SHIFT) - 1)) as *const c_void;
+        let size = (BLOCK_WORDS * 8) as u32;
+        let ok = unsafe { generated::bpf_probe_read_user(block.as_mut_ptr().cast(), size, src) };
+        let tag = if ok == 0 { tag } else { 0 };
+        *w.tags.get_mut(slot)? = tag;
+        if tag == 0 {
+            return None;
+        }
+    }
+    let words = w.blocks.get(slot % BLOCKS)?;
+    let v = *words.get((addr >> 3) as usize % BLOCK_WORDS)?;
+    Some(v >> ((addr & 7) * 8))
 }
 
 /// Hands userspace the code objects of the walk's record, a stack with `python_len` Python
@@ -110,6 +154,15 @@ fn announce_one(w: &mut Walk, rec: &StackRecord, index: usize) -> i64 {
     0
 }
 
+/// The pointer-sized field at `addr` (aligned, or it is not one), through the walk's blocks.
+#[inline(always)]
+fn pointer(w: *mut Walk, addr: u64) -> Option<u64> {
+    if !addr.is_multiple_of(8) {
+        return None;
+    }
+    word(unsafe { &mut *w }, addr)
+}
+
 #[inline(always)]
 fn user<T>(addr: u64) -> Option<T> {
     unsafe { bpf_probe_read_user(addr as *const T) }.ok()
@@ -137,15 +190,18 @@ pub fn read_frames(rec: *mut StackRecord, slot: u32) {
     };
     // A raw pointer, not `&mut`: the `bpf_loop` callbacks change `*w` behind the compiler's
     // back, which a unique reference would let it assume cannot happen.
-    unsafe { (*w).offsets = o };
+    unsafe {
+        (*w).offsets = o;
+        (*w).tags = [0; BLOCKS];
+    }
     let Some(tstate) = thread_state(w, config, Traced { slot, execs: 0 }) else {
         return;
     };
-    let Some(mut frame) = user::<u64>(tstate + o.tstate_frame as u64) else {
+    let Some(mut frame) = pointer(w, tstate + o.tstate_frame as u64) else {
         return;
     };
     if o.cframe_current_frame != NO_FIELD && frame != 0 {
-        let Some(f) = user::<u64>(frame + o.cframe_current_frame as u64) else {
+        let Some(f) = pointer(w, frame + o.cframe_current_frame as u64) else {
             return;
         };
         frame = f;
@@ -177,18 +233,13 @@ extern "C" fn step(_index: u64, _ctx: *mut c_void) -> i64 {
 #[inline(always)]
 fn step_one(w: &mut Walk, rec: &mut StackRecord) -> i64 {
     let frame = w.frame;
-    if frame == 0 {
+    // Frames are 8-byte aligned: anything else is not a frame.
+    if frame == 0 || !frame.is_multiple_of(8) {
         return 1;
     }
-    let size = (w.offsets.frame_size as usize).min(FRAME_BUF);
-    let Some(dst) = w.buf.get_mut(..size) else {
-        return 1;
-    };
-    if unsafe { bpf_probe_read_user_buf(frame as *const u8, dst) }.is_err() {
-        return 1;
-    }
+    let offsets = w.offsets;
     let n = w.len as usize;
-    match decode_frame(&w.buf, &w.offsets) {
+    match decode_frame(&offsets, |at| word(w, frame + u64::from(at))) {
         Some(FrameStep::Python(f, previous)) => {
             match rec.python.get_mut(n) {
                 Some(slot) => {
@@ -224,7 +275,7 @@ fn thread_state(w: *mut Walk, config: &PyConfig, p: Traced) -> Option<u64> {
     let fsbase_at = unsafe { bpf_get_current_task() } + config.task_fsbase;
     let fsbase: u64 = unsafe { bpf_probe_read_kernel(fsbase_at as *const u64) }.ok()?;
     if let Some(&tstate) = unsafe { PY_THREADS.get(p.key(fsbase)) }
-        && user::<u64>(tstate + config.offsets.tstate_thread_id as u64) == Some(fsbase)
+        && pointer(w, tstate + config.offsets.tstate_thread_id as u64) == Some(fsbase)
     {
         return Some(tstate);
     }

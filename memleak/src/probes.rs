@@ -168,10 +168,11 @@ pub fn attach_python_allocators(ebpf: &mut Ebpf, pid: u32, object: &Path) -> Res
 }
 
 /// Where in the hooked function to probe so the kernel emulates the probed instruction
-/// (placement.rs). A function that also gets the return probe keeps its entry stack pointer
-/// there. Any trouble reading the code means the plain entry.
+/// (placement.rs): the first such instruction reached with the registers the kind's entry
+/// program reads still intact. A function that also gets the return probe keeps its entry
+/// stack pointer there. Any trouble reading the code means the plain entry.
 fn probe_offset(h: &Hook, entry_only: bool) -> Placement {
-    let args = &placement::ARG_REGS;
+    let args = entry_args(h.kind);
     let entry = |why: String| Placement {
         offset: 0,
         reason: format!("{why}; probing the entry"),
@@ -208,6 +209,23 @@ fn attach_one(
             )
         })?;
     Ok(prog.take_link(link)?)
+}
+
+/// The argument registers the entry program of `kind` reads (as `main.rs` of memleak-ebpf
+/// takes them): only those must survive to the probe. `PyObject_Malloc` copies its size to
+/// %rsi first (`mov %rdi,%rsi`, which the kernel single-steps) and reaches an emulated `js`
+/// with %rdi intact, so it is probed there.
+fn entry_args(kind: AllocKind) -> &'static [placement::Reg] {
+    use placement::Reg;
+    match kind {
+        AllocKind::Malloc | AllocKind::Valloc | AllocKind::Pvalloc | AllocKind::Free => &[Reg::RDI],
+        AllocKind::AlignedAlloc | AllocKind::Memalign => &[Reg::RSI],
+        AllocKind::Calloc | AllocKind::Realloc | AllocKind::Munmap => &[Reg::RDI, Reg::RSI],
+        AllocKind::Reallocarray => &[Reg::RDI, Reg::RSI, Reg::RDX],
+        AllocKind::PosixMemalign | AllocKind::Mremap => &[Reg::RDI, Reg::RDX],
+        AllocKind::Mmap => &[Reg::RSI, Reg::RDX, Reg::RCX],
+        _ => &placement::ARG_REGS,
+    }
 }
 
 fn entry_program(kind: AllocKind) -> Option<&'static str> {

@@ -79,6 +79,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 /// The tracer that is memleak's probes with nothing in them.
 const FLOOR: &str = "memleak floor";
+const BCC: &str = "memleak-bpfcc";
 
 /// How long a tracer may take to put its probes in (BCC compiles C first).
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(180);
@@ -182,7 +183,7 @@ pub fn run_bench(memleak: &Path, opts: &Options) -> Result<()> {
             }
             depth_bench(&python, &tracers, &out, opts.rounds)?;
             match &venv {
-                Ok(venv) => service_bench(venv, &tracers, &out),
+                Ok(venv) => service_bench(venv, &tracers, &out, opts.rounds),
                 Err(e) => println!("\nSKIP the service: no venv: {e:#}"),
             }
         }
@@ -268,7 +269,8 @@ fn depth_bench(python: &Path, tracers: &[Tracer], out: &Path, rounds: u32) -> Re
     println!(
         "\n== allocations at a Python stack depth, ns added per 4 KiB bytearray (best of {rounds})"
     );
-    let mut added = Vec::new();
+    // Per memleak build (and the floor): ns added at each depth.
+    let mut added: Vec<(&str, Vec<f64>)> = Vec::new();
     for depth in [2, 40] {
         let cmd = || {
             let mut c = Command::new(python);
@@ -280,24 +282,24 @@ fn depth_bench(python: &Path, tracers: &[Tracer], out: &Path, rounds: u32) -> Re
             "depth {depth:<3} untraced {:>7.0} ns",
             per_alloc(base.value)
         );
-        for t in tracers
-            .iter()
-            .filter(|t| t.name == FLOOR || t.name == "memleak")
-        {
+        for t in tracers.iter().filter(|t| t.is_memleak_allocation_mode()) {
             let m = measure(cmd(), Some(t), "seconds", out)?;
             let ns = per_alloc(m.value - base.value);
             row += &format!("  {} +{ns:.0}", t.name);
-            if t.name == "memleak" {
-                added.push(ns);
+            match added.iter_mut().find(|(n, _)| *n == t.name) {
+                Some((_, v)) => v.push(ns),
+                None => added.push((&t.name, vec![ns])),
             }
         }
         println!("{row}");
     }
-    if let [shallow, deep] = added[..] {
-        println!(
-            "memleak: 40 frames deep / 2 frames deep: {:.2}×",
-            deep / shallow
-        );
+    for (name, ns) in &added {
+        if let [shallow, deep] = ns[..] {
+            println!(
+                "{name}: 40 frames deep / 2 frames deep: {:.2}×",
+                deep / shallow
+            );
+        }
     }
     Ok(())
 }
@@ -306,34 +308,74 @@ fn per_alloc(seconds: f64) -> f64 {
     seconds / python::DEPTH_CHURN_ALLOCS * 1e9
 }
 
-/// The FastAPI service untraced, under every tracer and under memray: one round each.
-fn service_bench(venv: &Path, tracers: &[Tracer], out: &Path) {
-    println!("\n== FastAPI + uvicorn on the loopback, wrk 16 connections × 10 s (one round each)");
-    let base = match service::measure(venv, out, service::Server::Plain, None) {
-        Ok(b) => b,
-        Err(e) => return println!("service untraced failed: {e:#}"),
+/// The FastAPI service untraced, under every tracer and under memray, `rounds` times in turn:
+/// the machine's speed drifts, so each share is taken against the untraced run of its own
+/// round, and the median of each row is printed with its spread.
+fn service_bench(venv: &Path, tracers: &[Tracer], out: &Path, rounds: u32) {
+    println!(
+        "\n== FastAPI + uvicorn on the loopback, wrk 16 connections × 10 s, {rounds} rounds in \
+         turn: medians (min–max of the share)"
+    );
+    let mut rows: Vec<(String, Vec<Shared>)> = Vec::new();
+    let mut add = |name: &str, l: service::Load, base: f64| {
+        let shared = Shared {
+            share: l.requests_per_s / base,
+            load: l,
+        };
+        match rows.iter_mut().find(|(n, _)| n == name) {
+            Some((_, runs)) => runs.push(shared),
+            None => rows.push((name.to_string(), vec![shared])),
+        }
     };
-    print_load("untraced", &base, &base);
-    for t in tracers {
-        match service::measure(venv, out, service::Server::Plain, Some(t)) {
-            Ok(l) => print_load(&t.name, &l, &base),
-            Err(e) => println!("{:<16} failed: {e:#}", t.name),
+    for _ in 0..rounds {
+        let base = match service::measure(venv, out, service::Server::Plain, None) {
+            Ok(b) => b,
+            Err(e) => {
+                println!("service untraced failed: {e:#}");
+                continue;
+            }
+        };
+        let base_rate = base.requests_per_s;
+        add("untraced", base, base_rate);
+        for t in tracers {
+            match service::measure(venv, out, service::Server::Plain, Some(t)) {
+                Ok(l) => add(&t.name, l, base_rate),
+                Err(e) => println!("{:<16} failed: {e:#}", t.name),
+            }
+        }
+        for native in [false, true] {
+            let name = if native { "memray --native" } else { "memray" };
+            let memray = service::Server::Memray { native, out };
+            match service::measure(venv, out, memray, None) {
+                Ok(l) => add(name, l, base_rate),
+                Err(e) => println!("{name:<16} failed: {e:#}"),
+            }
         }
     }
-    let memray = service::Server::Memray { native: false, out };
-    match service::measure(venv, out, memray, None) {
-        Ok(l) => print_load("memray", &l, &base),
-        Err(e) => println!("memray           failed: {e:#}"),
+    for (name, runs) in &rows {
+        print_load(name, runs);
     }
 }
 
-fn print_load(name: &str, l: &service::Load, base: &service::Load) {
+/// One service run and its requests/s as a share of its round's untraced run.
+struct Shared {
+    load: service::Load,
+    share: f64,
+}
+
+fn print_load(name: &str, runs: &[Shared]) {
+    let median = |f: &dyn Fn(&Shared) -> f64| {
+        let mut v: Vec<f64> = runs.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        (v[v.len() / 2], v[0], v[v.len() - 1])
+    };
+    let (share, low, high) = median(&|r| r.share);
     println!(
-        "{name:<16} {:>8.0} req/s ({:.2} of untraced)  p50 {:>6.2} ms  p99 {:>6.2} ms",
-        l.requests_per_s,
-        l.requests_per_s / base.requests_per_s,
-        l.p50_ms,
-        l.p99_ms
+        "{name:<16} {:>8.0} req/s ({share:.2} of untraced, {low:.2}–{high:.2})  p50 {:>6.2} ms  \
+         p99 {:>6.2} ms",
+        median(&|r| r.load.requests_per_s).0,
+        median(&|r| r.load.p50_ms).0,
+        median(&|r| r.load.p99_ms).0,
     );
 }
 
@@ -377,11 +419,16 @@ impl Tracer {
 
     fn bcc(wrapper: &Path) -> Self {
         Tracer {
-            name: "memleak-bpfcc".into(),
+            name: BCC.into(),
             program: PathBuf::from("/usr/bin/python3"),
             args: vec![wrapper.display().to_string()],
             growth: false,
         }
+    }
+
+    /// memleak's allocation mode (this build, the `--compare` ones) or its trap floor.
+    fn is_memleak_allocation_mode(&self) -> bool {
+        self.name == FLOOR || self.name.starts_with("memleak") && !self.growth && self.name != BCC
     }
 
     fn spawn(&self, pid: u32, log: &Path) -> Result<Running> {

@@ -3,7 +3,9 @@
 //! describes (see /work/shared/notes/python-internals.md).
 
 use anyhow::{Result, bail};
-use memleak_common::python::{CodeWindow, EntryMarker, FRAME_BUF, NO_FIELD, PyOffsets};
+use memleak_common::python::{
+    CodeWindow, EntryMarker, FRAME_BUF, NO_FIELD, PyOffsets, fields_aligned,
+};
 
 use super::linetable::Format;
 
@@ -165,7 +167,7 @@ impl Layout {
         if frame_end.next_multiple_of(8) > FRAME_BUF as u64 {
             bail!("_Py_DebugOffsets: frame fields end at {frame_end}, past what is read per frame");
         }
-        Ok(Layout {
+        let layout = Layout {
             frames: PyOffsets {
                 tstate_frame: w(23) as u32,
                 tstate_thread_id: w(24) as u32,
@@ -198,7 +200,11 @@ impl Layout {
                 ..self.objects
             },
             ..self
-        })
+        };
+        if !fields_aligned(&layout.frames) {
+            bail!("_Py_DebugOffsets: a frame field straddles an aligned word");
+        }
+        Ok(layout)
     }
 }
 

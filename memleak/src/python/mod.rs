@@ -291,7 +291,11 @@ impl PythonRuntime {
         while frame != 0 && frames.len() < MAX_PYTHON_FRAMES && steps < MAX_PYTHON_STEPS {
             steps += 1;
             m.read(frame, &mut buf[..size])?;
-            match decode_frame(&buf, o).context("frame offsets out of bounds")? {
+            let word = |at: u32| {
+                let bytes = buf.get(at as usize..at as usize + 8)?;
+                Some(u64::from_le_bytes(bytes.try_into().ok()?))
+            };
+            match decode_frame(o, word).context("frame offsets out of bounds")? {
                 FrameStep::Python(f, previous) => {
                     frames.push(f);
                     frame = previous;

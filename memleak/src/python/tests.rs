@@ -471,10 +471,27 @@ fn published_offsets_agree_with_the_table() {
         // An offset outside its struct (the interpreter state's `gc`) is refused.
         raw[10 * 8..11 * 8].copy_from_slice(&(1u64 << 40).to_le_bytes());
         assert!(table.published(rt.version, &raw).is_err());
+        // So is a frame field the BPF walk's aligned words would split.
+        let mut raw = memory.read_vec(runtime, layout::DEBUG_OFFSETS_LEN).unwrap();
+        let code = layout.frames.frame_code as u64 + 4;
+        raw[30 * 8..31 * 8].copy_from_slice(&code.to_le_bytes());
+        assert!(table.published(rt.version, &raw).is_err());
         raw[..8].copy_from_slice(b"notdebug");
         assert!(table.published(rt.version, &raw).is_err());
         eprintln!("Python {label}: the published offsets are the table's");
     }
+}
+
+/// The table's layout of each minor version we read.
+fn table_layouts() -> impl Iterator<Item = (u8, Layout)> {
+    (8..=13).map(|minor| {
+        let version = layout::Version {
+            major: 3,
+            minor,
+            micro: None,
+        };
+        (minor, Layout::for_version(version).unwrap())
+    })
 }
 
 /// The identity the BPF program keeps of a code object is its adjacent, immutable pointers
@@ -482,16 +499,20 @@ fn published_offsets_agree_with_the_table() {
 /// `co_zombieframe`).
 #[test]
 fn code_identity_window_is_the_adjacent_pointers() {
-    for minor in 8..=13 {
-        let version = layout::Version {
-            major: 3,
-            minor,
-            micro: None,
-        };
-        let l = Layout::for_version(version).unwrap();
+    for (minor, l) in table_layouts() {
         let w = l.code_window();
         let expected = if minor >= 11 { 32 } else { 24 };
         assert_eq!(w.len, expected, "3.{minor}");
         assert_eq!(w.start as u64, l.code_filename, "3.{minor}");
+    }
+}
+
+#[test]
+fn every_table_layout_reads_as_aligned_words() {
+    for (minor, l) in table_layouts() {
+        assert!(
+            memleak_common::python::fields_aligned(&l.frames),
+            "3.{minor}"
+        );
     }
 }

@@ -551,8 +551,9 @@ fn check_extension(label: &str, python: &str) -> Result<()> {
     // A conservative scan: a stale copy of a dropped pointer (in memory freed, or allocated
     // before memleak attached, which it cannot tell from live memory) keeps a block
     // "referenced"; valgrind, at exit, has the same blind spot for what it cannot see.
+    // 47-50 of the 50 come out lost on a quiet machine, 43 once under load: ask for 80%.
     let lost_count = lost.get("unreferenced: lost").map_or(0, |l| l.0);
-    if lost_count < 45 {
+    if lost_count < 40 {
         problems.push(format!("lost: {lost:?}"));
     }
     ensure!(

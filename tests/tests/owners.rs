@@ -7,7 +7,8 @@ use std::{collections::BTreeMap, time::Duration};
 
 use anyhow::{Context, Result, ensure};
 use memleak_tests::{
-    Running, Scratch, can_trace, expect_success, read_json, under_each_python, wait_for_text,
+    Finished, Running, Scratch, can_trace, expect_success, read_json, under_each_python,
+    wait_for_text,
 };
 use serde_json::Value;
 
@@ -257,40 +258,14 @@ fn check_pools(label: &str, python: &str) -> Result<()> {
     let scratch = Scratch::new("owners-pools")?;
     let script = scratch.path("three.py");
     std::fs::write(&script, POOLS_SCRIPT)?;
-    let (go, done, stop) = (
-        scratch.path("go"),
-        scratch.path("done"),
-        scratch.path("stop"),
-    );
-    let out = scratch.path("report.json");
+    let [go, done, stop] = handshake(&scratch);
     let target = Running::python(&scratch, python, &script, &[&go, &done, &stop])?;
-    wait_for_text(&scratch.path("python.stdout"), "ready", TIMEOUT)?;
-    let pid = target.pid().to_string();
-    // --older 0: the lists made just before `done` count too.
-    let json = out.to_str().unwrap();
-    let args = [
-        "-p",
-        &pid,
-        "--older",
-        "0",
-        "--interval",
-        "1s",
-        "--json",
-        json,
-    ];
-    let tracer = Running::memleak(&scratch, &args, None)?;
-    wait_for_text(&scratch.path("memleak.stdout"), "Attaching to pid", TIMEOUT)?;
-    std::fs::write(&go, "")?;
-    memleak_tests::wait_for_file(&done, TIMEOUT)?;
-    let run = tracer.interrupt(TIMEOUT)?;
-    expect_success(&run)?;
-    std::fs::write(&stop, "")?;
-    let said = target.wait(TIMEOUT)?.stdout;
+    let (run, ended, report) = capture_until_done(&scratch, target, "python.stdout")?;
+    let said = ended.stdout;
     let truth: u64 = said
         .lines()
         .find_map(|l| l.strip_prefix("true ")?.parse().ok())
         .with_context(|| format!("Python {label}: the target said {said:?}"))?;
-    let report = read_json(&out)?;
     let per = attributed_per_function(&report);
     let total: u64 = per.values().sum();
     let ints = per.get("ints").copied().unwrap_or(0);
@@ -355,7 +330,46 @@ fn valgrind_leaks(program: &std::path::Path) -> Result<((u64, u64), (u64, u64))>
     Ok((lost, reachable))
 }
 
+/// The files of the go / done / stop handshake, in the order fixtures take them.
+fn handshake(scratch: &Scratch) -> [std::path::PathBuf; 3] {
+    ["go", "done", "stop"].map(|f| scratch.path(f))
+}
+
+/// Attaches to `target` once it said "ready" on `stdout`, with `--older 0` (the blocks made
+/// just before `done` count too); lets it run until `done`, interrupts memleak, tells the
+/// target to stop. memleak's run, the target's end and the JSON report.
+fn capture_until_done(
+    scratch: &Scratch,
+    target: Running,
+    stdout: &str,
+) -> Result<(Finished, Finished, Value)> {
+    let [go, done, stop] = handshake(scratch);
+    wait_for_text(&scratch.path(stdout), "ready", TIMEOUT)?;
+    let (pid, out) = (target.pid().to_string(), scratch.path("report.json"));
+    let json = out.to_str().unwrap();
+    let args = [
+        "-p",
+        &pid,
+        "--older",
+        "0",
+        "--interval",
+        "1s",
+        "--json",
+        json,
+    ];
+    let tracer = Running::memleak(scratch, &args, None)?;
+    wait_for_text(&scratch.path("memleak.stdout"), "Attaching to pid", TIMEOUT)?;
+    std::fs::write(&go, "")?;
+    memleak_tests::wait_for_file(&done, TIMEOUT)?;
+    let run = tracer.interrupt(TIMEOUT)?;
+    expect_success(&run)?;
+    std::fs::write(&stop, "")?;
+    let ended = target.wait(TIMEOUT)?;
+    Ok((run, ended, read_json(&out)?))
+}
+
 /// The owners memleak gives the blocks of the stacks through `function`: held_by →
+
 /// (count, bytes), summed over those stacks.
 fn native_owners_of(report: &Value, function: &str) -> BTreeMap<String, (u64, u64)> {
     let ids: Vec<&Value> = memleak_tests::stacks_through(&report["final"], function)
@@ -388,36 +402,10 @@ fn native_blocks_are_lost_or_referenced() -> Result<()> {
     let scratch = Scratch::new("native-owners")?;
     let program = scratch.compile("native_owners", "native_owners", &[])?;
     let (lost, reachable) = valgrind_leaks(&program)?;
-    let (go, done, stop) = (
-        scratch.path("go"),
-        scratch.path("done"),
-        scratch.path("stop"),
-    );
-    let paths = [&go, &done, &stop].map(|p| p.to_str().unwrap().to_string());
+    let paths = handshake(&scratch).map(|p| p.to_str().unwrap().to_string());
     let args: Vec<&str> = paths.iter().map(String::as_str).collect();
     let target = Running::start(&scratch, "fixture", &program, &args, None)?;
-    wait_for_text(&scratch.path("fixture.stdout"), "ready", TIMEOUT)?;
-    let (pid, out) = (target.pid().to_string(), scratch.path("report.json"));
-    let json = out.to_str().unwrap();
-    let args = [
-        "-p",
-        &pid,
-        "--older",
-        "0",
-        "--interval",
-        "1s",
-        "--json",
-        json,
-    ];
-    let tracer = Running::memleak(&scratch, &args, None)?;
-    wait_for_text(&scratch.path("memleak.stdout"), "Attaching to pid", TIMEOUT)?;
-    std::fs::write(&go, "")?;
-    memleak_tests::wait_for_file(&done, TIMEOUT)?;
-    let run = tracer.interrupt(TIMEOUT)?;
-    expect_success(&run)?;
-    std::fs::write(&stop, "")?;
-    target.wait(TIMEOUT)?;
-    let report = read_json(&out)?;
+    let (run, _, report) = capture_until_done(&scratch, target, "fixture.stdout")?;
     let kept = native_owners_of(&report, "keep");
     let dropped = native_owners_of(&report, "drop");
     let global = "referenced from global `cache_table` (native_owners)";
@@ -494,34 +482,9 @@ fn check_extension(label: &str, python: &str) -> Result<()> {
     memleak_tests::build_extension(python, &dir, "leakyext", EXTENSION)?;
     let script = scratch.path("use_ext.py");
     std::fs::write(&script, EXTENSION_SCRIPT)?;
-    let (go, done, stop) = (
-        scratch.path("go"),
-        scratch.path("done"),
-        scratch.path("stop"),
-    );
+    let [go, done, stop] = handshake(&scratch);
     let target = Running::python(&scratch, python, &script, &[&go, &done, &stop])?;
-    wait_for_text(&scratch.path("python.stdout"), "ready", TIMEOUT)?;
-    let (pid, out) = (target.pid().to_string(), scratch.path("report.json"));
-    let json = out.to_str().unwrap();
-    let args = [
-        "-p",
-        &pid,
-        "--older",
-        "0",
-        "--interval",
-        "1s",
-        "--json",
-        json,
-    ];
-    let tracer = Running::memleak(&scratch, &args, None)?;
-    wait_for_text(&scratch.path("memleak.stdout"), "Attaching to pid", TIMEOUT)?;
-    std::fs::write(&go, "")?;
-    memleak_tests::wait_for_file(&done, TIMEOUT)?;
-    let run = tracer.interrupt(TIMEOUT)?;
-    expect_success(&run)?;
-    std::fs::write(&stop, "")?;
-    target.wait(TIMEOUT)?;
-    let report = read_json(&out)?;
+    let (run, _, report) = capture_until_done(&scratch, target, "python.stdout")?;
     let mut problems = Vec::new();
     for function in ["keep", "lose"] {
         let classes: Vec<&Value> = report["stacks"]

@@ -369,7 +369,6 @@ fn capture_until_done(
 }
 
 /// The owners memleak gives the blocks of the stacks through `function`: held_by →
-
 /// (count, bytes), summed over those stacks.
 fn native_owners_of(report: &Value, function: &str) -> BTreeMap<String, (u64, u64)> {
     let ids: Vec<&Value> = memleak_tests::stacks_through(&report["final"], function)

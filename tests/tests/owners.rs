@@ -621,3 +621,155 @@ fn c_extension_blocks_are_lost_or_referenced() -> Result<()> {
     }
     under_each_python(&["3.8"], check_extension)
 }
+
+/// One of two services traced together: `list` keeps 40 bytearrays of 100 kB in a module
+/// list, `dict` keeps 300 bytes objects in a class attribute's dict. Each runs its loop once
+/// before memleak attaches, so the counted calls run specialized (3.11+): one stack each.
+const EACH_SCRIPT: &str = r#"import os, sys, time
+
+_store = []
+
+class Cache:
+    _entries = {}
+
+def keep_list(n):
+    for _ in range(n):
+        _store.append(bytearray(100_000))
+
+def keep_dict(first, n):
+    for i in range(first, first + n):
+        Cache._entries[i] = bytes(3000)
+
+kind, go, done, stop = sys.argv[1:5]
+keep_list(20) if kind == "list" else keep_dict(-20, 20)
+print("ready", flush=True)
+while not os.path.exists(go):  # memleak is attached
+    time.sleep(0.05)
+keep_list(40) if kind == "list" else keep_dict(0, 300)
+open(done, "w").close()
+while not os.path.exists(stop):  # the test is done
+    time.sleep(0.05)
+intact = all(len(b) == 100_000 and not any(b) for b in _store) and all(
+    v == bytes(3000) for v in Cache._entries.values()
+)
+print("intact" if intact else "CHANGED", len(_store), len(Cache._entries))
+"#;
+
+/// held_by → count of the owners the report gives process `pid`'s stacks.
+fn owners_in(report: &Value, pid: u32) -> BTreeMap<String, u64> {
+    let walked = report["owners_by_process"]["processes"].as_array();
+    let own = walked
+        .into_iter()
+        .flatten()
+        .find(|p| p["pid"].as_u64() == Some(u64::from(pid)));
+    let mut per = BTreeMap::new();
+    for o in own
+        .and_then(|p| p["owners"].as_array())
+        .into_iter()
+        .flatten()
+    {
+        let held_by = o["held_by"].as_str().unwrap_or("?").to_string();
+        *per.entry(held_by).or_default() += o["count"].as_u64().unwrap_or(0);
+    }
+    per
+}
+
+/// `-p A,B` over two Python services on two interpreters (3.10's table, 3.13's published
+/// layout), each leaking into its own holder: each process's walk names its own holder with
+/// its exact count, and never the other's.
+#[test]
+fn each_process_names_its_own_holder() -> Result<()> {
+    let test = "each_process_names_its_own_holder";
+    if !can_trace(test) {
+        return Ok(());
+    }
+    let (Some(py_list), Some(py_dict)) = (
+        memleak_tests::pyenv_python("3.10"),
+        memleak_tests::pyenv_python("3.13"),
+    ) else {
+        memleak_tests::skipped(test, "no pyenv CPython 3.10 and 3.13");
+        return Ok(());
+    };
+    let scratch = Scratch::new("owners-each")?;
+    let script = scratch.path("service.py");
+    std::fs::write(&script, EACH_SCRIPT)?;
+    let [go, _, stop] = handshake(&scratch).map(|p| p.to_str().unwrap().to_string());
+    let mut targets = Vec::new();
+    for (kind, python) in [("list", &py_list), ("dict", &py_dict)] {
+        let done = scratch.path(&format!("done.{kind}"));
+        let args = [
+            script.to_str().unwrap(),
+            kind,
+            &go,
+            done.to_str().unwrap(),
+            &stop,
+        ];
+        let target = Running::start(&scratch, kind, python, &args, None)?;
+        wait_for_text(&scratch.path(&format!("{kind}.stdout")), "ready", TIMEOUT)?;
+        targets.push((kind, target, done));
+    }
+    let (list_pid, dict_pid) = (targets[0].1.pid(), targets[1].1.pid());
+    let pids = format!("{list_pid},{dict_pid}");
+    let out = scratch.path("report.json");
+    let args = ["-p", &pids, "--older", "0", "--interval", "1s"];
+    let tracer = Running::memleak(
+        &scratch,
+        &[&args[..], &["--json", out.to_str().unwrap()]].concat(),
+        None,
+    )?;
+    wait_for_text(&scratch.path("memleak.stdout"), "Attaching to pid", TIMEOUT)?;
+    std::fs::write(&go, "")?;
+    for (_, _, done) in &targets {
+        memleak_tests::wait_for_file(done, TIMEOUT)?;
+    }
+    let run = tracer.interrupt(TIMEOUT)?;
+    expect_success(&run)?;
+    std::fs::write(&stop, "")?;
+    for (kind, target, _) in targets {
+        let ended = target.wait(TIMEOUT)?;
+        let said = ended.stdout.lines().last().unwrap_or("").to_string();
+        ensure!(
+            said.starts_with("intact "),
+            "{kind}: the target says {said:?} after the walk"
+        );
+    }
+    let report = read_json(&out)?;
+    let list = "in list `_store` of module `__main__`";
+    let dict = "in dict `Cache._entries` (a class attribute)";
+    let (in_list, in_dict) = (owners_in(&report, list_pid), owners_in(&report, dict_pid));
+    let mut problems = Vec::new();
+    for (pid, own, (mine, count), theirs) in [
+        (list_pid, &in_list, (list, 40), dict),
+        (dict_pid, &in_dict, (dict, 300), list),
+    ] {
+        if own.get(mine) != Some(&count) || own.contains_key(theirs) {
+            problems.push(format!(
+                "pid {pid}: {own:?}, expected {count} {mine:?} only"
+            ));
+        }
+        if !run.stdout.contains(&format!("  pid {pid}:\n")) {
+            problems.push(format!("pid {pid}: no walk figures in the text report"));
+        }
+    }
+    for held in [list, dict] {
+        if !run
+            .stdout
+            .lines()
+            .any(|l| l.starts_with("    held: ") && l.contains(held))
+        {
+            problems.push(format!("the text report does not say {held:?}"));
+        }
+    }
+    ensure!(
+        problems.is_empty() && report.get("owners").is_none(),
+        "{}\nowners: {:#}\nreport:\n{}",
+        problems.join("\n"),
+        report["owners_by_process"],
+        run.stdout
+    );
+    eprintln!(
+        "{test}: {in_list:?} {in_dict:?}; {}",
+        report["owners_by_process"]["skipped"]
+    );
+    Ok(())
+}

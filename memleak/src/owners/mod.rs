@@ -6,6 +6,7 @@
 //! a thread's stack, another block), or nothing: lost.
 
 mod chain;
+pub mod each;
 mod inline;
 pub mod native;
 mod pages;

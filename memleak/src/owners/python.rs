@@ -55,6 +55,10 @@ const TYPE_DICTOFFSET: u64 = 288;
 /// `PySetObject.mask` and `.table` (3.8-3.13).
 const SET_MASK: u64 = 32;
 const SET_TABLE: u64 = 40;
+/// An object's refcount and type: no buffer pointer there.
+const HEADER: usize = 16;
+/// How much of an unknown type's fixed part is searched for buffer pointers.
+const MAX_FOREIGN_FIXED: u64 = 256;
 /// Where a managed `__dict__` pointer sits before the object (3.11+ pre-header).
 const MANAGED_DICT_BEFORE: u64 = 24;
 
@@ -146,6 +150,8 @@ pub(super) struct Walk<'a> {
     pub targets: HashMap<u64, Target>,
     /// Blocks already counted whole (a buffer has one owner).
     claimed: HashSet<u64>,
+    /// The buffer fields found in objects of layouts not known here (`foreign_buffers`).
+    foreign: HashMap<u64, Vec<u64>>,
     skipped: Skipped,
 }
 
@@ -174,6 +180,7 @@ pub fn find(rt: &PythonRuntime, blocks: &Blocks, limits: &Limits) -> Findings {
         parents: HashMap::new(),
         targets: HashMap::new(),
         claimed: HashSet::new(),
+        foreign: HashMap::new(),
         skipped: Skipped::default(),
     };
     let listed = walk.gc_objects(runtime, limits.max_objects);
@@ -359,7 +366,7 @@ impl Walk<'_> {
         let Some(ty) = self.types.get(&type_addr).and_then(Option::as_ref) else {
             return false;
         };
-        let (kind, gc) = (ty.kind, ty.flags & TYPE_FLAGS_HAVE_GC != 0);
+        let (kind, gc, basicsize) = (ty.kind, ty.flags & TYPE_FLAGS_HAVE_GC != 0, ty.basicsize);
         let mut bytes = Vec::new();
         let (mut check, mut home) = (None, None);
         if let Some(b) = self.blocks.containing(obj).copied() {
@@ -377,6 +384,12 @@ impl Walk<'_> {
                 continue;
             };
             if let Some(b) = self.buffer_block(buffer) {
+                bytes.push((b.stack_id, b.size));
+                check = Some((obj + field, buffer));
+            }
+        }
+        if kind == Kind::Other {
+            for (field, buffer, b) in self.foreign_buffers(obj, basicsize) {
                 bytes.push((b.stack_id, b.size));
                 check = Some((obj + field, buffer));
             }
@@ -406,10 +419,39 @@ impl Walk<'_> {
         let Some(kind) = kind.map(|t| t.kind) else {
             return Vec::new();
         };
+        let foreign = self.foreign.get(&obj).into_iter().flatten().copied();
         buffer_fields(kind, &self.layout.objects)
+            .chain(foreign)
             .filter_map(|field| self.pages.u64(obj + field).ok())
             .filter_map(|buffer| self.blocks.containing(buffer).copied())
             .collect()
+    }
+
+    /// The buffers of an object whose layout no table here knows (a numpy array's data, an
+    /// `array.array`'s items, a deque's blocks): the words of its fixed part that point into
+    /// an asked block no other owner counted, and not at a Python object (what an attribute
+    /// refers to is an owner of its own). (field offset, pointer, block)
+    fn foreign_buffers(&mut self, obj: u64, basicsize: u64) -> Vec<(u64, u64, Block)> {
+        let mut head = [0u8; MAX_FOREIGN_FIXED as usize];
+        let len = basicsize.min(MAX_FOREIGN_FIXED) as usize & !7;
+        if len <= HEADER || self.pages.read(obj, &mut head[..len]).is_err() {
+            return Vec::new();
+        }
+        let mut found = Vec::new();
+        for at in (HEADER..len).step_by(8) {
+            let word = u64::from_le_bytes(head[at..at + 8].try_into().unwrap());
+            let Some(b) = self.blocks.containing(word).copied() else {
+                continue;
+            };
+            if self.claimed.contains(&b.addr) || self.type_of(word).is_some() {
+                continue;
+            }
+            self.claimed.insert(b.addr);
+            found.push((at as u64, word, b));
+        }
+        self.foreign
+            .insert(obj, found.iter().map(|f| f.0).collect());
+        found
     }
 
     /// The block a buffer pointer is in, if no other owner counted it yet.
@@ -443,16 +485,17 @@ impl Walk<'_> {
         };
         match kind {
             Kind::List => {
-                let n = self.count(obj + OB_SIZE)?;
-                let items = self.pages.u64(obj + o.list_items)?;
+                let n = self.count(self.pages.fresh_u64(obj + OB_SIZE)?)?;
+                let items = self.pages.fresh_u64(obj + o.list_items)?;
                 Ok(self
-                    .words(items, n)?
+                    .current_words(items, n)?
                     .into_iter()
                     .map(|c| (c, Edge::Item))
                     .collect())
             }
+            // Immutable: the cached pages are as good as new.
             Kind::Tuple => {
-                let n = self.count(obj + OB_SIZE)?;
+                let n = self.count(self.pages.u64(obj + OB_SIZE)?)?;
                 Ok(self
                     .words(obj + o.tuple_items, n)?
                     .into_iter()
@@ -465,9 +508,9 @@ impl Walk<'_> {
                 .flat_map(|(k, v)| [(v, Edge::Value(k)), (k, Edge::Key)])
                 .collect()),
             Kind::Set => {
-                let mask = self.pages.u64(obj + SET_MASK)?;
-                let table = self.pages.u64(obj + SET_TABLE)?;
-                let slots = self.words(table, mask.saturating_add(1).saturating_mul(2))?;
+                let mask = self.pages.fresh_u64(obj + SET_MASK)?;
+                let table = self.pages.fresh_u64(obj + SET_TABLE)?;
+                let slots = self.current_words(table, mask.saturating_add(1).saturating_mul(2))?;
                 Ok(slots.chunks(2).map(|e| (e[0], Edge::Item)).collect())
             }
             Kind::Module => one(MODULE_DICT, Edge::ModuleDict),
@@ -494,8 +537,7 @@ impl Walk<'_> {
     }
 
     /// A container's item count, refused when implausible.
-    fn count(&mut self, at: u64) -> Result<u64> {
-        let n = self.pages.u64(at)?;
+    fn count(&mut self, n: u64) -> Result<u64> {
         if n > MAX_ITEMS {
             self.skipped.too_large += 1;
             bail!("{n} items");
@@ -503,15 +545,32 @@ impl Walk<'_> {
         Ok(n)
     }
 
-    /// `n` pointer-sized words from `addr`, read 1 MiB at a time.
+    /// `n` pointer-sized words from `addr`, as the cached pages have them.
     pub(super) fn words(&self, addr: u64, n: u64) -> Result<Vec<u64>> {
+        self.words_by(addr, n, &|at, buf| self.pages.read(at, buf))
+    }
+
+    /// `n` words as they are now: a mutable container's contents change while the walk
+    /// runs (the leaking list grows and moves to a new array), and a cached page of them may
+    /// be older than the header just read.
+    pub(super) fn current_words(&self, addr: u64, n: u64) -> Result<Vec<u64>> {
+        self.words_by(addr, n, &|at, buf| self.pages.fresh(at, buf))
+    }
+
+    /// `n` words from `addr`, read 1 MiB at a time with `read`.
+    fn words_by(
+        &self,
+        addr: u64,
+        n: u64,
+        read: &dyn Fn(u64, &mut [u8]) -> Result<()>,
+    ) -> Result<Vec<u64>> {
         let mut out = Vec::with_capacity(n as usize);
         let mut buf = vec![0u8; n.min(1 << 17) as usize * 8];
         let mut done = 0;
         while done < n {
             let take = (n - done).min(1 << 17);
             let bytes = &mut buf[..take as usize * 8];
-            self.pages.read(addr.wrapping_add(done * 8), bytes)?;
+            read(addr.wrapping_add(done * 8), bytes)?;
             out.extend(
                 bytes
                     .chunks_exact(8)
@@ -525,12 +584,13 @@ impl Walk<'_> {
     /// A dict's (key, value) pairs, combined or split table.
     pub(super) fn dict_entries(&self, dict: u64) -> Result<Vec<(u64, u64)>> {
         let o = &self.layout.objects;
-        let keys = self.pages.u64(dict + o.dict_keys)?;
-        let values = self.pages.u64(dict + o.dict_values)?;
+        // Fresh, as `words`: a growing dict moves to a new table.
+        let keys = self.pages.fresh_u64(dict + o.dict_keys)?;
+        let values = self.pages.fresh_u64(dict + o.dict_values)?;
         let (entries, n, width, key_at) = match o.dict_table {
             DictTable::Sized => {
-                let size = self.pages.u64(keys + 8)?;
-                let n = self.pages.u64(keys + 32)?;
+                let size = self.pages.fresh_u64(keys + 8)?;
+                let n = self.pages.fresh_u64(keys + 32)?;
                 if !size.is_power_of_two() || size > MAX_ITEMS || n > size {
                     bail!("dict keys at {keys:#x}: size {size}, {n} entries");
                 }
@@ -543,8 +603,8 @@ impl Walk<'_> {
             }
             DictTable::Log2 => {
                 let mut head = [0u8; 3];
-                self.pages.read(keys + 8, &mut head)?;
-                let n = self.pages.u64(keys + 24)?;
+                self.pages.fresh(keys + 8, &mut head)?;
+                let n = self.pages.fresh_u64(keys + 24)?;
                 if head[0] > 24 || head[1] > 27 || n > 1 << head[0] {
                     bail!("dict keys at {keys:#x}: log2 size {}, {n} entries", head[0]);
                 }
@@ -558,13 +618,13 @@ impl Walk<'_> {
                 )
             }
         };
-        let words = self.words(entries, n * width)?;
+        let words = self.current_words(entries, n * width)?;
         let mut pairs: Vec<(u64, u64)> = words
             .chunks_exact(width as usize)
             .map(|e| (e[key_at], e[key_at + 1]))
             .collect();
         if values != 0 {
-            let split = self.words(values + o.dict_values_header, n)?;
+            let split = self.current_words(values + o.dict_values_header, n)?;
             for (pair, value) in pairs.iter_mut().zip(split) {
                 pair.1 = value;
             }

@@ -104,18 +104,17 @@ fn unpark() -> Option<Syscall> {
 /// the faulting instruction itself; it is stored one byte further, as a return address, since
 /// the symbolizer looks up every address one byte back.
 #[inline(always)]
-fn user_stack(faulting_ip: bool) -> i64 {
-    stack_id(walk_user(faulting_ip))
+fn user_stack(slot: u32, faulting_ip: bool) -> i64 {
+    stack_id(slot, walk_user(slot, faulting_ip))
 }
 
 #[inline(always)]
-fn walk_user(faulting_ip: bool) -> Result<i64, i32> {
+fn walk_user(slot: u32, faulting_ip: bool) -> Result<i64, i32> {
     let regs = USER_REGS.get_ptr_mut(0).ok_or(-1)?;
     unsafe {
         let saved = bpf_task_pt_regs(bpf_get_current_task_btf()) as *const pt_regs;
         *regs = bpf_probe_read_kernel(saved)?;
     }
-    let slot = process::current().slot;
     let rec = unwind::walk(regs, slot).ok_or(-1)?;
     if faulting_ip {
         unsafe { (*rec).native[0] += 1 };
@@ -161,13 +160,14 @@ fn fault(ctx: &TracePointContext) {
     if unsafe { ALLOCS.get(page) }.is_some() || !wanted(size) {
         return;
     }
+    let p = process::current();
     store_as(
-        process::current(),
+        p,
         Table::Map(&ALLOCS),
         page,
         size,
         AllocKind::PageFault,
-        user_stack(true),
+        user_stack(p.slot, true),
         0,
     );
 }
@@ -295,13 +295,14 @@ pub fn sys_exit_mmap(ctx: TracePointContext) -> u32 {
     }
     // Anonymous memory only; a PROT_NONE reservation is not memory yet.
     if flags & MAP_ANONYMOUS != 0 && prot != PROT_NONE && wanted(len) {
+        let p = process::current();
         store_as(
-            process::current(),
+            p,
             Table::Map(&MMAPS),
             addr,
             len,
             AllocKind::Mmap,
-            user_stack(false),
+            user_stack(p.slot, false),
             0,
         );
     }
@@ -377,13 +378,14 @@ pub fn sys_exit_mremap(ctx: TracePointContext) -> u32 {
     // A tracked mapping is now the mremap caller's, at its new size.
     if unsafe { MMAPS.get(old) }.is_some() {
         release(Table::Map(&MMAPS), old, AllocKind::Mremap);
+        let p = process::current();
         store_as(
-            process::current(),
+            p,
             Table::Map(&MMAPS),
             new,
             new_len,
             AllocKind::Mremap,
-            user_stack(false),
+            user_stack(p.slot, false),
             old,
         );
     }
@@ -406,13 +408,14 @@ pub fn sys_exit_brk(ctx: TracePointContext) -> u32 {
     if new < old {
         forget(new, old);
     } else if wanted(new - old) {
+        let p = process::current();
         store_as(
-            process::current(),
+            p,
             Table::Map(&MMAPS),
             old,
             new - old,
             AllocKind::Brk,
-            user_stack(false),
+            user_stack(p.slot, false),
             0,
         );
     }

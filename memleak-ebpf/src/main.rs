@@ -400,7 +400,7 @@ fn record(
         }
         None => Err(-1),
     };
-    let id = stack_id(walk);
+    let id = stack_id(p.slot, walk);
     store_as(p, table, p.key(addr), call.size, kind, id, call.arg);
 }
 

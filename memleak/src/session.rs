@@ -275,7 +275,7 @@ impl<'a> Session<'a> {
             eprint!("memleak: {}", process.unwinder.summary(&shared.rows));
         }
         let python = PythonTracking::new(&self.ebpf, pid, slot, shared.learner.clone())?;
-        self.collector.add_process(pid, slot);
+        self.collector.add_process(pid, slot)?;
         self.collector.names.add(
             pid,
             ProcessNames {

@@ -116,10 +116,10 @@ pub(crate) static PY_CODES_SEEN: LruHashMap<SeenCode, u64> =
 #[map]
 pub(crate) static TRACED: HashMap<u32, Traced> =
     HashMap::with_max_entries(DEFAULT_MAX_PROCESSES, 0);
-/// [0]: the target's program break; userspace seeds it from /proc, an exec clears it (the
-/// new program's first brk call tells it again).
+/// Growth mode, per process slot: its program break; userspace seeds it from /proc, an exec
+/// clears it (the new program's first brk call tells it again).
 #[map]
-pub(crate) static BRK: Array<u64> = Array::with_max_entries(1, 0);
+pub(crate) static BRK: Array<u64> = Array::with_max_entries(DEFAULT_MAX_PROCESSES, 0);
 
 // What userspace reads besides the tables.
 

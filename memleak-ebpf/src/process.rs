@@ -20,7 +20,7 @@ pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
     unsafe { (*traced).execs += 1 };
     // Whatever call the old program had in flight on this thread is gone with it.
     forget_thread(id);
-    growth::forget_break();
+    growth::forget_break(unsafe { (*traced).slot });
     0
 }
 

@@ -562,6 +562,13 @@ impl<'a> Session<'a> {
         let table = std::mem::take(&mut collector.table);
         drop(collector);
         drop(events);
+        if args.verbose {
+            let c = memleak::objects::counts();
+            eprintln!(
+                "memleak: objects: {} parsed, {} files read, {} answers from memory",
+                c.parsed, c.read, c.shared
+            );
+        }
         let written = write_reports(args, &analysis::analyze(&timeline, &table));
         // After the reports, and without waiting for the kernel to remove the probes (the
         // object's, and those each process owns).

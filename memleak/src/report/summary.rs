@@ -362,7 +362,7 @@ fn native_scan(out: &mut String, s: &NativeScan) {
     let _ = writeln!(
         out,
         "  native owners: {} of {} tracked blocks referenced, {} scanned in {} mappings in {} ms \
-         ({} ms CPU){}",
+         ({} ms CPU){}\n    not read: registers, {} of dead stack (below blocked threads' tops)",
         s.reachable,
         s.blocks,
         bytes(s.bytes_scanned),
@@ -370,10 +370,11 @@ fn native_scan(out: &mut String, s: &NativeScan) {
         s.elapsed_ms,
         s.cpu_ms,
         if s.complete {
-            " (registers not read)"
+            ""
         } else {
             "; cut short by its bound: lost blocks not said"
-        }
+        },
+        bytes(s.dead_stack_bytes)
     );
 }
 

@@ -13,16 +13,21 @@ use std::{
     collections::HashSet,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use memleak_common::AllocKind;
 use object::{
     elf,
-    read::elf::{ElfFile64, FileHeader, ProgramHeader, Sym},
+    read::elf::{ElfFile64, ProgramHeader, Sym},
 };
 
-use crate::{procmaps, target_files::TargetFiles};
+use crate::{
+    objects::{self, Key},
+    procmaps::{self, Mapping},
+    target_files::TargetFiles,
+};
 
 /// Far larger than any real `/etc/ld.so.preload` (a few paths).
 const MAX_PRELOAD_FILE: u64 = 64 << 10;
@@ -45,7 +50,7 @@ pub struct ScopeObject {
     /// The path as the target names it, for messages.
     pub name: String,
     pub origin: Origin,
-    facts: Facts,
+    facts: Arc<Facts>,
 }
 
 /// The objects a process looks symbols up in, in lookup order.
@@ -54,11 +59,14 @@ pub struct Scope {
     pub objects: Vec<ScopeObject>,
     /// Mapped ELF files that could not be read: what they define is unknown.
     pub unreadable: Vec<String>,
+    /// The objects read to find the scope ([`Plan::held`]).
+    held: Vec<objects::Loaded>,
 }
 
-/// What one ELF file says about binding.
+/// What one ELF file says about binding: worked out once per object for the run, kept
+/// with it in `objects` (a libc mapped by eight processes is read and parsed once).
 #[derive(Debug, Default)]
-struct Facts {
+pub struct Facts {
     soname: Option<String>,
     needed: Vec<String>,
     /// No interpreter and no `DT_NEEDED`: nothing is bound at run time.
@@ -67,6 +75,11 @@ struct Facts {
     /// Why the sections could not be read (a file cut after its loaded segments still
     /// runs): what the object defines is unknown.
     unknown: Option<String>,
+    /// The allocator the file says it is, with its version (an object defining `malloc`
+    /// or `mmap` only): "glibc 2.39", "jemalloc 5.3".
+    allocator: Option<String>,
+    /// PT_INTERP: the dynamic loader an executable names.
+    interpreter: Option<String>,
 }
 
 /// A defined function whose name ends like an allocator entry point.
@@ -159,6 +172,8 @@ pub struct Hook {
     pub vaddr: u64,
     /// Where the function's code sits in the file (what a uprobe is attached at).
     pub file_offset: u64,
+    /// The allocator the object says it is ([`Facts::allocator`]).
+    pub allocator: Option<String>,
 }
 
 /// What to hook in a process, and what cannot be.
@@ -169,6 +184,10 @@ pub struct Plan {
     pub absent: Vec<String>,
     /// Definitions the process may call that are not hooked: the tables cannot be complete.
     pub unhooked: Vec<String>,
+    /// The bytes of the objects read to make the plan, kept while it lives: the process's
+    /// unwind tables and the probes' placement are built from them without reading the
+    /// files again.
+    pub held: Vec<objects::Loaded>,
 }
 
 impl Scope {
@@ -180,23 +199,27 @@ impl Scope {
             .with_context(|| format!("cannot read /proc/{pid}/exe"))?
             .ino();
         let mut seen = HashSet::new();
-        let (mut mapped, mut unreadable) = (Vec::new(), Vec::new());
+        let (mut mapped, mut unreadable, mut held) = (Vec::new(), Vec::new(), Vec::new());
         for m in maps.iter().filter(|m| m.is_file()) {
             if !seen.insert((m.dev.clone(), m.inode)) {
                 continue;
             }
             let path = procmaps::mapped_file(pid, m);
             let name = m.path.clone().unwrap_or_default();
-            if !is_elf(&path) {
+            let key = (m.dev.clone(), m.inode);
+            if objects::cached(&key).is_none() && !objects::is_elf(&path) {
                 continue;
             }
-            match Facts::read(&path) {
-                Ok(facts) => mapped.push(Mapped {
-                    inode: m.inode,
-                    name,
-                    path,
-                    facts,
-                }),
+            match Facts::of_mapping(pid, m) {
+                Ok((facts, loaded)) => {
+                    held.extend(loaded);
+                    mapped.push(Mapped {
+                        inode: m.inode,
+                        name,
+                        path,
+                        facts,
+                    })
+                }
                 Err(e) => unreadable.push(format!("{e:#}")),
             }
         }
@@ -214,6 +237,7 @@ impl Scope {
         };
         let mut scope = order_scope(mapped, exe_inode, &preloads, inode_of)?;
         scope.unreadable = unreadable;
+        scope.held = held;
         Ok(scope)
     }
 
@@ -221,19 +245,20 @@ impl Scope {
     /// dynamic loader lists (`ld.so --list`, in load order, with this process's environment,
     /// which the command inherits). A static executable is its own scope.
     pub fn of_command(exe: &Path) -> Result<Scope> {
-        let facts = Facts::read(exe)?;
-        let mut objects = vec![ScopeObject {
-            path: exe.to_path_buf(),
-            name: exe.display().to_string(),
-            origin: Origin::Executable,
-            facts,
-        }];
-        let data = std::fs::read(exe).with_context(|| format!("reading {}", exe.display()))?;
-        let Some(interp) = interpreter(&data) else {
-            return Ok(Scope {
-                objects,
-                unreadable: Vec::new(),
-            });
+        let (facts, loaded) = Facts::of_path(exe)?;
+        let interp = facts.interpreter.clone();
+        let mut scope = Scope {
+            objects: vec![ScopeObject {
+                path: exe.to_path_buf(),
+                name: exe.display().to_string(),
+                origin: Origin::Executable,
+                facts,
+            }],
+            unreadable: Vec::new(),
+            held: loaded.into_iter().collect(),
+        };
+        let Some(interp) = interp else {
+            return Ok(scope);
         };
         let out = std::process::Command::new(&interp)
             .arg("--list")
@@ -244,13 +269,14 @@ impl Scope {
         let env = std::env::var("LD_PRELOAD").unwrap_or_default();
         let preloads = preload_entries(&env, &preload_file);
         for (soname, path) in loader_listing(&String::from_utf8_lossy(&out.stdout)) {
-            let Ok(facts) = Facts::read(Path::new(&path)) else {
+            let Ok((facts, loaded)) = Facts::of_path(Path::new(&path)) else {
                 continue;
             };
+            scope.held.extend(loaded);
             let preloaded = preloads
                 .iter()
                 .any(|p| *p == path || *p == soname || facts.soname.as_deref() == Some(p));
-            objects.push(ScopeObject {
+            scope.objects.push(ScopeObject {
                 path: PathBuf::from(&path),
                 name: path,
                 origin: if preloaded {
@@ -261,10 +287,7 @@ impl Scope {
                 facts,
             });
         }
-        Ok(Scope {
-            objects,
-            unreadable: Vec::new(),
-        })
+        Ok(scope)
     }
 
     /// The executable, first in the scope.
@@ -282,7 +305,7 @@ struct Mapped {
     /// The path as the target names it.
     name: String,
     path: PathBuf,
-    facts: Facts,
+    facts: Arc<Facts>,
 }
 
 /// Puts the mapped objects in ld.so's lookup order: the executable, the preloads, then
@@ -323,6 +346,7 @@ fn order_scope(
     Ok(Scope {
         objects,
         unreadable: Vec::new(),
+        held: Vec::new(),
     })
 }
 
@@ -397,41 +421,72 @@ fn loader_listing(listing: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-/// PT_INTERP of an executable, read from the program headers only (a file cut after its
-/// loaded segments still runs).
-fn interpreter(data: &[u8]) -> Option<String> {
-    let header = elf::FileHeader64::<object::Endianness>::parse(data).ok()?;
-    let endian = header.endian().ok()?;
-    let headers = header.program_headers(endian, data).ok()?;
-    headers.iter().find_map(|ph| {
-        let interp = ph.interpreter(endian, data).ok()??;
-        Some(String::from_utf8_lossy(interp).into_owned())
-    })
-}
-
 impl Facts {
-    /// Reads `path`, keeping the definitions of the entry points (or their prefixed
-    /// versions); a file that is not a 64-bit ELF object (a locale archive) is an error.
-    fn read(path: &Path) -> Result<Facts> {
-        Facts::read_with(path, &|name| {
-            ENTRY_POINTS.iter().any(|(base, ..)| name.ends_with(base))
-        })
+    /// What the object behind mapping `m` of `pid` says, from the cache when another
+    /// process (or an earlier look) mapped it too; with the object when it was read now.
+    fn of_mapping(pid: u32, m: &Mapping) -> Result<(Arc<Facts>, Option<objects::Loaded>)> {
+        let key = (m.dev.clone(), m.inode);
+        Facts::kept(
+            &key,
+            || objects::of_mapping(pid, m),
+            || objects::read_mapping(pid, m),
+        )
     }
 
-    /// Like [`Facts::read`], keeping the definitions whose names pass `keep`.
-    fn read_with(path: &Path, keep: &dyn Fn(&str) -> bool) -> Result<Facts> {
-        if !is_elf(path) {
-            bail!("{} is not an ELF file", path.display());
+    /// What the object at `path` (a path this process opens) says; see [`Facts::of_mapping`].
+    fn of_path(path: &Path) -> Result<(Arc<Facts>, Option<objects::Loaded>)> {
+        let meta =
+            std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+        let read = || objects::read_path(path);
+        Facts::kept(&objects::key_of(&meta), || objects::of_path(path), read)
+    }
+
+    /// The facts kept with object `key`, else worked out from its bytes (`load`) and kept.
+    /// An object that does not parse (a file cut after its loaded segments) is read again
+    /// (`read`) to tell whether it is static: what it defines is unknown.
+    fn kept(
+        key: &Key,
+        load: impl FnOnce() -> Result<objects::Loaded>,
+        read: impl FnOnce() -> Result<(PathBuf, Vec<u8>)>,
+    ) -> Result<(Arc<Facts>, Option<objects::Loaded>)> {
+        if let Some(facts) = objects::cached(key).and_then(|o| o.binding.get().cloned()) {
+            objects::count_shared();
+            return Ok((facts, None));
         }
-        let data = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        match Facts::parse(&data, keep) {
-            Ok(facts) => Ok(facts),
-            Err(e) => Ok(Facts {
-                is_static: interpreter(&data).is_none(),
+        let keep = |name: &str| ENTRY_POINTS.iter().any(|(base, ..)| name.ends_with(base));
+        match load() {
+            Ok(loaded) => {
+                let of = || Arc::new(Facts::of(&loaded.bytes, &loaded.object.path, &keep));
+                let facts = loaded.object.binding.get_or_init(of).clone();
+                Ok((facts, Some(loaded)))
+            }
+            Err(e) => {
+                let (path, data) = read().map_err(|_| e)?;
+                Ok((Arc::new(Facts::of(&data, &path, &keep)), None))
+            }
+        }
+    }
+
+    /// What ELF image `data` (read from `path`) defines among the names `keep` passes.
+    fn of(data: &[u8], path: &Path, keep: &dyn Fn(&str) -> bool) -> Facts {
+        let interpreter = objects::interpreter(data);
+        let mut facts = match Facts::parse(data, keep) {
+            Ok(facts) => facts,
+            Err(e) => Facts {
+                is_static: interpreter.is_none(),
                 unknown: Some(format!("what {} defines ({e:#})", path.display())),
                 ..Facts::default()
-            }),
+            },
+        };
+        if facts
+            .defs
+            .iter()
+            .any(|d| d.name == "malloc" || d.name == "mmap")
+        {
+            facts.allocator = allocator(data);
         }
+        facts.interpreter = interpreter;
+        facts
     }
 
     fn parse(data: &[u8], keep: &dyn Fn(&str) -> bool) -> Result<Facts> {
@@ -485,14 +540,6 @@ impl Facts {
     }
 }
 
-/// Whether `path` starts like an ELF file (maps also holds locale archives and caches).
-fn is_elf(path: &Path) -> bool {
-    use std::io::Read;
-    let mut magic = [0u8; 4];
-    std::fs::File::open(path).is_ok_and(|mut f| f.read_exact(&mut magic).is_ok())
-        && magic == *b"\x7fELF"
-}
-
 /// A defined global or weak function whose name passes `keep` (only a few are kept: a big
 /// executable has hundreds of thousands of symbols).
 fn definition<'d>(
@@ -538,6 +585,7 @@ impl Scope {
         let unknown = self.objects.iter().filter_map(|o| o.facts.unknown.clone());
         let mut plan = Plan {
             unhooked: self.unreadable.iter().cloned().chain(unknown).collect(),
+            held: self.held.clone(),
             ..Plan::default()
         };
         let malloc_owner = self.first("malloc", false).map(|(i, _)| i);
@@ -591,7 +639,7 @@ pub fn in_object(path: &Path, prefix: &str) -> Result<Plan> {
         path: path.to_path_buf(),
         name: path.display().to_string(),
         origin: Origin::Loaded,
-        facts: Facts::read(path)?,
+        facts: Facts::of_path(path)?.0,
     };
     let mut plan = Plan::default();
     for (base, kind, role) in prefixed_entry_points() {
@@ -612,7 +660,9 @@ pub fn named_in_object(path: &Path, entry_points: &[(&str, AllocKind)]) -> Resul
         path: path.to_path_buf(),
         name: path.display().to_string(),
         origin: Origin::Loaded,
-        facts: Facts::read_with(path, &|name| entry_points.iter().any(|(n, _)| *n == name))?,
+        facts: Arc::new(Facts::of(&objects::of_path(path)?.bytes, path, &|name| {
+            entry_points.iter().any(|(n, _)| *n == name)
+        })),
     };
     let mut plan = Plan::default();
     for &(symbol, kind) in entry_points {
@@ -649,6 +699,7 @@ impl Plan {
                 origin: object.origin,
                 vaddr: def.vaddr,
                 file_offset: def.file_offset,
+                allocator: object.facts.allocator.clone(),
             });
         }
     }
@@ -665,6 +716,7 @@ impl Plan {
             }
         }
         self.unhooked.extend(other.unhooked);
+        self.held.extend(other.held);
     }
 
     /// One line: "allocator: jemalloc 5.3 (LD_PRELOAD), mmap family: libc", then any other
@@ -704,10 +756,22 @@ fn where_from(h: &Hook) -> String {
     }
 }
 
-/// The allocator an object holds, with its version when the file says it: jemalloc's
-/// version string, gperftools', glibc's banner; else the file's name.
+/// The allocator a hook's object holds, with its version when the file says it; else its
+/// prefix, or the file's name.
 fn label(h: &Hook) -> String {
-    let data = std::fs::read(&h.object).unwrap_or_default();
+    if let Some(allocator) = &h.allocator {
+        return allocator.clone();
+    }
+    if h.symbol.starts_with("_rjem_") || h.symbol.starts_with("je_") {
+        return format!("jemalloc (as {})", h.symbol);
+    }
+    let file = h.object_name.rsplit('/').next().unwrap_or(&h.object_name);
+    file.to_string()
+}
+
+/// What an object file says it is: jemalloc's version string, gperftools', glibc's banner,
+/// mimalloc's or musl's names.
+fn allocator(data: &[u8]) -> Option<String> {
     let after = |needle: &[u8]| -> Option<String> {
         let at = data.windows(needle.len()).position(|w| w == needle)? + needle.len();
         let version: Vec<u8> = data[at..]
@@ -718,27 +782,22 @@ fn label(h: &Hook) -> String {
         let version = String::from_utf8(version).ok()?;
         Some(version.trim_end_matches('.').to_string())
     };
-    let file = h.object_name.rsplit('/').next().unwrap_or(&h.object_name);
     if let Some(v) = after(b"stable release version ") {
-        return format!("glibc {v}");
+        return Some(format!("glibc {v}"));
     }
     if let Some(v) = after(b"gperftools ") {
-        return format!("tcmalloc (gperftools {v})");
+        return Some(format!("tcmalloc (gperftools {v})"));
     }
-    if let Some(v) = jemalloc_version(&data) {
-        return format!("jemalloc {v}");
+    if let Some(v) = jemalloc_version(data) {
+        return Some(format!("jemalloc {v}"));
     }
     if data.windows(8).any(|w| w == b"mimalloc") {
-        return "mimalloc".to_string();
+        return Some("mimalloc".to_string());
     }
     // musl's startup code, linked into every static musl executable.
-    if data.windows(22).any(|w| w == b"libc_start_main_stage2") {
-        return "musl".to_string();
-    }
-    if h.symbol.starts_with("_rjem_") || h.symbol.starts_with("je_") {
-        return format!("jemalloc (as {})", h.symbol);
-    }
-    file.to_string()
+    data.windows(22)
+        .any(|w| w == b"libc_start_main_stage2")
+        .then(|| "musl".to_string())
 }
 
 /// jemalloc embeds `5.3.0-0-g<40 hex digits>`: the major and minor version.
@@ -787,8 +846,10 @@ mod tests {
         if !have("the_default_symbol_version_binds", &[LIBC]) {
             return;
         }
-        let facts =
-            Facts::read_with(Path::new(LIBC), &|n| n == "realpath" || n == "memcpy").unwrap();
+        let data = std::fs::read(LIBC).unwrap();
+        let facts = Facts::of(&data, Path::new(LIBC), &|n| {
+            n == "realpath" || n == "memcpy"
+        });
         // realpath@@GLIBC_2.3 and realpath@GLIBC_2.2.5 (for old binaries) are both defined.
         let all: Vec<&Def> = facts.defs.iter().filter(|d| d.name == "realpath").collect();
         assert!(all.len() >= 2, "{all:?}");
@@ -807,7 +868,7 @@ mod tests {
         if !have("file_offsets_follow_the_load_segments", &[JEMALLOC]) {
             return;
         }
-        let facts = Facts::read(Path::new(JEMALLOC)).unwrap();
+        let (facts, _) = Facts::of_path(Path::new(JEMALLOC)).unwrap();
         let malloc = facts.find("malloc", false).unwrap();
         // The bytes at the file offset are the function's code (the first byte of the
         // section data at the symbol's address).

@@ -430,14 +430,20 @@ impl Collector {
         }
     }
 
-    /// The outstanding blocks at least `older_ms` old (as the tables count them) that
-    /// `asked(stack_id, size)` wants, for the owner walk.
-    pub fn blocks_of(&self, asked: impl Fn(i64, u64) -> bool, older_ms: u64) -> Vec<Block> {
+    /// Process `pid`'s outstanding blocks at least `older_ms` old (as the tables count
+    /// them) that `asked(stack_id, size)` wants, for the owner walk.
+    pub fn blocks_of(
+        &self,
+        pid: u32,
+        asked: impl Fn(i64, u64) -> bool,
+        older_ms: u64,
+    ) -> Vec<Block> {
         let now = monotonic_ns();
+        let of_pid = |key: u64| self.slots.get(&split_key(key).0) == Some(&pid);
         [&self.allocs, &self.mmaps]
             .iter()
             .flat_map(|map| map.entries())
-            .filter(|(_, info)| asked(info.stack_id, info.size))
+            .filter(|(key, info)| of_pid(*key) && asked(info.stack_id, info.size))
             .filter(|(_, info)| now.saturating_sub(info.timestamp_ns) / 1_000_000 >= older_ms)
             .map(|(key, info)| Block {
                 addr: self.address(key),

@@ -3,21 +3,26 @@
 //! so a libc mapped by eight processes is read and parsed once, and its load bias is worked
 //! out in one place. blazesym's file cache has this shape.
 //!
-//! What is small and asked for again (segments, build-id, function symbols) stays for the
-//! run; the bytes stay only while some caller holds them, so memleak does not keep a copy of
-//! every library the target maps (a libtorch is gigabytes).
+//! What is small and asked for again (segments, build-id, function symbols, what it says
+//! about binding) stays for the run; the bytes stay only while some caller holds them, so
+//! memleak does not keep a copy of every library the target maps (a libtorch is gigabytes).
+//! [`counts`] says how often a file was read and parsed, and how often the cache answered.
 
 use std::{
     collections::HashMap,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
-    sync::{Arc, LazyLock, Mutex, OnceLock, Weak},
+    sync::{
+        Arc, LazyLock, Mutex, OnceLock, Weak,
+        atomic::{AtomicUsize, Ordering::Relaxed},
+    },
 };
 
-use anyhow::{Context, Result, anyhow};
-use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
+use anyhow::{Context, Result, anyhow, bail};
+use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol, SymbolKind};
 
 use crate::{
+    binding::Facts,
     procmaps::{self, Mapping},
     target_files::{MAX_OBJECT_FILE, TargetFiles},
 };
@@ -32,6 +37,16 @@ pub struct ObjectFile {
     /// PT_LOAD segments: (p_offset, p_filesz, p_vaddr).
     segments: Vec<(u64, u64, u64)>,
     pub build_id: Option<Vec<u8>>,
+    /// PT_INTERP: the dynamic loader an executable names (none: static, or a library).
+    pub interpreter: Option<String>,
+    /// The file offset of the entry point (what a uprobe at the entry attaches to).
+    pub entry_offset: Option<u64>,
+    /// What the object says about binding (`binding::Facts`), worked out once.
+    pub binding: OnceLock<Arc<Facts>>,
+    /// What its symbols say about CPython (`python::Symbols`), worked out once.
+    pub python: OnceLock<crate::python::Symbols>,
+    /// The machine code of the functions probes were placed in, by name (or why not).
+    code: Mutex<HashMap<String, Result<Arc<FunctionCode>, String>>>,
     /// Defined function symbols (dynamic and static tables) → virtual address; built on
     /// first use.
     functions: OnceLock<HashMap<String, u64>>,
@@ -42,6 +57,36 @@ pub struct ObjectFile {
 
 static OBJECTS: LazyLock<Mutex<HashMap<Key, Arc<ObjectFile>>>> = LazyLock::new(Default::default);
 
+/// Files read, objects parsed, and requests answered from memory (see [`counts`]).
+static READS: AtomicUsize = AtomicUsize::new(0);
+static PARSES: AtomicUsize = AtomicUsize::new(0);
+static HITS: AtomicUsize = AtomicUsize::new(0);
+
+/// How the cache did so far: what `-v` prints at the end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Counts {
+    /// Whole files read.
+    pub read: usize,
+    /// Objects parsed (each (dev, inode) once).
+    pub parsed: usize,
+    /// Requests answered without reading the file.
+    pub shared: usize,
+}
+
+pub fn counts() -> Counts {
+    Counts {
+        read: READS.load(Relaxed),
+        parsed: PARSES.load(Relaxed),
+        shared: HITS.load(Relaxed),
+    }
+}
+
+/// A request answered from memory, by a caller that keeps its own facts here
+/// (`ObjectFile::binding`).
+pub fn count_shared() {
+    HITS.fetch_add(1, Relaxed);
+}
+
 /// An object with its bytes in memory; they stay cached while this (or a clone) lives.
 #[derive(Clone)]
 pub struct Loaded {
@@ -49,19 +94,34 @@ pub struct Loaded {
     pub bytes: Arc<Vec<u8>>,
 }
 
+impl std::fmt::Debug for Loaded {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(
+            f,
+            "{} ({} bytes)",
+            self.object.path.display(),
+            self.bytes.len()
+        )
+    }
+}
+
 impl Loaded {
     /// Defined function symbols (dynamic and static tables) → virtual address.
     pub fn functions(&self) -> &HashMap<String, u64> {
         self.object.functions(&self.bytes)
     }
+}
 
-    /// The global variable whose bytes hold virtual address `vaddr`.
-    pub fn data_symbol(&self, vaddr: u64) -> Option<&str> {
-        let data = self.object.data_symbols(&self.bytes);
-        let i = data.partition_point(|d| d.0 <= vaddr).checked_sub(1)?;
-        let (addr, size, name) = &data[i];
-        (vaddr - addr < (*size).max(1)).then_some(name.as_str())
+/// The object behind mapping `m` of `pid` with its data symbols worked out (the file read
+/// only the first time, whichever process asks).
+pub fn with_data_symbols(pid: u32, m: &Mapping) -> Result<Arc<ObjectFile>> {
+    if let Some(object) = cached(&(m.dev.clone(), m.inode)).filter(|o| o.data.get().is_some()) {
+        HITS.fetch_add(1, Relaxed);
+        return Ok(object);
     }
+    let loaded = of_mapping(pid, m)?;
+    loaded.object.data_symbols(&loaded.bytes);
+    Ok(loaded.object)
 }
 
 /// The object `key` if it was read before: its segments and build-id without a read.
@@ -69,35 +129,82 @@ pub fn cached(key: &Key) -> Option<Arc<ObjectFile>> {
     OBJECTS.lock().expect("not poisoned").get(key).cloned()
 }
 
-/// The object behind file mapping `m` of `pid`: through `map_files` (the very inode mapped,
-/// even if deleted or replaced on disk since), else by its path inside the target's root if
-/// that is still the same inode.
+/// The object behind file mapping `m` of `pid` (read as [`read_mapping`] says).
 pub fn of_mapping(pid: u32, m: &Mapping) -> Result<Loaded> {
-    let key = (m.dev.clone(), m.inode);
+    get((m.dev.clone(), m.inode), || read_mapping(pid, m))
+}
+
+/// The one way to read the file behind mapping `m` of `pid`: through `map_files` (the very
+/// inode mapped, even if deleted or replaced on disk since), else by its path inside the
+/// target's root (target_files). Not an ELF file (a locale archive): an error, before the
+/// whole file is read.
+pub fn read_mapping(pid: u32, m: &Mapping) -> Result<(PathBuf, Vec<u8>)> {
     let by_map_files = procmaps::map_file_path(pid, m);
-    get(key, || match std::fs::read(&by_map_files) {
-        Ok(data) => Ok((by_map_files.clone(), data)),
+    let path = Path::new(m.path.as_deref().unwrap_or_default());
+    match std::fs::File::open(&by_map_files) {
+        Ok(file) => read_elf(file, &by_map_files),
         // The path the target names, as the target could read it (target_files).
         Err(_) => {
-            let path = Path::new(m.path.as_deref().unwrap_or_default());
-            TargetFiles::new(pid)
+            let data = TargetFiles::new(pid)
                 .read(path, MAX_OBJECT_FILE, b"\x7fELF")
-                .map(|data| (path.to_path_buf(), data))
-                .map_err(|why| anyhow!("reading {}: {why}", path.display()))
+                .map_err(|why| anyhow!("reading {}: {why}", path.display()))?;
+            READS.fetch_add(1, Relaxed);
+            Ok((path.to_path_buf(), data))
         }
-    })
+    }
 }
 
 /// The object at `path` (a path this process opens: the target's file through its root or
 /// its `map_files`, or a file named on the command line).
 pub fn of_path(path: &Path) -> Result<Loaded> {
     let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
-    let read = || {
-        std::fs::read(path)
-            .map(|data| (path.to_path_buf(), data))
-            .with_context(|| format!("reading {}", path.display()))
-    };
-    get(key_of(&meta), read)
+    get(key_of(&meta), || read_path(path))
+}
+
+/// The object at `path` without its bytes: what was worked out of it when it was read
+/// (once for the run).
+pub fn object_at(path: &Path) -> Result<Arc<ObjectFile>> {
+    let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+    let key = key_of(&meta);
+    if let Some(object) = cached(&key) {
+        HITS.fetch_add(1, Relaxed);
+        return Ok(object);
+    }
+    Ok(get(key, || read_path(path))?.object)
+}
+
+/// The file at `path` read whole, outside the cache (see [`of_path`]).
+pub fn read_path(path: &Path) -> Result<(PathBuf, Vec<u8>)> {
+    let file = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    read_elf(file, path)
+}
+
+/// Whether `path` starts like an ELF file (maps also holds locale archives and caches).
+pub fn is_elf(path: &Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path).is_ok_and(|mut f| f.read_exact(&mut magic).is_ok())
+        && magic == *b"\x7fELF"
+}
+
+/// The whole of `file` (named `path`), if it starts like an ELF file, up to the cap.
+fn read_elf(file: std::fs::File, path: &Path) -> Result<(PathBuf, Vec<u8>)> {
+    use std::io::Read;
+    let mut data = Vec::new();
+    let mut capped = file.take(MAX_OBJECT_FILE);
+    capped
+        .by_ref()
+        .take(4)
+        .read_to_end(&mut data)
+        .with_context(|| format!("reading {}", path.display()))?;
+    if data != b"\x7fELF" {
+        bail!("{} is not an ELF file", path.display());
+    }
+    capped
+        .read_to_end(&mut data)
+        .with_context(|| format!("reading {}", path.display()))?;
+    READS.fetch_add(1, Relaxed);
+    Ok((path.to_path_buf(), data))
 }
 
 /// The cache key of a file, as its mappings would show it.
@@ -113,7 +220,10 @@ fn get(key: Key, read: impl Fn() -> Result<(PathBuf, Vec<u8>)>) -> Result<Loaded
     if let Some(object) = cached(&key) {
         let mut held = object.bytes.lock().expect("not poisoned");
         let bytes = match held.upgrade() {
-            Some(bytes) => bytes,
+            Some(bytes) => {
+                HITS.fetch_add(1, Relaxed);
+                bytes
+            }
             None => Arc::new(read()?.1),
         };
         *held = Arc::downgrade(&bytes);
@@ -131,6 +241,71 @@ fn get(key: Key, read: impl Fn() -> Result<(PathBuf, Vec<u8>)>) -> Result<Loaded
     Ok(Loaded { object, bytes })
 }
 
+/// A function's machine code as the ELF file holds it.
+#[derive(Debug)]
+pub struct FunctionCode {
+    /// The symbol's address (link-time virtual address).
+    pub vaddr: u64,
+    pub bytes: Vec<u8>,
+}
+
+/// The code of function `symbol` (from `.symtab`, else `.dynsym`) in the object at `path`,
+/// kept with the object: when the file must be read, the code of the functions `along` is
+/// taken too (a libc's dozen hooks read it once), and the next process that maps it reads
+/// nothing.
+pub fn function_code(path: &Path, symbol: &str, along: &[&str]) -> Result<Arc<FunctionCode>> {
+    let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+    let key = key_of(&meta);
+    let known =
+        cached(&key).and_then(|o| o.code.lock().expect("not poisoned").get(symbol).cloned());
+    let code = match known {
+        Some(code) => {
+            HITS.fetch_add(1, Relaxed);
+            code
+        }
+        None => {
+            let loaded = get(key, || read_path(path))?;
+            let file = object::File::parse(&**loaded.bytes)
+                .with_context(|| format!("{} is not an object file", path.display()))?;
+            let mut kept = loaded.object.code.lock().expect("not poisoned");
+            for name in along.iter().chain([&symbol]) {
+                kept.entry(name.to_string()).or_insert_with(|| {
+                    code_of(&file, name, path)
+                        .map(Arc::new)
+                        .map_err(|e| format!("{e:#}"))
+                });
+            }
+            kept[symbol].clone()
+        }
+    };
+    code.map_err(|e| anyhow!(e))
+}
+
+/// The code of function `symbol` in `file` (read from `path`).
+fn code_of(file: &object::File, symbol: &str, path: &Path) -> Result<FunctionCode> {
+    let sym = file
+        .symbols()
+        .chain(file.dynamic_symbols())
+        .find(|s| s.kind() == SymbolKind::Text && s.is_definition() && s.name() == Ok(symbol))
+        .with_context(|| format!("no function {symbol} in {}", path.display()))?;
+    if sym.size() == 0 {
+        bail!("{symbol} in {} has no size", path.display());
+    }
+    let section = sym
+        .section_index()
+        .and_then(|i| file.section_by_index(i).ok())
+        .with_context(|| format!("{symbol} in {} is in no section", path.display()))?;
+    let bytes = section
+        .data_range(sym.address(), sym.size())
+        .ok()
+        .flatten()
+        .with_context(|| format!("the code of {symbol} is not in {}", path.display()))?;
+    Ok(FunctionCode {
+        vaddr: sym.address(),
+        bytes: bytes.to_vec(),
+    })
+}
+
 /// PT_LOAD segments of `file`: (p_offset, p_filesz, p_vaddr).
 pub fn segments(file: &object::File) -> Vec<(u64, u64, u64)> {
     file.segments()
@@ -141,14 +316,43 @@ pub fn segments(file: &object::File) -> Vec<(u64, u64, u64)> {
         .collect()
 }
 
+/// The file offset of virtual address `vaddr`, through the PT_LOAD segment holding it.
+fn offset_of(segments: &[(u64, u64, u64)], vaddr: u64) -> Option<u64> {
+    segments.iter().find_map(|&(offset, size, start)| {
+        (start <= vaddr && vaddr - start < size)
+            .then(|| offset.checked_add(vaddr - start))
+            .flatten()
+    })
+}
+
+/// PT_INTERP of an ELF executable. Only the file and program headers are read, as the kernel
+/// does: a file cut after its loaded segments (no section headers) still runs.
+pub fn interpreter(data: &[u8]) -> Option<String> {
+    use object::read::elf::{FileHeader, ProgramHeader};
+    let header = object::elf::FileHeader64::<object::Endianness>::parse(data).ok()?;
+    let endian = header.endian().ok()?;
+    let headers = header.program_headers(endian, data).ok()?;
+    headers.iter().find_map(|ph| {
+        let interp = ph.interpreter(endian, data).ok()??;
+        Some(String::from_utf8_lossy(interp).into_owned())
+    })
+}
+
 impl ObjectFile {
     fn new(path: PathBuf, data: &[u8]) -> Result<ObjectFile> {
         let file = object::File::parse(data)
             .with_context(|| format!("{} is not an object file", path.display()))?;
+        PARSES.fetch_add(1, Relaxed);
+        let segments = segments(&file);
         Ok(ObjectFile {
             path,
-            segments: segments(&file),
+            entry_offset: offset_of(&segments, file.entry()),
+            segments,
             build_id: file.build_id().ok().flatten().map(<[u8]>::to_vec),
+            interpreter: interpreter(data),
+            binding: OnceLock::new(),
+            python: OnceLock::new(),
+            code: Mutex::default(),
             functions: OnceLock::new(),
             data: OnceLock::new(),
             bytes: Mutex::new(Weak::new()),
@@ -163,6 +367,14 @@ impl ObjectFile {
             .iter()
             .find(|(offset, size, _)| *offset <= m.offset && m.offset - offset < (*size).max(1))?;
         Some(m.start.wrapping_sub(vaddr.wrapping_add(m.offset - offset)))
+    }
+
+    /// The global variable whose bytes hold virtual address `vaddr` ([`with_data_symbols`]).
+    pub fn data_symbol(&self, vaddr: u64) -> Option<&str> {
+        let data = self.data.get()?;
+        let i = data.partition_point(|d| d.0 <= vaddr).checked_sub(1)?;
+        let (addr, size, name) = &data[i];
+        (vaddr - addr < (*size).max(1)).then_some(name.as_str())
     }
 
     /// Defined data symbols, sorted by address (`data`: this object's bytes).

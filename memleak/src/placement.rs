@@ -18,16 +18,10 @@
 //! ([`choose_for_return`]). Entry and return probes at one address share one breakpoint, so an
 //! allocating function pays one trap per call when both use the same placement.
 
-use std::path::Path;
-
-use anyhow::{Context, Result, bail};
 use iced_x86::{
     Decoder, DecoderOptions, FlowControl, Formatter, GasFormatter, Instruction,
     InstructionInfoFactory, Mnemonic, OpAccess, OpKind, Register,
 };
-use object::{Object, ObjectSection, ObjectSymbol, SymbolKind};
-
-use crate::objects;
 
 /// A general-purpose register, as the decoder names it (`Reg::RDI`).
 pub type Reg = Register;
@@ -227,46 +221,11 @@ fn text(instr: &Instruction) -> String {
     out
 }
 
-/// A function's machine code as the ELF file holds it.
-#[derive(Debug)]
-pub struct FunctionCode {
-    /// The symbol's address (link-time virtual address).
-    pub vaddr: u64,
-    pub bytes: Vec<u8>,
-}
-
-/// Reads the code of the function `symbol` (from `.symtab`, else `.dynsym`) out of an ELF file
-/// (read once for all its functions while a caller holds it: `objects`).
-pub fn function_code(path: &Path, symbol: &str) -> Result<FunctionCode> {
-    let loaded = objects::of_path(path)?;
-    let file = object::File::parse(&**loaded.bytes)
-        .with_context(|| format!("{} is not an object file", path.display()))?;
-    let sym = file
-        .symbols()
-        .chain(file.dynamic_symbols())
-        .find(|s| s.kind() == SymbolKind::Text && s.is_definition() && s.name() == Ok(symbol))
-        .with_context(|| format!("no function {symbol} in {}", path.display()))?;
-    if sym.size() == 0 {
-        bail!("{symbol} in {} has no size", path.display());
-    }
-    let section = sym
-        .section_index()
-        .and_then(|i| file.section_by_index(i).ok())
-        .with_context(|| format!("{symbol} in {} is in no section", path.display()))?;
-    let bytes = section
-        .data_range(sym.address(), sym.size())
-        .ok()
-        .flatten()
-        .with_context(|| format!("the code of {symbol} is not in {}", path.display()))?;
-    Ok(FunctionCode {
-        vaddr: sym.address(),
-        bytes: bytes.to_vec(),
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::objects;
+    use std::path::Path;
 
     const LIBC: &str = "/lib/x86_64-linux-gnu/libc.so.6";
     const BASE: u64 = 0x1000;
@@ -398,7 +357,7 @@ mod tests {
             ("munmap", &ARG_REGS[..2], false, 0),
         ];
         for (name, regs, returns, expected) in cases {
-            let f = function_code(libc, name).unwrap();
+            let f = objects::function_code(libc, name, &[]).unwrap();
             let p = if returns {
                 choose_for_return(&f.bytes, f.vaddr, regs)
             } else {
@@ -414,10 +373,12 @@ mod tests {
 
     #[test]
     fn missing_symbols_and_files_are_errors() {
-        let err = function_code(Path::new("/nonexistent/lib.so"), "free").unwrap_err();
+        let err =
+            objects::function_code(Path::new("/nonexistent/lib.so"), "free", &[]).unwrap_err();
         assert!(format!("{err:#}").contains("/nonexistent/lib.so"));
         if Path::new(LIBC).exists() {
-            let err = function_code(Path::new(LIBC), "no_such_function_here").unwrap_err();
+            let err =
+                objects::function_code(Path::new(LIBC), "no_such_function_here", &[]).unwrap_err();
             assert!(
                 err.to_string()
                     .contains("no function no_such_function_here")

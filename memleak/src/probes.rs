@@ -137,14 +137,20 @@ pub fn load_user(ebpf: &mut Ebpf) -> Result<()> {
 /// calls) for process `pid` alone (`load_user` first).
 pub fn attach(ebpf: &mut Ebpf, pid: u32, hooks: &[Hook]) -> Result<Vec<Attached>> {
     let pid = NonZeroU32::new(pid).context("PID 0 is not a process")?;
-    hooks.iter().map(|h| hook(ebpf, h, pid)).collect()
+    hooks.iter().map(|h| hook(ebpf, h, pid, hooks)).collect()
 }
 
-/// Hooks one function that behaves like its kind with that kind's programs, at its placement.
-fn hook(ebpf: &mut Ebpf, h: &Hook, pid: NonZeroU32) -> Result<Attached> {
+/// Hooks one function that behaves like its kind with that kind's programs, at its placement
+/// (the code of the other `hooks` in its object read with it).
+fn hook(ebpf: &mut Ebpf, h: &Hook, pid: NonZeroU32, hooks: &[Hook]) -> Result<Attached> {
     let program = entry_program(h.kind).context("not a user-space allocator entry point")?;
     let entry_only = matches!(h.kind, AllocKind::Free | AllocKind::Munmap);
-    let place = probe_offset(h, entry_only);
+    let along: Vec<&str> = hooks
+        .iter()
+        .filter(|o| o.object == h.object)
+        .map(|o| o.symbol.as_str())
+        .collect();
+    let place = probe_offset(h, entry_only, &along);
     let at = h.file_offset + place.offset;
     let mut links = vec![attach_one(ebpf, program, h, at, pid)?];
     if !entry_only {
@@ -164,20 +170,20 @@ fn hook(ebpf: &mut Ebpf, h: &Hook, pid: NonZeroU32) -> Result<Attached> {
 pub fn attach_python_allocators(ebpf: &mut Ebpf, pid: u32, object: &Path) -> Result<Vec<Attached>> {
     let pid = NonZeroU32::new(pid).context("PID 0 is not a process")?;
     let hooks = binding::named_in_object(object, &crate::python::ALLOCATOR_ENTRY_POINTS)?;
-    hooks.iter().map(|h| hook(ebpf, h, pid)).collect()
+    hooks.iter().map(|h| hook(ebpf, h, pid, &hooks)).collect()
 }
 
 /// Where in the hooked function to probe so the kernel emulates the probed instruction
 /// (placement.rs): the first such instruction reached with the registers the kind's entry
 /// program reads still intact. A function that also gets the return probe keeps its entry
 /// stack pointer there. Any trouble reading the code means the plain entry.
-fn probe_offset(h: &Hook, entry_only: bool) -> Placement {
+fn probe_offset(h: &Hook, entry_only: bool, along: &[&str]) -> Placement {
     let args = entry_args(h.kind);
     let entry = |why: String| Placement {
         offset: 0,
         reason: format!("{why}; probing the entry"),
     };
-    match placement::function_code(&h.object, &h.symbol) {
+    match memleak::objects::function_code(&h.object, &h.symbol, along) {
         // The name found another definition (a hidden symbol version): not this code.
         Ok(code) if code.vaddr != h.vaddr => entry(format!("{} has two definitions", h.symbol)),
         Ok(code) if entry_only => placement::choose(&code.bytes, code.vaddr, args),

@@ -549,15 +549,10 @@ impl<'a> Session<'a> {
             );
             self.timeline.record_final(snap);
         }
-        // The target still runs (not when it exited): read who holds the largest stacks'
-        // memory. One process only: the owner walk reads one process's memory.
-        if !self.args.no_owners
-            && !matches!(stop, Stop::TargetExited(_))
-            && self.processes.len() == 1
-        {
-            let pid = self.first_pid();
-            self.timeline.owners =
-                find_owners(&self.collector, &self.timeline, self.query.older_ms, pid);
+        // The targets still run (not when the last exited): read who holds each one's
+        // largest stacks' memory.
+        if !self.args.no_owners && !matches!(stop, Stop::TargetExited(_)) {
+            self.timeline.owners = Some(self.find_owners());
         }
         self.timeline.processes = self.traced();
         let Session {
@@ -572,6 +567,13 @@ impl<'a> Session<'a> {
         let table = std::mem::take(&mut collector.table);
         drop(collector);
         drop(events);
+        if args.verbose {
+            let c = memleak::objects::counts();
+            eprintln!(
+                "memleak: objects: {} parsed, {} files read, {} answers from memory",
+                c.parsed, c.read, c.shared
+            );
+        }
         let written = write_reports(args, &analysis::analyze(&timeline, &table));
         // After the reports, and without waiting for the kernel to remove the probes (the
         // object's, and those each process owns).
@@ -638,53 +640,56 @@ fn seed_break(ebpf: &mut Ebpf, target: &Target, slot: u32) -> Result<()> {
     probes::seed_break(ebpf, slot, brk)
 }
 
-/// Stacks whose owners are looked for: those the report shows first (growing, then holding).
+/// Stacks whose owners are looked for in each process: those the report shows first
+/// (growing, then holding).
 const OWNED_STACKS: usize = 8;
 
-/// The owners of the memory of the report's first stacks, read from the running target:
-/// Python objects and their holders when it runs CPython, then who refers to the blocks no
-/// Python owner accounts for (native blocks).
-fn find_owners(
-    collector: &Collector,
-    timeline: &Timeline,
-    older_ms: u64,
-    pid: u32,
-) -> Option<owners::Findings> {
-    let analysis = analysis::analyze(timeline, &collector.table);
-    let stacks: std::collections::HashSet<i64> = analysis
-        .stacks
-        .iter()
-        .filter(|s| s.final_bytes() > 0 && s.trend != analysis::Trend::Churn)
-        .take(OWNED_STACKS)
-        .map(|s| s.stack_id)
-        .collect();
-    let mut found = match collector.python(pid) {
-        Some(python) => {
-            // Every pymalloc arena too: whichever stack mapped one, what is in it may be
-            // another's.
-            let arena = owners::pools::arena_size(python.version.minor);
-            let asked = |stack_id, size| stacks.contains(&stack_id) || size == arena;
-            let blocks = owners::Blocks::new(collector.blocks_of(asked, older_ms));
-            owners::python::find(python, &blocks, &owners::python::Limits::default())
-        }
-        None => owners::Findings::default(),
-    };
-    let maps = crate::procmaps::read(pid).ok()?;
-    let all = owners::Blocks::new(collector.blocks_of(|_, _| true, 0));
-    let native_asked = |id: i64| stacks.contains(&id) && found.of(id).next().is_none();
-    let describe = |id: i64| {
-        let info = collector.table.get(id);
+impl Session<'_> {
+    /// The owners of the memory of each running process's first stacks, read from it.
+    fn find_owners(&self) -> owners::each::Owners {
+        let analysis = analysis::analyze(&self.timeline, &self.collector.table);
+        let running = self.processes.iter().filter(|p| p.exited.is_none());
+        let traced = running.map(|p| {
+            let pid = p.pid();
+            let leading: Vec<&analysis::StackTrend> = analysis
+                .stacks
+                .iter()
+                .filter(|s| s.info.pid == pid && s.final_bytes() > 0)
+                .filter(|s| s.trend != analysis::Trend::Churn)
+                .take(OWNED_STACKS)
+                .collect();
+            owners::each::Traced {
+                pid,
+                python: self.collector.python(pid),
+                stacks: leading.iter().map(|s| s.stack_id).collect(),
+                bytes: leading.iter().map(|s| s.final_bytes()).sum(),
+            }
+        });
+        let budget = owners::each::Budget::default();
+        owners::each::find(
+            traced.collect(),
+            &self.collector,
+            self.query.older_ms,
+            &budget,
+        )
+    }
+}
+
+impl owners::each::Tracked for Collector {
+    fn blocks(
+        &self,
+        pid: u32,
+        asked: &dyn Fn(i64, u64) -> bool,
+        older_ms: u64,
+    ) -> Vec<owners::Block> {
+        self.blocks_of(pid, asked, older_ms)
+    }
+
+    fn describe(&self, stack_id: i64) -> String {
+        let info = self.table.get(stack_id);
         info.deciding()
-            .map_or(format!("stack {id}"), report::format::frame_label)
-    };
-    let memory = python::Memory::Process(pid);
-    let limits = owners::native::Limits::default();
-    let (native, scan) =
-        owners::native::find(&memory, &maps, &all, &native_asked, &describe, &limits);
-    found.owners.extend(native);
-    found.owners.sort_by_key(|o| std::cmp::Reverse(o.bytes));
-    found.native = Some(scan);
-    Some(found)
+            .map_or(format!("stack {stack_id}"), report::format::frame_label)
+    }
 }
 
 fn query(args: &Args) -> Query {

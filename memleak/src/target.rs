@@ -22,7 +22,6 @@ use aya::{
     },
 };
 use memleak_common::names::programs;
-use object::{Object, ObjectSegment};
 use tokio::sync::oneshot;
 
 use crate::procmaps;
@@ -144,7 +143,8 @@ impl Target {
     /// A started command: stops it at its executable's entry point once it has exec'd. A
     /// script has no entry point of its own (its interpreter's is not known yet): no hold.
     pub fn hold_at_entry(&mut self, ebpf: &mut Ebpf) -> Result<()> {
-        let Some(offset) = std::fs::read(&self.exe).ok().and_then(|d| entry_offset(&d)) else {
+        let entry = memleak::objects::object_at(&self.exe).map(|o| o.entry_offset);
+        let Some(offset) = entry.ok().flatten() else {
             return Ok(());
         };
         let name = programs::HOLD_AT_ENTRY;
@@ -307,18 +307,6 @@ pub fn cgroup_procs(dir: &Path) -> Vec<u32> {
     text.lines().filter_map(|l| l.trim().parse().ok()).collect()
 }
 
-/// The file offset of an executable's entry point (what a uprobe attaches to).
-fn entry_offset(data: &[u8]) -> Option<u64> {
-    let file = object::File::parse(data).ok()?;
-    let entry = file.entry();
-    file.segments().find_map(|s| {
-        let (offset, size) = s.file_range();
-        (s.address() <= entry && entry - s.address() < size)
-            .then(|| offset.checked_add(entry - s.address()))
-            .flatten()
-    })
-}
-
 fn is_kernel_thread(pid: u32) -> bool {
     // Kernel threads have an empty command line and no executable.
     std::fs::read_link(format!("/proc/{pid}/exe")).is_err()
@@ -340,8 +328,8 @@ fn which(program: &str) -> Option<PathBuf> {
 /// Resolves a library the way the program's dynamic loader will (`ld.so --list`), so `-c`
 /// can attach before the library is mapped.
 fn loader_lookup(exe: &Path, name: &str) -> Result<PathBuf> {
-    let data = std::fs::read(exe).with_context(|| format!("reading {}", exe.display()))?;
-    let interp = interpreter(&data).with_context(|| {
+    let object = memleak::objects::object_at(exe)?;
+    let interp = object.interpreter.clone().with_context(|| {
         format!(
             "{} is statically linked: name the object that holds the allocator with -O (e.g. -O {})",
             exe.display(),
@@ -370,17 +358,4 @@ fn loader_lookup(exe: &Path, name: &str) -> Result<PathBuf> {
                 exe.display()
             )
         })
-}
-
-/// PT_INTERP of an ELF executable. Only the file and program headers are read, as the kernel
-/// does: a file cut after its loaded segments (no section headers) still runs.
-fn interpreter(data: &[u8]) -> Option<String> {
-    use object::read::elf::{FileHeader, ProgramHeader};
-    let header = object::elf::FileHeader64::<object::Endianness>::parse(data).ok()?;
-    let endian = header.endian().ok()?;
-    let headers = header.program_headers(endian, data).ok()?;
-    headers.iter().find_map(|ph| {
-        let interp = ph.interpreter(endian, data).ok()??;
-        Some(String::from_utf8_lossy(interp).into_owned())
-    })
 }

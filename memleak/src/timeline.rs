@@ -5,7 +5,7 @@ use std::collections::HashSet;
 
 use crate::{
     model::Snapshot,
-    owners::Findings,
+    owners::each::Owners,
     proc_stats::{self, ProcSample, ProcessContext},
 };
 
@@ -26,8 +26,9 @@ pub struct Timeline {
     pub(crate) samples: Vec<Option<ProcSample>>,
     /// Intervals recorded, including those thinned away.
     intervals: u64,
-    /// What holds the first stacks' memory, read from the target at the end of the run.
-    pub owners: Option<Findings>,
+    /// What holds each process's first stacks' memory, read from the processes at the end
+    /// of the run.
+    pub owners: Option<Owners>,
     /// The processes traced, in the order they were attached (empty in kernel mode).
     pub processes: Vec<TracedProcess>,
 }

@@ -2,7 +2,11 @@
 //! says, every stack carrying its process, the reports grouped by process) and the workers a
 //! process forks from now on (`--children`: multiprocessing's pools, under fork and spawn).
 
-use std::{collections::BTreeSet, path::Path, time::Duration};
+use std::{
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::{Context, Result, ensure};
 use memleak_tests::{
@@ -23,16 +27,16 @@ fn of_process(snapshot: &Value, pid: u64) -> Value {
 }
 
 /// One fixture started in `attach` mode, its ledger path beside it.
-fn start(scratch: &Scratch, name: &str) -> Result<(Running, std::path::PathBuf)> {
+fn start(scratch: &Scratch, name: &str) -> Result<(Running, PathBuf)> {
     let fixture = scratch.compile(name, name, &[])?;
-    let ledger = scratch.path(&format!("{name}.ledger.json"));
-    let target = Running::start(
-        scratch,
-        name,
-        &fixture,
-        &[ledger.to_str().unwrap(), "attach"],
-        None,
-    )?;
+    start_as(scratch, &fixture, name)
+}
+
+/// Compiled `fixture` started in `attach` mode as `label` (its ledger's name).
+fn start_as(scratch: &Scratch, fixture: &Path, label: &str) -> Result<(Running, PathBuf)> {
+    let ledger = scratch.path(&format!("{label}.ledger.json"));
+    let args = [ledger.to_str().unwrap(), "attach"];
+    let target = Running::start(scratch, label, fixture, &args, None)?;
     target.wait_for_mapping("libc.so", Duration::from_secs(10))?;
     Ok((target, ledger))
 }
@@ -616,4 +620,82 @@ fn cgroup_processes_moved_in_later_are_traced() -> Result<()> {
         (&threads_ledger, "threads.c"),
     ];
     check_ledgers(tracer, &out, &ledgers).map(drop)
+}
+
+/// The distinct ELF files process `pid` maps, by (device, inode): what a tracer of it must
+/// read and parse.
+fn mapped_elf_files(pid: u32) -> Result<BTreeSet<(String, u64)>> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
+    let mut files = BTreeSet::new();
+    for line in maps.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (Some(range), Some(dev), Some(inode)) = (fields.first(), fields.get(3), fields.get(4))
+        else {
+            continue;
+        };
+        let inode: u64 = inode.parse()?;
+        let mut magic = [0u8; 4];
+        let file = format!("/proc/{pid}/map_files/{range}");
+        let elf = std::fs::File::open(&file)
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+            .is_ok_and(|_| magic == *b"\x7fELF");
+        if inode != 0 && elf {
+            files.insert((dev.to_string(), inode));
+        }
+    }
+    Ok(files)
+}
+
+/// `-v`'s "objects: P parsed, R files read, S answers from memory".
+fn object_counts(stderr: &str) -> Result<(usize, usize, usize)> {
+    let line = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("memleak: objects: "))
+        .with_context(|| format!("no objects line in:\n{stderr}"))?;
+    let n: Vec<usize> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    ensure!(n.len() == 3, "objects line {line:?}");
+    Ok((n[0], n[1], n[2]))
+}
+
+/// Four processes of one program: each object they map (the program, libc, ld.so) is read
+/// and parsed once, the three later processes served from memory; each process's figures
+/// still match its own ledger. Without the owner walk, which reads an object again for the
+/// names of its globals (once for all processes).
+#[test]
+fn four_processes_of_one_program_read_each_object_once() -> Result<()> {
+    if !can_trace("four_processes_of_one_program_read_each_object_once") {
+        return Ok(());
+    }
+    let scratch = Scratch::new("services-four")?;
+    let fixture = scratch.compile("leaks", "leaks", &[])?;
+    let running: Vec<(Running, PathBuf)> = (0..4)
+        .map(|i| start_as(&scratch, &fixture, &format!("leaks{i}")))
+        .collect::<Result<_>>()?;
+    let files = mapped_elf_files(running[0].0.pid())?;
+    ensure!(files.len() >= 3, "the fixture maps {files:?}");
+    let pids: Vec<String> = running.iter().map(|(t, _)| t.pid().to_string()).collect();
+    let out = scratch.path("report.json");
+    let (pids, json) = (pids.join(","), out.to_str().unwrap());
+    let args = ["-v", "-p", &pids, "-o", "0", "--no-owners", "--json", json];
+    let tracer = Running::memleak(&scratch, &args, None)?;
+    let ledgers: Vec<(&Path, &str)> = running
+        .iter()
+        .map(|(_, l)| (l.as_path(), "leaks.c"))
+        .collect();
+    let (run, _) = check_ledgers(tracer, &out, &ledgers)?;
+    let (parsed, read, shared) = object_counts(&run.stderr)?;
+    let n = files.len();
+    ensure!(
+        parsed == n && read == n,
+        "{n} objects mapped ({files:?}): {parsed} parsed, {read} files read"
+    );
+    // At least: each later process's binding of each object.
+    ensure!(
+        shared >= 3 * n,
+        "{shared} answers from memory for {n} objects"
+    );
+    Ok(())
 }

@@ -114,9 +114,9 @@ pub fn analyze<'a>(timeline: &'a Timeline, table: &'a StackTable) -> Analysis<'a
     let min_span = timeline.interval_s * MIN_RATE_SPAN_INTERVALS;
     let points = points(&series, min_span);
     let mut stacks = stack_trends(&series, table, min_span);
-    if let Some(pools) = timeline.owners.as_ref().and_then(|f| f.pools.as_ref()) {
+    if let Some(owners) = timeline.owners.as_ref().filter(|o| o.has_pools()) {
         for s in &mut stacks {
-            s.attributed_bytes = Some(pools.attributed(s.stack_id, s.final_bytes()));
+            s.attributed_bytes = Some(owners.attributed(s.stack_id, s.final_bytes()));
         }
     }
     verdict::name_stacks(&mut stacks, &points);

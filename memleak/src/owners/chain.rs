@@ -25,23 +25,17 @@ struct Chain {
 /// The owners of the walk's targets, grouped by stack, type and chain; largest first.
 pub(super) fn owners(walk: &Walk) -> Vec<Owner> {
     let mut groups: HashMap<(i64, String, String), Owner> = HashMap::new();
-    let mut described: HashMap<(u64, bool), (String, Root, Option<String>)> = HashMap::new();
+    let mut described: HashMap<DescriptionKey, (String, Root, Option<String>)> = HashMap::new();
     for (&obj, target) in &walk.targets {
         let type_name = walk
             .type_info(target.type_addr)
             .map_or("?".to_string(), |t| t.name.clone());
         let chain = climb(walk, obj);
-        // Targets held by the same container share its words: describe each container once.
-        // The container may be a target too, in words of its own ("the table of ...").
-        let key = match chain.path.get(1) {
-            Some(&(container, _)) => (container, true),
-            None => (obj, false),
-        };
         let (held_by, root, advice) = described
-            .entry(key)
+            .entry(description_key(&chain))
             .or_insert_with(|| words(walk, &chain))
             .clone();
-        for &(stack_id, bytes) in &target.bytes {
+        for (stack_id, bytes) in per_stack(&target.bytes) {
             let group = groups
                 .entry((stack_id, type_name.clone(), held_by.clone()))
                 .or_insert_with(|| Owner {
@@ -60,6 +54,31 @@ pub(super) fn owners(walk: &Walk) -> Vec<Owner> {
     let mut owners: Vec<Owner> = groups.into_values().collect();
     owners.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.held_by.cmp(&b.held_by)));
     owners
+}
+
+/// What a chain's words depend on: everything above the target, and the key the target
+/// itself is held under when it is a root's own value (`held as `name` of module ...`).
+/// Targets held the same way share one description (thousands of items of one list).
+type DescriptionKey = (Vec<(u64, Edge)>, Option<Edge>, u64);
+
+fn description_key(chain: &Chain) -> DescriptionKey {
+    let above = chain.path.get(1..).unwrap_or_default().to_vec();
+    let own = (chain.path.len() == 2).then(|| chain.path[0].1);
+    (above, own, chain.root_node)
+}
+
+/// A target's bytes per stack, one entry each: an object and its buffer may both count to
+/// one stack (the pool split gives an object's own bytes to the stack of what it holds),
+/// and it is still one object.
+fn per_stack(bytes: &[(i64, u64)]) -> Vec<(i64, u64)> {
+    let mut out: Vec<(i64, u64)> = Vec::with_capacity(bytes.len());
+    for &(stack_id, n) in bytes {
+        match out.iter_mut().find(|(s, _)| *s == stack_id) {
+            Some(entry) => entry.1 += n,
+            None => out.push((stack_id, n)),
+        }
+    }
+    out
 }
 
 /// The shortest chain of referrers from `target` to a root, breadth first.

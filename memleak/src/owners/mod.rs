@@ -6,7 +6,9 @@
 //! a thread's stack, another block), or nothing: lost.
 
 mod chain;
+pub mod each;
 mod inline;
+mod live_stack;
 pub mod native;
 mod pages;
 pub mod pools;

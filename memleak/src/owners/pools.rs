@@ -61,14 +61,11 @@ pub struct PoolShare {
     pub kept_bytes: u64,
 }
 
-impl Pools {
-    /// What `stack_id` holds with the arenas split: its `final_bytes` less the arenas it
+impl PoolShare {
+    /// What the stack holds with the arenas split: its `final_bytes` less the arenas it
     /// mapped, plus what it keeps in arenas.
-    pub fn attributed(&self, stack_id: i64, final_bytes: u64) -> u64 {
-        match self.stacks.iter().find(|s| s.stack_id == stack_id) {
-            Some(s) => final_bytes.saturating_sub(s.arena_bytes) + s.kept_bytes,
-            None => final_bytes,
-        }
+    pub fn attributed(&self, final_bytes: u64) -> u64 {
+        final_bytes.saturating_sub(self.arena_bytes) + self.kept_bytes
     }
 }
 

@@ -84,7 +84,7 @@ pub(super) struct TypeInfo {
 }
 
 /// How an object is held by its referrer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(super) enum Edge {
     Item,
     /// A dict's value under this key (a `str` object's address, or another key).

@@ -18,6 +18,7 @@ mod threads;
 
 use std::collections::HashSet;
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use memleak_common::python::{ENTRY_FRAME, PyConfig, UNKNOWN_INSTR};
@@ -30,7 +31,7 @@ use memleak_common::{
 };
 use object::{Object, ObjectSymbol};
 
-use crate::objects;
+use crate::objects::{self, ObjectFile};
 use crate::procmaps::{self, Mapping};
 use crate::target_files::TargetFiles;
 pub use classify::classify;
@@ -93,9 +94,10 @@ pub struct PythonRuntime {
     codes: Codes,
 }
 
-/// Symbols that tell what kind of interpreter an object file holds.
-#[derive(Default)]
-struct Symbols {
+/// Symbols that tell what kind of interpreter an object file holds (kept with the object:
+/// `objects::ObjectFile::python`).
+#[derive(Debug, Default)]
+pub struct Symbols {
     runtime: Option<u64>,
     version: Option<u64>,
     code_type: Option<u64>,
@@ -121,18 +123,15 @@ impl PythonRuntime {
     pub fn detect_in(pid: u32, maps: &[Mapping]) -> Result<Option<PythonRuntime>> {
         let exe = executable(pid)?;
         for (path, first) in interpreter_candidates(maps, &exe) {
-            let loaded =
-                objects::of_mapping(pid, first).with_context(|| format!("reading {path}"))?;
-            let file =
-                object::File::parse(&**loaded.bytes).with_context(|| format!("parsing {path}"))?;
-            let symbols = Symbols::of(&file);
+            let object = Symbols::of_mapping(pid, path, first)?;
+            let symbols = object.python.get().expect("just set");
             let Some(runtime) = symbols.runtime else {
                 continue;
             };
-            let bias = loaded.object.bias(first).with_context(|| {
+            let bias = object.bias(first).with_context(|| {
                 format!("{path}: no segment maps file offset {:#x}", first.offset)
             })?;
-            let mut rt = Self::new(pid, path, bias, runtime, &symbols)?;
+            let mut rt = Self::new(pid, path, bias, runtime, symbols)?;
             rt.interpreter_modules = interpreter_modules(pid, path, &exe, &rt.stdlib_dir);
             return Ok(Some(rt));
         }
@@ -376,6 +375,21 @@ pub(crate) fn read_str(
 }
 
 impl Symbols {
+    /// The object behind mapping `first` (`path`) of `pid`, its symbols worked out: once
+    /// per object for the run (every worker of a service maps the same interpreter).
+    fn of_mapping(pid: u32, path: &str, first: &Mapping) -> Result<Arc<ObjectFile>> {
+        let key = (first.dev.clone(), first.inode);
+        if let Some(object) = objects::cached(&key).filter(|o| o.python.get().is_some()) {
+            objects::count_shared();
+            return Ok(object);
+        }
+        let loaded = objects::of_mapping(pid, first).with_context(|| format!("reading {path}"))?;
+        let file =
+            object::File::parse(&**loaded.bytes).with_context(|| format!("parsing {path}"))?;
+        loaded.object.python.get_or_init(|| Symbols::of(&file));
+        Ok(loaded.object)
+    }
+
     fn of(file: &object::File) -> Symbols {
         let mut s = Symbols::default();
         for sym in file.symbols().chain(file.dynamic_symbols()) {

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use crate::{
     analysis::{self, Analysis, classes},
     model::{Snapshot, StackUsage},
-    owners::Findings,
+    owners::{Findings, each::Owners},
     proc_stats::ProcessContext,
     stacks::StackTable,
 };
@@ -33,9 +33,13 @@ struct Document<'a> {
     timeline: &'a [analysis::Point],
     stacks: &'a [analysis::StackTrend<'a>],
     classes: &'a [analysis::ClassBytes],
-    /// What holds the first stacks' memory, read from the live target at the end.
+    /// What holds the first stacks' memory, read from the live target at the end: when
+    /// one process was walked (and none left out).
     #[serde(skip_serializing_if = "Option::is_none")]
     owners: Option<&'a Findings>,
+    /// The same per process walked (with its pid), and the processes a bound left out.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    owners_by_process: Option<&'a Owners>,
     /// Every traced process with its own verdict (empty in kernel mode).
     processes: &'a [analysis::verdict::ProcessVerdict],
 }
@@ -83,7 +87,8 @@ pub fn to_value(a: &Analysis) -> Value {
         timeline: &a.points,
         stacks: &a.stacks,
         classes: &a.classes,
-        owners: t.owners.as_ref(),
+        owners: t.owners.as_ref().and_then(Owners::single),
+        owners_by_process: t.owners.as_ref(),
         processes: &a.processes,
     };
     serde_json::to_value(doc).expect("the document has only string keys and finite numbers")

@@ -7,7 +7,7 @@ use std::fmt::Write;
 use crate::{
     analysis::{Analysis, MIN_POINTS, Point, StackTrend, Trend, verdict},
     model::{Lost, Measure},
-    owners::{Findings, Owner, Root, Scan, native::NativeScan, pools::Pools},
+    owners::{Findings, Owner, Root, Scan, each::Owners, native::NativeScan, pools::Pools},
     proc_stats::ProcessContext,
     report::format::{bytes, clip, duration, frame_label, plural, rate, signed_bytes},
 };
@@ -41,13 +41,8 @@ pub fn render(a: &Analysis) -> String {
     counts(&mut out, a);
     lost(&mut out, a);
     stacks(&mut out, a, measure.unit());
-    if let Some(found) = &a.timeline.owners {
-        if found.scan.gc_objects > 0 {
-            scan(&mut out, &found.scan, found.pools.as_ref());
-        }
-        if let Some(native) = &found.native {
-            native_scan(&mut out, native);
-        }
+    if let Some(owners) = &a.timeline.owners {
+        walks(&mut out, owners, a.several());
     }
     table(&mut out, a, measure.held());
     classes(&mut out, a);
@@ -319,7 +314,7 @@ fn stack(out: &mut String, i: usize, s: &StackTrend, unit: &str, several: bool) 
 }
 
 /// What holds a stack's memory, and the fix, when the owner walk found it.
-fn owners(out: &mut String, owners: Option<&Findings>, stack_id: i64) {
+fn owners(out: &mut String, owners: Option<&Owners>, stack_id: i64) {
     for o in owners
         .into_iter()
         .flat_map(|f| f.of(stack_id))
@@ -334,9 +329,8 @@ fn owners(out: &mut String, owners: Option<&Findings>, stack_id: i64) {
 
 /// What the stack holds once pymalloc's arenas are split by what is in them, when it maps
 /// arenas or keeps objects in them.
-fn pool_share(out: &mut String, found: Option<&Findings>, s: &StackTrend) {
-    let pools = found.and_then(|f| f.pools.as_ref());
-    let Some(share) = pools.and_then(|p| p.stacks.iter().find(|p| p.stack_id == s.stack_id)) else {
+fn pool_share(out: &mut String, owners: Option<&Owners>, s: &StackTrend) {
+    let Some(share) = owners.and_then(|o| o.pool_share(s.stack_id)) else {
         return;
     };
     let _ = writeln!(
@@ -354,12 +348,32 @@ pub fn owner_label(o: &Owner) -> String {
     format!("{} × {} ({each} each) {}", o.count, o.type_name, o.held_by)
 }
 
+/// How much each process's walks read (`pid N:` first when several are traced), and the
+/// processes a bound left out.
+fn walks(out: &mut String, owners: &Owners, several: bool) {
+    for p in &owners.processes {
+        if several {
+            let _ = writeln!(out, "  pid {}:", p.pid);
+        }
+        let found: &Findings = &p.found;
+        if found.scan.gc_objects > 0 {
+            scan(out, &found.scan, found.pools.as_ref());
+        }
+        if let Some(native) = &found.native {
+            native_scan(out, native);
+        }
+    }
+    for skipped in &owners.skipped {
+        let _ = writeln!(out, "  owners: {}", clip(skipped, MAX_WIDTH - 10));
+    }
+}
+
 /// How much of the live process the native scan read.
 fn native_scan(out: &mut String, s: &NativeScan) {
     let _ = writeln!(
         out,
         "  native owners: {} of {} tracked blocks referenced, {} scanned in {} mappings in {} ms \
-         ({} ms CPU){}",
+         ({} ms CPU){}\n    not read: registers, {} of dead stack (below blocked threads' tops)",
         s.reachable,
         s.blocks,
         bytes(s.bytes_scanned),
@@ -367,10 +381,11 @@ fn native_scan(out: &mut String, s: &NativeScan) {
         s.elapsed_ms,
         s.cpu_ms,
         if s.complete {
-            " (registers not read)"
+            ""
         } else {
             "; cut short by its bound: lost blocks not said"
-        }
+        },
+        bytes(s.dead_stack_bytes)
     );
 }
 
@@ -534,9 +549,10 @@ pub mod tests {
     use crate::analysis::tests::{cache, churn, held, leak, timeline};
     use crate::owners::Root;
 
-    /// What the owner walk finds for the user's service: the leak's bytearrays in a module list.
-    pub fn owners_of(stack_id: i64) -> Findings {
-        Findings {
+    /// What the owner walk finds for the user's service (one process): the leak's
+    /// bytearrays in a module list.
+    pub fn owners_of(stack_id: i64) -> Owners {
+        let found = Findings {
             pools: None,
             native: None,
             owners: vec![Owner {
@@ -559,6 +575,10 @@ pub mod tests {
                 complete: true,
                 ..Default::default()
             },
+        };
+        Owners {
+            processes: vec![crate::owners::each::ProcessFindings { pid: 1, found }],
+            skipped: Vec::new(),
         }
     }
 

@@ -358,6 +358,11 @@ fn walks(out: &mut String, owners: &Owners, several: bool) {
         let found: &Findings = &p.found;
         if found.scan.gc_objects > 0 {
             scan(out, &found.scan, found.pools.as_ref());
+        } else {
+            // No Python walk, or none that listed anything: why.
+            for skipped in &found.scan.skipped {
+                let _ = writeln!(out, "  owners: {}", clip(skipped, MAX_WIDTH - 10));
+            }
         }
         if let Some(native) = &found.native {
             native_scan(out, native);

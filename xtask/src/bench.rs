@@ -33,6 +33,7 @@ use object::{Object, ObjectSection, ObjectSymbol};
 
 use crate::{run, workspace_root};
 
+mod bpf_stats;
 mod python;
 mod service;
 mod workers;
@@ -93,9 +94,37 @@ pub fn run_bench(memleak: &Path, opts: &Options) -> Result<()> {
         .args(["-O2", "-g", "-fno-omit-frame-pointer", "-o"])
         .arg(&churn)
         .arg(workspace_root().join("tests/fixtures/churn.c")))?;
-    let script = out.join("json_roundtrip.py");
-    std::fs::write(&script, JSON_ROUNDTRIP)?;
+    let tracers = tracers(memleak, opts, &out)?;
+    // Held to the end: the BPF time per call the rows show.
+    let _stats = bpf_stats::enable()
+        .inspect_err(|e| println!("BPF run times: not available: {e:#}"))
+        .ok();
+    println!(
+        "load average: {}",
+        std::fs::read_to_string("/proc/loadavg")?.trim()
+    );
+    let churn_cmd = |pairs: u64| {
+        let mut c = Command::new(&churn);
+        c.args([pairs.to_string(), opts.rounds.to_string()]);
+        c
+    };
+    churn_bench(&tracers, &out, opts, &churn_cmd)?;
+    workers_bench(&tracers, &out, opts, &churn_cmd)?;
+    if opts.only_churn {
+        return Ok(());
+    }
+    match crate::setup::python311() {
+        Ok(python) => python_benches(&python, &tracers, &out, opts.rounds),
+        Err(e) => {
+            println!("\nSKIP the Python workload: {e:#}");
+            Ok(())
+        }
+    }
+}
 
+/// This build's memleak (floor, allocation mode, growth), the `--compare` builds, and BCC
+/// when asked for and installable.
+fn tracers(memleak: &Path, opts: &Options, out: &Path) -> Result<Vec<Tracer>> {
     let mut tracers = vec![
         Tracer::floor(memleak),
         Tracer::memleak("memleak".into(), memleak),
@@ -115,16 +144,16 @@ pub fn run_bench(memleak: &Path, opts: &Options) -> Result<()> {
             Err(e) => println!("memleak-bpfcc: not available: {e:#}"),
         }
     }
-    println!(
-        "load average: {}",
-        std::fs::read_to_string("/proc/loadavg")?.trim()
-    );
+    Ok(tracers)
+}
 
-    let churn_cmd = |pairs: u64| {
-        let mut c = Command::new(&churn);
-        c.args([pairs.to_string(), opts.rounds.to_string()]);
-        c
-    };
+/// Free/malloc pairs under every tracer but growth mode, then under growth mode alone.
+fn churn_bench(
+    tracers: &[Tracer],
+    out: &Path,
+    opts: &Options,
+    churn_cmd: &dyn Fn(u64) -> Command,
+) -> Result<()> {
     // `--mode growth` puts no probe on this path, so its cost is below the noise of a round of
     // 1 ms: it gets rounds 100× longer, against an untraced run of the same length.
     for (pairs, growth) in [(opts.pairs, false), (opts.pairs * 100, true)] {
@@ -133,61 +162,59 @@ pub fn run_bench(memleak: &Path, opts: &Options) -> Result<()> {
             opts.rounds,
             if growth { ", --mode growth" } else { "" }
         );
-        let base = measure(churn_cmd(pairs), None, "ns_per_pair", &out)?;
+        let base = measure(churn_cmd(pairs), None, "ns_per_pair", out)?;
         print_row("untraced", &base, None);
         let rows = measure_tracers(
-            &tracers,
+            tracers,
             |t| t.growth == growth,
             &base,
-            &out,
+            out,
             || churn_cmd(pairs),
             "ns_per_pair",
         );
         print_floor_ratio(&base, &rows);
     }
-    workers_bench(&tracers, &out, opts, &churn_cmd)?;
-    if opts.only_churn {
-        return Ok(());
-    }
+    Ok(())
+}
 
-    match crate::setup::python311() {
-        Ok(python) => {
-            println!(
-                "\n== {} JSON round-trip, seconds (best of {})",
-                python.display(),
-                opts.rounds
-            );
-            let py_cmd = || {
-                let mut c = Command::new(&python);
-                c.arg(&script).arg(opts.rounds.to_string());
-                c
-            };
-            let base = measure(py_cmd(), None, "seconds", &out)?;
-            print_row("untraced", &base, None);
-            let rows = measure_tracers(&tracers, |_| true, &base, &out, py_cmd, "seconds");
-            print_floor_ratio(&base, &rows);
-            let venv = python::venv(&python, &out);
-            match &venv {
-                Ok(venv) => {
-                    for native in [false, true] {
-                        let mut c = python::under_memray(venv, &out, native);
-                        c.arg(&script).arg(opts.rounds.to_string());
-                        let name = if native { "memray --native" } else { "memray" };
-                        match measure(c, None, "seconds", &out) {
-                            Ok(m) => print_row(name, &m, Some(&base)),
-                            Err(e) => println!("{name:<14} failed: {e:#}"),
-                        }
-                    }
+/// The JSON loop (under every tracer and memray), the two stack depths and the service.
+fn python_benches(python: &Path, tracers: &[Tracer], out: &Path, rounds: u32) -> Result<()> {
+    let script = out.join("json_roundtrip.py");
+    std::fs::write(&script, JSON_ROUNDTRIP)?;
+    println!(
+        "\n== {} JSON round-trip, seconds (best of {rounds})",
+        python.display()
+    );
+    let py_cmd = || {
+        let mut c = Command::new(python);
+        c.arg(&script).arg(rounds.to_string());
+        c
+    };
+    let base = measure(py_cmd(), None, "seconds", out)?;
+    print_row("untraced", &base, None);
+    let rows = measure_tracers(tracers, |_| true, &base, out, py_cmd, "seconds");
+    print_floor_ratio(&base, &rows);
+    let venv = python::venv(python, out);
+    match &venv {
+        Ok(venv) => {
+            for native in [false, true] {
+                let mut c = python::under_memray(venv, out, native);
+                c.arg(&script).arg(rounds.to_string());
+                let name = if native { "memray --native" } else { "memray" };
+                match measure(c, None, "seconds", out) {
+                    Ok(m) => print_row(name, &m, Some(&base)),
+                    Err(e) => println!("{name:<14} failed: {e:#}"),
                 }
-                Err(e) => println!("memray: not available: {e:#}"),
-            }
-            depth_bench(&python, &tracers, &out, opts.rounds)?;
-            match &venv {
-                Ok(venv) => service_bench(venv, &tracers, &out, opts.rounds),
-                Err(e) => println!("\nSKIP the service: no venv: {e:#}"),
             }
         }
-        Err(e) => println!("\nSKIP the Python workload: {e:#}"),
+        Err(e) => println!("memray: not available: {e:#}"),
+    }
+    depth_bench(python, tracers, out, rounds)?;
+    let wrk = crate::setup::ensure_debian_packages(&["wrk"]);
+    match (&venv, wrk) {
+        (Ok(venv), Ok(())) => service_bench(venv, tracers, out, rounds),
+        (Err(e), _) => println!("\nSKIP the service: no venv: {e:#}"),
+        (_, Err(e)) => println!("\nSKIP the service: no wrk: {e:#}"),
     }
     Ok(())
 }
@@ -286,6 +313,9 @@ fn depth_bench(python: &Path, tracers: &[Tracer], out: &Path, rounds: u32) -> Re
             let m = measure(cmd(), Some(t), "seconds", out)?;
             let ns = per_alloc(m.value - base.value);
             row += &format!("  {} +{ns:.0}", t.name);
+            if let Some(probe) = bpf_stats::return_probe_ns(&m.bpf) {
+                row += &format!(" (return probe {probe:.0})");
+            }
             match added.iter_mut().find(|(n, _)| *n == t.name) {
                 Some((_, v)) => v.push(ns),
                 None => added.push((&t.name, vec![ns])),
@@ -370,13 +400,18 @@ fn print_load(name: &str, runs: &[Shared]) {
         (v[v.len() / 2], v[0], v[v.len() - 1])
     };
     let (share, low, high) = median(&|r| r.share);
-    println!(
+    let mut row = format!(
         "{name:<16} {:>8.0} req/s ({share:.2} of untraced, {low:.2}–{high:.2})  p50 {:>6.2} ms  \
          p99 {:>6.2} ms",
         median(&|r| r.load.requests_per_s).0,
         median(&|r| r.load.p50_ms).0,
         median(&|r| r.load.p99_ms).0,
     );
+    if runs.iter().all(|r| r.load.return_probe_ns.is_some()) {
+        let (ns, low, high) = median(&|r| r.load.return_probe_ns.unwrap_or(0.0));
+        row += &format!("  return probe {ns:.0} ns/call ({low:.0}–{high:.0})");
+    }
+    println!("{row}");
 }
 
 /// A tracer command line, with the target's pid appended by [`Tracer::spawn`].
@@ -558,6 +593,8 @@ struct Measurement {
     live: Option<(u64, u64)>,
     probes: Option<String>,
     outstanding: Option<Result<(u64, u64)>>,
+    /// memleak's BPF programs that ran: (ns, calls) by name.
+    bpf: BTreeMap<String, (u64, u64)>,
 }
 
 fn measure(
@@ -590,6 +627,10 @@ fn measure(
     target.start()?;
     let (value, live) = target.results(key)?;
     let done = Instant::now();
+    let bpf = running
+        .as_ref()
+        .map(|(r, _)| bpf_stats::of_process(r.child.id()))
+        .unwrap_or_default();
     let (outstanding, probes) = match running.take() {
         Some((r, probes)) if tracer.is_some_and(|t| t.growth) => {
             r.stop()?;
@@ -608,6 +649,7 @@ fn measure(
         live,
         probes,
         outstanding,
+        bpf,
     })
 }
 
@@ -633,6 +675,9 @@ fn print_row(name: &str, m: &Measurement, base: Option<&Measurement>) {
         (Some(Ok((bytes, n))), None) => row += &format!("  outstanding {bytes} B in {n}"),
         (Some(Err(e)), _) => row += &format!("  outstanding: {e:#}"),
         (None, _) => {}
+    }
+    if !m.bpf.is_empty() {
+        row += &format!("  BPF per call: {}", bpf_stats::summary(&m.bpf));
     }
     println!("{row}");
 }

@@ -8,6 +8,7 @@
 mod chain;
 pub mod each;
 mod inline;
+mod live_stack;
 pub mod native;
 mod pages;
 pub mod pools;

@@ -5,12 +5,13 @@
 //! block a reachable block points into. A block no root reaches is lost. Registers are not
 //! read (a pointer only a register holds reads as lost) and the target runs on meanwhile.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use foldhash::{HashMap, HashMapExt};
 use serde::Serialize;
 
-use super::{Block, Blocks, Owner, Root};
+use super::{Block, Blocks, Owner, Root, live_stack};
 use crate::{objects, procmaps::Mapping, python::Memory};
 
 /// What one scan may spend.
@@ -37,6 +38,9 @@ pub struct NativeScan {
     /// Bytes of mappings that could not be read (their blocks count as not referenced
     /// from there).
     pub unreadable_bytes: u64,
+    /// Bytes of thread stacks below their blocked threads' stack pointers, not read: dead
+    /// frames, whose stale pointers would keep dropped blocks looking referenced.
+    pub dead_stack_bytes: u64,
     /// Tracked blocks (all stacks), and how many a root reaches.
     pub blocks: u64,
     pub reachable: u64,
@@ -93,7 +97,7 @@ struct Scanner<'a> {
     reached: HashMap<u64, From>,
     queue: Vec<Block>,
     /// The object behind each data mapping, by its start, for global names.
-    objects: HashMap<u64, Option<objects::Loaded>>,
+    objects: HashMap<u64, Option<Arc<objects::ObjectFile>>>,
     scan: NativeScan,
     deadline: Instant,
     max_bytes: u64,
@@ -127,10 +131,7 @@ pub fn find(
         deadline: started + limits.time,
         max_bytes: limits.max_bytes,
     };
-    for (m, region) in roots(maps) {
-        s.scan.regions += 1;
-        s.scan_root(&m, &region);
-    }
+    s.scan_roots(&roots(maps));
     while let Some(b) = s.queue.pop() {
         s.scan_words(b.addr, b.addr + b.size, &Source::Block(b));
     }
@@ -179,21 +180,46 @@ enum Source<'r> {
 }
 
 impl Scanner<'_> {
-    /// Scans the parts of root mapping `m` that are not tracked blocks.
-    fn scan_root(&mut self, m: &Mapping, region: &Region) {
-        let mut at = m.start;
+    /// Scans every root, thread stacks from their threads' stack pointers up; then the
+    /// dead part of a stack whose thread has since gone deeper (or runs), which the target
+    /// may have written meanwhile.
+    fn scan_roots(&mut self, roots: &[(Mapping, Region)]) {
+        let sps = live_stack::stack_pointers(self.memory.pid());
+        let mut cut = Vec::new();
+        for (m, region) in roots {
+            self.scan.regions += 1;
+            let from = match region {
+                Region::Stack => live_stack::live_from(m.start, m.end, &sps),
+                _ => m.start,
+            };
+            if from > m.start {
+                cut.push((m, region, from));
+            }
+            self.scan_root(from, m.end, region);
+        }
+        let sps = live_stack::stack_pointers(self.memory.pid());
+        for (m, region, from) in cut {
+            let again = live_stack::live_from(m.start, m.end, &sps).min(from);
+            self.scan_root(again, from, region);
+            self.scan.dead_stack_bytes += again - m.start;
+        }
+    }
+
+    /// Scans the parts of [start, end) of a root mapping that are not tracked blocks.
+    fn scan_root(&mut self, start: u64, end: u64, region: &Region) {
+        let mut at = start;
         let gaps: Vec<(u64, u64)> = self
             .all
-            .overlapping(m.start, m.end)
+            .overlapping(start, end)
             .iter()
             .map(|b| (b.addr, b.addr + b.size))
-            .chain([(m.end, m.end)])
+            .chain([(end, end)])
             .collect();
-        for (start, end) in gaps {
-            if start > at {
-                self.scan_words(at, start.min(m.end), &Source::Root(region));
+        for (gap_end, next) in gaps {
+            if gap_end > at {
+                self.scan_words(at, gap_end.min(end), &Source::Root(region));
             }
-            at = at.max(end);
+            at = at.max(next);
         }
     }
 
@@ -263,9 +289,9 @@ impl Scanner<'_> {
         let loaded = self
             .objects
             .entry(file.start)
-            .or_insert_with(|| objects::of_mapping(pid, file).ok());
+            .or_insert_with(|| objects::with_data_symbols(pid, file).ok());
         let symbol = loaded.as_ref().and_then(|o| {
-            let bias = o.object.bias(file)?;
+            let bias = o.bias(file)?;
             o.data_symbol(addr.wrapping_sub(bias)).map(str::to_string)
         });
         let name = file.file_name().unwrap_or("?");

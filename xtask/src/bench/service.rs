@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use super::{Tracer, wait_for_attach, wait_for_probes};
+use super::{Tracer, bpf_stats, wait_for_attach, wait_for_probes};
 
 const APP: &str = r#"
 from fastapi import FastAPI
@@ -34,6 +34,8 @@ pub struct Load {
     pub requests_per_s: f64,
     pub p50_ms: f64,
     pub p99_ms: f64,
+    /// Under memleak's allocation mode: its return probe's BPF time per call.
+    pub return_probe_ns: Option<f64>,
 }
 
 /// How the server runs: directly (untraced, or attached to by a tracer) or under memray.
@@ -85,7 +87,12 @@ pub fn measure(
         ready?;
     }
     wrk("2")?;
-    let load = wrk(SECONDS);
+    let load = wrk(SECONDS).map(|mut load| {
+        if let Some(r) = &running {
+            load.return_probe_ns = bpf_stats::return_probe_ns(&bpf_stats::of_process(r.child.id()));
+        }
+        load
+    });
     if let Some(r) = running {
         r.stop()?;
     }
@@ -140,6 +147,7 @@ fn parse_wrk(text: &str) -> Option<Load> {
         requests_per_s: value("Requests/sec:")?.parse().ok()?,
         p50_ms: millis(&value("50%")?)?,
         p99_ms: millis(&value("99%")?)?,
+        return_probe_ns: None,
     })
 }
 

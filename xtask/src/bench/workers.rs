@@ -78,6 +78,7 @@ pub fn print(name: &str, cost: &Cost, base: &super::Measurement) {
         live: None,
         probes: None,
         outstanding: None,
+        bpf: Default::default(),
     };
     print_row(name, &row, Some(base));
     println!(

@@ -640,10 +640,34 @@ fn seed_break(ebpf: &mut Ebpf, target: &Target, slot: u32) -> Result<()> {
     probes::seed_break(ebpf, slot, brk)
 }
 
-/// Stacks whose owners are looked for in each process: those the report shows first
-/// (growing, then holding). The walk reads every object whatever this is, so asking about
-/// more stacks costs little; a service's leak is often its tenth stack by size.
+/// Stacks whose owners are looked for in each process: the first the report shows (growing,
+/// then holding), and as many of the largest. The walk reads every object whatever this is,
+/// so asking about more stacks costs little.
 const OWNED_STACKS: usize = 16;
+
+/// The stacks of `pid` whose owners are looked for (`OWNED_STACKS`): a few small stacks
+/// that happened to grow over a short run must not push a 5 MiB one out.
+fn owned_stacks<'a>(
+    analysis: &'a analysis::Analysis<'a>,
+    pid: u32,
+) -> Vec<&'a analysis::StackTrend<'a>> {
+    let candidates: Vec<&analysis::StackTrend> = analysis
+        .stacks
+        .iter()
+        .filter(|s| s.info.pid == pid && s.final_bytes() > 0)
+        .filter(|s| s.trend != analysis::Trend::Churn)
+        .collect();
+    let mut largest = candidates.clone();
+    largest.sort_by_key(|s| std::cmp::Reverse(s.final_bytes()));
+    let mut chosen: Vec<&analysis::StackTrend> =
+        candidates.into_iter().take(OWNED_STACKS).collect();
+    for s in largest.into_iter().take(OWNED_STACKS) {
+        if !chosen.iter().any(|c| c.stack_id == s.stack_id) {
+            chosen.push(s);
+        }
+    }
+    chosen
+}
 
 impl Session<'_> {
     /// The owners of the memory of each running process's first stacks, read from it.
@@ -652,13 +676,7 @@ impl Session<'_> {
         let running = self.processes.iter().filter(|p| p.exited.is_none());
         let traced = running.map(|p| {
             let pid = p.pid();
-            let leading: Vec<&analysis::StackTrend> = analysis
-                .stacks
-                .iter()
-                .filter(|s| s.info.pid == pid && s.final_bytes() > 0)
-                .filter(|s| s.trend != analysis::Trend::Churn)
-                .take(OWNED_STACKS)
-                .collect();
+            let leading = owned_stacks(&analysis, pid);
             owners::each::Traced {
                 pid,
                 python: self.collector.python(pid),

@@ -110,14 +110,18 @@ impl Loaded {
     pub fn functions(&self) -> &HashMap<String, u64> {
         self.object.functions(&self.bytes)
     }
+}
 
-    /// The global variable whose bytes hold virtual address `vaddr`.
-    pub fn data_symbol(&self, vaddr: u64) -> Option<&str> {
-        let data = self.object.data_symbols(&self.bytes);
-        let i = data.partition_point(|d| d.0 <= vaddr).checked_sub(1)?;
-        let (addr, size, name) = &data[i];
-        (vaddr - addr < (*size).max(1)).then_some(name.as_str())
+/// The object behind mapping `m` of `pid` with its data symbols worked out (the file read
+/// only the first time, whichever process asks).
+pub fn with_data_symbols(pid: u32, m: &Mapping) -> Result<Arc<ObjectFile>> {
+    if let Some(object) = cached(&(m.dev.clone(), m.inode)).filter(|o| o.data.get().is_some()) {
+        HITS.fetch_add(1, Relaxed);
+        return Ok(object);
     }
+    let loaded = of_mapping(pid, m)?;
+    loaded.object.data_symbols(&loaded.bytes);
+    Ok(loaded.object)
 }
 
 /// The object `key` if it was read before: its segments and build-id without a read.
@@ -363,6 +367,14 @@ impl ObjectFile {
             .iter()
             .find(|(offset, size, _)| *offset <= m.offset && m.offset - offset < (*size).max(1))?;
         Some(m.start.wrapping_sub(vaddr.wrapping_add(m.offset - offset)))
+    }
+
+    /// The global variable whose bytes hold virtual address `vaddr` ([`with_data_symbols`]).
+    pub fn data_symbol(&self, vaddr: u64) -> Option<&str> {
+        let data = self.data.get()?;
+        let i = data.partition_point(|d| d.0 <= vaddr).checked_sub(1)?;
+        let (addr, size, name) = &data[i];
+        (vaddr - addr < (*size).max(1)).then_some(name.as_str())
     }
 
     /// Defined data symbols, sorted by address (`data`: this object's bytes).

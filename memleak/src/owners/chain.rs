@@ -130,101 +130,21 @@ fn climb(walk: &Walk, target: u64) -> Chain {
 /// The chain in words ("in list `_leak_store` of module `__main__`"), its root, and advice.
 fn words(walk: &Walk, chain: &Chain) -> (String, Root, Option<String>) {
     let path = &chain.path;
-    let type_of = |node: u64| type_name(walk, node);
-    // What directly holds the target, when that is not the named container itself.
-    let holder = |named: usize| match named {
-        0 | 1 => String::new(),
-        _ => format!("in {} ", type_of(path[1].0)),
-    };
-    let key_of = |i: usize| match path.get(i) {
-        Some(&(_, Edge::Value(key))) => walk.str_at(key).unwrap_or_else(|| "?".into()),
-        _ => "?".into(),
-    };
     let (text, advice) = match chain.root {
-        Root::ModuleGlobal | Root::ClassAttribute if path.len() >= 2 => {
-            let named = path.len() - 2;
-            let name = key_of(named);
-            let (place, scope) = match chain.root {
-                Root::ModuleGlobal => (
-                    format!(
-                        "`{name}` of module `{}`",
-                        module_name(walk, chain.root_node)
-                    ),
-                    "module-level",
-                ),
-                _ => (
-                    format!(
-                        "`{}.{name}` (a class attribute)",
-                        class_name(walk, chain.root_node)
-                    ),
-                    "class-level",
-                ),
-            };
-            let named_type = type_of(path[named].0);
-            let text = match named {
-                0 => format!("held as {place}"),
-                _ => format!("{}in {named_type} {place}", holder(named)),
-            };
-            let grows = matches!(
-                kind_of(walk, path[named].0),
-                Some(Kind::List | Kind::Dict | Kind::Set)
-            );
-            let advice = grows.then(|| {
-                format!("unbounded {scope} {named_type} `{name}`: bound it or evict old entries")
-            });
-            (text, advice)
-        }
-        Root::Closure if path.len() >= 3 => {
-            let function = function_name(walk, chain.root_node);
-            let content = path.len() - 3;
-            let text = match content {
-                0 => format!("held by the closure of `{function}`"),
-                _ => format!(
-                    "{}in {} held by the closure of `{function}`",
-                    holder(content),
-                    type_of(path[content].0)
-                ),
-            };
-            let advice = format!(
-                "the closure of `{function}` keeps them alive: bound or clear what it holds"
-            );
-            (text, Some(advice))
-        }
-        Root::LruCache => {
-            let wrapper = chain.root_node;
-            let function = walk
-                .pages
-                .u64(wrapper + LRU_FUNC)
-                .map_or("?".into(), |f| function_name(walk, f));
-            let text = match path.len() {
-                0 | 1 => format!("the table of the functools.lru_cache of `{function}`"),
-                2 => format!("in the functools.lru_cache of `{function}`"),
-                _ => format!(
-                    "in {} in the functools.lru_cache of `{function}`",
-                    type_of(path[1].0)
-                ),
-            };
-            let unbounded = walk
-                .pages
-                .u64(wrapper + LRU_MAXSIZE)
-                .is_ok_and(|m| m as i64 == -1);
-            let advice = unbounded
-                .then(|| format!("`{function}` is lru_cache(maxsize=None): give it a maxsize"));
-            (text, advice)
-        }
-        _ => match path.first() {
-            Some(_) => (
-                format!(
-                    "in {} that no module, class, closure or cache refers to",
-                    type_name(walk, chain.root_node)
-                ),
-                None,
+        Root::ModuleGlobal | Root::ClassAttribute if path.len() >= 2 => named_words(walk, chain),
+        Root::Closure if path.len() >= 3 => closure_words(walk, chain),
+        Root::LruCache => lru_cache_words(walk, chain),
+        _ if path.is_empty() => (
+            "referred to by no container the walk read (a running frame's local?)".into(),
+            None,
+        ),
+        _ => (
+            format!(
+                "in {} that no module, class, closure or cache refers to",
+                type_name(walk, chain.root_node)
             ),
-            None => (
-                "referred to by no container the walk read (a running frame's local?)".into(),
-                None,
-            ),
-        },
+            None,
+        ),
     };
     let root = if path.is_empty() {
         Root::Unrooted
@@ -232,6 +152,96 @@ fn words(walk: &Walk, chain: &Chain) -> (String, Root, Option<String>) {
         chain.root
     };
     (text, root, advice)
+}
+
+/// What directly holds the target ("in list "), when that is not the container at
+/// `named` on the path itself.
+fn holder(walk: &Walk, path: &[(u64, Edge)], named: usize) -> String {
+    match named {
+        0 | 1 => String::new(),
+        _ => format!("in {} ", type_name(walk, path[1].0)),
+    }
+}
+
+/// A module global or a class attribute: "in list `_leak_store` of module `__main__`", and
+/// for a list, dict or set "bound it or evict".
+fn named_words(walk: &Walk, chain: &Chain) -> (String, Option<String>) {
+    let path = &chain.path;
+    let named = path.len() - 2;
+    let name = match path.get(named) {
+        Some(&(_, Edge::Value(key))) => walk.str_at(key).unwrap_or_else(|| "?".into()),
+        _ => "?".into(),
+    };
+    let (place, scope) = match chain.root {
+        Root::ModuleGlobal => (
+            format!(
+                "`{name}` of module `{}`",
+                module_name(walk, chain.root_node)
+            ),
+            "module-level",
+        ),
+        _ => (
+            format!(
+                "`{}.{name}` (a class attribute)",
+                class_name(walk, chain.root_node)
+            ),
+            "class-level",
+        ),
+    };
+    let named_type = type_name(walk, path[named].0);
+    let text = match named {
+        0 => format!("held as {place}"),
+        _ => format!("{}in {named_type} {place}", holder(walk, path, named)),
+    };
+    let grows = matches!(
+        kind_of(walk, path[named].0),
+        Some(Kind::List | Kind::Dict | Kind::Set)
+    );
+    let advice = grows
+        .then(|| format!("unbounded {scope} {named_type} `{name}`: bound it or evict old entries"));
+    (text, advice)
+}
+
+/// "in list held by the closure of `make_handler.<locals>.handle`".
+fn closure_words(walk: &Walk, chain: &Chain) -> (String, Option<String>) {
+    let path = &chain.path;
+    let function = function_name(walk, chain.root_node);
+    let content = path.len() - 3;
+    let text = match content {
+        0 => format!("held by the closure of `{function}`"),
+        _ => format!(
+            "{}in {} held by the closure of `{function}`",
+            holder(walk, path, content),
+            type_name(walk, path[content].0)
+        ),
+    };
+    let advice =
+        format!("the closure of `{function}` keeps them alive: bound or clear what it holds");
+    (text, Some(advice))
+}
+
+/// "in the functools.lru_cache of `lookup`", and "give it a maxsize" when it has none.
+fn lru_cache_words(walk: &Walk, chain: &Chain) -> (String, Option<String>) {
+    let (path, wrapper) = (&chain.path, chain.root_node);
+    let function = walk
+        .pages
+        .u64(wrapper + LRU_FUNC)
+        .map_or("?".into(), |f| function_name(walk, f));
+    let text = match path.len() {
+        0 | 1 => format!("the table of the functools.lru_cache of `{function}`"),
+        2 => format!("in the functools.lru_cache of `{function}`"),
+        _ => format!(
+            "in {} in the functools.lru_cache of `{function}`",
+            type_name(walk, path[1].0)
+        ),
+    };
+    let unbounded = walk
+        .pages
+        .u64(wrapper + LRU_MAXSIZE)
+        .is_ok_and(|m| m as i64 == -1);
+    let advice =
+        unbounded.then(|| format!("`{function}` is lru_cache(maxsize=None): give it a maxsize"));
+    (text, advice)
 }
 
 fn type_name(walk: &Walk, node: u64) -> String {

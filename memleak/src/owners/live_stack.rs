@@ -66,11 +66,29 @@ mod tests {
         assert_eq!(live_from(0x1000, 0x2000, &[0x1010]), 0x1000);
     }
 
+    /// A thread of this process blocked in the kernel: its stack pointer is found, just
+    /// below a local of its own.
     #[test]
-    fn this_process_has_its_threads_read() {
-        let sps = stack_pointers(std::process::id());
-        // The test's own thread runs: at most the others are known.
-        assert!(sps.len() < std::fs::read_dir("/proc/self/task").unwrap().count());
+    fn a_blocked_thread_has_its_stack_pointer_read() {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let local = 0u64;
+            addr_tx.send(std::ptr::addr_of!(local) as u64).unwrap();
+            let _ = rx.recv();
+        });
+        let local = addr_rx.recv().unwrap();
+        let found = |sps: Vec<u64>| sps.iter().any(|&sp| sp <= local && local - sp < 1 << 20);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !found(stack_pointers(std::process::id())) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no blocked thread's sp"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        drop(tx);
+        thread.join().unwrap();
         assert!(stack_pointers(0).is_empty());
     }
 }

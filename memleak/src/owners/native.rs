@@ -5,6 +5,7 @@
 //! block a reachable block points into. A block no root reaches is lost. Registers are not
 //! read (a pointer only a register holds reads as lost) and the target runs on meanwhile.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use foldhash::{HashMap, HashMapExt};
@@ -96,7 +97,7 @@ struct Scanner<'a> {
     reached: HashMap<u64, From>,
     queue: Vec<Block>,
     /// The object behind each data mapping, by its start, for global names.
-    objects: HashMap<u64, Option<objects::Loaded>>,
+    objects: HashMap<u64, Option<Arc<objects::ObjectFile>>>,
     scan: NativeScan,
     deadline: Instant,
     max_bytes: u64,
@@ -288,9 +289,9 @@ impl Scanner<'_> {
         let loaded = self
             .objects
             .entry(file.start)
-            .or_insert_with(|| objects::of_mapping(pid, file).ok());
+            .or_insert_with(|| objects::with_data_symbols(pid, file).ok());
         let symbol = loaded.as_ref().and_then(|o| {
-            let bias = o.object.bias(file)?;
+            let bias = o.bias(file)?;
             o.data_symbol(addr.wrapping_sub(bias)).map(str::to_string)
         });
         let name = file.file_name().unwrap_or("?");

@@ -177,54 +177,11 @@ pub fn find(rt: &PythonRuntime, blocks: &Blocks, limits: &Limits) -> Findings {
         skipped: Skipped::default(),
     };
     let listed = walk.gc_objects(runtime, limits.max_objects);
-    let deadline = started + limits.time;
-    let mut read = 0u64;
-    let mut queue = listed.clone();
-    while let Some(obj) = queue.pop() {
-        if read.is_multiple_of(4096) && Instant::now() > deadline || read >= limits.max_objects {
-            break;
-        }
-        read += 1;
-        walk.visit(obj);
-        queue.append(&mut walk.untracked);
-    }
-    let unread = queue.len() as u64;
+    let (read, unread) = walk.read_containers(listed.clone(), limits, started + limits.time);
     walk.confirm_targets();
     let pools = pools::split(&mut walk);
     let owners = chain::owners(&walk);
     let stats = walk.pages.stats();
-    let s = &walk.skipped;
-    let complete = unread == 0 && s.lists_cut == 0;
-    let mut skipped = Vec::new();
-    for (n, what) in [
-        (
-            unread,
-            "containers not read: the time or object bound ran out",
-        ),
-        (
-            s.lists_cut,
-            "GC lists cut short (changed while read, or the object bound)",
-        ),
-        (s.bad_type, "objects whose type did not read as a type"),
-        (s.unreadable, "containers whose contents could not be read"),
-        (s.too_large, "containers claiming more than 16 M items"),
-        (
-            s.inline_attributes,
-            "instances whose inline attribute values (3.11+) did not read: not followed, \
-             so what only they hold is reported with no root",
-        ),
-        (s.changed, "owners that changed when read again"),
-    ] {
-        if n > 0 {
-            skipped.push(format!("{n} {what}"));
-        }
-    }
-    let blocks_owned = walk.claimed.len() as u64
-        + walk
-            .targets
-            .values()
-            .filter(|t| !t.bytes.is_empty())
-            .count() as u64;
     Findings {
         owners,
         pools,
@@ -233,18 +190,74 @@ pub fn find(rt: &PythonRuntime, blocks: &Blocks, limits: &Limits) -> Findings {
             gc_objects: listed.len() as u64,
             objects_read: read,
             blocks: blocks.len() as u64,
-            blocks_owned: blocks_owned.min(blocks.len() as u64),
+            blocks_owned: walk.blocks_owned().min(blocks.len() as u64),
             bytes_read: stats.bytes_read,
             read_calls: stats.reads,
             elapsed_ms: started.elapsed().as_millis() as u64,
             cpu_ms: super::thread_cpu_ms() - cpu,
-            complete,
-            skipped,
+            complete: unread == 0 && walk.skipped.lists_cut == 0,
+            skipped: walk.skipped.said(unread),
         },
     }
 }
 
+impl Skipped {
+    /// What the walk left out, in words ("12 objects whose type did not read as a type"),
+    /// `unread` containers included.
+    fn said(&self, unread: u64) -> Vec<String> {
+        let lists_cut = "GC lists cut short (changed while read, or the object bound)";
+        let inline = "instances whose inline attribute values (3.11+) did not read: not \
+                      followed, so what only they hold is reported with no root";
+        [
+            (
+                unread,
+                "containers not read: the time or object bound ran out",
+            ),
+            (self.lists_cut, lists_cut),
+            (self.bad_type, "objects whose type did not read as a type"),
+            (
+                self.unreadable,
+                "containers whose contents could not be read",
+            ),
+            (self.too_large, "containers claiming more than 16 M items"),
+            (self.inline_attributes, inline),
+            (self.changed, "owners that changed when read again"),
+        ]
+        .into_iter()
+        .filter(|&(n, _)| n > 0)
+        .map(|(n, what)| format!("{n} {what}"))
+        .collect()
+    }
+}
+
 impl Walk<'_> {
+    /// Reads the containers the GC `listed` and the untracked ones found in them, until the
+    /// bounds: (containers read, containers left unread).
+    fn read_containers(
+        &mut self,
+        mut queue: Vec<u64>,
+        limits: &Limits,
+        deadline: Instant,
+    ) -> (u64, u64) {
+        let mut read = 0u64;
+        while let Some(obj) = queue.pop() {
+            if read.is_multiple_of(4096) && Instant::now() > deadline || read >= limits.max_objects
+            {
+                break;
+            }
+            read += 1;
+            self.visit(obj);
+            queue.append(&mut self.untracked);
+        }
+        (read, queue.len() as u64)
+    }
+
+    /// Blocks found held by an object: buffers counted whole, and the blocks objects lie in.
+    fn blocks_owned(&self) -> u64 {
+        let in_objects = self.targets.values().filter(|t| !t.bytes.is_empty());
+        self.claimed.len() as u64 + in_objects.count() as u64
+    }
+
     /// Every object in every GC generation of every interpreter (bounded).
     fn gc_objects(&mut self, runtime: u64, max: u64) -> Vec<u64> {
         let mut states = Vec::new();

@@ -52,8 +52,8 @@ pub(crate) static TRACE: u8 = 0;
 pub(crate) static COMBINED_ONLY: u8 = 0;
 #[unsafe(no_mangle)]
 pub(crate) static PAGE_SIZE: u64 = 4096;
-/// Growth mode's traced process (its tgid); kernel mode: 0 for every process, or the -p
-/// filter. User mode traces the processes of `TRACED` instead.
+/// Kernel mode: 0 for every process, or the -p filter's tgid. User and growth mode trace the
+/// processes of `TRACED` instead.
 #[unsafe(no_mangle)]
 pub(crate) static TARGET_TGID: u32 = 0;
 /// Bench only (`--empty-probes`): the allocator probes return at once, so the bench measures
@@ -407,7 +407,7 @@ fn record(
         }
         None => Err(-1),
     };
-    let id = stack_id(walk);
+    let id = stack_id(p.slot, walk);
     store_as(p, table, p.key(addr), call.size, kind, id, call.arg);
 }
 

@@ -10,6 +10,8 @@
 
 use std::{
     collections::HashMap,
+    fs::File,
+    io::Seek,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     sync::{
@@ -134,24 +136,40 @@ pub fn of_mapping(pid: u32, m: &Mapping) -> Result<Loaded> {
     get((m.dev.clone(), m.inode), || read_mapping(pid, m))
 }
 
-/// The one way to read the file behind mapping `m` of `pid`: through `map_files` (the very
-/// inode mapped, even if deleted or replaced on disk since), else by its path inside the
-/// target's root (target_files). Not an ELF file (a locale archive): an error, before the
-/// whole file is read.
-pub fn read_mapping(pid: u32, m: &Mapping) -> Result<(PathBuf, Vec<u8>)> {
+/// The one way to open the file behind mapping `m` of `pid`: through `map_files`, which
+/// reaches the very inode mapped even when deleted or replaced on disk since; else by the
+/// path the target names, as the target could (`files`, target_files's policy), only if it
+/// is still the inode mapped. With the path it was opened by, for messages.
+pub fn open_mapping(pid: u32, m: &Mapping, files: &TargetFiles) -> Result<(PathBuf, File)> {
     let by_map_files = procmaps::map_file_path(pid, m);
-    let path = Path::new(m.path.as_deref().unwrap_or_default());
-    match std::fs::File::open(&by_map_files) {
-        Ok(file) => read_elf(file, &by_map_files),
-        // The path the target names, as the target could read it (target_files).
-        Err(_) => {
-            let data = TargetFiles::new(pid)
-                .read(path, MAX_OBJECT_FILE, b"\x7fELF")
-                .map_err(|why| anyhow!("reading {}: {why}", path.display()))?;
-            READS.fetch_add(1, Relaxed);
-            Ok((path.to_path_buf(), data))
-        }
+    if let Ok(file) = File::open(&by_map_files) {
+        return Ok((by_map_files, file));
     }
+    let path = Path::new(m.path.as_deref().unwrap_or_default());
+    let file = files
+        .open(path)
+        .map_err(|why| anyhow!("reading {}: {why}", path.display()))?;
+    if !file.metadata().is_ok_and(|md| md.ino() == m.inode) {
+        bail!("{} is no longer the file mapped", path.display());
+    }
+    Ok((path.to_path_buf(), file))
+}
+
+/// The file behind mapping `m` of `pid` read whole ([`open_mapping`]); not an ELF file (a
+/// locale archive): an error, before the whole file is read.
+pub fn read_mapping(pid: u32, m: &Mapping) -> Result<(PathBuf, Vec<u8>)> {
+    let (path, file) = open_mapping(pid, m, &TargetFiles::new(pid))?;
+    read_elf(file, &path)
+}
+
+/// The object behind mapping `m`, read (when not in memory) from `file`, which
+/// [`open_mapping`] opened as `path`: the target may have exited since.
+pub fn of_opened(m: &Mapping, path: &Path, file: &File) -> Result<Loaded> {
+    get((m.dev.clone(), m.inode), || {
+        let mut file = file.try_clone()?;
+        file.rewind()?;
+        read_elf(file, path)
+    })
 }
 
 /// The object at `path` (a path this process opens: the target's file through its root or
@@ -175,7 +193,7 @@ pub fn object_at(path: &Path) -> Result<Arc<ObjectFile>> {
 
 /// The file at `path` read whole, outside the cache (see [`of_path`]).
 pub fn read_path(path: &Path) -> Result<(PathBuf, Vec<u8>)> {
-    let file = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let file = File::open(path).with_context(|| format!("reading {}", path.display()))?;
     read_elf(file, path)
 }
 
@@ -183,12 +201,11 @@ pub fn read_path(path: &Path) -> Result<(PathBuf, Vec<u8>)> {
 pub fn is_elf(path: &Path) -> bool {
     use std::io::Read;
     let mut magic = [0u8; 4];
-    std::fs::File::open(path).is_ok_and(|mut f| f.read_exact(&mut magic).is_ok())
-        && magic == *b"\x7fELF"
+    File::open(path).is_ok_and(|mut f| f.read_exact(&mut magic).is_ok()) && magic == *b"\x7fELF"
 }
 
 /// The whole of `file` (named `path`), if it starts like an ELF file, up to the cap.
-fn read_elf(file: std::fs::File, path: &Path) -> Result<(PathBuf, Vec<u8>)> {
+fn read_elf(file: File, path: &Path) -> Result<(PathBuf, Vec<u8>)> {
     use std::io::Read;
     let mut data = Vec::new();
     let mut capped = file.take(MAX_OBJECT_FILE);

@@ -149,7 +149,7 @@ impl ProcessContext {
                 continue;
             }
             self.objects.push(SharedObject {
-                build_id: self.build_id(m, &path),
+                build_id: self.build_id(m),
                 python_extension: is_python_extension(&path),
                 start: m.start,
                 end: m.end,
@@ -165,16 +165,14 @@ impl ProcessContext {
 
 impl ProcessContext {
     /// The object's build-id, hex: from the object cache when the unwinder or a probe has
-    /// read the file, else from the file's head.
-    fn build_id(&self, m: &procmaps::Mapping, path: &str) -> Option<String> {
+    /// read the file, else from the head of the file (opened the one way objects.rs does).
+    fn build_id(&self, m: &procmaps::Mapping) -> Option<String> {
         if let Some(object) = objects::cached(&(m.dev.clone(), m.inode)) {
             let id = object.build_id.as_ref()?;
             return Some(id.iter().map(|b| format!("{b:02x}")).collect());
         }
-        std::fs::File::open(procmaps::map_file_path(self.pid, m))
-            .ok()
-            .or_else(|| TargetFiles::new(self.pid).open(Path::new(path)).ok())
-            .and_then(build_id)
+        let (_, file) = objects::open_mapping(self.pid, m, &TargetFiles::new(self.pid)).ok()?;
+        build_id(file)
     }
 }
 

@@ -12,12 +12,12 @@ mod elf;
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
-use std::io::{Read, Seek};
-use std::os::unix::fs::{FileExt, MetadataExt};
-use std::path::Path;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, LazyLock, Mutex, Weak};
 
 use crate::model::{Frame, FrameKind};
+use crate::objects;
 use crate::procmaps::{self, Mapping};
 use elf::ElfSource;
 
@@ -65,15 +65,23 @@ struct MappedFile {
 }
 
 enum Object {
-    /// Opened when the maps were read, parsed on first use. The path is the target's view,
-    /// where its separate debug file is searched.
-    Opened(File, Option<String>),
+    /// Opened when the maps were read (`objects::open_mapping`), parsed on first use.
+    Opened(Opened),
     /// The vDSO has no file: its image is copied out of the target's memory (or handed in
     /// whole: `of_image`).
     Image(Vec<u8>),
     Parsed(usize),
     /// Could not be opened or is not ELF: its addresses get a module but no name.
     Unusable,
+}
+
+/// A mapped file opened, not parsed yet.
+struct Opened {
+    /// The mapping it was opened for (its device and inode key the object cache).
+    mapping: Mapping,
+    /// The path it was opened by.
+    path: PathBuf,
+    file: File,
 }
 
 impl Symbolizer {
@@ -237,25 +245,19 @@ impl Symbolizer {
         find(&self.regions)
     }
 
-    /// Opens the file behind `m`: through `map_files`, which reaches the very inode that is
-    /// mapped even when deleted or replaced; else by path as the target could, only if it is
-    /// still the same inode.
+    /// Opens the file behind `m`, the one way objects.rs does (the vDSO is copied out of the
+    /// target's memory).
     fn open(&self, m: &Mapping) -> Object {
         if m.path.as_deref() == Some("[vdso]") {
             return self.vdso_image(m).map_or(Object::Unusable, Object::Image);
         }
-        let by_map_files = File::open(procmaps::map_file_path(self.pid, m)).ok();
-        let by_path = || {
-            let path = Path::new(m.path.as_deref()?);
-            self.finder
-                .target
-                .open(path)
-                .ok()
-                .filter(|f| f.metadata().is_ok_and(|md| md.ino() == m.inode))
-        };
-        match by_map_files.or_else(by_path) {
-            Some(file) => Object::Opened(file, m.path.clone()),
-            None => Object::Unusable,
+        match objects::open_mapping(self.pid, m, &self.finder.target) {
+            Ok((path, file)) => Object::Opened(Opened {
+                mapping: m.clone(),
+                path,
+                file,
+            }),
+            Err(_) => Object::Unusable,
         }
     }
 
@@ -273,16 +275,28 @@ impl Symbolizer {
             Object::Parsed(i) => Some(i),
             Object::Unusable => None,
             Object::Image(data) => self.parse(&data, None),
-            Object::Opened(mut file, path) => {
-                let mut data = Vec::new();
-                file.rewind()
-                    .and_then(|_| file.read_to_end(&mut data))
-                    .ok()
-                    .and_then(|_| self.parse(&data, path.as_deref()))
-            }
+            Object::Opened(o) => self.adopt_cached(&o.mapping).or_else(|| {
+                let loaded = objects::of_opened(&o.mapping, &o.path, &o.file).ok()?;
+                self.parse(&loaded.bytes, o.mapping.path.as_deref())
+            }),
         };
         self.files[file].object = parsed.map_or(Object::Unusable, Object::Parsed);
         parsed
+    }
+
+    /// The source of mapping `m`'s object when it is parsed already, here or by another
+    /// symbolizer: found by the build-id the object cache knows, without reading the file.
+    fn adopt_cached(&mut self, m: &Mapping) -> Option<usize> {
+        let object = objects::cached(&(m.dev.clone(), m.inode))?;
+        let id = object.build_id.as_ref()?;
+        if let Some(&i) = self.by_build_id.get(id) {
+            return Some(i);
+        }
+        let shared = PARSED.lock().expect("not poisoned").get(id)?.upgrade()?;
+        objects::count_shared();
+        self.sources.push(shared);
+        self.by_build_id.insert(id.clone(), self.sources.len() - 1);
+        Some(self.sources.len() - 1)
     }
 
     /// Parses an object file, or finds the source already parsed for its build-id.

@@ -814,6 +814,15 @@ fn dead_stack_below_the_stack_pointer_is_not_a_reference() -> Result<()> {
         scan["dead_stack_bytes"].as_u64() >= Some(2 * 8192 * 8),
         "the dead part of two stacks was read: {scan}"
     );
+    // A native program: the Python walk's figures say why there are none.
+    let no_python = "owners: no CPython found in this process: no Python objects walked";
+    ensure!(
+        report["owners"]["scan"]["complete"] == true && run.stdout.contains(no_python),
+        "no word on the Python walk: {}
+{}",
+        report["owners"]["scan"],
+        run.stdout
+    );
     eprintln!("{test}: {dropped:?} {held:?}; scan {scan}");
     Ok(())
 }

@@ -134,6 +134,20 @@ pub fn find(
     owners
 }
 
+/// The Python walk's figures for a process that runs no CPython memleak found: nothing
+/// cut short, and said so rather than left as zeros.
+fn no_python() -> Findings {
+    let scan = super::Scan {
+        complete: true,
+        skipped: vec!["no CPython found in this process: no Python objects walked".into()],
+        ..super::Scan::default()
+    };
+    Findings {
+        scan,
+        ..Findings::default()
+    }
+}
+
 /// The owners of one process's leading stacks: Python objects and their holders when it
 /// runs CPython, then who refers to the blocks no Python owner accounts for (native
 /// blocks). `None` when its maps cannot be read.
@@ -155,7 +169,7 @@ fn find_one(
             let time = limits.time.min(left());
             walk::find(python, &blocks, &walk::Limits { time, ..limits })
         }
-        None => Findings::default(),
+        None => no_python(),
     };
     let maps = crate::procmaps::read(p.pid).ok()?;
     let all = Blocks::new(tracked.blocks(p.pid, &|_, _| true, 0));
@@ -212,8 +226,10 @@ mod tests {
         let owners = find(processes, &NoBlocks, 0, &budget);
         assert_eq!(owners.processes.len(), 1);
         assert_eq!(owners.processes[0].pid, me);
-        let native = owners.processes[0].found.native.as_ref().unwrap();
+        let found = &owners.processes[0].found;
+        let native = found.native.as_ref().unwrap();
         assert!(native.regions > 0 && native.complete, "{native:?}");
+        assert!(found.scan.complete && found.scan.skipped[0].starts_with("no CPython found"));
         assert_eq!(
             owners.skipped,
             [

@@ -273,8 +273,8 @@ pub struct TraceEvent {
     pub kind: u32,
 }
 
-/// Indexes into the per-CPU `COUNTERS` array. Everything lost is counted here, never dropped
-/// silently; userspace prints the non-zero ones with every table.
+/// Indexes into a process's [`Counts`] in `COUNTERS`. Everything lost is counted here, never
+/// dropped silently; userspace prints the non-zero ones with every table.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
@@ -303,6 +303,20 @@ pub enum Counter {
 }
 
 pub const COUNTER_COUNT: u32 = 10;
+
+/// One row of the per-CPU `COUNTERS` array: each [`Counter`] of one traced process (the row
+/// is its slot), so what is lost is told per process. One lookup reads a process's counts.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub n: [u64; COUNTER_COUNT as usize],
+}
+
+/// The `COUNTERS` row of events no traced process is known for (a tgid not in `TRACED`, a
+/// key whose slot bits are no slot); kernel mode spreads its counts over the rows.
+pub const UNKNOWN_SLOT: u32 = MAX_PROCESSES;
+/// Rows of `COUNTERS`: every slot and the unknown one.
+pub const COUNTER_ROWS: u32 = MAX_PROCESSES + 1;
 
 /// mmap(2) constants (x86-64 Linux).
 pub const MAP_ANONYMOUS: u64 = 0x20;
@@ -400,6 +414,7 @@ mod pod {
     unsafe impl aya::Pod for KernelLayout {}
     unsafe impl aya::Pod for StackRecord {}
     unsafe impl aya::Pod for Traced {}
+    unsafe impl aya::Pod for Counts {}
 }
 
 #[cfg(test)]

@@ -11,25 +11,47 @@ use aya_ebpf::{
     },
     maps::HashMap,
 };
-use memleak_common::{AllocInfo, AllocKind, CombinedAlloc, Counter, TraceEvent, Traced};
+use memleak_common::{
+    AllocInfo, AllocKind, CombinedAlloc, Counter, MAX_PROCESSES, TraceEvent, Traced, UNKNOWN_SLOT,
+    split_key,
+};
 
 use crate::{
     COMBINED_ONLY, MAX_SIZE, MIN_SIZE, PAGE_SIZE, SAMPLE_BYTES, SAMPLE_RATE, TRACE, global, heap,
     maps::{COMBINED, COUNTERS, EVENTS, MMAPS},
+    process,
 };
 
+/// Counts `c` in the row of the process in `slot` (no slot: the row of no known process).
 #[inline(always)]
-pub(crate) fn count(c: Counter) {
-    if let Some(p) = COUNTERS.get_ptr_mut(c as u32) {
-        unsafe { *p += 1 }
+pub(crate) fn count_in(slot: u32, c: Counter) {
+    let row = if slot < MAX_PROCESSES {
+        slot
+    } else {
+        UNKNOWN_SLOT
+    };
+    if let Some(p) = COUNTERS.get_ptr_mut(row) {
+        unsafe { (*p).n[c as usize] += 1 }
     }
 }
 
-/// The stack id to store, or −errno (counted) when the walk failed.
+/// Counts `c` for the calling process: one `TRACED` lookup, so for the rare paths only.
 #[inline(always)]
-pub(crate) fn stack_id(walk: Result<i64, i32>) -> i64 {
+pub(crate) fn count(c: Counter) {
+    count_in(process::slot(), c)
+}
+
+/// Counts `c` for the process whose block key (`Traced::key`) is `key`.
+#[inline(always)]
+fn count_key(key: u64, c: Counter) {
+    count_in(split_key(key).0, c)
+}
+
+/// The stack id to store, or −errno (counted for the process in `slot`) when the walk failed.
+#[inline(always)]
+pub(crate) fn stack_id(slot: u32, walk: Result<i64, i32>) -> i64 {
     walk.unwrap_or_else(|e| {
-        count(Counter::StackLost);
+        count_in(slot, Counter::StackLost);
         e as i64
     })
 }
@@ -75,15 +97,15 @@ pub(crate) fn store_as(
         }
     };
     let Ok(replaced) = stored else {
-        count(Counter::AllocsFull);
+        count_in(p.slot, Counter::AllocsFull);
         return;
     };
-    count(Counter::Recorded);
+    count_in(p.slot, Counter::Recorded);
     if combined {
         if let Some(old) = replaced {
             combined_sub(&old);
         }
-        combined_add(stack_id, size);
+        combined_add(p.slot, stack_id, size);
     }
     trace(kind, addr, size, old_addr, stack_id);
 }
@@ -113,7 +135,7 @@ pub(crate) fn release(table: Table, addr: u64, kind: AllocKind) {
         Table::Map(map) => {
             if !combined && global(&TRACE) == 0 {
                 if map.remove(addr).is_ok() {
-                    count(Counter::Released);
+                    count_key(addr, Counter::Released);
                 }
                 return;
             }
@@ -126,14 +148,14 @@ pub(crate) fn release(table: Table, addr: u64, kind: AllocKind) {
     let Some(info) = info else {
         return;
     };
-    count(Counter::Released);
+    count_key(addr, Counter::Released);
     if combined {
         combined_sub(&info);
     }
     trace(kind, addr, info.size, 0, info.stack_id);
 }
 
-fn combined_add(stack_id: i64, size: u64) {
+fn combined_add(slot: u32, stack_id: i64, size: u64) {
     if let Some(c) = COMBINED.get_ptr_mut(stack_id) {
         unsafe {
             atomic_add(&raw mut (*c).total_size, size);
@@ -146,7 +168,7 @@ fn combined_add(stack_id: i64, size: u64) {
         number_of_allocs: 1,
     };
     if COMBINED.insert(stack_id, c, 0).is_err() {
-        count(Counter::CombinedFull);
+        count_in(slot, Counter::CombinedFull);
     }
 }
 
@@ -165,6 +187,7 @@ unsafe fn atomic_add(p: *mut u64, v: u64) {
     unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(p, v) };
 }
 
+/// A `--trace` event; `addr` is the block's key, which tells whose event a lost one was.
 fn trace(kind: AllocKind, addr: u64, size: u64, old_addr: u64, stack_id: i64) {
     if global(&TRACE) == 0 {
         return;
@@ -179,7 +202,7 @@ fn trace(kind: AllocKind, addr: u64, size: u64, old_addr: u64, stack_id: i64) {
         kind: kind as u32,
     };
     if EVENTS.output::<TraceEvent>(&ev, 0).is_err() {
-        count(Counter::EventsLost);
+        count_key(addr, Counter::EventsLost);
     }
 }
 
@@ -279,7 +302,7 @@ extern "C" fn find_overlap(
 fn trim(start: u64, info: AllocInfo, lo: u64, hi: u64) {
     let end = start + info.size;
     let _ = MMAPS.remove(start);
-    count(Counter::Released);
+    count_key(start, Counter::Released);
     trace(AllocKind::Munmap, lo, hi - lo, 0, info.stack_id);
     if global(&COMBINED_ONLY) != 0 {
         combined_sub(&info);
@@ -293,9 +316,9 @@ fn trim(start: u64, info: AllocInfo, lo: u64, hi: u64) {
             ..info
         };
         if MMAPS.insert(from, part, 0).is_err() {
-            count(Counter::MunmapSplitLost);
+            count_key(start, Counter::MunmapSplitLost);
         } else if global(&COMBINED_ONLY) != 0 {
-            combined_add(info.stack_id, to - from);
+            combined_add(split_key(start).0, info.stack_id, to - from);
         }
     };
     keep(start, lo.max(start).min(end));

@@ -22,19 +22,19 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use memleak_common::{
-    AllocInfo, AllocKind, Counter, MAP_ANONYMOUS,
+    AllocInfo, AllocKind, Counter, MAP_ANONYMOUS, Traced,
     growth::{FAULT_ADDRESS, FAULT_ERROR_CODE, SYSCALL_ARGS, SYSCALL_RET},
     named,
     names::programs,
 };
 
 use crate::{
-    PAGE_SIZE, TARGET_TGID,
+    PAGE_SIZE,
     bookkeeping::{Table, count, page_align, release, stack_id, store_as, unmap, wanted},
     global,
     kernel::field,
-    maps::{ALLOCS, BRK, MMAPS, SYSCALLS, USER_REGS},
-    process, python, unwind,
+    maps::{ALLOCS, BRK, MMAPS, SYSCALLS, TRACED, USER_REGS},
+    python, unwind,
 };
 
 /// A memory system call between its enter and exit tracepoints, keyed by pid_tgid.
@@ -46,10 +46,10 @@ pub(crate) struct Syscall {
     c: u64,
 }
 
-/// The target exec'd: its old break means nothing in the new program.
+/// The process in `slot` exec'd: its old break means nothing in the new program.
 #[inline(always)]
-pub fn forget_break() {
-    if let Some(cur) = BRK.get_ptr_mut(0) {
+pub fn forget_break(slot: u32) {
+    if let Some(cur) = BRK.get_ptr_mut(slot) {
         unsafe { *cur = 0 };
     }
 }
@@ -63,9 +63,12 @@ const MADV_RELEASES: [u64; 4] = [4, 8, 9, 24];
 /// Ranges up to this many pages are walked page by page; larger ones scan `ALLOCS` instead.
 const MAX_PAGE_LOOP: u64 = 1 << 16;
 
+/// The calling process's entry in `TRACED`, if it is traced. Its pages and mappings are
+/// keyed with its slot (`Traced::key`): forked processes map the same addresses.
 #[inline(always)]
-fn traced() -> bool {
-    (bpf_get_current_pid_tgid() >> 32) as u32 == global(&TARGET_TGID)
+fn traced() -> Option<Traced> {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    unsafe { TRACED.get(tgid) }.copied()
 }
 
 #[inline(always)]
@@ -103,19 +106,20 @@ fn unpark() -> Option<Syscall> {
 /// registers the kernel saved when the thread entered it. A fault's instruction pointer is
 /// the faulting instruction itself; it is stored one byte further, as a return address, since
 /// the symbolizer looks up every address one byte back.
-#[inline(always)]
-fn user_stack(faulting_ip: bool) -> i64 {
-    stack_id(walk_user(faulting_ip))
+// Not inlined: with the walk's locals in its frame, sys_exit_mremap's would pass the
+// 512-byte BPF stack.
+#[inline(never)]
+fn user_stack(slot: u32, faulting_ip: bool) -> i64 {
+    stack_id(slot, walk_user(slot, faulting_ip))
 }
 
 #[inline(always)]
-fn walk_user(faulting_ip: bool) -> Result<i64, i32> {
+fn walk_user(slot: u32, faulting_ip: bool) -> Result<i64, i32> {
     let regs = USER_REGS.get_ptr_mut(0).ok_or(-1)?;
     unsafe {
         let saved = bpf_task_pt_regs(bpf_get_current_task_btf()) as *const pt_regs;
         *regs = bpf_probe_read_kernel(saved)?;
     }
-    let slot = process::current().slot;
     let rec = unwind::walk(regs, slot).ok_or(-1)?;
     if faulting_ip {
         unsafe { (*rec).native[0] += 1 };
@@ -142,9 +146,9 @@ pub fn page_fault_kernel(ctx: TracePointContext) -> u32 {
 
 #[inline(always)]
 fn fault(ctx: &TracePointContext) {
-    if !traced() {
+    let Some(p) = traced() else {
         return;
-    }
+    };
     let (Some(addr), Some(code)) = (
         field::<u64>(ctx, FAULT_ADDRESS),
         field::<u64>(ctx, FAULT_ERROR_CODE),
@@ -156,18 +160,18 @@ fn fault(ctx: &TracePointContext) {
         return;
     }
     let size = global(&PAGE_SIZE);
-    let page = addr & !(size - 1);
+    let page = p.key(addr & !(size - 1));
     // Counted already: a second write fault on the page (copy-on-write after a fork).
     if unsafe { ALLOCS.get(page) }.is_some() || !wanted(size) {
         return;
     }
     store_as(
-        process::current(),
+        p,
         Table::Map(&ALLOCS),
         page,
         size,
         AllocKind::PageFault,
-        user_stack(true),
+        user_stack(p.slot, true),
         0,
     );
 }
@@ -240,7 +244,7 @@ fn move_page(r: &Pages, page: u64) {
     }
 }
 
-/// [lo, hi) is gone from the address space: its mappings and its pages (only whole pages
+/// [lo, hi) (block keys) is gone from the address space: its mappings and its pages (only whole pages
 /// leave: a brk shrink to mid-page keeps that page).
 fn forget(lo: u64, hi: u64) {
     if hi <= lo {
@@ -263,7 +267,7 @@ fn forget(lo: u64, hi: u64) {
 
 #[tracepoint]
 pub fn sys_enter_mmap(ctx: TracePointContext) -> u32 {
-    if traced() {
+    if traced().is_some() {
         park(Syscall {
             a: page_align(arg(&ctx, 1)),
             b: arg(&ctx, 3),
@@ -275,9 +279,9 @@ pub fn sys_enter_mmap(ctx: TracePointContext) -> u32 {
 
 #[tracepoint]
 pub fn sys_exit_mmap(ctx: TracePointContext) -> u32 {
-    if !traced() {
+    let Some(p) = traced() else {
         return 0;
-    }
+    };
     let (
         Some(Syscall {
             a: len,
@@ -289,6 +293,7 @@ pub fn sys_exit_mmap(ctx: TracePointContext) -> u32 {
     else {
         return 0;
     };
+    let addr = p.key(addr);
     // MAP_FIXED replaced whatever was mapped there.
     if flags & MAP_FIXED != 0 {
         forget(addr, addr + len);
@@ -296,12 +301,12 @@ pub fn sys_exit_mmap(ctx: TracePointContext) -> u32 {
     // Anonymous memory only; a PROT_NONE reservation is not memory yet.
     if flags & MAP_ANONYMOUS != 0 && prot != PROT_NONE && wanted(len) {
         store_as(
-            process::current(),
+            p,
             Table::Map(&MMAPS),
             addr,
             len,
             AllocKind::Mmap,
-            user_stack(false),
+            user_stack(p.slot, false),
             0,
         );
     }
@@ -310,8 +315,8 @@ pub fn sys_exit_mmap(ctx: TracePointContext) -> u32 {
 
 #[tracepoint]
 pub fn sys_enter_munmap(ctx: TracePointContext) -> u32 {
-    if traced() {
-        let addr = arg(&ctx, 0);
+    if let Some(p) = traced() {
+        let addr = p.key(arg(&ctx, 0));
         forget(addr, addr + page_align(arg(&ctx, 1)));
     }
     0
@@ -319,8 +324,10 @@ pub fn sys_enter_munmap(ctx: TracePointContext) -> u32 {
 
 #[tracepoint]
 pub fn sys_enter_madvise(ctx: TracePointContext) -> u32 {
-    if traced() && MADV_RELEASES.contains(&arg(&ctx, 2)) {
-        let start = arg(&ctx, 0);
+    if let Some(p) = traced()
+        && MADV_RELEASES.contains(&arg(&ctx, 2))
+    {
+        let start = p.key(arg(&ctx, 0));
         let mut r = Pages {
             lo: start,
             hi: start + page_align(arg(&ctx, 1)),
@@ -335,7 +342,7 @@ pub fn sys_enter_madvise(ctx: TracePointContext) -> u32 {
 
 #[tracepoint]
 pub fn sys_enter_mremap(ctx: TracePointContext) -> u32 {
-    if traced() {
+    if traced().is_some() {
         park(Syscall {
             a: arg(&ctx, 0),
             b: page_align(arg(&ctx, 1)),
@@ -347,9 +354,9 @@ pub fn sys_enter_mremap(ctx: TracePointContext) -> u32 {
 
 #[tracepoint]
 pub fn sys_exit_mremap(ctx: TracePointContext) -> u32 {
-    if !traced() {
+    let Some(p) = traced() else {
         return 0;
-    }
+    };
     let (
         Some(Syscall {
             a: old,
@@ -361,6 +368,7 @@ pub fn sys_exit_mremap(ctx: TracePointContext) -> u32 {
     else {
         return 0;
     };
+    let (old, new) = (p.key(old), p.key(new));
     // Resident pages stay resident: those the new size keeps move with the mapping.
     let mut r = Pages {
         lo: old,
@@ -378,12 +386,12 @@ pub fn sys_exit_mremap(ctx: TracePointContext) -> u32 {
     if unsafe { MMAPS.get(old) }.is_some() {
         release(Table::Map(&MMAPS), old, AllocKind::Mremap);
         store_as(
-            process::current(),
+            p,
             Table::Map(&MMAPS),
             new,
             new_len,
             AllocKind::Mremap,
-            user_stack(false),
+            user_stack(p.slot, false),
             old,
         );
     }
@@ -393,10 +401,10 @@ pub fn sys_exit_mremap(ctx: TracePointContext) -> u32 {
 /// brk returns the new break (the old one when it fails), so the exit alone says it all.
 #[tracepoint]
 pub fn sys_exit_brk(ctx: TracePointContext) -> u32 {
-    if !traced() {
+    let Some(p) = traced() else {
         return 0;
-    }
-    let (Some(new), Some(cur)) = (field::<u64>(&ctx, SYSCALL_RET), BRK.get_ptr_mut(0)) else {
+    };
+    let (Some(new), Some(cur)) = (field::<u64>(&ctx, SYSCALL_RET), BRK.get_ptr_mut(p.slot)) else {
         return 0;
     };
     let old = unsafe { core::ptr::replace(cur, new) };
@@ -404,15 +412,15 @@ pub fn sys_exit_brk(ctx: TracePointContext) -> u32 {
         return 0;
     }
     if new < old {
-        forget(new, old);
+        forget(p.key(new), p.key(old));
     } else if wanted(new - old) {
         store_as(
-            process::current(),
+            p,
             Table::Map(&MMAPS),
-            old,
+            p.key(old),
             new - old,
             AllocKind::Brk,
-            user_stack(false),
+            user_stack(p.slot, false),
             0,
         );
     }

@@ -79,16 +79,11 @@ fn allocated(ctx: &TracePointContext, kind: AllocKind, key: Option<u64>, size: O
     {
         return 0;
     }
-    let id = stack_id(kernel_stack(ctx));
-    store_as(
-        process::current(),
-        Table::Map(&ALLOCS),
-        key,
-        size,
-        kind,
-        id,
-        0,
-    );
+    // Kernel mode has no slots: its counts go to row 0 (and, for frees, where the key's
+    // high bits fall); userspace adds up every row.
+    let p = process::current();
+    let id = stack_id(p.slot, kernel_stack(ctx));
+    store_as(p, Table::Map(&ALLOCS), key, size, kind, id, 0);
     0
 }
 

@@ -7,7 +7,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use memleak_common::{
-    AllocInfo, COUNTER_COUNT, CombinedAlloc, DEFAULT_MAX_ALLOCS, DEFAULT_MAX_COMBINED,
+    AllocInfo, COUNTER_ROWS, CombinedAlloc, Counts, DEFAULT_MAX_ALLOCS, DEFAULT_MAX_COMBINED,
     DEFAULT_MAX_INFLIGHT, DEFAULT_MAX_MMAPS, DEFAULT_MAX_PROCESSES, DEFAULT_MAX_STACKS,
     DEFAULT_THREAD_SLOTS, HeapSlot, InFlight, StackRecord, Traced, heap, named,
     names::maps,
@@ -116,16 +116,17 @@ pub(crate) static PY_CODES_SEEN: LruHashMap<SeenCode, u64> =
 #[map]
 pub(crate) static TRACED: HashMap<u32, Traced> =
     HashMap::with_max_entries(DEFAULT_MAX_PROCESSES, 0);
-/// [0]: the target's program break; userspace seeds it from /proc, an exec clears it (the
-/// new program's first brk call tells it again).
+/// Growth mode, per process slot: its program break; userspace seeds it from /proc, an exec
+/// clears it (the new program's first brk call tells it again).
 #[map]
-pub(crate) static BRK: Array<u64> = Array::with_max_entries(1, 0);
+pub(crate) static BRK: Array<u64> = Array::with_max_entries(DEFAULT_MAX_PROCESSES, 0);
 
 // What userspace reads besides the tables.
 
-/// Per-CPU counts of each `Counter` (what was recorded, and what was lost and why).
+/// Per-CPU counts of each `Counter` (what was recorded, and what was lost and why), a row per
+/// process slot and one for no known process (`UNKNOWN_SLOT`).
 #[map]
-pub(crate) static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
+pub(crate) static COUNTERS: PerCpuArray<Counts> = PerCpuArray::with_max_entries(COUNTER_ROWS, 0);
 /// --trace: one `TraceEvent` per allocation and release.
 #[map]
 pub(crate) static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);

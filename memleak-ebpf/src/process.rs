@@ -7,7 +7,7 @@ use aya_ebpf::{
     helpers::bpf_get_current_pid_tgid, macros::tracepoint, programs::TracePointContext,
 };
 
-use memleak_common::{Traced, named, names::programs};
+use memleak_common::{Traced, UNKNOWN_SLOT, named, names::programs};
 
 use crate::{forget_thread, growth, maps::TRACED};
 
@@ -20,7 +20,7 @@ pub fn sched_process_exec(_ctx: TracePointContext) -> u32 {
     unsafe { (*traced).execs += 1 };
     // Whatever call the old program had in flight on this thread is gone with it.
     forget_thread(id);
-    growth::forget_break();
+    growth::forget_break(unsafe { (*traced).slot });
     0
 }
 
@@ -39,6 +39,14 @@ pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
 pub(crate) fn current() -> Traced {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     unsafe { TRACED.get(tgid) }.copied().unwrap_or_default()
+}
+
+/// The calling process's slot, `UNKNOWN_SLOT` when it is not in `TRACED` (kernel mode, or a
+/// process whose entry is gone): the `COUNTERS` row its losses go to.
+#[inline(always)]
+pub(crate) fn slot() -> u32 {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    unsafe { TRACED.get(tgid) }.map_or(UNKNOWN_SLOT, |t| t.slot)
 }
 
 named!(

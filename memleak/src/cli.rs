@@ -320,9 +320,6 @@ impl Args {
             if self.pid.is_empty() && self.command.is_none() {
                 return Err("--mode growth traces a process: give -p PID or -c COMMAND".into());
             }
-            if self.pid.len() > 1 {
-                return Err("--mode growth traces one process: give a single -p PID".into());
-            }
             let unsupported = [
                 ("--kernel", self.kernel),
                 ("--combined-only", self.combined_only),
@@ -337,10 +334,8 @@ impl Args {
                 ));
             }
         }
-        if self.follows() && (self.kernel || self.mode == Mode::Growth) {
-            return Err(
-                "--children and --cgroup are for the allocation mode of user processes".into(),
-            );
+        if self.follows() && self.kernel {
+            return Err("--children and --cgroup are for user processes, not --kernel".into());
         }
         if self.children && self.pid.is_empty() && self.command.is_none() && self.cgroup.is_none() {
             return Err("--children follows the processes given with -p or -c".into());

@@ -9,16 +9,20 @@ use std::{
 use anyhow::Result;
 use aya::{
     Ebpf,
-    maps::{HashMap, MapData, PerCpuArray},
+    maps::{HashMap, MapData, PerCpuArray, PerCpuValues},
+    util::nr_cpus,
 };
-use memleak_common::{AllocInfo, CombinedAlloc, Counter, StackRecord, names::maps, split_key};
+use memleak_common::{
+    AllocInfo, COUNTER_ROWS, CombinedAlloc, Counter, Counts, StackRecord, UNKNOWN_SLOT,
+    names::maps, split_key,
+};
 
 use crate::{
     bpf_map,
     cli::SortKey,
     heap::HeapTable,
     kallsyms::Kallsyms,
-    model::{Allocation, Frame, Lost, Measure, Snapshot, StackUsage},
+    model::{Allocation, Frame, Lost, Measure, ProcessCounts, Snapshot, StackUsage},
     owners::Block,
     procmaps::Mapping,
     python::{PythonRuntime, PythonTracking},
@@ -128,7 +132,9 @@ pub struct Collector {
     combined: HashMap<MapData, i64, CombinedAlloc>,
     /// Every stack by content hash: user stacks from the unwinder, or kernel stacks.
     stacks: HashMap<MapData, u64, StackRecord>,
-    counters: PerCpuArray<MapData, u64>,
+    counters: PerCpuArray<MapData, Counts>,
+    /// The counts of processes whose slot went to another since, as they were then.
+    retired: Vec<(u32, Counts)>,
     /// The exec generation of the program each process runs now (`Process::new_exec`).
     generations: StdHashMap<u32, u32>,
     /// Block key slot → the process it is of (user mode).
@@ -169,6 +175,7 @@ impl Collector {
             combined: HashMap::try_from(take(maps::COMBINED)?)?,
             stacks: HashMap::try_from(take(maps::STACKS)?)?,
             counters: PerCpuArray::try_from(take(maps::COUNTERS)?)?,
+            retired: Vec::new(),
             generations: StdHashMap::new(),
             slots: StdHashMap::new(),
             names,
@@ -197,7 +204,10 @@ impl Collector {
         };
         let stacks = self.ranked(stacks, q);
         let mapped = mapped.map(|m| self.ranked(m, q));
-        let counters = self.counters()?;
+        let per_pid = self.process_counts()?;
+        let mut total = Counts::default();
+        per_pid.iter().for_each(|(_, c)| add_counts(&mut total, c));
+        let total = process_counts(0, &total);
         Ok(Snapshot {
             measure: q.measure,
             unix_time,
@@ -207,18 +217,16 @@ impl Collector {
             stacks,
             mapped,
             lost: Lost {
-                allocs_map_full: counters[Counter::AllocsFull as usize],
-                stack_walks_failed: counters[Counter::StackLost as usize],
-                inflight_map_full: counters[Counter::InflightFull as usize],
-                combined_map_full: counters[Counter::CombinedFull as usize],
-                trace_events_lost: counters[Counter::EventsLost as usize],
-                stale_inflight: counters[Counter::StaleInflight as usize],
-                munmap_splits_lost: counters[Counter::MunmapSplitLost as usize],
-                python_codes_dropped: counters[Counter::PythonCodesDropped as usize],
                 unhooked: self.unhooked.clone(),
+                ..total.lost
             },
-            recorded: counters[Counter::Recorded as usize],
-            released: counters[Counter::Released as usize],
+            recorded: total.recorded,
+            released: total.released,
+            // Kernel mode has no processes: its rows only add up.
+            processes: match self.names {
+                Names::User(_) => per_pid.iter().map(|(p, c)| process_counts(*p, c)).collect(),
+                Names::Kernel(_) => Vec::new(),
+            },
         })
     }
 
@@ -289,10 +297,17 @@ impl Collector {
         }
     }
 
-    /// Process `pid` has the blocks keyed with `slot`.
-    pub fn add_process(&mut self, pid: u32, slot: u32) {
-        self.slots.insert(slot, pid);
+    /// Process `pid` has the blocks and the counters of `slot`. The counts of the process
+    /// that held it before are kept as they are, and its row starts again from zero.
+    pub fn add_process(&mut self, pid: u32, slot: u32) -> Result<()> {
+        if let Some(old) = self.slots.insert(slot, pid) {
+            self.retired.push((old, self.row(slot)?));
+            let cpus = nr_cpus().map_err(|(_, e)| e)?;
+            let zero = PerCpuValues::try_from(vec![Counts::default(); cpus])?;
+            self.counters.set(slot, zero, 0)?;
+        }
         self.generations.insert(pid, 0);
+        Ok(())
     }
 
     fn generation_of(&self, pid: u32) -> u32 {
@@ -446,11 +461,63 @@ impl Collector {
         }
     }
 
-    /// Running totals of the per-CPU counters, indexed by `Counter`.
-    fn counters(&self) -> Result<Vec<u64>> {
-        (0..memleak_common::COUNTER_COUNT)
-            .map(|i| Ok(self.counters.get(&i, 0)?.iter().sum()))
-            .collect()
+    /// One `COUNTERS` row (a slot's), summed over the CPUs.
+    fn row(&self, slot: u32) -> Result<Counts> {
+        let mut sum = Counts::default();
+        self.counters
+            .get(&slot, 0)?
+            .iter()
+            .for_each(|cpu| add_counts(&mut sum, cpu));
+        Ok(sum)
+    }
+
+    /// The counts of each traced process (and of no known process, pid 0, when any), in pid
+    /// order. Kernel mode has no slots: every row is read, under pid 0.
+    fn process_counts(&self) -> Result<Vec<(u32, Counts)>> {
+        let rows: Vec<u32> = match self.names {
+            Names::User(_) => self.slots.keys().copied().chain([UNKNOWN_SLOT]).collect(),
+            Names::Kernel(_) => (0..COUNTER_ROWS).collect(),
+        };
+        let mut by_pid: BTreeMap<u32, Counts> = BTreeMap::new();
+        for slot in rows {
+            let pid = self.slots.get(&slot).copied().unwrap_or(0);
+            add_counts(by_pid.entry(pid).or_default(), &self.row(slot)?);
+        }
+        for (pid, counts) in &self.retired {
+            add_counts(by_pid.entry(*pid).or_default(), counts);
+        }
+        Ok(by_pid
+            .into_iter()
+            .filter(|&(pid, c)| pid != 0 || c != Counts::default())
+            .collect())
+    }
+}
+
+/// A process's counters as the model says them.
+fn process_counts(pid: u32, c: &Counts) -> ProcessCounts {
+    let n = |counter: Counter| c.n[counter as usize];
+    ProcessCounts {
+        pid,
+        lost: Lost {
+            allocs_map_full: n(Counter::AllocsFull),
+            stack_walks_failed: n(Counter::StackLost),
+            inflight_map_full: n(Counter::InflightFull),
+            combined_map_full: n(Counter::CombinedFull),
+            trace_events_lost: n(Counter::EventsLost),
+            stale_inflight: n(Counter::StaleInflight),
+            munmap_splits_lost: n(Counter::MunmapSplitLost),
+            python_codes_dropped: n(Counter::PythonCodesDropped),
+            unhooked: Vec::new(),
+        },
+        recorded: n(Counter::Recorded),
+        released: n(Counter::Released),
+    }
+}
+
+/// Adds `more` into `sum`, counter by counter.
+fn add_counts(sum: &mut Counts, more: &Counts) {
+    for (s, n) in sum.n.iter_mut().zip(more.n) {
+        *s += n;
     }
 }
 

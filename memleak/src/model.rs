@@ -76,6 +76,16 @@ impl Lost {
     }
 }
 
+/// What the tracer recorded and lost in one traced process, up to a snapshot (running
+/// totals). Pid 0: events of no process known to the tracer.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ProcessCounts {
+    pub pid: u32,
+    pub lost: Lost,
+    pub recorded: u64,
+    pub released: u64,
+}
+
 /// What a snapshot's `stacks` measure.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -135,6 +145,10 @@ pub struct Snapshot {
     /// Allocations recorded and releases matched since the start (running totals).
     pub recorded: u64,
     pub released: u64,
+    /// The same per traced process, in pid order (user mode; those that exited included);
+    /// `lost`, `recorded` and `released` are their sums.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub processes: Vec<ProcessCounts>,
 }
 
 /// Who holds a stack's memory, for a target that runs Python.

@@ -54,8 +54,7 @@ fn has_bpf_caps() -> bool {
         .is_some_and(|caps| caps & (1 << CAP_BPF) != 0 && caps & (1 << CAP_PERFMON) != 0)
 }
 
-/// Loads the BPF object; `target_pid` is growth mode's process or kernel mode's filter
-/// (`None`: every process); `kernel` carries the tracepoint layout in kernel mode. The
+/// Loads the BPF object; `target_pid` is kernel mode's filter (`None`: every process); `kernel` carries the tracepoint layout in kernel mode. The
 /// per-process maps get room for `args.max_processes()`.
 pub fn load(args: &Args, target_pid: Option<u32>, kernel: Option<&KernelLayout>) -> Result<Ebpf> {
     let target_tgid = target_pid.unwrap_or(0);
@@ -94,6 +93,7 @@ pub fn load(args: &Args, target_pid: Option<u32>, kernel: Option<&KernelLayout>)
         .map_max_entries(maps::COMBINED, args.max_combined)
         .map_max_entries(maps::TRACED, processes)
         .map_max_entries(maps::PY_CONFIG, processes)
+        .map_max_entries(maps::BRK, processes)
         .map_max_entries(maps::UNWIND_CONTROL, processes)
         .map_max_entries(maps::UNWIND_MAPPINGS, 2 * MAX_UNWIND_MAPPINGS * processes)
         .map_max_entries(maps::PY_THREADS, MAX_PY_THREADS * processes)
@@ -362,9 +362,9 @@ const GROWTH_EVENTS: [(&str, &str, Fields); 9] = {
     ]
 };
 
-/// `--mode growth`: hooks no function of the target, only tracepoints (each filtered to the
-/// target in BPF). `brk` is the target's current break (0: unknown until its next brk call).
-pub fn attach_growth(ebpf: &mut Ebpf, brk: u64) -> Result<()> {
+/// `--mode growth`: hooks no function of the targets, only tracepoints (each filtered in BPF
+/// to the processes of `TRACED`); attached once, for every process traced.
+pub fn attach_growth(ebpf: &mut Ebpf) -> Result<()> {
     ensure_tracefs()?;
     for (category, event, fields) in GROWTH_EVENTS {
         for &(field, expected) in fields {
@@ -376,14 +376,19 @@ pub fn attach_growth(ebpf: &mut Ebpf, brk: u64) -> Result<()> {
             }
         }
     }
+    let events: Vec<(&str, &str)> = GROWTH_EVENTS.iter().map(|&(c, e, _)| (c, e)).collect();
+    attach_tracepoints(ebpf, &events)?;
+    attach_tracepoints(ebpf, &[("sched", programs::SCHED_PROCESS_EXEC)])
+}
+
+/// Growth mode: the program break of the process in `slot` (0: unknown until its next brk
+/// call), set before the process enters `TRACED` (a reused slot holds its last one's).
+pub fn seed_break(ebpf: &mut Ebpf, slot: u32, brk: u64) -> Result<()> {
     let brk_map = ebpf
         .map_mut(maps::BRK)
         .with_context(|| format!("BPF object lacks map {}", maps::BRK))?;
     let mut break_map: Array<_, u64> = Array::try_from(brk_map)?;
-    break_map.set(0, brk, 0)?;
-    let events: Vec<(&str, &str)> = GROWTH_EVENTS.iter().map(|&(c, e, _)| (c, e)).collect();
-    attach_tracepoints(ebpf, &events)?;
-    attach_tracepoints(ebpf, &[("sched", programs::SCHED_PROCESS_EXEC)])
+    Ok(break_map.set(slot, brk, 0)?)
 }
 
 /// `field:const void * ptr; offset:16; size:8;` (tab-separated) → 16 for `ptr`.

@@ -266,6 +266,9 @@ impl<'a> Session<'a> {
             target.hold_at_entry(&mut self.ebpf)?;
         }
         let pid = target.pid;
+        if plan.is_none() {
+            seed_break(&mut self.ebpf, &target, slot)?;
+        }
         let mut process = Process::new(&self.ebpf, &mut shared.rows, target, slot)?;
         if process.target.child.is_none() {
             process.read_maps();
@@ -275,7 +278,7 @@ impl<'a> Session<'a> {
             eprint!("memleak: {}", process.unwinder.summary(&shared.rows));
         }
         let python = PythonTracking::new(&self.ebpf, pid, slot, shared.learner.clone())?;
-        self.collector.add_process(pid, slot);
+        self.collector.add_process(pid, slot)?;
         self.collector.names.add(
             pid,
             ProcessNames {
@@ -288,7 +291,9 @@ impl<'a> Session<'a> {
         }
         match plan {
             Some(plan) => process.links = self.hook(&process, plan)?,
-            None => attach_growth(&mut self.ebpf, &process.target)?,
+            // The tracepoints serve every process: attached with the first.
+            None if self.processes.is_empty() => probes::attach_growth(&mut self.ebpf)?,
+            None => {}
         }
         self.processes.push(process);
         Ok(())
@@ -624,15 +629,15 @@ fn preload(target: &Target, plan: Option<&memleak::binding::Plan>) -> Vec<std::p
     preload
 }
 
-/// Growth mode: the tracepoints, filtered to the target. A started command's break belongs
+/// Growth mode: the program break of `target` in `slot`. A started command's break belongs
 /// to memleak's fork until the exec; its first brk call after the exec tells the program's
 /// own.
-fn attach_growth(ebpf: &mut Ebpf, target: &Target) -> Result<()> {
+fn seed_break(ebpf: &mut Ebpf, target: &Target, slot: u32) -> Result<()> {
     let brk = match target.child {
         Some(_) => 0,
         None => crate::procmaps::program_break(target.pid)?,
     };
-    probes::attach_growth(ebpf, brk)
+    probes::seed_break(ebpf, slot, brk)
 }
 
 /// Stacks whose owners are looked for in each process: those the report shows first

@@ -4,7 +4,7 @@
 
 use std::{path::Path, time::Duration};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use memleak_tests::{
     Finished, Report, Running, Scratch, basename, can_trace, describe_stack, expect_nothing_lost,
     expect_success, frames, function_of, pyenv_python, read_json, skipped, stacks_through,
@@ -131,6 +131,105 @@ fn growth_mode_attached_by_pid() -> Result<()> {
     check(&run, &ledger, &out)
 }
 
+/// Two processes of one program (the same addresses), each with its own ledger, traced
+/// together: each one's pages and mappings exactly, under its own pid.
+#[test]
+fn growth_mode_traces_two_processes() -> Result<()> {
+    if !can_trace("growth_mode_traces_two_processes") {
+        return Ok(());
+    }
+    let scratch = Scratch::new("growth-two")?;
+    let fixture = scratch.compile("growth", "growth", &FLAGS)?;
+    let go = scratch.path("go");
+    let out = scratch.path("report.json");
+    let mut targets = Vec::new();
+    for name in ["a", "b"] {
+        let ledger = scratch.path(&format!("{name}.ledger.json"));
+        let args = [ledger.to_str().unwrap(), go.to_str().unwrap(), "linger"];
+        targets.push((
+            Running::start(&scratch, name, &fixture, &args, None)?,
+            ledger,
+        ));
+    }
+    let pids = format!("{},{}", targets[0].0.pid(), targets[1].0.pid());
+    let json = out.to_str().context("a UTF-8 path")?;
+    let args = ["--mode", "growth", "-p", &pids, "-o", "0", "--json", json];
+    let tracer = Running::memleak(&scratch, &args, None)?;
+    let stdout = scratch.path("memleak.stdout");
+    wait_for_text(&stdout, "Attaching to pids", Duration::from_secs(30))?;
+    std::fs::write(&go, "")?;
+    for (_, ledger) in &targets {
+        wait_for_file(ledger, Duration::from_secs(60))?;
+    }
+    let run = tracer.interrupt(Duration::from_secs(60))?;
+    expect_success(&run)?;
+    let last = Report::read(&out)?.final_snapshot().clone();
+    for (target, ledger) in &targets {
+        let ledger = read_json(ledger)?;
+        check_process(&own(&last, &ledger), &ledger)
+            .with_context(|| format!("pid {}\n{}", target.pid(), run.stdout))?;
+    }
+    Ok(())
+}
+
+/// `--children`: a shell's child, already running when memleak starts, is traced in growth
+/// mode too, its pages exactly as its ledger says and under its own pid.
+#[test]
+fn growth_mode_follows_children() -> Result<()> {
+    if !can_trace("growth_mode_follows_children") {
+        return Ok(());
+    }
+    let scratch = Scratch::new("growth-children")?;
+    let fixture = scratch.compile("growth", "growth", &FLAGS)?;
+    let (ledger, go, out) = (
+        scratch.path("ledger.json"),
+        scratch.path("go"),
+        scratch.path("report.json"),
+    );
+    // `; :` keeps the shell from exec'ing the fixture in its own place: it forks it.
+    let script = format!(
+        "{} {} {} linger; :",
+        fixture.display(),
+        ledger.display(),
+        go.display()
+    );
+    let sh = Running::start(&scratch, "sh", Path::new("/bin/sh"), &["-c", &script], None)?;
+    let child = memleak_tests::descendant_running(sh.pid(), "growth", Duration::from_secs(10))?;
+    let parent = sh.pid().to_string();
+    let json = out.to_str().context("a UTF-8 path")?;
+    let args = [
+        "--mode",
+        "growth",
+        "-p",
+        &parent,
+        "--children",
+        "-o",
+        "0",
+        "--json",
+        json,
+    ];
+    let tracer = Running::memleak(&scratch, &args, None)?;
+    let said = format!("tracing pid {child}, child of pid {parent}");
+    wait_for_text(
+        &scratch.path("memleak.stdout"),
+        &said,
+        Duration::from_secs(30),
+    )?;
+    std::fs::write(&go, "")?;
+    wait_for_file(&ledger, Duration::from_secs(60))?;
+    let run = tracer.interrupt(Duration::from_secs(60))?;
+    expect_success(&run)?;
+    let last = Report::read(&out)?.final_snapshot().clone();
+    let ledger = read_json(&ledger)?;
+    check_process(&own(&last, &ledger), &ledger).with_context(|| run.stdout.clone())?;
+    // The shell only waited: none of the child's sites is under its pid.
+    let shell = own(&last, &json!({ "pid": sh.pid() }));
+    if let Some(stack) = stacks_through(&shell, "touch_kept").next() {
+        bail!("the shell holds {}", describe_stack(stack));
+    }
+    Ok(())
+}
+
 /// Waits until memleak's `stdout` has `count` tables past its first `offset` bytes: the
 /// second one's snapshot was taken after `offset` was written.
 fn wait_until_tables_after(stdout: &Path, offset: usize, count: usize) -> Result<()> {
@@ -168,9 +267,26 @@ fn check(run: &Finished, ledger: &Path, out: &Path) -> Result<()> {
             run.transcript()
         );
     }
-    let ledger = read_json(ledger)?;
     let report = Report::read(out)?;
-    let last = report.final_snapshot();
+    check_process(report.final_snapshot(), &read_json(ledger)?)
+        .map_err(|e| anyhow!("{e:#}\n{}", run.stdout))
+}
+
+/// `snapshot` with only the stacks (resident and mapped) of the process of `ledger`.
+fn own(snapshot: &Value, ledger: &Value) -> Value {
+    let pid = &ledger["pid"];
+    let mut own = snapshot.clone();
+    for list in ["stacks", "mapped"] {
+        if let Some(stacks) = own[list].as_array_mut() {
+            stacks.retain(|s| s["pid"] == *pid);
+        }
+    }
+    own
+}
+
+/// The snapshot `last` against the fixture's `ledger`: every site's pages and mappings
+/// exactly, nothing lost.
+fn check_process(last: &Value, ledger: &Value) -> Result<()> {
     if last["measure"] != "resident-pages" {
         bail!(
             "the snapshot measures {}, not resident-pages",
@@ -237,5 +353,5 @@ fn check(run: &Finished, ledger: &Path, out: &Path) -> Result<()> {
     if problems.is_empty() {
         return Ok(());
     }
-    bail!("{}\n{}", problems.join("\n"), run.stdout)
+    bail!("{}", problems.join("\n"))
 }

@@ -131,6 +131,131 @@ fn two_programs_each_match_their_ledger() -> Result<()> {
     Ok(())
 }
 
+/// Blocks the flood fixture keeps: many times what `--max-allocs 1024` (2048 slots) holds.
+const FLOOD: u64 = 20_000;
+
+/// Process `pid`'s entry in a list of per-process entries (`processes`).
+fn entry_of(list: &Value, pid: u64) -> Result<&Value> {
+    list.as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["pid"].as_u64() == Some(pid))
+        .with_context(|| format!("no entry for pid {pid} in {list}"))
+}
+
+/// `lost`'s counts other than `allocs_map_full` that are not zero.
+fn other_losses(lost: &Value) -> Vec<(String, Value)> {
+    let counts = lost.as_object().into_iter().flatten();
+    counts
+        .filter(|(k, v)| *k != "allocs_map_full" && v.as_u64() != Some(0))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// Two processes, one of which overflows the shared heap table once the other is done: the
+/// loss is counted under the flooding process, exactly (what was kept plus what was lost is
+/// every block it made), and nothing under the other, which still matches its ledger. The
+/// text groups, the capture report and the JSON say the same per process.
+#[test]
+fn what_is_lost_is_counted_per_process() -> Result<()> {
+    if !can_trace("what_is_lost_is_counted_per_process") {
+        return Ok(());
+    }
+    let scratch = Scratch::new("services-lost")?;
+    let (leaks, leaks_ledger) = start(&scratch, "leaks")?;
+    let flood_bin = scratch.compile("flood", "flood", &[])?;
+    let (go, done) = (scratch.path("go"), scratch.path("done"));
+    let n = FLOOD.to_string();
+    let flood_args = [n.as_str(), go.to_str().unwrap(), done.to_str().unwrap()];
+    let flood = Running::start(&scratch, "flood", &flood_bin, &flood_args, None)?;
+    flood.wait_for_mapping("libc.so", Duration::from_secs(10))?;
+    let out = scratch.path("report.json");
+    let pids = format!("{},{}", leaks.pid(), flood.pid());
+    let args = ["-p", &pids, "-o", "0", "--max-allocs", "1024"];
+    let args = [&args[..], &["--json", out.to_str().unwrap()]].concat();
+    let tracer = Running::memleak(&scratch, &args, None)?;
+    // The leaks fixture is done before the flood starts: the table had room for all of it.
+    wait_for_file(&leaks_ledger, Duration::from_secs(45))?;
+    std::fs::write(&go, "")?;
+    let ledgers = [
+        (done.as_path(), "flood"),
+        (leaks_ledger.as_path(), "leaks.c"),
+    ];
+    for (file, _) in &ledgers {
+        wait_for_file(file, Duration::from_secs(45))?;
+    }
+    let run = tracer.interrupt(TIMEOUT)?;
+    expect_success(&run)?;
+    let report = Report::read(&out)?;
+    let last = report.final_snapshot();
+    let ledger = Ledger::read(&leaks_ledger)?;
+    check_against_ledger(&of_process(last, ledger.pid()), &ledger, "leaks.c", |_| {
+        true
+    })
+    .context("the process that lost nothing")?;
+    let (quiet, loud) = (u64::from(leaks.pid()), u64::from(flood.pid()));
+    let counts = |pid| entry_of(&last["processes"], pid);
+    let quiet_lost = &counts(quiet)?["lost"];
+    let loud_lost = &counts(loud)?["lost"];
+    let full = loud_lost["allocs_map_full"].as_u64().unwrap_or(0);
+    let kept: u64 = stacks(&of_process(last, loud))
+        .iter()
+        .map(|s| s["count"].as_u64().unwrap_or(0))
+        .sum();
+    let context = || {
+        format!(
+            "quiet {quiet_lost}, flood {loud_lost}\n{}",
+            run.transcript()
+        )
+    };
+    ensure!(
+        full > 0 && full + kept == FLOOD,
+        "flood: {full} lost + {kept} kept, not {FLOOD}; {}",
+        context()
+    );
+    ensure!(
+        quiet_lost["allocs_map_full"] == 0 && other_losses(quiet_lost).is_empty(),
+        "losses under the process that lost nothing: {}",
+        context()
+    );
+    ensure!(other_losses(loud_lost).is_empty(), "{}", context());
+    ensure!(
+        last["lost"]["allocs_map_full"] == full,
+        "the total is not the sum: {}",
+        context()
+    );
+    // The JSON process list, the capture report's lines and the table's groups.
+    let verdicts = &report.json["processes"];
+    ensure!(entry_of(verdicts, loud)?["lost"]["allocs_map_full"] == full);
+    ensure!(entry_of(verdicts, quiet)?["lost"]["allocs_map_full"] == 0);
+    let said = format!("pid {loud}: ");
+    let reported = run
+        .stdout
+        .lines()
+        .filter(|l| l.trim_start().starts_with(&said));
+    let summary_line = format!("; lost: allocs_map_full {full}");
+    ensure!(
+        reported.clone().any(|l| l.ends_with(&summary_line)),
+        "no \"{summary_line}\" for pid {loud}: {}",
+        context()
+    );
+    let table_line = format!("; lost: {full} allocations not recorded");
+    ensure!(
+        reported.clone().any(|l| l.contains(&table_line)),
+        "no \"{table_line}\" in pid {loud}'s group: {}",
+        context()
+    );
+    let quiet_group = format!("pid {quiet}: ");
+    ensure!(
+        run.stdout
+            .lines()
+            .any(|l| l.contains(&quiet_group) && l.ends_with("; lost: nothing")),
+        "pid {quiet}'s group does not say it lost nothing: {}",
+        context()
+    );
+    Ok(())
+}
+
 /// A pool of two workers, started after memleak attached, whose task keeps 100 kB a call at
 /// line 5; the parent only hands out tasks. Writes the workers' pids to `done` + ".workers"
 /// once they run, then waits for `done` + ".go" (memleak traces them) before the tasks.

@@ -124,7 +124,8 @@ pub fn analyze<'a>(timeline: &'a Timeline, table: &'a StackTable) -> Analysis<'a
     sort(&mut stacks);
     let verdict = verdict::verdict(&timeline.context, &points, &stacks, min_span);
     let classes = classes(&stacks);
-    let processes = verdict::per_process(&timeline.processes, &stacks);
+    let counts = timeline.last().map_or(&[][..], |s| &s.processes);
+    let processes = verdict::per_process(&timeline.processes, &stacks, counts);
     Analysis {
         timeline,
         table,

@@ -75,6 +75,7 @@ fn snapshot(stacks: &[Synthetic], at: f64) -> Snapshot {
         lost: Lost::default(),
         recorded: 0,
         released: 0,
+        processes: Vec::new(),
     }
 }
 

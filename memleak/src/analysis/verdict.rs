@@ -5,6 +5,7 @@ use serde::Serialize;
 
 use super::{Point, StackTrend, Trend, classes::MIN_POINTS, fit::Fit};
 use crate::{
+    model::{Lost, ProcessCounts},
     proc_stats::{ProcSample, ProcessContext},
     timeline::TracedProcess,
 };
@@ -160,10 +161,17 @@ pub struct ProcessVerdict {
     /// Outstanding at the end, over its stacks.
     pub final_bytes: u64,
     pub final_count: u64,
+    /// What the tracer lost in it (running totals at the end): its figures undercount by these.
+    pub lost: Lost,
 }
 
-/// Each traced process's verdict, in `processes` order, from the stacks taken in it.
-pub fn per_process(processes: &[TracedProcess], stacks: &[StackTrend]) -> Vec<ProcessVerdict> {
+/// Each traced process's verdict, in `processes` order, from the stacks taken in it and the
+/// last snapshot's `counts`.
+pub fn per_process(
+    processes: &[TracedProcess],
+    stacks: &[StackTrend],
+    counts: &[ProcessCounts],
+) -> Vec<ProcessVerdict> {
     processes
         .iter()
         .map(|p| {
@@ -178,6 +186,11 @@ pub fn per_process(processes: &[TracedProcess], stacks: &[StackTrend]) -> Vec<Pr
                 growing_stacks: growing().count(),
                 final_bytes: own().map(|s| s.final_bytes()).sum(),
                 final_count: own().map(|s| s.counts.last().copied().unwrap_or(0)).sum(),
+                lost: counts
+                    .iter()
+                    .find(|c| c.pid == p.pid)
+                    .map(|c| c.lost.clone())
+                    .unwrap_or_default(),
             }
         })
         .collect()

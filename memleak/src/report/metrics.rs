@@ -10,7 +10,7 @@ use std::{collections::HashMap, fmt::Write};
 
 use crate::{
     analysis::{Analysis, StackTrend, Trend},
-    model::{Frame, Lost},
+    model::{Frame, Lost, Snapshot},
     timeline::Timeline,
 };
 
@@ -91,7 +91,7 @@ pub fn render(analysis: &Analysis, top: usize, own: SelfUsage, format: Format) -
     let mut families = process_families(timeline, analysis);
     families.extend(stack_families(timeline.pid(), &analysis.stacks, top));
     if let Some(last) = timeline.last() {
-        families.extend(lost_families(timeline.pid(), &last.lost));
+        families.extend(lost_families(timeline.pid(), last));
     }
     families.extend(self_families(timeline, own));
     exposition(&families, format)
@@ -272,19 +272,23 @@ fn stack_families(pid: u32, stacks: &[StackTrend], top: usize) -> Vec<Family> {
     families.into()
 }
 
-/// Every count of `Lost`, by its field name (a count added there is exported too), and the
-/// entry points left unhooked: what the text and JSON reports say was lost.
-fn lost_families(pid: u32, lost: &Lost) -> [Family; 2] {
+/// Every count of `Lost`, by its field name (a count added there is exported too), in all
+/// and per traced process, and the entry points left unhooked: what the text and JSON
+/// reports say was lost.
+fn lost_families(pid: u32, last: &Snapshot) -> [Family; 3] {
     let mut events = Family::new(
         "memleak_lost_events",
         Kind::Counter,
         "Events the tracer could not record, by reason (its figures undercount by these).",
     );
-    let counts = serde_json::to_value(lost).unwrap_or_default();
-    for (reason, n) in counts.as_object().into_iter().flatten() {
-        if let Some(n) = n.as_u64() {
-            events.add(&[("reason", reason)], n as f64);
-        }
+    add_lost(&mut events, &[], &last.lost);
+    let mut per_process = Family::new(
+        "memleak_process_lost_events",
+        Kind::Counter,
+        "memleak_lost_events per traced process (pid 0: no process known to the tracer).",
+    );
+    for p in &last.processes {
+        add_lost(&mut per_process, &[("pid", &p.pid.to_string())], &p.lost);
     }
     let unhooked = Family::new(
         "memleak_unhooked_functions",
@@ -292,8 +296,23 @@ fn lost_families(pid: u32, lost: &Lost) -> [Family; 2] {
         "Allocator entry points the process may call that memleak did not hook (the reports \
          name them): what they hand out is missing from every figure.",
     )
-    .with(&[("pid", &pid.to_string())], lost.unhooked.len() as f64);
-    [events, unhooked]
+    .with(
+        &[("pid", &pid.to_string())],
+        last.lost.unhooked.len() as f64,
+    );
+    [events, per_process, unhooked]
+}
+
+/// One series per count of `lost`, labelled `labels` and its reason.
+fn add_lost(family: &mut Family, labels: &[(&str, &str)], lost: &Lost) {
+    let counts = serde_json::to_value(lost).unwrap_or_default();
+    for (reason, n) in counts.as_object().into_iter().flatten() {
+        if let Some(n) = n.as_u64() {
+            let mut labels = labels.to_vec();
+            labels.push(("reason", reason));
+            family.add(&labels, n as f64);
+        }
+    }
 }
 
 fn self_families(timeline: &Timeline, own: SelfUsage) -> [Family; 4] {

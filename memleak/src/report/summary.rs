@@ -6,7 +6,7 @@ use std::fmt::Write;
 
 use crate::{
     analysis::{Analysis, MIN_POINTS, Point, StackTrend, Trend, verdict},
-    model::Measure,
+    model::{Lost, Measure},
     owners::{Findings, Owner, Root, Scan, each::Owners, native::NativeScan, pools::Pools},
     proc_stats::ProcessContext,
     report::format::{bytes, clip, duration, frame_label, plural, rate, signed_bytes},
@@ -125,7 +125,11 @@ pub fn process_lines(a: &Analysis, held: &str) -> Vec<String> {
             (None, false) => "no leak".to_string(),
         };
         let (b, n) = (bytes(p.final_bytes), p.final_count);
-        format!("pid {}: {state} ({b} {held} in {n} blocks)", p.pid)
+        let lost = match p.lost.is_empty() {
+            true => String::new(),
+            false => format!("; lost: {}", lost_counts(&p.lost).join(", ")),
+        };
+        format!("pid {}: {state} ({b} {held} in {n} blocks){lost}", p.pid)
     };
     a.processes.iter().map(line).collect()
 }
@@ -206,14 +210,8 @@ fn lost(out: &mut String, a: &Analysis) {
     let Some(lost) = a.timeline.last().map(|s| &s.lost).filter(|l| !l.is_empty()) else {
         return;
     };
-    // The field names say what was lost; the tables explain each (text.rs).
-    let counts = serde_json::to_value(lost).unwrap_or_default();
-    let named: Vec<String> = counts
-        .as_object()
+    let named: Vec<String> = lost_counts(lost)
         .into_iter()
-        .flatten()
-        .filter(|(_, n)| n.as_u64().is_some_and(|n| n > 0))
-        .map(|(name, n)| format!("{name} {n}"))
         .chain(lost.unhooked.iter().map(|f| format!("not hooked: {f}")))
         .collect();
     let _ = writeln!(
@@ -221,6 +219,19 @@ fn lost(out: &mut String, a: &Analysis) {
         "  warning: the tracer lost data, figures are lower bounds: {}",
         named.join(", ")
     );
+}
+
+/// The non-zero counts of `lost`, as `name N`: the field names say what was lost; the
+/// tables explain each (text.rs).
+fn lost_counts(lost: &Lost) -> Vec<String> {
+    let counts = serde_json::to_value(lost).unwrap_or_default();
+    counts
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(_, n)| n.as_u64().is_some_and(|n| n > 0))
+        .map(|(name, n)| format!("{name} {n}"))
+        .collect()
 }
 
 /// Every stack the verdict names; when none is, the largest holders.

@@ -8,7 +8,7 @@ use std::{collections::BTreeMap, fmt::Write};
 use memleak_common::MAX_PYTHON_FRAMES;
 
 use crate::{
-    model::{Class, Lost, Snapshot, StackUsage},
+    model::{Class, Lost, ProcessCounts, Snapshot, StackUsage},
     stacks::StackTable,
     symbolize::format_frame,
 };
@@ -19,7 +19,8 @@ pub fn table(snap: &Snapshot, table: &StackTable, title: &str, top: usize) -> St
     let mut out = String::new();
     let _ = writeln!(out, "[{}] {title}", clock(snap.unix_time));
     let _ = writeln!(out, "\t{}", lost_line(&snap.lost));
-    by_process(&mut out, &snap.stacks, table, snap.measure.unit(), top);
+    let unit = snap.measure.unit();
+    by_process(&mut out, &snap.stacks, table, unit, top, &snap.processes);
     if let Some(line) = class_line(snap, table) {
         let _ = writeln!(out, "\t{line}");
     }
@@ -29,15 +30,28 @@ pub fn table(snap: &Snapshot, table: &StackTable, title: &str, top: usize) -> St
             "[{}] Top {top} stacks that mapped address space (mmap/mremap/brk, still mapped):",
             clock(snap.unix_time)
         );
-        by_process(&mut out, mapped, table, "mappings", top);
+        by_process(&mut out, mapped, table, "mappings", top, &[]);
     }
     out
 }
 
 /// The top stacks; stacks of several processes as one group per process, largest first,
-/// then the service's total.
-fn by_process(out: &mut String, all: &[StackUsage], table: &StackTable, unit: &str, top: usize) {
-    let groups = process_groups(all, table);
+/// each with what was lost in it (`counts`: a process that lost data holding nothing gets its
+/// group too), then the service's total.
+fn by_process(
+    out: &mut String,
+    all: &[StackUsage],
+    table: &StackTable,
+    unit: &str,
+    top: usize,
+    counts: &[ProcessCounts],
+) {
+    let mut groups = process_groups(all, table);
+    for c in counts.iter().filter(|c| !c.lost.is_empty()) {
+        if !groups.iter().any(|(pid, _)| *pid == c.pid) {
+            groups.push((c.pid, Vec::new()));
+        }
+    }
     if groups.len() <= 1 {
         let all: Vec<&StackUsage> = all.iter().collect();
         return stacks(out, &all, table, unit, top);
@@ -48,7 +62,14 @@ fn by_process(out: &mut String, all: &[StackUsage], table: &StackTable, unit: &s
             0 => "no known process (failed walks)".to_string(),
             pid => format!("pid {pid}"),
         };
-        let _ = writeln!(out, "\t{who}: {bytes} bytes in {count} {unit}");
+        let lost = counts
+            .iter()
+            .find(|c| c.pid == *pid)
+            .map_or(String::new(), |c| match c.lost.is_empty() {
+                true => "; lost: nothing".to_string(),
+                false => format!("; {}", lost_line(&c.lost)),
+            });
+        let _ = writeln!(out, "\t{who}: {bytes} bytes in {count} {unit}{lost}");
         stacks(out, group, table, unit, top);
     }
     let (bytes, count) = totals(&all.iter().collect::<Vec<_>>());

@@ -300,22 +300,34 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
     if global(&EMPTY_PROBES) != 0 {
         return 0;
     }
-    let id = bpf_get_current_pid_tgid();
-    let Some(park) = Park::of(id) else {
+    let Some(call) = take_call(bpf_get_current_pid_tgid(), sp_of(ctx.regs)) else {
         return 0;
     };
+    let ret: u64 = ctx.ret();
+    let Some(kind) = AllocKind::from_u32(call.kind) else {
+        return 0;
+    };
+    returned(&ctx, process::current(), &call, kind, ret);
+    0
+}
+
+/// The call of thread `id` that returns with the stack pointer `sp`, taken out of where its
+/// entry parked it; `None` for a nested call's return or a lost entry.
+#[inline(always)]
+fn take_call(id: u64, sp: u64) -> Option<InFlight> {
+    let park = Park::of(id)?;
     let Some(parked) = park.call(id as u32) else {
         // Every return follows an entry, which parked its call in the slot the thread holds
         // or in `INFLIGHT`: the entry was lost.
         if let Park::Spilled(None) = park {
             count(Counter::InflightFull);
         }
-        return 0;
+        return None;
     };
     let call = unsafe { *parked };
     // A nested call returns with the stack pointer at or below the outer call's entry.
-    if sp_of(ctx.regs) <= call.sp {
-        return 0;
+    if sp <= call.sp {
+        return None;
     }
     match park {
         Park::Slot(p) => unsafe { (*p).sp = 0 },
@@ -323,12 +335,7 @@ pub fn alloc_return(ctx: RetProbeContext) -> u32 {
             let _ = INFLIGHT.remove(id);
         }
     }
-    let ret: u64 = ctx.ret();
-    let Some(kind) = AllocKind::from_u32(call.kind) else {
-        return 0;
-    };
-    returned(&ctx, process::current(), &call, kind, ret);
-    0
+    Some(call)
 }
 
 /// Books the return of `call` in process `p`: the block it made and the one it released.

@@ -58,15 +58,25 @@ pub(crate) struct Walk {
     code_window: CodeWindow,
 }
 
-/// 1 KiB blocks, four of them per walk.
-const BLOCK_SHIFT: u64 = 10;
-const BLOCK_WORDS: usize = 128;
+/// 2 KiB blocks, four of them per walk: 40 frames deep in 3.11's data stack they took ≈9% off
+/// the return probe's time against 1 KiB (fewer reads; a read costs much the same either way).
+const BLOCK_SHIFT: u64 = 11;
+const BLOCK_WORDS: usize = 256;
 const BLOCKS: usize = 4;
 
 /// The aligned word of the target's memory that holds `addr`, shifted so that the byte at
 /// `addr` is the lowest: through this walk's blocks, reading the block on a miss.
 #[inline(always)]
 fn word(w: &mut Walk, addr: u64) -> Option<u64> {
+    let slot = block_of(w, addr)?;
+    let words = w.blocks.get(slot)?;
+    let v = *words.get((addr >> 3) as usize % BLOCK_WORDS)?;
+    Some(v >> ((addr & 7) * 8))
+}
+
+/// The index in `w.blocks` of the block that holds `addr`, read on a miss.
+#[inline(always)]
+fn block_of(w: &mut Walk, addr: u64) -> Option<usize> {
     let tag = (addr >> BLOCK_SHIFT) + 1;
     let mut slot = BLOCKS;
     for (i, t) in w.tags.iter().enumerate() {
@@ -87,9 +97,26 @@ fn word(w: &mut Walk, addr: u64) -> Option<u64> {
             return None;
         }
     }
-    let words = w.blocks.get(slot % BLOCKS)?;
-    let v = *words.get((addr >> 3) as usize % BLOCK_WORDS)?;
-    Some(v >> ((addr & 7) * 8))
+    Some(slot % BLOCKS)
+}
+
+/// Decodes the frame at `frame` (8-aligned). A frame inside one block (most: its fields lie
+/// in its first `frame_size` bytes) takes them straight from that block, looked up once, not
+/// once per field (≈5% of the return probe's time 40 frames deep).
+#[inline(always)]
+fn decode(w: &mut Walk, frame: u64) -> Option<FrameStep> {
+    let offsets = w.offsets;
+    let last = frame.wrapping_add(u64::from(offsets.frame_size.max(1)) - 1);
+    if frame >> BLOCK_SHIFT != last >> BLOCK_SHIFT {
+        return decode_frame(&offsets, |at| word(w, frame + u64::from(at)));
+    }
+    let slot = block_of(w, frame)?;
+    let words = w.blocks.get(slot)?;
+    decode_frame(&offsets, |at| {
+        let addr = frame + u64::from(at);
+        let v = *words.get((addr >> 3) as usize % BLOCK_WORDS)?;
+        Some(v >> ((addr & 7) * 8))
+    })
 }
 
 /// Hands userspace the code objects of the walk's record, a stack with `python_len` Python
@@ -237,9 +264,8 @@ fn step_one(w: &mut Walk, rec: &mut StackRecord) -> i64 {
     if frame == 0 || !frame.is_multiple_of(8) {
         return 1;
     }
-    let offsets = w.offsets;
     let n = w.len as usize;
-    match decode_frame(&offsets, |at| word(w, frame + u64::from(at))) {
+    match decode(w, frame) {
         Some(FrameStep::Python(f, previous)) => {
             match rec.python.get_mut(n) {
                 Some(slot) => {

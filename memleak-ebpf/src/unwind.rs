@@ -240,42 +240,55 @@ fn unwind_one(w: &mut Walk) -> i64 {
             None => return 1,
         }
     };
+    match caller_frame(w, row) {
+        Some(frame) => move_to_caller(w, frame),
+        None => 1,
+    }
+}
+
+/// Where `row` puts the current frame's caller; `None` to stop (at the outermost frame,
+/// `truncated` cleared).
+#[inline(always)]
+fn caller_frame(w: &mut Walk, row: UnwindRow) -> Option<Frame> {
     let offset = u64::from(row.cfa_offset) * 8;
-    let frame = match row.kind {
-        cfa::RSP => Frame {
+    let rbp_at = i64::from(row.rbp_offset) * 8;
+    match row.kind {
+        cfa::RSP => Some(Frame {
             cfa: w.sp + offset,
-            rbp_at: i64::from(row.rbp_offset) * 8,
-        },
-        cfa::RBP => Frame {
+            rbp_at,
+        }),
+        cfa::RBP => Some(Frame {
             cfa: w.bp + offset,
-            rbp_at: i64::from(row.rbp_offset) * 8,
-        },
-        cfa::PLT => Frame {
-            cfa: w.sp
-                + if w.ip & 15 >= u64::from(row.cfa_offset) {
-                    16
-                } else {
-                    8
-                },
-            rbp_at: 0,
-        },
-        cfa::NO_INFO => {
-            // The frame-pointer chain ends with rbp = 0 (the ABI's outermost frame).
-            if w.bp == 0 {
-                w.rec.truncated = 0;
-                return 1;
-            }
-            Frame {
-                cfa: w.bp + 16,
-                rbp_at: -16,
-            }
+            rbp_at,
+        }),
+        cfa::PLT => {
+            let pushed = if w.ip & 15 >= u64::from(row.cfa_offset) {
+                16
+            } else {
+                8
+            };
+            Some(Frame {
+                cfa: w.sp + pushed,
+                rbp_at: 0,
+            })
         }
-        cfa::OUTERMOST => {
+        // The frame-pointer chain ends with rbp = 0 (the ABI's outermost frame).
+        cfa::NO_INFO if w.bp != 0 => Some(Frame {
+            cfa: w.bp + 16,
+            rbp_at: -16,
+        }),
+        cfa::NO_INFO | cfa::OUTERMOST => {
             w.rec.truncated = 0;
-            return 1;
+            None
         }
-        _ => return 1,
-    };
+        _ => None,
+    }
+}
+
+/// Reads the caller's return address (and saved rbp) at `frame` and makes it the current
+/// frame. Returns 1 to stop.
+#[inline(always)]
+fn move_to_caller(w: &mut Walk, frame: Frame) -> i64 {
     // The caller's frame is above this one: anything else is a corrupt stack or a bad rule.
     if frame.cfa <= w.sp {
         return 1;

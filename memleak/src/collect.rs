@@ -297,17 +297,23 @@ impl Collector {
         }
     }
 
-    /// Process `pid` has the blocks and the counters of `slot`. The counts of the process
-    /// that held it before are kept as they are, and its row starts again from zero.
-    pub fn add_process(&mut self, pid: u32, slot: u32) -> Result<()> {
-        if let Some(old) = self.slots.insert(slot, pid) {
+    /// Slot `slot` goes to a new process: the counts of the process that held it are kept
+    /// as they are, and its row starts again from zero. Called before the new process
+    /// enters `TRACED`, so that none of its own counts is taken for its predecessor's.
+    pub fn retire_slot(&mut self, slot: u32) -> Result<()> {
+        if let Some(old) = self.slots.remove(&slot) {
             self.retired.push((old, self.row(slot)?));
             let cpus = nr_cpus().map_err(|(_, e)| e)?;
             let zero = PerCpuValues::try_from(vec![Counts::default(); cpus])?;
             self.counters.set(slot, zero, 0)?;
         }
-        self.generations.insert(pid, 0);
         Ok(())
+    }
+
+    /// Process `pid` has the blocks and the counters of `slot`.
+    pub fn add_process(&mut self, pid: u32, slot: u32) {
+        self.slots.insert(slot, pid);
+        self.generations.insert(pid, 0);
     }
 
     fn generation_of(&self, pid: u32) -> u32 {

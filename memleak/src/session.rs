@@ -269,6 +269,7 @@ impl<'a> Session<'a> {
         if plan.is_none() {
             seed_break(&mut self.ebpf, &target, slot)?;
         }
+        self.collector.retire_slot(slot)?;
         let mut process = Process::new(&self.ebpf, &mut shared.rows, target, slot)?;
         if process.target.child.is_none() {
             process.read_maps();
@@ -278,7 +279,7 @@ impl<'a> Session<'a> {
             eprint!("memleak: {}", process.unwinder.summary(&shared.rows));
         }
         let python = PythonTracking::new(&self.ebpf, pid, slot, shared.learner.clone())?;
-        self.collector.add_process(pid, slot)?;
+        self.collector.add_process(pid, slot);
         self.collector.names.add(
             pid,
             ProcessNames {

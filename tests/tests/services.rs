@@ -544,7 +544,36 @@ fn gunicorn_workers_are_traced_and_replaced() -> Result<()> {
         master_held == 0,
         "the master is blamed for {master_held} B at app.py:6"
     );
+    // Each worker's own owner walk names the list, with as many bytearrays as it served.
+    for (&worker, &n) in &served {
+        let kept = kept_in(&report.json, worker);
+        ensure!(
+            kept == n,
+            "worker {worker} served /leak {n} times, its walk finds {kept} in `KEPT`: {:#}",
+            report.json["owners_by_process"]
+        );
+    }
+    let in_master = kept_in(&report.json, u64::from(master.pid()));
+    ensure!(
+        in_master == 0,
+        "the master's walk finds {in_master} in `KEPT`"
+    );
     Ok(())
+}
+
+/// The bytearrays process `pid`'s owner walk finds in the app's module list `KEPT`.
+fn kept_in(report: &Value, pid: u64) -> u64 {
+    let walks = report["owners_by_process"]["processes"].as_array();
+    let walk = walks.into_iter().flatten().find(|p| p["pid"] == pid);
+    let owners = walk
+        .and_then(|p| p["owners"].as_array())
+        .into_iter()
+        .flatten();
+    owners
+        .filter(|o| o["type_name"] == "bytearray")
+        .filter(|o| o["held_by"] == "in list `KEPT` of module `app`")
+        .filter_map(|o| o["count"].as_u64())
+        .sum()
 }
 
 /// Where the cgroup v2 hierarchy is mounted (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified`

@@ -55,6 +55,18 @@ pub struct ObjectFile {
     /// Defined data symbols (globals), sorted: (virtual address, size, name).
     data: OnceLock<Vec<(u64, u64, String)>>,
     bytes: Mutex<Weak<Vec<u8>>>,
+    /// The file, held open: an inode in use is never given to another file, so the
+    /// (device, inode) key stays this file's for the run. Without it a file deleted and a
+    /// new one made (a redeploy under `--listen`, a test's scratch files) could take the
+    /// old one's key and be served the old one's symbols and hooks.
+    _pinned: File,
+}
+
+/// A file read whole, and the file held open (`ObjectFile::_pinned`).
+struct Read {
+    path: PathBuf,
+    bytes: Vec<u8>,
+    file: File,
 }
 
 static OBJECTS: LazyLock<Mutex<HashMap<Key, Arc<ObjectFile>>>> = LazyLock::new(Default::default);
@@ -133,7 +145,10 @@ pub fn cached(key: &Key) -> Option<Arc<ObjectFile>> {
 
 /// The object behind file mapping `m` of `pid` (read as [`read_mapping`] says).
 pub fn of_mapping(pid: u32, m: &Mapping) -> Result<Loaded> {
-    get((m.dev.clone(), m.inode), || read_mapping(pid, m))
+    get((m.dev.clone(), m.inode), || {
+        let (path, file) = open_mapping(pid, m, &TargetFiles::new(pid))?;
+        read_open(file, &path)
+    })
 }
 
 /// The one way to open the file behind mapping `m` of `pid`: through `map_files`, which
@@ -159,7 +174,7 @@ pub fn open_mapping(pid: u32, m: &Mapping, files: &TargetFiles) -> Result<(PathB
 /// locale archive): an error, before the whole file is read.
 pub fn read_mapping(pid: u32, m: &Mapping) -> Result<(PathBuf, Vec<u8>)> {
     let (path, file) = open_mapping(pid, m, &TargetFiles::new(pid))?;
-    read_elf(file, &path)
+    read_open(file, &path).map(|r| (r.path, r.bytes))
 }
 
 /// The object behind mapping `m`, read (when not in memory) from `file`, which
@@ -168,7 +183,7 @@ pub fn of_opened(m: &Mapping, path: &Path, file: &File) -> Result<Loaded> {
     get((m.dev.clone(), m.inode), || {
         let mut file = file.try_clone()?;
         file.rewind()?;
-        read_elf(file, path)
+        read_open(file, path)
     })
 }
 
@@ -176,7 +191,7 @@ pub fn of_opened(m: &Mapping, path: &Path, file: &File) -> Result<Loaded> {
 /// its `map_files`, or a file named on the command line).
 pub fn of_path(path: &Path) -> Result<Loaded> {
     let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
-    get(key_of(&meta), || read_path(path))
+    get(key_of(&meta), || read_open(open_path(path)?, path))
 }
 
 /// The object at `path` without its bytes: what was worked out of it when it was read
@@ -188,13 +203,16 @@ pub fn object_at(path: &Path) -> Result<Arc<ObjectFile>> {
         HITS.fetch_add(1, Relaxed);
         return Ok(object);
     }
-    Ok(get(key, || read_path(path))?.object)
+    Ok(get(key, || read_open(open_path(path)?, path))?.object)
 }
 
 /// The file at `path` read whole, outside the cache (see [`of_path`]).
 pub fn read_path(path: &Path) -> Result<(PathBuf, Vec<u8>)> {
-    let file = File::open(path).with_context(|| format!("reading {}", path.display()))?;
-    read_elf(file, path)
+    read_open(open_path(path)?, path).map(|r| (r.path, r.bytes))
+}
+
+fn open_path(path: &Path) -> Result<File> {
+    File::open(path).with_context(|| format!("reading {}", path.display()))
 }
 
 /// Whether `path` starts like an ELF file (maps also holds locale archives and caches).
@@ -205,10 +223,10 @@ pub fn is_elf(path: &Path) -> bool {
 }
 
 /// The whole of `file` (named `path`), if it starts like an ELF file, up to the cap.
-fn read_elf(file: File, path: &Path) -> Result<(PathBuf, Vec<u8>)> {
-    use std::io::Read;
+fn read_open(file: File, path: &Path) -> Result<Read> {
+    use std::io::Read as _;
     let mut data = Vec::new();
-    let mut capped = file.take(MAX_OBJECT_FILE);
+    let mut capped = (&file).take(MAX_OBJECT_FILE);
     capped
         .by_ref()
         .take(4)
@@ -221,7 +239,11 @@ fn read_elf(file: File, path: &Path) -> Result<(PathBuf, Vec<u8>)> {
         .read_to_end(&mut data)
         .with_context(|| format!("reading {}", path.display()))?;
     READS.fetch_add(1, Relaxed);
-    Ok((path.to_path_buf(), data))
+    Ok(Read {
+        path: path.to_path_buf(),
+        bytes: data,
+        file,
+    })
 }
 
 /// The cache key of a file, as its mappings would show it.
@@ -233,7 +255,7 @@ pub fn key_of(meta: &std::fs::Metadata) -> Key {
 
 /// The cached object and its bytes, read from the first candidate that opens when they are
 /// not in memory.
-fn get(key: Key, read: impl Fn() -> Result<(PathBuf, Vec<u8>)>) -> Result<Loaded> {
+fn get(key: Key, read: impl Fn() -> Result<Read>) -> Result<Loaded> {
     if let Some(object) = cached(&key) {
         let mut held = object.bytes.lock().expect("not poisoned");
         let bytes = match held.upgrade() {
@@ -241,15 +263,15 @@ fn get(key: Key, read: impl Fn() -> Result<(PathBuf, Vec<u8>)>) -> Result<Loaded
                 HITS.fetch_add(1, Relaxed);
                 bytes
             }
-            None => Arc::new(read()?.1),
+            None => Arc::new(read()?.bytes),
         };
         *held = Arc::downgrade(&bytes);
         drop(held);
         return Ok(Loaded { object, bytes });
     }
-    let (path, bytes) = read()?;
+    let Read { path, bytes, file } = read()?;
     let bytes = Arc::new(bytes);
-    let object = Arc::new(ObjectFile::new(path, &bytes)?);
+    let object = Arc::new(ObjectFile::new(path, &bytes, file)?);
     *object.bytes.lock().expect("not poisoned") = Arc::downgrade(&bytes);
     OBJECTS
         .lock()
@@ -281,7 +303,7 @@ pub fn function_code(path: &Path, symbol: &str, along: &[&str]) -> Result<Arc<Fu
             code
         }
         None => {
-            let loaded = get(key, || read_path(path))?;
+            let loaded = get(key, || read_open(open_path(path)?, path))?;
             let file = object::File::parse(&**loaded.bytes)
                 .with_context(|| format!("{} is not an object file", path.display()))?;
             let mut kept = loaded.object.code.lock().expect("not poisoned");
@@ -356,7 +378,7 @@ pub fn interpreter(data: &[u8]) -> Option<String> {
 }
 
 impl ObjectFile {
-    fn new(path: PathBuf, data: &[u8]) -> Result<ObjectFile> {
+    fn new(path: PathBuf, data: &[u8], pinned: File) -> Result<ObjectFile> {
         let file = object::File::parse(data)
             .with_context(|| format!("{} is not an object file", path.display()))?;
         PARSES.fetch_add(1, Relaxed);
@@ -373,6 +395,7 @@ impl ObjectFile {
             functions: OnceLock::new(),
             data: OnceLock::new(),
             bytes: Mutex::new(Weak::new()),
+            _pinned: pinned,
         })
     }
 

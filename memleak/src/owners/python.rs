@@ -126,6 +126,12 @@ impl Parents {
     }
 }
 
+/// An object of a layout not known here, and the buffers it may own.
+pub(super) struct Foreign {
+    type_addr: u64,
+    buffers: Vec<(u64, u64, Block)>,
+}
+
 /// An object whose memory lies in the asked blocks: per stack, how many bytes.
 pub(super) struct Target {
     pub type_addr: u64,
@@ -150,8 +156,9 @@ pub(super) struct Walk<'a> {
     pub targets: HashMap<u64, Target>,
     /// Blocks already counted whole (a buffer has one owner).
     claimed: HashSet<u64>,
-    /// The buffer fields found in objects of layouts not known here (`foreign_buffers`).
-    foreign: HashMap<u64, Vec<u64>>,
+    /// Objects of layouts not known here that may own buffers (`foreign_candidates`),
+    /// claimed after every known layout has claimed its own (`claim_foreign`).
+    foreign: HashMap<u64, Foreign>,
     skipped: Skipped,
 }
 
@@ -185,6 +192,7 @@ pub fn find(rt: &PythonRuntime, blocks: &Blocks, limits: &Limits) -> Findings {
     };
     let listed = walk.gc_objects(runtime, limits.max_objects);
     let (read, unread) = walk.read_containers(listed.clone(), limits, started + limits.time);
+    walk.claim_foreign();
     walk.confirm_targets();
     let pools = pools::split(&mut walk);
     let owners = chain::owners(&walk);
@@ -373,7 +381,7 @@ impl Walk<'_> {
 
     /// Records `obj` as a target if its memory lies in the blocks; true if it is one.
     fn note_target(&mut self, obj: u64, type_addr: u64) -> bool {
-        if self.targets.contains_key(&obj) {
+        if self.targets.contains_key(&obj) || self.foreign.contains_key(&obj) {
             return true;
         }
         let Some(ty) = self.types.get(&type_addr).and_then(Option::as_ref) else {
@@ -401,14 +409,17 @@ impl Walk<'_> {
                 check = Some((obj + field, buffer));
             }
         }
-        if kind == Kind::Other {
-            for (field, buffer, b) in self.foreign_buffers(obj, basicsize) {
-                bytes.push((b.stack_id, b.size));
-                check = Some((obj + field, buffer));
-            }
+        let candidates = match kind {
+            Kind::Other => self.foreign_candidates(obj, basicsize),
+            _ => Vec::new(),
+        };
+        let may_own = !candidates.is_empty();
+        if may_own {
+            let buffers = candidates;
+            self.foreign.insert(obj, Foreign { type_addr, buffers });
         }
         if bytes.is_empty() {
-            return false;
+            return may_own;
         }
         self.targets.insert(
             obj,
@@ -432,7 +443,8 @@ impl Walk<'_> {
         let Some(kind) = kind.map(|t| t.kind) else {
             return Vec::new();
         };
-        let foreign = self.foreign.get(&obj).into_iter().flatten().copied();
+        let foreign = self.foreign.get(&obj).into_iter();
+        let foreign = foreign.flat_map(|f| f.buffers.iter().map(|&(field, _, _)| field));
         buffer_fields(kind, &self.layout.objects)
             .chain(foreign)
             .filter_map(|field| self.pages.u64(obj + field).ok())
@@ -440,11 +452,12 @@ impl Walk<'_> {
             .collect()
     }
 
-    /// The buffers of an object whose layout no table here knows (a numpy array's data, an
-    /// `array.array`'s items, a deque's blocks): the words of its fixed part that point into
-    /// an asked block no other owner counted, and not at a Python object (what an attribute
-    /// refers to is an owner of its own). (field offset, pointer, block)
-    fn foreign_buffers(&mut self, obj: u64, basicsize: u64) -> Vec<(u64, u64, Block)> {
+    /// The buffers an object whose layout no table here knows may own (a numpy array's
+    /// data, an `array.array`'s items, a deque's blocks): the words of its fixed part that
+    /// point at the start of an asked block, and not at a Python object (what an attribute
+    /// refers to is an owner of its own). A view of another's buffer points inside it, or
+    /// loses to the known owner in `claim_foreign`. (field offset, pointer, block)
+    fn foreign_candidates(&mut self, obj: u64, basicsize: u64) -> Vec<(u64, u64, Block)> {
         let mut head = [0u8; MAX_FOREIGN_FIXED as usize];
         let len = basicsize.min(MAX_FOREIGN_FIXED) as usize & !7;
         if len <= HEADER || self.pages.read(obj, &mut head[..len]).is_err() {
@@ -456,15 +469,34 @@ impl Walk<'_> {
             let Some(b) = self.blocks.containing(word).copied() else {
                 continue;
             };
-            if self.claimed.contains(&b.addr) || self.type_of(word).is_some() {
-                continue;
+            if b.addr == word && self.type_of(word).is_none() {
+                found.push((at as u64, word, b));
             }
-            self.claimed.insert(b.addr);
-            found.push((at as u64, word, b));
         }
-        self.foreign
-            .insert(obj, found.iter().map(|f| f.0).collect());
         found
+    }
+
+    /// Gives the foreign candidates the blocks no known layout claimed, in address order.
+    fn claim_foreign(&mut self) {
+        let mut objects: Vec<u64> = self.foreign.keys().copied().collect();
+        objects.sort_unstable();
+        for obj in objects {
+            let f = &self.foreign[&obj];
+            let (type_addr, buffers) = (f.type_addr, f.buffers.clone());
+            for (field, buffer, b) in buffers {
+                if !self.claimed.insert(b.addr) {
+                    continue;
+                }
+                let target = self.targets.entry(obj).or_insert(Target {
+                    type_addr,
+                    bytes: Vec::new(),
+                    home: None,
+                    check: None,
+                });
+                target.bytes.push((b.stack_id, b.size));
+                target.check.get_or_insert((obj + field, buffer));
+            }
+        }
     }
 
     /// The block a buffer pointer is in, if no other owner counted it yet.

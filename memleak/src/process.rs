@@ -30,6 +30,9 @@ pub struct Process {
     launching: bool,
     /// The last `/proc/PID/maps` read that showed a live process.
     maps: Vec<Mapping>,
+    /// The exec count `TRACED` showed just before that read: the maps are those of the
+    /// program that generation runs.
+    maps_generation: u32,
     /// How it ended, once it did (while others are still traced).
     pub exited: Option<String>,
     /// Its probes, detached when it exits.
@@ -64,6 +67,7 @@ impl Process {
             traced,
             execs_seen: 0,
             maps: Vec::new(),
+            maps_generation: 0,
             exited: None,
             links: Vec::new(),
             traced_after: None,
@@ -75,18 +79,15 @@ impl Process {
     }
 
     /// The exec the BPF program counted since the last call, if any.
-    pub fn new_exec(&mut self) -> Result<Option<Exec>> {
-        let generation = match self.traced.get(&self.pid(), 0) {
-            Ok(t) => t.execs,
-            // Gone from the map: it exited and was forgotten.
-            Err(_) => return Ok(None),
-        };
+    pub fn new_exec(&mut self) -> Option<Exec> {
+        // Gone from the map: it exited and was forgotten.
+        let generation = self.generation()?;
         if generation <= self.execs_seen {
-            return Ok(None);
+            return None;
         }
         self.execs_seen = generation;
         let launch = std::mem::take(&mut self.launching);
-        Ok(Some(Exec { generation, launch }))
+        Some(Exec { generation, launch })
     }
 
     /// The process exited (`how`): the BPF programs forget it, its slot can be reused, and
@@ -104,6 +105,7 @@ impl Process {
     /// process that is gone, or exiting (its maps file reads empty, which a live process's
     /// never does), keeps its last mappings: they still name the stacks of its final table.
     pub fn read_maps(&mut self) -> bool {
+        let generation = self.generation().unwrap_or(self.maps_generation);
         let Ok(maps) = crate::procmaps::read(self.pid()) else {
             return false;
         };
@@ -111,7 +113,23 @@ impl Process {
             return false;
         }
         self.maps = maps;
+        self.maps_generation = generation;
         true
+    }
+
+    /// The mappings of the program `exec` started: those of the last read if it came after
+    /// that exec (a tick can read the new program's maps before it sees the exec count),
+    /// else a read now. An exec that ended too soon to be read leaves none.
+    pub fn maps_after(&mut self, exec: Exec) -> &[Mapping] {
+        if self.maps_generation < exec.generation {
+            self.maps.clear();
+            self.read_maps();
+        }
+        &self.maps
+    }
+
+    fn generation(&self) -> Option<u32> {
+        self.traced.get(&self.pid(), 0).ok().map(|t| t.execs)
     }
 
     /// Hands the mappings of the last read to the unwinder; true when it republished.

@@ -462,27 +462,36 @@ impl<'a> Session<'a> {
     /// tracking, so its stacks still symbolize after it exits.
     pub fn on_maps_tick(&mut self) -> Result<()> {
         self.check_exec()?;
-        let verbose = self.args.verbose;
-        for p in self.processes.iter_mut().filter(|p| p.exited.is_none()) {
-            let pid = p.pid();
-            let changed = p.read_maps();
-            if changed {
-                let rows = &mut self.shared.as_mut().expect("user mode").rows;
-                // A failed update (the process is exiting) leaves the old tables in place.
-                if let Ok(true) = p.update_unwinder(rows)
-                    && verbose
-                {
-                    eprint!(
-                        "memleak: pid {pid} mapped new code; {}",
-                        p.unwinder.summary(rows)
-                    );
-                }
+        for i in 0..self.processes.len() {
+            let p = &mut self.processes[i];
+            if p.exited.is_none() {
+                let changed = p.read_maps();
+                self.hand_maps_on(i, changed);
             }
-            name_maps(&mut self.collector, p, changed);
         }
         self.discover();
         self.collector.learn_new_stacks();
         Ok(())
+    }
+
+    /// Hands process `i`'s last maps read to its unwinder (when `changed`), symbolizer and
+    /// Python tracking.
+    fn hand_maps_on(&mut self, i: usize, changed: bool) {
+        let p = &mut self.processes[i];
+        let pid = p.pid();
+        if changed {
+            let rows = &mut self.shared.as_mut().expect("user mode").rows;
+            // A failed update (the process is exiting) leaves the old tables in place.
+            if let Ok(true) = p.update_unwinder(rows)
+                && self.args.verbose
+            {
+                eprint!(
+                    "memleak: pid {pid} mapped new code; {}",
+                    p.unwinder.summary(rows)
+                );
+            }
+        }
+        name_maps(&mut self.collector, p, changed);
     }
 
     /// The execs of the traced processes since the last look.
@@ -493,20 +502,23 @@ impl<'a> Session<'a> {
             if p.exited.is_some() {
                 continue;
             }
-            if let Some(exec) = p.new_exec()? {
-                let (pid, slot) = (p.pid(), p.slot);
-                self.on_exec(pid, slot, exec, several)?;
+            if let Some(exec) = p.new_exec() {
+                self.on_exec(i, exec, several)?;
             }
         }
         Ok(())
     }
 
-    /// Process `pid` runs a new program: what the old one held, its symbols, its Python
-    /// runtime and its stacks' frames are gone together. Says so, except for a started
-    /// command's own first exec.
-    fn on_exec(&mut self, pid: u32, slot: u32, exec: Exec, several: bool) -> Result<()> {
+    /// Process `i` runs a new program: what the old one held, its symbols, its Python
+    /// runtime and its stacks' frames are gone together, and the new program's maps are
+    /// handed on at once. Says so, except for a started command's own first exec.
+    fn on_exec(&mut self, i: usize, exec: Exec, several: bool) -> Result<()> {
+        let p = &mut self.processes[i];
+        let (pid, slot) = (p.pid(), p.slot);
         let dropped = self.collector.forget_before(pid, slot, exec.generation);
         self.collector.names.after_exec(pid)?;
+        p.maps_after(exec);
+        self.hand_maps_on(i, true);
         if dropped > 0 && !exec.launch {
             let who = if several {
                 format!("pid {pid}")

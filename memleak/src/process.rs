@@ -117,15 +117,14 @@ impl Process {
         true
     }
 
-    /// The mappings of the program `exec` started: those of the last read if it came after
-    /// that exec (a tick can read the new program's maps before it sees the exec count),
-    /// else a read now. An exec that ended too soon to be read leaves none.
-    pub fn maps_after(&mut self, exec: Exec) -> &[Mapping] {
+    /// Makes the last read the mappings of the program `exec` started: kept if it came after
+    /// that exec (a tick can read the new program's maps before it sees the exec count), else
+    /// read now. An exec that ended too soon to be read leaves none.
+    pub fn read_maps_after(&mut self, exec: Exec) {
         if self.maps_generation < exec.generation {
             self.maps.clear();
             self.read_maps();
         }
-        &self.maps
     }
 
     fn generation(&self) -> Option<u32> {

@@ -517,7 +517,7 @@ impl<'a> Session<'a> {
         let (pid, slot) = (p.pid(), p.slot);
         let dropped = self.collector.forget_before(pid, slot, exec.generation);
         self.collector.names.after_exec(pid)?;
-        p.maps_after(exec);
+        p.read_maps_after(exec);
         self.hand_maps_on(i, true);
         if dropped > 0 && !exec.launch {
             let who = if several {
